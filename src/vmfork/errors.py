@@ -1,0 +1,53 @@
+"""The vmfork exception hierarchy. Every error a user can cause is a VmforkError with a message naming the problem."""
+
+from __future__ import annotations
+
+
+class VmforkError(Exception):
+    """Base of every error vmfork raises on purpose."""
+
+
+class ConfigError(VmforkError):
+    """A configuration file or option is wrong."""
+
+
+class BootError(VmforkError):
+    """A kernel image or initrd cannot be loaded."""
+
+
+class DeviceStateError(VmforkError):
+    """A device state does not fit the device set it is restored into."""
+
+
+class KvmUnavailableError(VmforkError):
+    """/dev/kvm is missing or not accessible."""
+
+
+class KvmError(VmforkError):
+    """A KVM ioctl failed."""
+
+    def __init__(self, ioctl: str, errno: int, detail: str = "") -> None:
+        import os
+
+        self.ioctl = ioctl
+        self.errno = errno
+        msg = f"{ioctl} failed: {os.strerror(errno)} (errno {errno})"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)
+
+
+class MemoryAccessError(VmforkError):
+    """A guest-physical access falls outside guest RAM."""
+
+
+class VmStateError(VmforkError):
+    """An operation does not fit the machine's current state (e.g. forking a running VM)."""
+
+
+class ForkError(VmforkError):
+    """A fork cannot be created or reset."""
+
+
+class GuestCrash(VmforkError):
+    """The guest stopped in a way the host cannot continue (triple fault, emulation failure)."""

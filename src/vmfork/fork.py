@@ -1,0 +1,300 @@
+"""VM forking: a paused parent is copied into children that share its RAM copy-on-write and start with its exact
+CPU, platform and device state; a fork can be reset to that state, and forked again.
+
+Creating a KVM VM with an irqchip costs milliseconds on this kind of host, far more than the whole fork budget, so
+forks take pre-created shells (VM + vCPUs + irqchip + PIT + memory slots with dirty logging) from a pool refilled
+in the background; a destroyed fork's shell goes back to the pool. The fork itself is then: map the parent's RAM
+copy-on-write over the shell's slot range, and load the parent's captured state (cached while the parent stays
+paused).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import threading
+from collections import deque
+from typing import Literal
+
+from .devices import DeviceSetState
+from .errors import ForkError, VmforkError
+from .kvm import Kvm
+from .kvm import structs as s
+from .memory import GuestMemory, MemoryImage, clear_address_space
+from .vcpu import VcpuState
+from .vm import Machine, MachineShape, MachineState, Shell, open_kvm
+
+LaunchDm = Literal["yes", "no", "late"]
+LAPIC_TPR = 0x80
+
+
+class ShellPool:
+    """Pre-created VM shells of one shape."""
+
+    def __init__(self, kvm: Kvm, shape: MachineShape, *, target: int = 2) -> None:
+        self.kvm = kvm
+        self.shape = shape
+        self.target = target
+        self._ready: deque[Shell] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.created = 0
+        self.recycled = 0
+
+    def _new_shell(self) -> Shell:
+        self.created += 1
+        return Shell(self.kvm, self.shape, dirty_logging=True)
+
+    def take(self) -> Shell:
+        """A ready shell: from the pool if one is there, else made now. Wakes the refiller."""
+        with self._lock:
+            shell = self._ready.popleft() if self._ready else None
+            self._wake.notify()
+        self._ensure_refiller()
+        return shell if shell is not None else self._new_shell()
+
+    def prefill(self, n: int) -> None:
+        """Make sure at least n shells are ready (synchronously)."""
+        while True:
+            with self._lock:
+                if len(self._ready) >= n:
+                    return
+            shell = self._new_shell()
+            with self._lock:
+                self._ready.append(shell)
+
+    def give_back(self, shell: Shell) -> None:
+        """Recycle a destroyed fork's shell: its RAM view is replaced by fresh reserved address space and its
+        dirty log cleared; the next fork overwrites every piece of vCPU and platform state."""
+        clear_address_space(shell.host_addr, shell.size)
+        bitmap = (ctypes.c_uint64 * ((max(sl.size for sl in shell.slots) >> 12) // 64 + 1))()
+        for sl in shell.slots:
+            shell.vm.get_dirty_log(sl.index, ctypes.addressof(bitmap))
+        for v in shell.vcpus:
+            v.run.immediate_exit = 0
+            v.run.kvm_dirty_regs = 0
+            v._sync_valid = False
+        self.recycled += 1
+        with self._lock:
+            if len(self._ready) < max(self.target, 64) and not self._closed:
+                self._ready.append(shell)
+                return
+        shell.close()
+
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def _ensure_refiller(self) -> None:
+        if self._thread is None and self.target > 0:
+            self._thread = threading.Thread(target=self._refill, name="vmfork-shell-pool", daemon=True)
+            self._thread.start()
+
+    def _refill(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and len(self._ready) >= self.target:
+                    self._wake.wait()
+                if self._closed:
+                    return
+            try:
+                shell = self._new_shell()
+            except VmforkError:
+                return
+            with self._lock:
+                if self._closed:
+                    shell.close()
+                    return
+                self._ready.append(shell)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+            shells = list(self._ready)
+            self._ready.clear()
+        for sh in shells:
+            sh.close()
+
+
+_pools: dict[MachineShape, ShellPool] = {}
+
+
+def shell_pool(shape: MachineShape) -> ShellPool:
+    pool = _pools.get(shape)
+    if pool is None:
+        pool = _pools[shape] = ShellPool(open_kvm(), shape)
+    return pool
+
+
+def _blocked(st: VcpuState) -> VcpuState:
+    """A copy of a vCPU state whose task priority blocks every maskable interrupt (TPR 0xFF, CR8 15)."""
+    lapic = s.LapicState()
+    ctypes.pointer(lapic)[0] = st.lapic
+    ctypes.c_uint32.from_buffer(lapic.regs, LAPIC_TPR).value = 0xFF
+    sregs = s.Sregs()
+    ctypes.pointer(sregs)[0] = st.sregs
+    sregs.cr8 = 15
+    return dataclasses.replace(st, lapic=lapic, sregs=sregs)
+
+
+class VM(Machine):
+    """A machine that can be forked, and a fork that can be reset."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.fork_state: MachineState | None = None     # what reset(state=True) returns to
+        self.launch_dm: LaunchDm = "yes"
+        self._fork_cache: tuple[int, MachineState] | None = None
+        self._generation = 0
+        self._fork_count = 0
+        self.dm_accesses: dict[int, int] = {}
+
+    # Every change to the parent's state invalidates the cached state its forks start from.
+    def _begin(self) -> None:
+        self._generation += 1
+        super()._begin()
+
+    def restore(self, st: MachineState, *, devices: bool = True) -> None:
+        self._generation += 1
+        super().restore(st, devices=devices)
+
+    def touch(self) -> None:
+        """Note an out-of-band change to vCPU or device state (e.g. a register written by introspection)."""
+        self._generation += 1
+
+    def _state_for_forks(self) -> MachineState:
+        cache = self._fork_cache
+        if cache is not None and cache[0] == self._generation:
+            return cache[1]
+        st = self.capture()
+        self._fork_cache = (self._generation, st)
+        return st
+
+    # --- fork ---------------------------------------------------------------------------------------------------
+
+    def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
+             device_state: DeviceSetState | None = None, console_log: str | None = None,
+             memory_mib: int | None = None, vcpus: int | None = None) -> VM:
+        """A new machine identical to this paused one, sharing its RAM copy-on-write.
+
+        `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
+        "late" give it none (every port access is answered as by absent hardware and counted), and
+        `attach_device_model()` can add them later."""
+        if self.state == "destroyed":
+            raise ForkError(f"cannot fork {self.name}: it is destroyed")
+        if self.state == "running":
+            raise ForkError(f"cannot fork {self.name} while it runs: pause it first")
+        if self.state == "crashed":
+            raise ForkError(f"cannot fork {self.name}: it has crashed")
+        if memory_mib is not None and memory_mib != self.shape.memory_mib:
+            raise ForkError(f"a fork has its parent's memory: {self.name} has {self.shape.memory_mib} MiB, "
+                            f"not {memory_mib}")
+        if vcpus is not None and vcpus != self.shape.vcpus:
+            raise ForkError(f"a fork has its parent's vCPUs: {self.name} has {self.shape.vcpus}, not {vcpus}")
+        if launch_dm not in ("yes", "no", "late"):
+            raise ForkError(f"launch_dm must be yes, no or late, not {launch_dm!r}")
+        image = self.memory.freeze()
+        state = self._state_for_forks()
+        if block_interrupts:
+            state = dataclasses.replace(state, vcpus=tuple(_blocked(v) for v in state.vcpus))
+        if device_state is not None:
+            state = dataclasses.replace(state, devices=device_state)
+        self._fork_count += 1
+        child_name = name or f"{self.name}-fork-{self._fork_count}"
+        return self._spawn(child_name, image, state, launch_dm=launch_dm, block_interrupts=block_interrupts,
+                           console_log=console_log)
+
+    def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
+               block_interrupts: bool, console_log: str | None) -> VM:
+        pool = shell_pool(self.shape)
+        shell = pool.take()
+        try:
+            memory = GuestMemory.fork_of(image, shell.host_addr)
+        except BaseException:
+            pool.give_back(shell)
+            raise
+        memory.bind(shell.vm, dirty_logging=True)
+        try:
+            child = VM(shell, memory, name=name, console_log=console_log, with_devices=launch_dm == "yes")
+            child.irqs_blocked = block_interrupts
+            child.launch_dm = launch_dm
+            child.fork_state = state
+            Machine.restore(child, state, devices=launch_dm == "yes")
+        except BaseException:
+            memory.close(unmap_view=False)
+            pool.give_back(shell)
+            raise
+        child.parent = self
+        self.children.append(child)
+        self.memory.readonly = f"{self.name} has live forks"
+        return child
+
+    # --- reset --------------------------------------------------------------------------------------------------
+
+    def reset(self, *, memory: bool = True, state: bool = True) -> int:
+        """Return a fork to its parent's state: the pages written since the last reset get the parent's content
+        back (`memory`) and every vCPU, the platform and the devices get the fork-time state (`state`).
+        Returns the number of pages restored."""
+        if self.fork_state is None:
+            raise ForkError(f"{self.name} is not a fork: only forks can be reset")
+        if self.state == "running":
+            raise ForkError(f"cannot reset {self.name} while it runs: pause it first")
+        if self.state == "destroyed":
+            raise ForkError(f"cannot reset {self.name}: it is destroyed")
+        if self.children:
+            names = ", ".join(ch.name for ch in self.children)
+            raise ForkError(f"cannot reset {self.name}: its forks ({names}) depend on its current state")
+        pages = self.memory.reset_to_base() if memory else 0
+        if state:
+            st = self.fork_state
+            for v, vs in zip(self.vcpus, st.vcpus, strict=True):
+                v.restore(vs)
+            self.restore_platform(st.platform)
+            # The fork-time device states were checked when the fork was made: restore them directly, and only
+            # when a port access (or console input) may have changed a device since the last restore.
+            if self.io_since_restore and self.devices and st.devices is not None:
+                states = st.devices.states
+                for d in self.devices:
+                    d.restore(states[d.name])
+            self.io_since_restore = False
+            self._generation += 1
+            if self.state == "crashed":
+                self.state = "paused"
+        return pages
+
+    # --- device model -------------------------------------------------------------------------------------------
+
+    def attach_device_model(self, device_state: DeviceSetState | None = None, *,
+                            console_log: str | None = None) -> None:
+        """Give a fork created with launch_dm "no"/"late" its devices, from a device-state value (else fresh)."""
+        if self.devices:
+            raise ForkError(f"{self.name} already has a device model")
+        from .devices import standard_devices
+        if console_log is not None:
+            self.console_log = console_log
+        self.attach_devices(standard_devices(self, ram_size=self.memory.size, console_log=self.console_log))
+        if device_state is not None:
+            DeviceSetState.restore_all(self.devices, device_state)
+        self.launch_dm = "yes"
+        if self.fork_state is not None:
+            self.fork_state = dataclasses.replace(self.fork_state, devices=DeviceSetState.capture_all(self.devices))
+
+    def _release(self) -> None:
+        shell = self.shell
+        if self.fork_state is not None and shell.owns_addr and shell.vcpus:
+            self.memory.close(unmap_view=False)
+            shell_pool(self.shape).give_back(shell)
+            return
+        super()._release()
+
+
+def create(*, memory_mib: int = 256, vcpus: int = 1, name: str = "vm", console_log: str | None = None) -> VM:
+    """A new root machine."""
+    vm = VM.create(memory_mib=memory_mib, vcpus=vcpus, name=name, console_log=console_log)
+    assert isinstance(vm, VM)
+    return vm
+
+
+__all__ = ["VM", "ShellPool", "create", "shell_pool"]

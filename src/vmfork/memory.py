@@ -1,0 +1,408 @@
+"""Guest RAM: memfd-backed memory, copy-on-write fork views, and dirty-page tracking.
+
+A root machine's RAM lives in one memfd mapped MAP_SHARED. A fork maps the same memfd MAP_PRIVATE at the host
+address its KVM memory slots already point to (KVM follows the mapping through its MMU notifiers), so it shares every
+page until it writes one. A fork of a fork needs the pages its parent fork owns, which exist only as private anonymous
+memory in the parent; freezing the parent copies just those pages into a sparse "layer" memfd, and the grandchild
+maps the layers over the base at those pages.
+
+Reset copies the parent's version of every page dirtied since the last reset back into the fork (a 4 KiB memcpy per
+page, no syscall), which is cheaper here than madvise(MADV_DONTNEED) and keeps the fork's mapping layout unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import MemoryAccessError, VmforkError
+from .kvm import VmFd
+from .kvm.constants import KVM_MEM_LOG_DIRTY_PAGES
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_mmap.restype = ctypes.c_void_p
+_munmap = _libc.munmap
+_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_munmap.restype = ctypes.c_int
+_madvise = _libc.madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_madvise.restype = ctypes.c_int
+
+MAP_FAILED = ctypes.c_void_p(-1).value
+MAP_FIXED = 0x10
+MAP_NORESERVE = 0x4000
+MADV_DONTNEED = 4
+
+
+def _sys_mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    ret = _mmap(addr or None, length, prot, flags, fd, offset)
+    if ret is None or ret == MAP_FAILED:
+        err = ctypes.get_errno()
+        raise VmforkError(f"mmap of {length} bytes failed: {os.strerror(err)}")
+    return int(ret)
+
+
+def _sys_munmap(addr: int, length: int) -> None:
+    if _munmap(addr, length) != 0:
+        err = ctypes.get_errno()
+        raise VmforkError(f"munmap failed: {os.strerror(err)}")
+
+
+def reserve_address_space(size: int) -> int:
+    """Reserve `size` bytes of host address space (no memory is committed until touched)."""
+    return _sys_mmap(0, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+
+
+def clear_address_space(addr: int, size: int) -> None:
+    """Replace whatever is mapped at [addr, addr+size) by fresh reserved address space, in place."""
+    _sys_mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE,
+              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+
+
+def release_address_space(addr: int, size: int) -> None:
+    _sys_munmap(addr, size)
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One KVM memory slot: guest-physical [gpa, gpa+size) backed by RAM offset [offset, offset+size)."""
+
+    index: int
+    gpa: int
+    size: int
+    offset: int
+
+
+def make_slots(regions: Sequence[tuple[int, int]]) -> tuple[Slot, ...]:
+    """Slots for RAM regions (gpa, size) laid out back to back in the RAM file."""
+    slots, offset = [], 0
+    for i, (gpa, size) in enumerate(regions):
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise VmforkError(f"RAM region {gpa:#x}+{size:#x} is not page aligned")
+        slots.append(Slot(i, gpa, size, offset))
+        offset += size
+    return tuple(slots)
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """Pages (page numbers in the RAM file, as start/length runs) whose content comes from `fd` at the same offset."""
+
+    fd: int
+    runs: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryImage:
+    """The frozen content of a machine's RAM as a fork sees it: a base memfd plus layers on top, oldest first."""
+
+    size: int
+    slots: tuple[Slot, ...]
+    base_fd: int
+    layers: tuple[Layer, ...] = ()
+
+
+def _runs(pages: npt.NDArray[np.int64]) -> tuple[tuple[int, int], ...]:
+    """Sorted page numbers -> (start, length) runs of consecutive pages."""
+    if pages.size == 0:
+        return ()
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [pages.size]))
+    return tuple((int(pages[s]), int(e - s)) for s, e in zip(starts, ends, strict=True))
+
+
+def _map_image(image: MemoryImage, addr: int, prot: int) -> None:
+    """Map `image` copy-on-write at `addr` (which must already be reserved for image.size bytes)."""
+    _sys_mmap(addr, image.size, prot, mmap.MAP_PRIVATE | MAP_FIXED, image.base_fd, 0)
+    for layer in image.layers:
+        for start, length in layer.runs:
+            off = start << PAGE_SHIFT
+            _sys_mmap(addr + off, length << PAGE_SHIFT, prot, mmap.MAP_PRIVATE | MAP_FIXED, layer.fd, off)
+
+
+@dataclass(slots=True)
+class _DirtyTracker:
+    """Pages written since the last reset: KVM's dirty log (guest writes) plus pages vmfork itself wrote."""
+
+    npages: int
+    words: int = 0
+    scratch: npt.NDArray[np.uint64] = field(init=False)
+    guest: npt.NDArray[np.uint64] = field(init=False)
+    host: npt.NDArray[np.uint64] = field(init=False)
+    ever: npt.NDArray[np.uint64] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.words = (self.npages + 63) // 64
+        self.scratch = np.zeros(self.words, np.uint64)
+        self.guest = np.zeros(self.words, np.uint64)
+        self.host = np.zeros(self.words, np.uint64)
+        self.ever = np.zeros(self.words, np.uint64)
+
+
+def _bits_to_pages(bitmap: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """Page numbers of the set bits, scanning only non-zero words (the bitmap is mostly zeros)."""
+    nz = np.flatnonzero(bitmap)
+    if nz.size == 0:
+        return np.empty(0, np.int64)
+    bits = np.unpackbits(bitmap[nz].view(np.uint8), bitorder="little").reshape(nz.size, 64)
+    rows, cols = np.nonzero(bits)
+    return (nz[rows].astype(np.int64) << 6) | cols.astype(np.int64)
+
+
+class GuestMemory:
+    """A machine's RAM as mapped in this process, with its KVM slots and dirty tracking."""
+
+    def __init__(self, size: int, slots: tuple[Slot, ...], host_addr: int, *, fd: int | None,
+                 base: MemoryImage | None, base_addr: int | None, owns_fd: bool) -> None:
+        self.size = size
+        self.slots = slots
+        self.host_addr = host_addr
+        self.fd = fd                    # the memfd holding this RAM (root machines only)
+        self.base = base                # for forks: what the fork started from (and resets to)
+        self._base_addr = base_addr
+        self._owns_fd = owns_fd
+        self.npages = size >> PAGE_SHIFT
+        self._buf = (ctypes.c_uint8 * size).from_address(host_addr)
+        self.pages: npt.NDArray[np.uint8] = np.ctypeslib.as_array(self._buf).reshape(self.npages, PAGE_SIZE)
+        self.base_pages: npt.NDArray[np.uint8] | None = None
+        if base_addr is not None:
+            base_buf = (ctypes.c_uint8 * size).from_address(base_addr)
+            self.base_pages = np.ctypeslib.as_array(base_buf).reshape(self.npages, PAGE_SIZE)
+        self._dirty = _DirtyTracker(self.npages)
+        self._guest_any = False     # d.guest / d.host have bits set (saves bitmap passes on the reset path)
+        self._host_any = False
+        self._vm: VmFd | None = None
+        self._dirty_logging = False
+        self._frozen: MemoryImage | None = None
+        self._layer_fds: list[int] = []
+        self.closed = False
+        # Set while forks map this RAM: their view of it must not change under them.
+        self.readonly: str | None = None
+
+    # --- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def allocate(cls, regions: Sequence[tuple[int, int]], *, name: str = "vmfork-ram") -> GuestMemory:
+        """Fresh zeroed RAM for a root machine, in a memfd that forks can map."""
+        slots = make_slots(regions)
+        size = sum(s.size for s in slots)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            addr = _sys_mmap(0, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | MAP_NORESERVE, fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(size, slots, addr, fd=fd, base=None, base_addr=None, owns_fd=True)
+
+    @classmethod
+    def fork_of(cls, image: MemoryImage, host_addr: int) -> GuestMemory:
+        """A copy-on-write view of `image` at `host_addr`, a range reserved (and registered with KVM) beforehand."""
+        _map_image(image, host_addr, mmap.PROT_READ | mmap.PROT_WRITE)
+        base_addr = reserve_address_space(image.size)
+        try:
+            _map_image(image, base_addr, mmap.PROT_READ)
+        except BaseException:
+            release_address_space(base_addr, image.size)
+            raise
+        return cls(image.size, image.slots, host_addr, fd=None, base=image, base_addr=base_addr, owns_fd=False)
+
+    def attach(self, vm: VmFd, *, dirty_logging: bool) -> None:
+        """Register this RAM's slots with a VM (done once per VM; a fork's shell registers before mapping)."""
+        flags = KVM_MEM_LOG_DIRTY_PAGES if dirty_logging else 0
+        for s in self.slots:
+            vm.set_user_memory_region(s.index, s.gpa, s.size, self.host_addr + s.offset, flags)
+        self._vm = vm
+        self._dirty_logging = dirty_logging
+
+    def bind(self, vm: VmFd, *, dirty_logging: bool) -> None:
+        """Adopt slots that a VM shell registered already at this host address."""
+        self._vm = vm
+        self._dirty_logging = dirty_logging
+
+    # --- addressing ---------------------------------------------------------------------------------------------
+
+    def offset_of(self, gpa: int, length: int = 1) -> int:
+        """RAM-file offset of guest-physical `gpa`; the whole range must lie in one slot."""
+        for s in self.slots:
+            if s.gpa <= gpa and gpa + length <= s.gpa + s.size:
+                return s.offset + (gpa - s.gpa)
+        raise MemoryAccessError(
+            f"guest-physical range {gpa:#x}..{gpa + length:#x} is outside guest RAM "
+            f"({', '.join(f'{s.gpa:#x}..{s.gpa + s.size:#x}' for s in self.slots)})")
+
+    def gpa_of_offset(self, offset: int) -> int:
+        for s in self.slots:
+            if s.offset <= offset < s.offset + s.size:
+                return s.gpa + (offset - s.offset)
+        raise MemoryAccessError(f"RAM offset {offset:#x} is outside guest RAM")
+
+    def _chunks(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        """Split a guest-physical range into (offset, length) pieces, one per slot it crosses."""
+        out = []
+        while length > 0:
+            for s in self.slots:
+                if s.gpa <= gpa < s.gpa + s.size:
+                    n = min(length, s.gpa + s.size - gpa)
+                    out.append((s.offset + gpa - s.gpa, n))
+                    gpa += n
+                    length -= n
+                    break
+            else:
+                raise MemoryAccessError(f"guest-physical address {gpa:#x} is outside guest RAM")
+        return out
+
+    # --- access -------------------------------------------------------------------------------------------------
+
+    def read(self, gpa: int, length: int) -> bytes:
+        flat = self.pages.reshape(-1)
+        return b"".join(flat[off:off + n].tobytes() for off, n in self._chunks(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Write into guest RAM from the host; the pages count as dirty for the next reset."""
+        if self.readonly:
+            raise MemoryAccessError(f"guest RAM is read-only: {self.readonly}")
+        src = np.frombuffer(data, np.uint8)
+        flat = self.pages.reshape(-1)
+        pos = 0
+        for off, n in self._chunks(gpa, len(src)):
+            flat[off:off + n] = src[pos:pos + n]
+            self._mark_host_dirty(off, n)
+            pos += n
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM (no copy). Writes through it are NOT tracked: use write() for that."""
+        off = self.offset_of(gpa, length)
+        return memoryview(self._buf).cast("B")[off:off + length]
+
+    def _mark_host_dirty(self, off: int, n: int) -> None:
+        first, last = off >> PAGE_SHIFT, (off + n - 1) >> PAGE_SHIFT
+        bits = np.arange(first, last + 1, dtype=np.uint64)
+        words = (bits >> np.uint64(6)).astype(np.intp)
+        masks = np.left_shift(np.uint64(1), bits & np.uint64(63))
+        np.bitwise_or.at(self._dirty.host, words, masks)
+        np.bitwise_or.at(self._dirty.ever, words, masks)
+        self._host_any = True
+        self._frozen = None
+
+    # --- dirty tracking -----------------------------------------------------------------------------------------
+
+    def sync_dirty_log(self) -> None:
+        """Fold KVM's dirty log (which it clears on read) into the accumulated guest-dirty bitmap."""
+        if self._vm is None or not self._dirty_logging:
+            return
+        d = self._dirty
+        scratch_addr = d.scratch.ctypes.data
+        for s in self.slots:
+            word = s.offset >> (PAGE_SHIFT + 6)
+            self._vm.get_dirty_log(s.index, scratch_addr + word * 8)
+        if d.scratch.any():
+            np.bitwise_or(d.guest, d.scratch, out=d.guest)
+            np.bitwise_or(d.ever, d.scratch, out=d.ever)
+            d.scratch.fill(0)
+            self._guest_any = True
+            self._frozen = None
+
+    def dirty_pages(self) -> npt.NDArray[np.int64]:
+        """RAM-file page numbers written (by the guest or by vmfork) since the last reset."""
+        self.sync_dirty_log()
+        d = self._dirty
+        return _bits_to_pages(d.guest | d.host)
+
+    def owned_pages(self) -> npt.NDArray[np.int64]:
+        """Pages this fork has ever written since it was created (its private copies)."""
+        self.sync_dirty_log()
+        return _bits_to_pages(self._dirty.ever)
+
+    @property
+    def dirty_logging(self) -> bool:
+        return self._dirty_logging
+
+    def reset_to_base(self) -> int:
+        """Copy the base version of every page dirtied since the last reset back; returns the page count."""
+        if self.base_pages is None:
+            raise VmforkError("only a fork's memory can be reset")
+        d = self._dirty
+        scratch = d.scratch
+        if self._vm is not None and self._dirty_logging:
+            # KVM writes its log straight into the scratch bitmap; earlier syncs are in d.guest.
+            addr = scratch.ctypes.data
+            for s in self.slots:
+                self._vm.get_dirty_log(s.index, addr + (s.offset >> (PAGE_SHIFT + 6)) * 8)
+        if self._guest_any:
+            np.bitwise_or(scratch, d.guest, out=scratch)
+            d.guest.fill(0)
+            self._guest_any = False
+        if self._host_any:
+            np.bitwise_or(scratch, d.host, out=scratch)
+            d.host.fill(0)
+            self._host_any = False
+        pages = _bits_to_pages(scratch)
+        if pages.size:
+            np.bitwise_or(d.ever, scratch, out=d.ever)
+            scratch.fill(0)
+            if pages.size == 1:
+                p = int(pages[0])
+                self.pages[p] = self.base_pages[p]
+            else:
+                self.pages[pages] = self.base_pages[pages]
+            self._frozen = None
+        return int(pages.size)
+
+    # --- forking ------------------------------------------------------------------------------------------------
+
+    def freeze(self) -> MemoryImage:
+        """The current content as an image forks can map. The caller keeps this machine paused while forks live."""
+        if self._frozen is not None:
+            return self._frozen
+        if self.base is None:
+            assert self.fd is not None
+            self._frozen = MemoryImage(self.size, self.slots, self.fd)
+            return self._frozen
+        pages = self.owned_pages()
+        layers = self.base.layers
+        if pages.size:
+            fd = os.memfd_create("vmfork-layer", os.MFD_CLOEXEC)
+            self._layer_fds.append(fd)
+            os.ftruncate(fd, self.size)
+            runs = _runs(pages)
+            flat = memoryview(self._buf).cast("B")
+            for start, length in runs:
+                off = start << PAGE_SHIFT
+                os.pwrite(fd, flat[off:off + (length << PAGE_SHIFT)], off)
+            layers = (*layers, Layer(fd, runs))
+        self._frozen = MemoryImage(self.size, self.slots, self.base.base_fd, layers)
+        return self._frozen
+
+    # --- teardown -----------------------------------------------------------------------------------------------
+
+    def close(self, *, unmap_view: bool = True) -> None:
+        """Release the mappings and files. `unmap_view=False` leaves the view's address range to its owner."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pages = np.empty((0, PAGE_SIZE), np.uint8)
+        self.base_pages = None
+        if unmap_view:
+            _sys_munmap(self.host_addr, self.size)
+        if self._base_addr is not None:
+            _sys_munmap(self._base_addr, self.size)
+        for fd in self._layer_fds:
+            os.close(fd)
+        self._layer_fds.clear()
+        if self._owns_fd and self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

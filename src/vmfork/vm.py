@@ -1,0 +1,624 @@
+"""A machine: guest RAM, vCPUs, the in-kernel irqchip and PIT, port devices, and the run loop.
+
+State is data: `Machine.capture()` returns a `MachineState` (every vCPU, the platform's interrupt controllers, PIT
+and clock, and every device) and `Machine.restore()` loads one. Forks, resets and save files are built on these.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .arch.x86 import cpu
+from .devices import DeviceSetState, PortBus, standard_devices
+from .errors import VmforkError, VmStateError
+from .kvm import Kvm, VmFd
+from .kvm import constants as c
+from .kvm import structs as s
+from .memory import GuestMemory, MemoryImage, Slot, make_slots, release_address_space, reserve_address_space
+from .vcpu import Vcpu, VcpuState
+
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
+
+# A no-op handler for this signal makes pthread_kill() interrupt a vCPU thread's KVM_RUN with EINTR.
+KICK_SIGNAL = signal.SIGRTMIN + 5
+_kick_installed = False
+
+
+def _ensure_kick_handler() -> None:
+    global _kick_installed
+    if _kick_installed:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise VmforkError("create the first vmfork machine from the main thread (it installs a signal handler)")
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    _kick_installed = True
+
+
+_kvm: Kvm | None = None
+
+
+def open_kvm() -> Kvm:
+    """The process-wide /dev/kvm handle."""
+    global _kvm
+    if _kvm is None:
+        _kvm = Kvm()
+    return _kvm
+
+
+@dataclass(frozen=True, slots=True)
+class MachineShape:
+    """What must match between a parent and its forks."""
+
+    memory_mib: int
+    vcpus: int
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib << 20
+
+    def regions(self) -> list[tuple[int, int]]:
+        from .arch.x86.layout import ram_regions
+        return ram_regions(self.memory_bytes)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PlatformState:
+    """The in-kernel interrupt controllers, PIT and kvmclock."""
+
+    VERSION: ClassVar[int] = 1
+    pic_master: s.IrqChip
+    pic_slave: s.IrqChip
+    ioapic: s.IrqChip
+    pit: s.PitState2
+    clock: s.ClockData
+
+    def parts(self) -> dict[str, bytes]:
+        return {n: bytes(getattr(self, n)) for n in ("pic_master", "pic_slave", "ioapic", "pit", "clock")}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MachineState:
+    """A whole machine's state except RAM."""
+
+    VERSION: ClassVar[int] = 1
+    shape: MachineShape
+    vcpus: tuple[VcpuState, ...]
+    platform: PlatformState
+    devices: DeviceSetState | None
+
+
+@dataclass(frozen=True, slots=True)
+class StopEvent:
+    """Why a machine stopped running."""
+
+    reason: str          # exit, harness-start, harness-end, harness, pause, timeout, reset, poweroff, crash
+    status: int | None = None
+    vcpu: int | None = None
+    detail: str = ""
+
+    @property
+    def crashed(self) -> bool:
+        return self.reason == "crash"
+
+
+class Shell:
+    """A KVM VM with its vCPUs, irqchip, PIT and memory slots registered at a host address range, but no RAM
+    content yet. Creating one costs milliseconds here (KVM_CREATE_IRQCHIP alone about 15 ms), so forks take shells
+    from a pool prepared in advance."""
+
+    def __init__(self, kvm: Kvm, shape: MachineShape, *, dirty_logging: bool, host_addr: int | None = None) -> None:
+        self.kvm = kvm
+        self.shape = shape
+        self.slots: tuple[Slot, ...] = make_slots(shape.regions())
+        self.size = sum(sl.size for sl in self.slots)
+        self.dirty_logging = dirty_logging
+        self.vm: VmFd = kvm.create_vm()
+        self.vcpus: list[Vcpu] = []
+        self.owns_addr = host_addr is None
+        self.host_addr = reserve_address_space(self.size) if host_addr is None else host_addr
+        try:
+            vm = self.vm
+            vm.set_tss_addr(TSS_ADDR)
+            vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+            vm.create_irqchip()
+            vm.create_pit2()
+            flags = c.KVM_MEM_LOG_DIRTY_PAGES if dirty_logging else 0
+            for sl in self.slots:
+                vm.set_user_memory_region(sl.index, sl.gpa, sl.size, self.host_addr + sl.offset, flags)
+            sync = kvm.check_extension(c.KVM_CAP_SYNC_REGS) & 7 == 7
+            for i in range(shape.vcpus):
+                fd = vm.create_vcpu(i)
+                fd.set_cpuid2(cpu.vcpu_cpuid(kvm, i))
+                self.vcpus.append(Vcpu(kvm, fd, i, sync_regs=sync))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus.clear()
+        self.vm.close()
+        if self.owns_addr and self.host_addr:
+            release_address_space(self.host_addr, self.size)
+            self.host_addr = 0
+
+
+class _Kicker:
+    """Knows which OS thread runs each vCPU so a stop request can interrupt KVM_RUN."""
+
+    def __init__(self, n: int) -> None:
+        self.tids: list[int | None] = [None] * n
+
+    def kick(self, index: int) -> None:
+        tid = self.tids[index]
+        if tid is not None and tid != threading.get_ident():
+            try:
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+
+class Machine:
+    """A virtual machine. Create roots with `Machine.create()`; forks come from `vmfork.fork`."""
+
+    _ids = 0
+
+    def __init__(self, shell: Shell, memory: GuestMemory, *, name: str = "vm", console_log: str | None = None,
+                 with_devices: bool = True) -> None:
+        _ensure_kick_handler()
+        Machine._ids += 1
+        self.id = Machine._ids
+        self.name = name
+        self.shell = shell
+        self.kvm = shell.kvm
+        self.shape = shell.shape
+        self.memory = memory
+        self.vcpus = shell.vcpus
+        self.vm = shell.vm
+        self.state = "paused"            # paused | running | crashed | destroyed
+        self.stop_event: StopEvent | None = None
+        self.parent: Machine | None = None
+        self.children: list[Machine] = []
+        self.irqs_blocked = False
+        self.console_log = console_log
+        self.devices: list[Any] = []
+        self.bus: PortBus = PortBus([])
+        if with_devices:
+            self.attach_devices(standard_devices(self, ram_size=memory.size, console_log=console_log))
+        self._stop_lock = threading.Lock()
+        self._stop_cond = threading.Condition(self._stop_lock)
+        self._pending_stop: StopEvent | None = None
+        self._kicker = _Kicker(len(self.vcpus))
+        self._threads: list[threading.Thread] = []
+        self.io_since_restore = False   # device state can only have changed through port I/O (or feed_console)
+        self.exits = 0
+        self.on_stop: list[Callable[[StopEvent], None]] = []
+
+    # --- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, *, memory_mib: int = 256, vcpus: int = 1, name: str = "vm", console_log: str | None = None,
+               with_devices: bool = True) -> Machine:
+        """A new root machine with zeroed RAM (boot it with `load_kernel`)."""
+        if memory_mib < 2:
+            raise VmforkError(f"memory must be at least 2 MiB, got {memory_mib}")
+        if not 1 <= vcpus <= 64:
+            raise VmforkError(f"vcpus must be between 1 and 64, got {vcpus}")
+        kvm = open_kvm()
+        shape = MachineShape(memory_mib, vcpus)
+        memory = GuestMemory.allocate(shape.regions(), name=f"vmfork-{name}")
+        try:
+            shell = Shell(kvm, shape, dirty_logging=False, host_addr=memory.host_addr)
+        except BaseException:
+            memory.close()
+            raise
+        memory.bind(shell.vm, dirty_logging=False)
+        try:
+            m = cls(shell, memory, name=name, console_log=console_log, with_devices=with_devices)
+        except BaseException:
+            shell.close()
+            memory.close()
+            raise
+        m._init_boot_cpu_state()
+        return m
+
+    def _init_boot_cpu_state(self) -> None:
+        bsp = self.vcpus[0]
+        lapic = s.LapicState()
+        bsp.fd.get_lapic(lapic)
+        cpu.lapic_virtual_wire(lapic)
+        bsp.fd.set_lapic(lapic)
+        msrs: Any = s.msrs_type(2)()
+        msrs.nmsrs = 2
+        msrs.entries[0].index, msrs.entries[0].data = cpu.MSR_IA32_MISC_ENABLE, 1       # fast strings
+        msrs.entries[1].index, msrs.entries[1].data = cpu.MSR_MTRR_DEF_TYPE, (1 << 11) | 6  # MTRRs on, WB
+        for v in self.vcpus:
+            v.fd.set_msrs(msrs)
+
+    def load_kernel(self, path: str | os.PathLike[str], *, cmdline: str = "", initrd: str | None = None,
+                    protocol: str = "auto") -> str:
+        """Load a kernel through a standard boot protocol and point the boot vCPU at its entry; returns the
+        protocol used."""
+        from .arch.x86.boot import load_kernel
+        entry = load_kernel(path, self.memory, cmdline=cmdline, initrd=initrd, protocol=protocol)  # type: ignore[arg-type]
+        bsp = self.vcpus[0]
+        regs, sregs = bsp.get_regs(), bsp.get_sregs()
+        cpu.apply_entry(entry, regs, sregs)
+        bsp.set_sregs(sregs)
+        bsp.set_regs(regs)
+        return str(entry.protocol)
+
+    def attach_devices(self, devices: Sequence[Any]) -> None:
+        self.devices = list(devices)
+        self.bus = PortBus(self.devices)
+
+    def device(self, name: str) -> Any:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise VmforkError(f"{self.name} has no device {name!r}")
+
+    # --- DeviceContext ------------------------------------------------------------------------------------------
+
+    def set_irq(self, gsi: int, level: bool) -> None:
+        if not self.irqs_blocked:
+            self.vm.irq_line(gsi, 1 if level else 0)
+
+    def request_stop(self, reason: str, status: int | None) -> None:
+        self._stop(StopEvent(reason, status))
+
+    def feed_console(self, data: bytes) -> None:
+        """Input for the guest's serial console."""
+        self.io_since_restore = True
+        self.device("serial0").feed(data)
+
+    # --- run control --------------------------------------------------------------------------------------------
+
+    def _check_runnable(self) -> None:
+        if self.state == "destroyed":
+            raise VmStateError(f"{self.name} is destroyed")
+        if self.state == "crashed":
+            raise VmStateError(f"{self.name} has crashed ({self.stop_event.detail if self.stop_event else ''}); "
+                               "reset or destroy it")
+        if self.children:
+            names = ", ".join(ch.name for ch in self.children)
+            raise VmStateError(f"{self.name} has live forks ({names}): it stays paused until they are destroyed")
+        if self.state == "running":
+            raise VmStateError(f"{self.name} is already running")
+
+    def _stop(self, event: StopEvent) -> None:
+        with self._stop_lock:
+            if self._pending_stop is not None:
+                return
+            self._pending_stop = event
+        for v in self.vcpus:
+            v.run.immediate_exit = 1
+        for v in self.vcpus:
+            self._kicker.kick(v.index)
+
+    def run(self, timeout: float | None = None) -> StopEvent:
+        """Run in the calling thread until the machine stops (single-vCPU machines run inline, others in threads)."""
+        if len(self.vcpus) > 1:
+            self.start()
+            return self.wait(timeout, pause_on_timeout=True)
+        self._check_runnable()
+        self._begin()
+        if timeout is not None:
+            self._arm_watchdog(timeout)
+        try:
+            self._vcpu_loop(self.vcpus[0])
+        finally:
+            self._disarm_watchdog()
+        return self._finish()
+
+    def start(self) -> None:
+        """Run every vCPU in its own thread; returns at once. `wait()` or `pause()` later."""
+        self._check_runnable()
+        self._begin()
+        self._threads = [threading.Thread(target=self._thread_main, args=(v,), name=f"{self.name}-vcpu{v.index}",
+                                          daemon=True) for v in self.vcpus]
+        for t in self._threads:
+            t.start()
+
+    def _thread_main(self, vcpu: Vcpu) -> None:
+        try:
+            self._vcpu_loop(vcpu)
+        except BaseException as e:  # a bug or host failure: stop the machine with a report, never hang
+            self._stop(StopEvent("crash", None, vcpu.index, f"vCPU thread failed: {e!r}"))
+        finally:
+            with self._stop_cond:
+                self._stop_cond.notify_all()
+
+    def wait(self, timeout: float | None = None, *, pause_on_timeout: bool = False) -> StopEvent:
+        """Wait for a started machine to stop; on timeout returns a 'timeout' event (pausing it if asked)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            t.join(remaining)
+            if t.is_alive():
+                if not pause_on_timeout:
+                    return StopEvent("timeout")
+                self._stop(StopEvent("timeout"))
+                for t2 in self._threads:
+                    t2.join()
+                break
+        self._threads = []
+        return self._finish()
+
+    def pause(self) -> StopEvent:
+        """Stop a running machine at a consistent point (every pending I/O completed)."""
+        if self.state != "running":
+            if self.state == "destroyed":
+                raise VmStateError(f"{self.name} is destroyed")
+            return self.stop_event or StopEvent("pause")
+        self._stop(StopEvent("pause"))
+        return self.wait()
+
+    def unpause(self) -> None:
+        self.start()
+
+    def _begin(self) -> None:
+        self._pending_stop = None
+        self.stop_event = None
+        for v in self.vcpus:
+            v.run.immediate_exit = 0
+        self.state = "running"
+
+    def _finish(self) -> StopEvent:
+        event = self._pending_stop or StopEvent("pause")
+        self.stop_event = event
+        self.state = "crashed" if event.crashed else "paused"
+        for cb in self.on_stop:
+            cb(event)
+        return event
+
+    def _arm_watchdog(self, timeout: float) -> None:
+        _watchdog.arm(self, time.monotonic() + timeout)
+
+    def _disarm_watchdog(self) -> None:
+        _watchdog.disarm(self)
+
+    # --- the exit loop ------------------------------------------------------------------------------------------
+
+    def _vcpu_loop(self, vcpu: Vcpu) -> None:
+        run = vcpu.run
+        fd = vcpu.fd
+        run_addr = fd.run_addr
+        bus = self.bus
+        self._kicker.tids[vcpu.index] = threading.get_ident()
+        try:
+            while True:
+                if self._pending_stop is not None:
+                    run.immediate_exit = 1
+                ret = fd.run_once()
+                vcpu.after_run()
+                if ret < 0:
+                    run.immediate_exit = 0
+                    if self._pending_stop is not None:
+                        return
+                    continue
+                self.exits += 1
+                reason = run.exit_reason
+                if reason == c.KVM_EXIT_IO:
+                    self.io_since_restore = True
+                    io = run.exit.io
+                    size = io.size
+                    ctype = _IO_TYPES[size]
+                    addr = run_addr + io.data_offset
+                    if io.direction == c.KVM_EXIT_IO_OUT:
+                        for i in range(io.count):
+                            bus.io_write(io.port, size, ctype.from_address(addr + i * size).value)
+                    else:
+                        for i in range(io.count):
+                            ctype.from_address(addr + i * size).value = bus.io_read(io.port, size)
+                elif reason == c.KVM_EXIT_MMIO:
+                    mm = run.exit.mmio
+                    if mm.is_write:
+                        bus.mmio_write(mm.phys_addr, mm.len, int.from_bytes(bytes(mm.data)[:mm.len], "little"))
+                    else:
+                        value = bus.mmio_read(mm.phys_addr, mm.len)
+                        ctypes.memmove(mm.data, value.to_bytes(8, "little"), 8)
+                elif reason == c.KVM_EXIT_SYSTEM_EVENT:
+                    kind = run.exit.system_event.type
+                    if kind == c.KVM_SYSTEM_EVENT_RESET:
+                        self._stop(StopEvent("reset", None, vcpu.index))
+                    elif kind == c.KVM_SYSTEM_EVENT_SHUTDOWN:
+                        self._stop(StopEvent("poweroff", None, vcpu.index))
+                    else:
+                        self._crash(vcpu, "the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")
+                        return
+                elif reason == c.KVM_EXIT_INTR:
+                    continue
+                else:
+                    self._crash(vcpu, self._describe_exit(vcpu))
+                    return
+        finally:
+            self._kicker.tids[vcpu.index] = None
+
+    def _describe_exit(self, vcpu: Vcpu) -> str:
+        run = vcpu.run
+        reason = run.exit_reason
+        name = c.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
+        if reason == c.KVM_EXIT_SHUTDOWN:
+            return "the guest shut down (triple fault, or an instruction this host cannot run from user mode)"
+        if reason == c.KVM_EXIT_INTERNAL_ERROR:
+            sub = run.exit.internal.suberror
+            what = {c.KVM_INTERNAL_ERROR_EMULATION: "emulation failure (an instruction KVM cannot emulate)",
+                    c.KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions",
+                    c.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed"}.get(sub, f"suberror {sub}")
+            return f"KVM internal error: {what}"
+        if reason == c.KVM_EXIT_FAIL_ENTRY:
+            return f"VM entry failed (hardware reason {run.exit.fail_entry.hardware_entry_failure_reason:#x})"
+        if reason == c.KVM_EXIT_HLT:
+            return "the guest halted with no interrupt source (KVM_EXIT_HLT)"
+        return f"unexpected exit: {name}"
+
+    def _crash(self, vcpu: Vcpu, what: str) -> None:
+        self._stop(StopEvent("crash", None, vcpu.index, self.crash_report(vcpu, what)))
+
+    def crash_report(self, vcpu: Vcpu, what: str) -> str:
+        """A one-paragraph report: what happened, where (RIP, mode), and the instruction bytes there."""
+        try:
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        except VmforkError as e:
+            return f"{what} (registers unreadable: {e})"
+        mode = "long" if sregs.efer & 0x400 else ("protected" if sregs.cr0 & 1 else "real")
+        cpl = sregs.cs.selector & 3 if sregs.cr0 & 1 else 0
+        linear = regs.rip + (0 if mode == "long" else sregs.cs.base)
+        insn = "unavailable"
+        try:
+            gpa = linear
+            if sregs.cr0 & 0x80000000:
+                t = vcpu.fd.translate(linear)
+                gpa = t.physical_address if t.valid else -1
+            if gpa >= 0:
+                insn = self.memory.read(gpa, 16).hex(" ")
+        except VmforkError:
+            pass
+        return (f"{what}; vCPU {vcpu.index} in {mode} mode CPL{cpl} at rip={regs.rip:#x} rsp={regs.rsp:#x} "
+                f"cr3={sregs.cr3:#x}; instruction bytes: {insn}")
+
+    # --- state --------------------------------------------------------------------------------------------------
+
+    def _require_paused(self, what: str) -> None:
+        if self.state == "running":
+            raise VmStateError(f"cannot {what} {self.name} while it runs: pause it first")
+        if self.state == "destroyed":
+            raise VmStateError(f"cannot {what} {self.name}: it is destroyed")
+
+    def capture_platform(self) -> PlatformState:
+        chips = []
+        for chip_id in (c.KVM_IRQCHIP_PIC_MASTER, c.KVM_IRQCHIP_PIC_SLAVE, c.KVM_IRQCHIP_IOAPIC):
+            chip = s.IrqChip()
+            chip.chip_id = chip_id
+            self.vm.get_irqchip(chip)
+            chips.append(chip)
+        pit = s.PitState2()
+        self.vm.get_pit2(pit)
+        clock = s.ClockData()
+        self.vm.get_clock(clock)
+        clock.flags = 0      # restore the value as is, no realtime/TSC adjustment
+        return PlatformState(chips[0], chips[1], chips[2], pit, clock)
+
+    def restore_platform(self, st: PlatformState) -> None:
+        vm = self.vm
+        vm.set_irqchip(st.pic_master)
+        vm.set_irqchip(st.pic_slave)
+        vm.set_irqchip(st.ioapic)
+        vm.set_pit2(st.pit)
+        vm.set_clock(st.clock)
+
+    def capture(self) -> MachineState:
+        """The complete machine state except RAM. The machine must be paused."""
+        self._require_paused("capture the state of")
+        devices = DeviceSetState.capture_all(self.devices) if self.devices else None
+        return MachineState(self.shape, tuple(v.capture() for v in self.vcpus), self.capture_platform(), devices)
+
+    def restore(self, st: MachineState, *, devices: bool = True) -> None:
+        """Load a captured state (RAM is not touched). The machine must be paused."""
+        self._require_paused("restore the state of")
+        if st.shape != self.shape:
+            raise VmStateError(f"state is for a {st.shape.memory_mib} MiB / {st.shape.vcpus}-vCPU machine, "
+                               f"{self.name} is {self.shape.memory_mib} MiB / {self.shape.vcpus} vCPUs")
+        for v, vs in zip(self.vcpus, st.vcpus, strict=True):
+            v.restore(vs)
+        self.restore_platform(st.platform)
+        if devices and st.devices is not None and self.devices:
+            DeviceSetState.restore_all(self.devices, st.devices)
+        self.io_since_restore = False
+        if self.state == "crashed":
+            self.state = "paused"
+
+    # --- teardown -----------------------------------------------------------------------------------------------
+
+    def destroy(self, *, tree: bool = False) -> None:
+        """Destroy this machine. A parent with live forks is refused unless `tree=True` (forks go first)."""
+        if self.state == "destroyed":
+            return
+        if self.children:
+            if not tree:
+                names = ", ".join(ch.name for ch in self.children)
+                raise VmStateError(f"{self.name} has live forks ({names}): destroy them first, or the whole tree")
+            for ch in list(self.children):
+                ch.destroy(tree=True)
+        if self.state == "running":
+            self.pause()
+        self.state = "destroyed"
+        for d in self.devices:
+            close = getattr(d, "close", None)
+            if close is not None:
+                close()
+        if self.parent is not None and self in self.parent.children:
+            self.parent.children.remove(self)
+            if not self.parent.children:
+                self.parent.memory.readonly = None
+        self._release()
+
+    def _release(self) -> None:
+        view_owned_by_shell = self.shell.owns_addr
+        self.shell.close()
+        self.memory.close(unmap_view=not view_owned_by_shell)
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy(tree=True)
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.name} {self.state} {self.shape.memory_mib}MiB {self.shape.vcpus}vcpu>"
+
+
+class _Watchdog:
+    """One daemon thread for every machine's run timeout (a thread per run would cost more than a short run)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadlines: dict[Machine, float] = {}
+        self._thread: threading.Thread | None = None
+
+    def arm(self, machine: Machine, deadline: float) -> None:
+        with self._cond:
+            earliest = min(self._deadlines.values(), default=None)
+            self._deadlines[machine] = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name="vmfork-watchdog", daemon=True)
+                self._thread.start()
+            elif earliest is None or deadline < earliest:
+                self._cond.notify()
+
+    def disarm(self, machine: Machine) -> None:
+        with self._cond:
+            self._deadlines.pop(machine, None)
+
+    def _main(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for m, when in list(self._deadlines.items()):
+                    if when <= now:
+                        del self._deadlines[m]
+                        m._stop(StopEvent("timeout"))
+                earliest = min(self._deadlines.values(), default=None)
+                self._cond.wait(None if earliest is None else max(0.0, earliest - now))
+
+
+_watchdog = _Watchdog()
+
+_IO_TYPES: dict[int, Any] = {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32}
+
+
+def image_of(machine: Machine) -> MemoryImage:
+    return machine.memory.freeze()
+
+
+__all__ = ["Machine", "MachineShape", "MachineState", "PlatformState", "Shell", "StopEvent", "open_kvm"]
