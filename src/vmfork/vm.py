@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from .arch.x86 import cpu
 from .devices import DeviceSetState, PortBus, standard_devices
 from .errors import VmforkError, VmStateError
-from .kvm import Kvm, VmFd
+from .kvm import Kvm, VcpuFd, VmFd
 from .kvm import constants as c
 from .kvm import structs as s
 from .memory import GuestMemory, MemoryImage, Slot, make_slots, release_address_space, reserve_address_space
@@ -136,7 +136,7 @@ class Shell:
             sync = kvm.check_extension(c.KVM_CAP_SYNC_REGS) & 7 == 7
             for i in range(shape.vcpus):
                 fd = vm.create_vcpu(i)
-                fd.set_cpuid2(cpu.vcpu_cpuid(kvm, i))
+                fd.set_cpuid2(cpu.vcpu_cpuid(kvm, i, _tsc_khz(fd)))
                 self.vcpus.append(Vcpu(kvm, fd, i, sync_regs=sync))
         except BaseException:
             self.close()
@@ -150,6 +150,19 @@ class Shell:
         if self.owns_addr and self.host_addr:
             release_address_space(self.host_addr, self.size)
             self.host_addr = 0
+
+
+_tsc_khz_cache: int | None = None
+
+
+def _tsc_khz(fd: VcpuFd) -> int:
+    global _tsc_khz_cache
+    if _tsc_khz_cache is None:
+        try:
+            _tsc_khz_cache = fd.get_tsc_khz()
+        except VmforkError:
+            _tsc_khz_cache = 0
+    return _tsc_khz_cache
 
 
 class _Kicker:
@@ -207,7 +220,7 @@ class Machine:
 
     @classmethod
     def create(cls, *, memory_mib: int = 256, vcpus: int = 1, name: str = "vm", console_log: str | None = None,
-               with_devices: bool = True) -> Machine:
+               with_devices: bool = True) -> Self:
         """A new root machine with zeroed RAM (boot it with `load_kernel`)."""
         if memory_mib < 2:
             raise VmforkError(f"memory must be at least 2 MiB, got {memory_mib}")

@@ -29,6 +29,8 @@ BASE_MSRS: tuple[int, ...] = (
     0x48,                                   # SPEC_CTRL
 )
 
+TSS_SELECTOR = 0x20
+
 _usable_msrs: tuple[int, ...] | None = None
 
 
@@ -51,41 +53,63 @@ def usable_msrs(vcpu: VcpuFd, kvm: Kvm) -> tuple[int, ...]:
 _host_cpuid: ctypes.Structure | None = None
 
 
-def vcpu_cpuid(kvm: Kvm, apic_id: int) -> ctypes.Structure:
-    """CPUID for one vCPU: the host's supported leaves with this vCPU's APIC ID and the hypervisor bit."""
+def vcpu_cpuid(kvm: Kvm, apic_id: int, tsc_khz: int = 0) -> ctypes.Structure:
+    """CPUID for one vCPU: the host's supported leaves with this vCPU's APIC ID and the hypervisor bit, plus the
+    timing leaf 0x40000010 (TSC and LAPIC bus frequency in kHz) so guests need not calibrate their clocks."""
     global _host_cpuid
     if _host_cpuid is None:
         _host_cpuid = kvm.supported_cpuid()
     host: Any = _host_cpuid
     n = host.nent
-    out: Any = s.cpuid2_type(n)()
-    out.nent = n
+    out: Any = s.cpuid2_type(n + 1)()
     ctypes.memmove(ctypes.addressof(out.entries), ctypes.addressof(host.entries), n * ctypes.sizeof(s.CpuidEntry2))
+    has_hv_base = False
     for e in out.entries[:n]:
         if e.function == 1:
             e.ebx = (e.ebx & 0x00FFFFFF) | (apic_id << 24)
             e.ecx |= 1 << 31            # running under a hypervisor
         elif e.function in (0xB, 0x1F):
             e.edx = apic_id
+        elif e.function == 0x40000000:
+            has_hv_base = True
+            e.eax = max(e.eax, 0x40000010)
+    if has_hv_base and tsc_khz and not any(e.function == 0x40000010 for e in out.entries[:n]):
+        timing = out.entries[n]
+        timing.function, timing.eax, timing.ebx = 0x40000010, tsc_khz, 1_000_000   # KVM's LAPIC timer: 1 GHz
+        n += 1
+    out.nent = n
     return out
 
 
 class EntryLike(Protocol):
     """What a boot loader returns (vmfork.arch.x86.boot.EntryState)."""
 
-    mode: str
-    rip: int
-    rsp: int
-    rflags: int
-    gprs: Any
-    cr0: int
-    cr3: int
-    cr4: int
-    efer: int
-    gdt_base: int
-    gdt_limit: int
-    cs_selector: int
-    ds_selector: int
+    @property
+    def mode(self) -> str: ...
+    @property
+    def rip(self) -> int: ...
+    @property
+    def rsp(self) -> int: ...
+    @property
+    def rflags(self) -> int: ...
+    @property
+    def gprs(self) -> Any: ...
+    @property
+    def cr0(self) -> int: ...
+    @property
+    def cr3(self) -> int: ...
+    @property
+    def cr4(self) -> int: ...
+    @property
+    def efer(self) -> int: ...
+    @property
+    def gdt_base(self) -> int: ...
+    @property
+    def gdt_limit(self) -> int: ...
+    @property
+    def cs_selector(self) -> int: ...
+    @property
+    def ds_selector(self) -> int: ...
 
 
 def _flat_segment(seg: s.Segment, selector: int, *, code: bool, long64: bool) -> None:
@@ -109,7 +133,8 @@ def apply_entry(entry: EntryLike, regs: s.Regs, sregs: s.Sregs) -> None:
     _flat_segment(sregs.cs, entry.cs_selector, code=True, long64=long64)
     for name in ("ds", "es", "fs", "gs", "ss"):
         _flat_segment(getattr(sregs, name), entry.ds_selector, code=False, long64=long64)
-    sregs.tr.base, sregs.tr.limit, sregs.tr.selector, sregs.tr.type = 0, 0xFFFF, 0, 0xB
+    # A busy 32-bit TSS at base 0, limit 0x67, as the PVH entry convention asks (its GDT has the descriptor).
+    sregs.tr.base, sregs.tr.limit, sregs.tr.selector, sregs.tr.type = 0, 0x67, TSS_SELECTOR, 0xB
     sregs.tr.present, sregs.tr.s, sregs.tr.g, sregs.tr.unusable = 1, 0, 0, 0
     sregs.ldt.selector, sregs.ldt.type, sregs.ldt.present, sregs.ldt.s, sregs.ldt.unusable = 0, 2, 1, 0, 0
     sregs.gdt.base, sregs.gdt.limit = entry.gdt_base, entry.gdt_limit

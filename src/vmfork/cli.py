@@ -1,0 +1,112 @@
+"""The `vmfork` command. User errors print one line (`vmfork: error: ...`) and exit non-zero, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import VmforkError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .fork import VM
+
+    cfg = load_config(args.config)
+    if cfg.kernel is None:
+        raise VmforkError(f"{args.config}: missing required key \"kernel\"")
+    out = sys.stdout.buffer
+    while True:
+        vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name, console_log=args.console_log)
+        try:
+            vm.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
+
+            def echo(b: bytes) -> None:
+                out.write(b)
+                out.flush()
+
+            vm.device("serial0").add_listener(echo)
+            while True:
+                vm.start()
+                try:
+                    ev = vm.wait(args.timeout, pause_on_timeout=True)
+                except KeyboardInterrupt:
+                    vm.pause()
+                    print("\nvmfork: interrupted, machine destroyed", file=sys.stderr)
+                    return 130
+                if ev.reason.startswith("harness"):
+                    continue            # markers only matter to forks and fuzzers; a plain run goes on
+                break
+        finally:
+            vm.destroy(tree=True)
+        if ev.reason == "exit":
+            return int(ev.status or 0)
+        if ev.reason == "poweroff":
+            return 0
+        if ev.reason == "reset":
+            if cfg.on_reboot in ("restart", "rename-restart", "coredump-restart"):
+                continue
+            return 0
+        if ev.reason == "timeout":
+            print(f"vmfork: {cfg.name} still running after {args.timeout} s; stopped", file=sys.stderr)
+            return 124
+        if ev.crashed:
+            print(f"vmfork: {cfg.name} crashed: {ev.detail}", file=sys.stderr)
+            if cfg.on_crash.endswith("restart"):
+                continue
+            return 1
+        return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+    return run_doctor(json=args.json)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(forks=args.forks, memory_mib=args.memory, kernel=args.kernel)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmfork", description="Fork running KVM virtual machines in about a millisecond.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="boot a guest, fork it many times, run every fork with its own input")
+    demo.add_argument("-n", "--forks", type=int, default=100, help="number of forks (default 100)")
+    demo.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
+    demo.add_argument("--kernel", default=None, help="demo guest kernel (default: the built test guest)")
+    demo.set_defaults(func=_cmd_demo)
+
+    run = sub.add_parser("run", help="boot a domain from an xl-style config file in the foreground")
+    run.add_argument("config", help="config file (xl.cfg syntax)")
+    run.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    run.add_argument("--console-log", default=None, help="also append the console output to this file")
+    run.set_defaults(func=_cmd_run)
+
+    doctor = sub.add_parser("doctor", help="measure what this host's KVM can do")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=_cmd_doctor)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except VmforkError as e:
+        print(f"vmfork: error: {e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f"vmfork: error: {e.filename or e}: no such file", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

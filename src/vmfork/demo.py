@@ -1,0 +1,155 @@
+"""`vmfork demo`: boot the demo guest to its ready point, fork it N times, give every fork its own input, run them
+all, and show what it cost."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+from .errors import VmforkError
+from .fork import VM, shell_pool
+
+RESULT = re.compile(rb"result: len=(\d+) fnv=([0-9a-f]+) primes=(\d+)")
+WORDS = ("apple", "kernel", "fork", "page", "vcpu", "reset", "fuzz", "xen", "kvm", "python")
+
+
+def default_kernel() -> Path:
+    root = Path(__file__).resolve().parents[2]
+    return root / "build" / "guests" / "testguest-pvh.elf"
+
+
+def pss_kib() -> int:
+    """Proportional set size of this process (what its memory really costs when pages are shared)."""
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def fnv1a64(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+class _Progress:
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.tty = label, total, sys.stderr.isatty()
+        self.last = -1
+
+    def update(self, done: int) -> None:
+        pct = done * 100 // max(1, self.total)
+        if self.tty:
+            bar = "#" * (pct // 4)
+            sys.stderr.write(f"\r  {self.label:<22} [{bar:<25}] {done}/{self.total}")
+            if done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif pct // 25 != self.last // 25 or done == self.total:
+            self.last = pct
+            print(f"  {self.label}: {done}/{self.total}", file=sys.stderr)
+
+
+def _fmt_us(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:.0f} µs" if us < 1000 else f"{us / 1000:.2f} ms"
+
+
+def run_demo(*, forks: int = 100, memory_mib: int = 256, kernel: str | None = None) -> int:
+    path = Path(kernel) if kernel else default_kernel()
+    if not path.exists():
+        raise VmforkError(f"{path} does not exist: build the guests first (guests/build.sh, or ./dev demo)")
+    if forks < 1:
+        raise VmforkError(f"--forks must be at least 1, got {forks}")
+    print(f"vmfork demo: {forks} forks of a {memory_mib} MiB guest ({path.name})\n")
+
+    t0 = time.perf_counter()
+    parent = VM.create(memory_mib=memory_mib, name="demo")
+    try:
+        parent.load_kernel(path, cmdline="demo")
+        ev = parent.run(timeout=60)
+        boot_s = time.perf_counter() - t0
+        if ev.reason != "harness-start":
+            raise VmforkError(f"the demo guest did not reach its ready point: {ev.reason} {ev.detail}".strip())
+        console = parent.device("serial0").output().decode(errors="replace").strip()
+        regs = parent.vcpus[0].get_regs()
+        buf_addr, buf_size = regs.rdi, regs.rsi
+        print(f"  parent booted to its ready point in {_fmt_us(boot_s)} and paused; its console said:")
+        for line in console.splitlines():
+            print(f"    | {line}")
+        print(f"  input buffer at guest-physical {buf_addr:#x}, {buf_size} bytes\n")
+
+        pool = shell_pool(parent.shape)
+        progress = _Progress("preparing VM shells", forks)
+        t = time.perf_counter()
+        for i in range(forks):
+            pool.prefill(i + 1)
+            progress.update(i + 1)
+        shells_s = time.perf_counter() - t
+
+        pss_before = pss_kib()
+        children: list[VM] = []
+        fork_times: list[float] = []
+        progress = _Progress("forking", forks)
+        for i in range(forks):
+            t = time.perf_counter()
+            children.append(parent.fork(name=f"demo-fork-{i}"))
+            fork_times.append(time.perf_counter() - t)
+            progress.update(i + 1)
+
+        inputs = [f"{WORDS[i % len(WORDS)]}-{i}".encode() * (1 + i % 3) for i in range(forks)]
+        results: list[tuple[int, bytes, int | None, str]] = []
+        progress = _Progress("running forks", forks)
+        t_run = time.perf_counter()
+        for i, child in enumerate(children):
+            data = inputs[i][: buf_size - 8]
+            child.memory.write(buf_addr, struct.pack("<Q", len(data)) + data)
+            ev = child.run(timeout=30)
+            out = child.device("serial0").output()
+            m = RESULT.search(out)
+            results.append((i, data, ev.status, m.group(0).decode() if m else f"({ev.reason}: {ev.detail})"))
+            progress.update(i + 1)
+        run_s = time.perf_counter() - t_run
+        pss_after = pss_kib()
+
+        reset_times: list[float] = []
+        for child in children:
+            t = time.perf_counter()
+            child.reset()
+            reset_times.append(time.perf_counter() - t)
+
+        ok = 0
+        for _i, data, _status, line in results:
+            expect = fnv1a64(data)
+            if f"fnv={expect:016x}" in line or f"fnv={expect:x}" in line:
+                ok += 1
+        print()
+        print("  fork   input                       exit  guest output")
+        shown = results if forks <= 12 else results[:5] + results[-5:]
+        for i, data, status, line in shown:
+            print(f"  {i:>4}   {data.decode()[:26]:<26}  {status if status is not None else '-':>4}  {line}")
+            if forks > 12 and i == 4:
+                print(f"  {'...':>4}   ({forks - 10} more)")
+        fork_med = statistics.median(fork_times)
+        print()
+        print(f"  boot to ready point         {_fmt_us(boot_s):>10}")
+        print(f"  fork (median of {forks:<4})      {_fmt_us(fork_med):>10}   "
+              f"{boot_s / fork_med:,.0f}x faster than booting")
+        print(f"  fork (p99)                  {_fmt_us(sorted(fork_times)[int(0.99 * (forks - 1))]):>10}")
+        print(f"  reset (median)              {_fmt_us(statistics.median(reset_times)):>10}")
+        print(f"  VM shells prepared ahead    {_fmt_us(shells_s / forks):>10} each (off the fork path)")
+        print(f"  running all {forks} forks       {run_s:>9.2f} s")
+        print(f"  memory per fork (PSS)       {(pss_after - pss_before) / forks:>7.0f} KiB "
+              f"of a {memory_mib} MiB guest")
+        print(f"  correct results             {ok}/{forks}")
+        for child in children:
+            child.destroy()
+        return 0 if ok == forks else 1
+    finally:
+        parent.destroy(tree=True)

@@ -1,0 +1,46 @@
+"""Helpers for tests that boot the test guests."""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+from vmfork.fork import VM
+from vmfork.vm import StopEvent
+
+
+def boot(kernel: Path, cmdline: str, machines: list, *, memory_mib: int = 64, vcpus: int = 1,  # type: ignore[type-arg]
+         protocol: str = "auto", name: str = "test") -> VM:
+    vm = VM.create(memory_mib=memory_mib, vcpus=vcpus, name=name)
+    machines.append(vm)
+    vm.load_kernel(kernel, cmdline=cmdline, protocol=protocol)
+    return vm
+
+
+def console(vm: VM) -> str:
+    return vm.device("serial0").output().decode(errors="replace")
+
+
+def run_to_ready(vm: VM, timeout: float = 30) -> tuple[int, int]:
+    """Run until the guest's ready marker; returns (input buffer address, size)."""
+    ev = vm.run(timeout=timeout)
+    assert ev.reason == "harness-start", f"expected the ready marker, got {ev} / console: {console(vm)!r}"
+    regs = vm.vcpus[0].get_regs()
+    return regs.rdi, regs.rsi
+
+
+def run_to_exit(vm: VM, timeout: float = 30) -> StopEvent:
+    ev = vm.run(timeout=timeout)
+    assert ev.reason == "exit", f"expected an exit, got {ev} / console: {console(vm)!r}"
+    return ev
+
+
+def write_input(vm: VM, addr: int, data: bytes) -> None:
+    vm.memory.write(addr, struct.pack("<Q", len(data)) + data)
+
+
+def field(text: str, key: str) -> str:
+    m = re.search(rf"{key}=(\S+)", text)
+    assert m, f"no {key}= in {text!r}"
+    return m.group(1)

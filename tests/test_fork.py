@@ -1,0 +1,198 @@
+"""The fork engine on real /dev/kvm with the test guest: copy-on-write memory, complete state, forks of forks,
+reset, blocked interrupts, and the rules about parents."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+
+from guest import boot, console, field, run_to_exit, run_to_ready, write_input
+from vmfork.demo import fnv1a64
+from vmfork.errors import ForkError, VmStateError
+from vmfork.fork import shell_pool
+
+SCRATCH = 64 << 20          # where the `loop` program writes its pages
+MIB = 1 << 20
+
+
+def loop_input(vm, addr: int, npages: int, seed: int) -> None:  # type: ignore[no-untyped-def]
+    vm.memory.write(addr, struct.pack("<QQ", npages, seed))
+
+
+def scratch_words(vm, npages: int) -> list[int]:  # type: ignore[no-untyped-def]
+    return [struct.unpack("<Q", vm.memory.read(SCRATCH + i * 4096, 8))[0] for i in range(npages)]
+
+
+def ram_digest(vm) -> str:  # type: ignore[no-untyped-def]
+    return hashlib.sha256(vm.memory.pages.tobytes()).hexdigest()
+
+
+def test_fork_shares_memory_copy_on_write_and_siblings_are_isolated(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "loop", machines, memory_mib=128)
+    addr, _ = run_to_ready(parent)
+    before = ram_digest(parent)
+    a, b = parent.fork(), parent.fork()
+    loop_input(a, addr, 16, 0xAAAA)
+    loop_input(b, addr, 16, 0xBBBB)
+    assert a.run(timeout=20).reason == "harness-end"
+    assert b.run(timeout=20).reason == "harness-end"
+    assert scratch_words(a, 16) == [0xAAAA ^ i for i in range(16)]
+    assert scratch_words(b, 16) == [0xBBBB ^ i for i in range(16)]
+    assert scratch_words(parent, 16) == [0] * 16
+    assert ram_digest(parent) == before, "a fork changed its parent's memory"
+
+
+def test_fork_continues_exactly_like_its_parent(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "det 30", machines)
+    run_to_ready(parent)
+    before_fork = console(parent)
+    child = parent.fork()
+    run_to_exit(child)
+    child_out = console(child)
+    child.destroy()
+    run_to_exit(parent)
+    parent_after = console(parent)[len(before_fork):]
+    assert child_out.count("det ") == 30
+    assert child_out == parent_after
+
+
+def test_reset_restores_memory_and_state(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "loop", machines, memory_mib=128)
+    addr, _ = run_to_ready(parent)
+    child = parent.fork()
+    base_regs = bytes(child.vcpus[0].get_regs())
+    for seed in (1, 2, 3):
+        loop_input(child, addr, 16, seed)
+        assert child.run(timeout=20).reason == "harness-end"
+        assert scratch_words(child, 16) == [seed ^ i for i in range(16)]
+        pages = child.reset()
+        assert 16 <= pages < 64, f"reset restored {pages} pages for a 16-page write"
+        assert scratch_words(child, 16) == [0] * 16
+        assert bytes(child.vcpus[0].get_regs()) == base_regs
+        assert np.array_equal(child.memory.pages, parent.memory.pages)
+
+
+def test_reset_memory_only_and_state_only(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "loop", machines, memory_mib=128)
+    addr, _ = run_to_ready(parent)
+    child = parent.fork()
+    fork_rip = child.vcpus[0].get_regs().rip
+    loop_input(child, addr, 4, 7)
+    assert child.run(timeout=20).reason == "harness-end"
+    end_rip = child.vcpus[0].get_regs().rip
+    assert end_rip != fork_rip
+    child.reset(memory=False, state=True)
+    assert child.vcpus[0].get_regs().rip == fork_rip
+    assert scratch_words(child, 4) == [7 ^ i for i in range(4)], "state-only reset must keep memory"
+    loop_input(child, addr, 4, 9)
+    assert child.run(timeout=20).reason == "harness-end"
+    child.reset(memory=True, state=False)
+    assert scratch_words(child, 4) == [0] * 4
+    assert child.vcpus[0].get_regs().rip == end_rip, "memory-only reset must keep the vCPU state"
+
+
+def test_reset_undoes_writes_made_by_vmfork(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "loop", machines, memory_mib=128)
+    run_to_ready(parent)
+    child = parent.fork()
+    original = parent.memory.read(SCRATCH + 123, 64)
+    child.memory.write(SCRATCH + 123, b"\xee" * 64)
+    child.memory.write(2 * MIB - 8, b"\x11" * 16)          # crosses a page boundary
+    assert child.memory.read(SCRATCH + 123, 64) == b"\xee" * 64
+    assert child.reset() == 3
+    assert child.memory.read(SCRATCH + 123, 64) == original
+    assert child.memory.read(2 * MIB - 8, 16) == parent.memory.read(2 * MIB - 8, 16)
+
+
+def test_forks_of_forks_see_their_parent_fork_at_fork_time(pvh_guest, machines) -> None:
+    root = boot(pvh_guest, "loop", machines, memory_mib=128)
+    addr, _ = run_to_ready(root)
+    child = root.fork()
+    loop_input(child, addr, 8, 0x1000)
+    assert child.run(timeout=20).reason == "harness-end"
+    child_digest = ram_digest(child)
+    grandchild = child.fork()
+    assert scratch_words(grandchild, 8) == [0x1000 ^ i for i in range(8)]
+    # The grandchild continues from the end marker back to the ready marker, then writes its own pages.
+    assert grandchild.run(timeout=20).reason == "harness-start"
+    loop_input(grandchild, addr, 12, 0x2000)
+    assert grandchild.run(timeout=20).reason == "harness-end"
+    assert scratch_words(grandchild, 12) == [0x2000 ^ i for i in range(12)]
+    assert ram_digest(child) == child_digest, "a grandchild changed its parent fork's memory"
+    grandchild.reset()
+    # Back to the parent fork's state, not the root's.
+    assert scratch_words(grandchild, 12) == [0x1000 ^ i for i in range(8)] + [0] * 4
+    great = grandchild.fork()
+    assert scratch_words(great, 8) == [0x1000 ^ i for i in range(8)]
+    assert scratch_words(root, 8) == [0] * 8
+
+
+def test_blocked_interrupts_fork_sees_no_timer_ticks(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "timer 40", machines)
+    blocked = parent.fork(block_interrupts=True)
+    normal = parent.fork()
+    run_to_exit(blocked)
+    run_to_exit(normal)
+    assert int(field(console(blocked), "ticks")) == 0
+    assert int(field(console(normal), "ticks")) > 0
+    blocked.reset()
+    run_to_exit(blocked)
+    assert console(blocked).count("ticks=0") == 2, "a reset blocked fork must stay blocked"
+
+
+def test_parent_stays_paused_while_it_has_forks(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "loop", machines, memory_mib=128)
+    run_to_ready(parent)
+    child = parent.fork(name="kid-1")
+    with pytest.raises(VmStateError, match="kid-1"):
+        parent.run(timeout=1)
+    with pytest.raises(VmStateError, match="kid-1"):
+        parent.destroy()
+    with pytest.raises(Exception, match="read-only"):
+        parent.memory.write(SCRATCH, b"x")
+    child.destroy()
+    assert parent.run(timeout=20).reason == "harness-end"
+    again = parent.fork()
+    parent.destroy(tree=True)
+    assert again.state == "destroyed" and parent.state == "destroyed"
+
+
+def test_bad_fork_requests_create_nothing(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "timer 3000", machines)
+    with pytest.raises(ForkError, match="64 MiB, not 128"):
+        parent.fork(memory_mib=128)
+    with pytest.raises(ForkError, match="vCPUs"):
+        parent.fork(vcpus=2)
+    with pytest.raises(ForkError, match="launch_dm"):
+        parent.fork(launch_dm="maybe")  # type: ignore[arg-type]
+    assert parent.children == []
+    parent.start()
+    try:
+        with pytest.raises(ForkError, match="while it runs"):
+            parent.fork()
+    finally:
+        parent.pause()
+    assert parent.children == []
+    parent.destroy()
+    with pytest.raises(ForkError, match="destroyed"):
+        parent.fork()
+
+
+def test_a_hundred_forks_run_side_by_side(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "demo", machines, memory_mib=64)
+    addr, _ = run_to_ready(parent)
+    shell_pool(parent.shape).prefill(20)
+    forks = [parent.fork() for _ in range(100)]
+    inputs = [f"input-{i}".encode() * (1 + i % 4) for i in range(100)]
+    for f, data in zip(forks, inputs, strict=True):
+        write_input(f, addr, data)
+    for f in forks:
+        f.start()
+    for f, data in zip(forks, inputs, strict=True):
+        ev = f.wait(60)
+        assert ev.reason == "exit", (ev, console(f))
+        assert f"fnv={fnv1a64(data):016x}" in console(f)
+        assert ev.status == fnv1a64(data) & 0x3F

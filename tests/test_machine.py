@@ -1,0 +1,150 @@
+"""The core machine on real /dev/kvm: booting the test guests through Multiboot and PVH, devices, state capture and
+restore, crash reports, and the `vmfork run` command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from guest import boot, console, field, run_to_exit, run_to_ready
+from vmfork.errors import KvmUnavailableError
+from vmfork.fork import VM
+from vmfork.kvm import Kvm
+
+VMFORK = [sys.executable, "-m", "vmfork.cli"]
+
+
+@pytest.mark.parametrize("protocol", ["multiboot", "pvh"])
+def test_boots_through_each_protocol(protocol: str, guest_dir: Path, machines) -> None:
+    kernel = guest_dir / f"testguest-{protocol}.elf"
+    vm = boot(kernel, "hello", machines, protocol=protocol, memory_mib=96)
+    t = time.perf_counter()
+    ev = run_to_exit(vm)
+    assert ev.status == 0
+    out = console(vm)
+    assert f"hello ({protocol})" in out.replace(f"hello {protocol}", f"hello ({protocol})")
+    assert "ram=96MiB" in out.replace(" MiB", "MiB")
+    assert time.perf_counter() - t < 5
+
+
+def test_lapic_timer_interrupts_reach_the_guest(pvh_guest, machines) -> None:
+    vm = boot(pvh_guest, "timer 30", machines)
+    run_to_exit(vm)
+    assert int(field(console(vm), "ticks")) > 0
+
+
+def test_two_vcpus_machine_boots(pvh_guest, machines) -> None:
+    vm = boot(pvh_guest, "hello", machines, vcpus=2)
+    ev = vm.run(timeout=20)
+    assert ev.reason == "exit" and ev.status == 0, (ev, console(vm))
+
+
+def test_captured_state_restored_in_a_new_machine_continues_identically(pvh_guest, machines) -> None:
+    src = boot(pvh_guest, "det 25", machines)
+    run_to_ready(src)
+    state = src.capture()
+    ram = src.memory.pages.tobytes()
+    mark = len(console(src))
+    dst = VM.create(memory_mib=64, name="copy")
+    machines.append(dst)
+    dst.memory.write(0, ram)
+    dst.restore(state)
+    run_to_exit(dst)
+    run_to_exit(src)
+    assert console(dst).count("det ") == 25
+    assert console(dst) == console(src)[mark:]
+
+
+def test_state_values_are_versioned_and_complete(pvh_guest, machines) -> None:
+    vm = boot(pvh_guest, "loop", machines)
+    run_to_ready(vm)
+    st = vm.capture()
+    assert st.VERSION >= 1 and st.platform.VERSION >= 1 and st.vcpus[0].VERSION >= 1
+    assert set(st.vcpus[0].parts()) == {"regs", "sregs", "events", "xsave", "xcrs", "msrs", "lapic", "mp_state",
+                                        "debugregs"}
+    assert st.vcpus[0].msrs.nmsrs >= 10
+    assert st.devices is not None and set(st.devices.names) >= {"serial0", "i8042", "rtc", "exit", "harness"}
+    # Guest time (TSC, kvmclock, PIT) runs on while a machine is paused; everything else must be stable.
+    again = vm.capture()
+    for part in ("regs", "sregs", "xsave", "xcrs", "debugregs", "mp_state", "events"):
+        assert again.vcpus[0].parts()[part] == st.vcpus[0].parts()[part], part
+    assert again.platform.ioapic.data[:] == st.platform.ioapic.data[:]
+    assert again.devices == st.devices
+
+
+def test_triple_fault_stops_the_machine_with_a_report(pvh_guest, machines) -> None:
+    vm = boot(pvh_guest, "fault", machines)
+    ev = vm.run(timeout=20)
+    assert ev.crashed, ev
+    assert "shut down" in ev.detail and "rip=" in ev.detail
+    assert vm.state == "crashed"
+    with pytest.raises(Exception, match="crashed"):
+        vm.run(timeout=1)
+
+
+def test_instruction_the_host_cannot_run_is_reported(pvh_guest, machines) -> None:
+    vm = boot(pvh_guest, "xrstor", machines)
+    ev = vm.run(timeout=20)
+    if not ev.crashed:
+        pytest.skip(f"this host runs xrstor in guest kernel mode ({ev}); the failure report cannot be provoked")
+    assert "emulation failure" in ev.detail
+    assert "instruction bytes: " in ev.detail and "0f ae" in ev.detail
+    assert "CPL0" in ev.detail
+
+
+def test_missing_kvm_is_one_clear_error() -> None:
+    with pytest.raises(KvmUnavailableError, match="does not exist"):
+        Kvm("/nonexistent/kvm")
+
+
+def _cfg(tmp_path: Path, kernel: Path, body: str) -> Path:
+    p = tmp_path / "vm.cfg"
+    p.write_text(f'name = "t1"\nkernel = "{kernel}"\n{body}')
+    return p
+
+
+def test_vmfork_run_boots_a_config(pvh_guest, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, pvh_guest, 'memory = 64\ncmdline = "hello"\n')
+    r = subprocess.run([*VMFORK, "run", str(cfg), "--timeout", "30"], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert b"vmfork-guest: ready" in r.stdout
+
+
+def test_vmfork_run_reports_guest_exit_status(pvh_guest, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, pvh_guest, 'memory = 64\nextra = "ud2"\n')
+    r = subprocess.run([*VMFORK, "run", str(cfg), "--timeout", "30"], capture_output=True, timeout=60)
+    assert r.returncode == 0x86, (r.returncode, r.stdout, r.stderr)
+    assert b"EXCEPTION vec=6" in r.stdout
+
+
+def test_bad_config_is_one_line_naming_the_problem(pvh_guest, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, pvh_guest, "memroy = 64\n")
+    r = subprocess.run([*VMFORK, "run", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "memroy" in r.stderr and "vm.cfg" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_ends_a_run_cleanly(pvh_guest, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, pvh_guest, 'memory = 64\ncmdline = "timer 600000"\n')
+    proc = subprocess.Popen([*VMFORK, "run", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, (out, err)
+    assert b"Traceback" not in err
+
+
+def test_console_log_file(pvh_guest, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, pvh_guest, 'memory = 64\ncmdline = "hello"\n')
+    log = tmp_path / "console.log"
+    r = subprocess.run([*VMFORK, "run", str(cfg), "--console-log", str(log)], capture_output=True, timeout=60)
+    assert r.returncode == 0
+    assert b"vmfork-guest: ready" in log.read_bytes()
+    assert os.stat(log).st_size == len(r.stdout)
