@@ -9,6 +9,7 @@ root=$(cd "$here/../.." && pwd)
 out=${VMFORK_LINUX_OUT:-$root/build/linux}
 meta=${VMFORK_KERNEL_META:-linux-image-cloud-amd64}   # Debian metapackage to resolve
 busybox=/bin/busybox
+bb_list=/var/lib/dpkg/info/busybox-static.list   # rewritten when busybox-static is (re)installed
 
 die() { echo "guests/linux/build.sh: error: $*" >&2; exit 1; }
 warn() { echo "guests/linux/build.sh: warning: $*" >&2; }
@@ -25,7 +26,7 @@ outputs_current() {
     [ -e "$out/vmlinuz" ] &&
     newer "$out/vmlinux" "$out/vmlinuz" "$here/extract_vmlinux.py" &&
     newer "$out/kernel.env" "$out/vmlinux" "$here/build.sh" &&
-    newer "$out/initramfs.cpio.gz" "$busybox" "$here/init" "$here/mkinitramfs.py"
+    newer "$out/initramfs.cpio.gz" "$busybox" "$bb_list" "$here/init" "$here/mkinitramfs.py"
 }
 
 # Fast path: everything built and up to date; no locking, no apt.
@@ -88,10 +89,10 @@ elif [ ${#debs[@]} -eq 0 ]; then
     resolve() {
         apt-cache depends --important "$meta" 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }'
     }
-    pkg=$(resolve)
+    pkg=$(resolve || true)
     if [ -z "$pkg" ]; then
         apt_update
-        pkg=$(resolve)
+        pkg=$(resolve || true)
     fi
     [ -n "$pkg" ] || die "cannot resolve metapackage $meta to a linux-image-<version> package (apt-cache depends $meta)"
     say "$meta -> $pkg; apt-get download $pkg"
@@ -164,10 +165,10 @@ if [ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok
     fi
 fi
 [ -x "$busybox" ] || die "$busybox is missing although busybox-static is installed"
-if ! newer "$out/initramfs.cpio.gz" "$busybox" "$here/init" "$here/mkinitramfs.py"; then
+if ! newer "$out/initramfs.cpio.gz" "$busybox" "$bb_list" "$here/init" "$here/mkinitramfs.py"; then
     say "build initramfs.cpio.gz"
     run python3 "$here/mkinitramfs.py" "$busybox" "$here/init" "$out/initramfs.cpio.gz"
 fi
 
 outputs_current || die "internal: outputs still out of date after the build"
-say "done: $(tr '\n' ' ' <"$out/kernel.env")"
+say "done: $(grep -v '^#' "$out/kernel.env" | tr '\n' ' ')"

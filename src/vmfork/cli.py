@@ -103,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"vmfork: error: {e.filename or e}: no such file", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nvmfork: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import mmap
 import threading
 from collections import deque
 from typing import Literal
@@ -20,7 +21,7 @@ from .devices import DeviceSetState
 from .errors import ForkError, VmforkError
 from .kvm import Kvm
 from .kvm import structs as s
-from .memory import GuestMemory, MemoryImage, clear_address_space
+from .memory import GuestMemory, MemoryImage, clear_address_space, map_image
 from .vcpu import VcpuState
 from .vm import Machine, MachineShape, MachineState, Shell, open_kvm
 
@@ -42,10 +43,43 @@ class ShellPool:
         self._closed = False
         self.created = 0
         self.recycled = 0
+        # A root parent's RAM file that new and recycled shells are mapped to ahead of time (see prefer()).
+        self._preferred: MemoryImage | None = None
 
     def _new_shell(self) -> Shell:
         self.created += 1
-        return Shell(self.kvm, self.shape, dirty_logging=True)
+        shell = Shell(self.kvm, self.shape, dirty_logging=True)
+        self._premap(shell, self._preferred)
+        return shell
+
+    @staticmethod
+    def _premap(shell: Shell, image: MemoryImage | None) -> None:
+        """Map a root parent's RAM file copy-on-write at the shell's slot range. Replacing a mapping under KVM
+        memory slots costs over 100 µs here (KVM invalidates the whole range), so the pool does it off the fork
+        path. The mapping is lazy: nothing is read until the fork runs, and the parent stays frozen while it has
+        forks, so a fork sees exactly the parent's RAM at fork time either way."""
+        if image is not None and not image.layers:
+            map_image(image, shell.host_addr, mmap.PROT_READ | mmap.PROT_WRITE)
+            shell.premapped = image.base_fd
+        else:
+            shell.premapped = None
+
+    def prefer(self, image: MemoryImage) -> None:
+        """Prepare future shells for forks of this root image."""
+        if image.layers or (self._preferred is not None and self._preferred.base_fd == image.base_fd):
+            return
+        with self._lock:
+            self._preferred = image
+
+    def forget(self, fd: int) -> None:
+        """A parent's RAM file is going away: drop every premapping of it (they keep the file alive)."""
+        with self._lock:
+            if self._preferred is not None and self._preferred.base_fd == fd:
+                self._preferred = None
+            shells = [sh for sh in self._ready if sh.premapped == fd]
+        for sh in shells:
+            clear_address_space(sh.host_addr, sh.size)
+            sh.premapped = None
 
     def take(self) -> Shell:
         """A ready shell: from the pool if one is there, else made now. Wakes the refiller."""
@@ -68,7 +102,12 @@ class ShellPool:
     def give_back(self, shell: Shell) -> None:
         """Recycle a destroyed fork's shell: its RAM view is replaced by fresh reserved address space and its
         dirty log cleared; the next fork overwrites every piece of vCPU and platform state."""
-        clear_address_space(shell.host_addr, shell.size)
+        preferred = self._preferred
+        if preferred is not None and not preferred.layers:
+            self._premap(shell, preferred)          # replaces the old view in place
+        else:
+            clear_address_space(shell.host_addr, shell.size)
+            shell.premapped = None
         bitmap = (ctypes.c_uint64 * ((max(sl.size for sl in shell.slots) >> 12) // 64 + 1))()
         for sl in shell.slots:
             shell.vm.get_dirty_log(sl.index, ctypes.addressof(bitmap))
@@ -209,9 +248,12 @@ class VM(Machine):
     def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
                block_interrupts: bool, console_log: str | None) -> VM:
         pool = shell_pool(self.shape)
+        pool.prefer(image)
         shell = pool.take()
         try:
-            memory = GuestMemory.fork_of(image, shell.host_addr)
+            premapped = shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
+            memory = GuestMemory.fork_of(image, shell.host_addr, base=self.memory, premapped=premapped)
+            shell.premapped = None
         except BaseException:
             pool.give_back(shell)
             raise
@@ -254,11 +296,12 @@ class VM(Machine):
             self.restore_platform(st.platform)
             # The fork-time device states were checked when the fork was made: restore them directly, and only
             # when a port access (or console input) may have changed a device since the last restore.
-            if self.io_since_restore and self.devices and st.devices is not None:
+            touched = self.bus.touched
+            if touched and st.devices is not None:
                 states = st.devices.states
-                for d in self.devices:
+                for d in touched:
                     d.restore(states[d.name])
-            self.io_since_restore = False
+                touched.clear()
             self._generation += 1
             if self.state == "crashed":
                 self.state = "paused"
@@ -282,6 +325,10 @@ class VM(Machine):
             self.fork_state = dataclasses.replace(self.fork_state, devices=DeviceSetState.capture_all(self.devices))
 
     def _release(self) -> None:
+        if self.fork_state is None and self.memory.fd is not None:
+            pool = _pools.get(self.shape)
+            if pool is not None:
+                pool.forget(self.memory.fd)
         shell = self.shell
         if self.fork_state is not None and shell.owns_addr and shell.vcpus:
             self.memory.close(unmap_view=False)

@@ -124,7 +124,7 @@ def _runs(pages: npt.NDArray[np.int64]) -> tuple[tuple[int, int], ...]:
     return tuple((int(pages[s]), int(e - s)) for s, e in zip(starts, ends, strict=True))
 
 
-def _map_image(image: MemoryImage, addr: int, prot: int) -> None:
+def map_image(image: MemoryImage, addr: int, prot: int) -> None:
     """Map `image` copy-on-write at `addr` (which must already be reserved for image.size bytes)."""
     _sys_mmap(addr, image.size, prot, mmap.MAP_PRIVATE | MAP_FIXED, image.base_fd, 0)
     for layer in image.layers:
@@ -135,21 +135,28 @@ def _map_image(image: MemoryImage, addr: int, prot: int) -> None:
 
 @dataclass(slots=True)
 class _DirtyTracker:
-    """Pages written since the last reset: KVM's dirty log (guest writes) plus pages vmfork itself wrote."""
+    """Pages written since the last reset: KVM's dirty log (guest writes) plus pages vmfork itself wrote.
+
+    Guest writes live in bitmaps (KVM's format, one bit per page); host writes, which are few and frequent (a
+    fuzzer writes its input every iteration), in sets of page numbers."""
 
     npages: int
     words: int = 0
     scratch: npt.NDArray[np.uint64] = field(init=False)
     guest: npt.NDArray[np.uint64] = field(init=False)
-    host: npt.NDArray[np.uint64] = field(init=False)
     ever: npt.NDArray[np.uint64] = field(init=False)
+    ever_words: dict[int, int] = field(init=False)   # guest-dirty bits folded in by resets, by word index
+    host: set[int] = field(init=False)
+    host_ever: set[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.words = (self.npages + 63) // 64
         self.scratch = np.zeros(self.words, np.uint64)
         self.guest = np.zeros(self.words, np.uint64)
-        self.host = np.zeros(self.words, np.uint64)
         self.ever = np.zeros(self.words, np.uint64)
+        self.ever_words = {}
+        self.host = set()
+        self.host_ever = set()
 
 
 def _bits_to_pages(bitmap: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
@@ -160,6 +167,25 @@ def _bits_to_pages(bitmap: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
     bits = np.unpackbits(bitmap[nz].view(np.uint8), bitorder="little").reshape(nz.size, 64)
     rows, cols = np.nonzero(bits)
     return (nz[rows].astype(np.int64) << 6) | cols.astype(np.int64)
+
+
+_memmove = ctypes.memmove
+
+
+def _copy_runs(dst_addr: int, src_addr: int, pages: list[int]) -> None:
+    """Copy sorted pages from src to dst, one memmove per run of consecutive pages."""
+    i, n = 0, len(pages)
+    while i < n:
+        first = last = pages[i]
+        i += 1
+        while i < n and pages[i] == last + 1:
+            last = pages[i]
+            i += 1
+        _memmove(dst_addr + (first << PAGE_SHIFT), src_addr + (first << PAGE_SHIFT), (last - first + 1) << PAGE_SHIFT)
+
+
+# Above this many non-zero bitmap words, scanning and copying switch from Python loops to vectorised numpy.
+_SMALL_WORDS = 256
 
 
 class GuestMemory:
@@ -178,12 +204,14 @@ class GuestMemory:
         self._buf = (ctypes.c_uint8 * size).from_address(host_addr)
         self.pages: npt.NDArray[np.uint8] = np.ctypeslib.as_array(self._buf).reshape(self.npages, PAGE_SIZE)
         self.base_pages: npt.NDArray[np.uint8] | None = None
+        self._base_pages_addr = base_addr or 0
         if base_addr is not None:
             base_buf = (ctypes.c_uint8 * size).from_address(base_addr)
             self.base_pages = np.ctypeslib.as_array(base_buf).reshape(self.npages, PAGE_SIZE)
         self._dirty = _DirtyTracker(self.npages)
-        self._guest_any = False     # d.guest / d.host have bits set (saves bitmap passes on the reset path)
-        self._host_any = False
+        self._guest_any = False     # d.guest has bits set (saves a bitmap pass on the reset path)
+        self._scratch_addr = int(self._dirty.scratch.ctypes.data)
+        self._scratch_words = memoryview(self._dirty.scratch).cast("B").cast("Q")
         self._vm: VmFd | None = None
         self._dirty_logging = False
         self._frozen: MemoryImage | None = None
@@ -209,15 +237,29 @@ class GuestMemory:
         return cls(size, slots, addr, fd=fd, base=None, base_addr=None, owns_fd=True)
 
     @classmethod
-    def fork_of(cls, image: MemoryImage, host_addr: int) -> GuestMemory:
-        """A copy-on-write view of `image` at `host_addr`, a range reserved (and registered with KVM) beforehand."""
-        _map_image(image, host_addr, mmap.PROT_READ | mmap.PROT_WRITE)
-        base_addr = reserve_address_space(image.size)
-        try:
-            _map_image(image, base_addr, mmap.PROT_READ)
-        except BaseException:
-            release_address_space(base_addr, image.size)
-            raise
+    def fork_of(cls, image: MemoryImage, host_addr: int, *, base: GuestMemory | None = None,
+                premapped: bool = False) -> GuestMemory:
+        """A copy-on-write view of `image` at `host_addr`, a range reserved (and registered with KVM) beforehand.
+
+        Reset needs the image's content to copy pages back from. An in-process parent's own mapping is exactly
+        that (and stays frozen while it has forks), so `base` saves mapping the image a second time.
+        `premapped`: the image is already mapped at host_addr (a shell prepared by the pool)."""
+        if not premapped:
+            map_image(image, host_addr, mmap.PROT_READ | mmap.PROT_WRITE)
+        if base is not None:
+            mem = cls(image.size, image.slots, host_addr, fd=None, base=image, base_addr=None, owns_fd=False)
+            mem.base_pages = base.pages
+            mem._base_pages_addr = base.host_addr
+            return mem
+        if image.layers:
+            base_addr = reserve_address_space(image.size)
+            try:
+                map_image(image, base_addr, mmap.PROT_READ)
+            except BaseException:
+                release_address_space(base_addr, image.size)
+                raise
+        else:
+            base_addr = _sys_mmap(0, image.size, mmap.PROT_READ, mmap.MAP_PRIVATE | MAP_NORESERVE, image.base_fd, 0)
         return cls(image.size, image.slots, host_addr, fd=None, base=image, base_addr=base_addr, owns_fd=False)
 
     def attach(self, vm: VmFd, *, dirty_logging: bool) -> None:
@@ -289,13 +331,9 @@ class GuestMemory:
         return memoryview(self._buf).cast("B")[off:off + length]
 
     def _mark_host_dirty(self, off: int, n: int) -> None:
-        first, last = off >> PAGE_SHIFT, (off + n - 1) >> PAGE_SHIFT
-        bits = np.arange(first, last + 1, dtype=np.uint64)
-        words = (bits >> np.uint64(6)).astype(np.intp)
-        masks = np.left_shift(np.uint64(1), bits & np.uint64(63))
-        np.bitwise_or.at(self._dirty.host, words, masks)
-        np.bitwise_or.at(self._dirty.ever, words, masks)
-        self._host_any = True
+        pages = range(off >> PAGE_SHIFT, ((off + n - 1) >> PAGE_SHIFT) + 1)
+        self._dirty.host.update(pages)
+        self._dirty.host_ever.update(pages)
         self._frozen = None
 
     # --- dirty tracking -----------------------------------------------------------------------------------------
@@ -320,47 +358,72 @@ class GuestMemory:
         """RAM-file page numbers written (by the guest or by vmfork) since the last reset."""
         self.sync_dirty_log()
         d = self._dirty
-        return _bits_to_pages(d.guest | d.host)
+        return np.union1d(_bits_to_pages(d.guest), np.fromiter(d.host, np.int64, len(d.host)))
 
     def owned_pages(self) -> npt.NDArray[np.int64]:
         """Pages this fork has ever written since it was created (its private copies)."""
         self.sync_dirty_log()
-        return _bits_to_pages(self._dirty.ever)
+        d = self._dirty
+        for wi, bits in d.ever_words.items():
+            d.ever[wi] |= np.uint64(bits)
+        d.ever_words.clear()
+        return np.union1d(_bits_to_pages(d.ever), np.fromiter(d.host_ever, np.int64, len(d.host_ever)))
 
     @property
     def dirty_logging(self) -> bool:
         return self._dirty_logging
 
     def reset_to_base(self) -> int:
-        """Copy the base version of every page dirtied since the last reset back; returns the page count."""
+        """Copy the base version of every page dirtied since the last reset back; returns the page count.
+
+        This is the hot path of a fuzzing loop: one KVM_GET_DIRTY_LOG per slot, one numpy scan of the bitmap, then
+        plain Python over the few dirty words and one memmove per run of pages."""
         if self.base_pages is None:
             raise VmforkError("only a fork's memory can be reset")
         d = self._dirty
         scratch = d.scratch
         if self._vm is not None and self._dirty_logging:
-            # KVM writes its log straight into the scratch bitmap; earlier syncs are in d.guest.
-            addr = scratch.ctypes.data
+            addr = self._scratch_addr
             for s in self.slots:
                 self._vm.get_dirty_log(s.index, addr + (s.offset >> (PAGE_SHIFT + 6)) * 8)
         if self._guest_any:
             np.bitwise_or(scratch, d.guest, out=scratch)
             d.guest.fill(0)
             self._guest_any = False
-        if self._host_any:
-            np.bitwise_or(scratch, d.host, out=scratch)
-            d.host.fill(0)
-            self._host_any = False
-        pages = _bits_to_pages(scratch)
-        if pages.size:
+        nz = np.flatnonzero(scratch)
+        count = 0
+        if nz.size > _SMALL_WORDS:
+            pages_arr = _bits_to_pages(scratch)
+            if d.host:
+                pages_arr = np.union1d(pages_arr, np.fromiter(d.host, np.int64, len(d.host)))
+                d.host.clear()
             np.bitwise_or(d.ever, scratch, out=d.ever)
             scratch.fill(0)
-            if pages.size == 1:
-                p = int(pages[0])
-                self.pages[p] = self.base_pages[p]
-            else:
-                self.pages[pages] = self.base_pages[pages]
+            self.pages[pages_arr] = self.base_pages[pages_arr]
+            count = int(pages_arr.size)
+        else:
+            pages: list[int] = []
+            if nz.size:
+                words = self._scratch_words
+                ever = d.ever_words
+                for wi in nz.tolist():
+                    w = words[wi]
+                    ever[wi] = ever.get(wi, 0) | w
+                    base = wi << 6
+                    while w:
+                        low = w & -w
+                        pages.append(base + low.bit_length() - 1)
+                        w ^= low
+                scratch.fill(0)
+            if d.host:
+                pages = sorted(d.host.union(pages))
+                d.host.clear()
+            if pages:
+                _copy_runs(self.host_addr, self._base_pages_addr, pages)
+            count = len(pages)
+        if count:
             self._frozen = None
-        return int(pages.size)
+        return count
 
     # --- forking ------------------------------------------------------------------------------------------------
 

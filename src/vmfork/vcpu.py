@@ -7,11 +7,11 @@ the next KVM_RUN, which saves three ioctls on every capture and restore."""
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .arch.x86 import cpu
-from .kvm import Kvm, VcpuFd
+from .kvm import IoctlPlan, Kvm, VcpuFd, plan_entry, run_plan
 from .kvm import constants as c
 from .kvm import structs as s
 
@@ -39,6 +39,17 @@ class VcpuState:
     lapic: s.LapicState
     mp_state: s.MpState
     debugregs: s.DebugRegs
+    # The restore ioctls with pointers into this state, built on first restore (a state is restored many times).
+    _plan: IoctlPlan | None = field(default=None, compare=False, repr=False)
+
+    def restore_plan(self) -> IoctlPlan:
+        if self._plan is None:
+            plan = [plan_entry(c.KVM_SET_XSAVE, self.xsave), plan_entry(c.KVM_SET_XCRS, self.xcrs),
+                    plan_entry(c.KVM_SET_LAPIC, self.lapic), plan_entry(c.KVM_SET_MSRS, self.msrs),
+                    plan_entry(c.KVM_SET_MP_STATE, self.mp_state), plan_entry(c.KVM_SET_DEBUGREGS, self.debugregs)]
+            object.__setattr__(self, "_plan", plan)
+            return plan
+        return self._plan
 
     def parts(self) -> dict[str, bytes]:
         """Raw bytes of every part (for file formats)."""
@@ -50,6 +61,116 @@ class VcpuState:
 
     def __hash__(self) -> int:
         return hash((self.index, self.parts()["regs"]))
+
+    # --- binary form (process forks, save files) ----------------------------------------------------------------
+    #
+    # Shared by VcpuState, PlatformState and MachineState: an 8-byte magic, u32 format version, u32 part count,
+    # then per part: u16 name length, the name (ASCII), u32 data length, the data. Little-endian, no padding, no
+    # trailing bytes. Parts are read by name; any mismatch is a VmStateError naming the part.
+
+    @staticmethod
+    def _pack_parts(magic: bytes, version: int, parts: list[tuple[str, bytes]]) -> bytes:
+        import struct
+        out = [magic, struct.pack("<II", version, len(parts))]
+        for name, data in parts:
+            raw = name.encode("ascii")
+            out += [struct.pack("<H", len(raw)), raw, struct.pack("<I", len(data)), data]
+        return b"".join(out)
+
+    @staticmethod
+    def _unpack_parts(data: bytes | bytearray | memoryview, magic: bytes, version: int, what: str) -> dict[str, bytes]:
+        import struct
+
+        from .errors import VmStateError
+        buf = memoryview(data).cast("B")
+        head = len(magic) + 8
+        if len(buf) < head:
+            raise VmStateError(f"{what}: {len(buf)} bytes is too short for the header")
+        if bytes(buf[:len(magic)]) != magic:
+            raise VmStateError(f"{what}: bad magic {bytes(buf[:len(magic)])!r}, expected {magic!r}")
+        stored, count = struct.unpack_from("<II", buf, len(magic))
+        if stored != version:
+            raise VmStateError(f"{what}: format version {stored}, this vmfork supports {version}")
+        parts: dict[str, bytes] = {}
+        pos = head
+        for i in range(count):
+            if pos + 2 > len(buf):
+                raise VmStateError(f"{what}: truncated before part #{i}")
+            (nlen,) = struct.unpack_from("<H", buf, pos)
+            if pos + 2 + nlen + 4 > len(buf):
+                raise VmStateError(f"{what}: truncated in the header of part #{i}")
+            try:
+                name = bytes(buf[pos + 2:pos + 2 + nlen]).decode("ascii")
+            except UnicodeDecodeError:
+                raise VmStateError(f"{what}: part #{i} has a non-ASCII name") from None
+            (dlen,) = struct.unpack_from("<I", buf, pos + 2 + nlen)
+            pos += 2 + nlen + 4
+            if pos + dlen > len(buf):
+                raise VmStateError(f"{what}: part {name!r} is truncated ({len(buf) - pos} of {dlen} bytes)")
+            if name in parts:
+                raise VmStateError(f"{what}: part {name!r} appears twice")
+            parts[name] = bytes(buf[pos:pos + dlen])
+            pos += dlen
+        if pos != len(buf):
+            raise VmStateError(f"{what}: {len(buf) - pos} unexpected bytes after the last part")
+        return parts
+
+    @staticmethod
+    def _expect_parts(parts: dict[str, bytes], names: list[str], what: str) -> None:
+        from .errors import VmStateError
+        for name in names:
+            if name not in parts:
+                raise VmStateError(f"{what}: part {name!r} is missing")
+        for name in parts:
+            if name not in names:
+                raise VmStateError(f"{what}: unknown part {name!r}")
+
+    @staticmethod
+    def _struct_part(parts: dict[str, bytes], name: str, ctype: type[Any], what: str) -> Any:
+        from .errors import VmStateError
+        data = parts[name]
+        if len(data) != ctypes.sizeof(ctype):
+            raise VmStateError(f"{what}: part {name!r} is {len(data)} bytes, expected {ctypes.sizeof(ctype)}")
+        return ctype.from_buffer_copy(data)
+
+    _FIXED_PARTS: ClassVar[tuple[tuple[str, type[Any]], ...]] = (
+        ("regs", s.Regs), ("sregs", s.Sregs), ("events", s.VcpuEvents), ("xcrs", s.Xcrs), ("lapic", s.LapicState),
+        ("mp_state", s.MpState), ("debugregs", s.DebugRegs))
+
+    def to_bytes(self) -> bytes:
+        """This state in the versioned binary part format (magic b"VMFKVCPU")."""
+        import struct
+        parts = [("index", struct.pack("<I", self.index))]
+        parts += [(name, bytes(getattr(self, name))) for name in
+                  ("regs", "sregs", "events", "xsave", "xcrs", "msrs", "lapic", "mp_state", "debugregs")]
+        return VcpuState._pack_parts(b"VMFKVCPU", self.VERSION, parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> VcpuState:
+        """Rebuild a state from `to_bytes()` output; bad input is a VmStateError naming the part."""
+        import struct
+
+        from .errors import VmStateError
+        what = "vCPU state"
+        parts = cls._unpack_parts(data, b"VMFKVCPU", cls.VERSION, what)
+        cls._expect_parts(parts, ["index", "regs", "sregs", "events", "xsave", "xcrs", "msrs", "lapic", "mp_state",
+                                  "debugregs"], what)
+        if len(parts["index"]) != 4:
+            raise VmStateError(f"{what}: part 'index' is {len(parts['index'])} bytes, expected 4")
+        index = struct.unpack("<I", parts["index"])[0]
+        what = f"vCPU {index} state"
+        fixed = {name: cls._struct_part(parts, name, ctype, what) for name, ctype in cls._FIXED_PARTS}
+        xsave = parts["xsave"]
+        if len(xsave) < 4096 or len(xsave) % 4:
+            raise VmStateError(f"{what}: part 'xsave' is {len(xsave)} bytes, expected a multiple of 4 >= 4096")
+        msrs_raw = parts["msrs"]
+        n = (len(msrs_raw) - 8) // 16
+        if len(msrs_raw) < 8 or (len(msrs_raw) - 8) % 16:
+            raise VmStateError(f"{what}: part 'msrs' is {len(msrs_raw)} bytes, expected 8 + 16 per MSR")
+        msrs = s.msrs_type(n).from_buffer_copy(msrs_raw)
+        if msrs.nmsrs > n:  # type: ignore[attr-defined]
+            raise VmStateError(f"{what}: part 'msrs' claims {msrs.nmsrs} MSRs but holds {n}")  # type: ignore[attr-defined]
+        return cls(index, xsave=s.xsave_type(len(xsave)).from_buffer_copy(xsave), msrs=msrs, **fixed)
 
 
 class Vcpu:
@@ -95,12 +216,12 @@ class Vcpu:
         return r
 
     def set_sregs(self, sregs: s.Sregs) -> None:
-        if self._sync:
-            self._load_sync_area()
+        """Takes effect at once (not deferred to the next KVM_RUN): the LAPIC and MSR ioctls that may follow
+        interpret the APIC mode and EFER from sregs."""
+        self.fd.set_sregs(sregs)
+        if self._sync and self._sync_valid:
             self.run.s.regs.sregs = sregs
-            self.run.kvm_dirty_regs |= c.KVM_SYNC_X86_SREGS
-        else:
-            self.fd.set_sregs(sregs)
+            self.run.kvm_dirty_regs &= ~c.KVM_SYNC_X86_SREGS
 
     def get_events(self) -> s.VcpuEvents:
         if self._sync and self._sync_valid:
@@ -163,14 +284,10 @@ class Vcpu:
         else:
             fd.set_sregs(st.sregs)
             fd.set_regs(st.regs)
-        fd.set_xsave(st.xsave)
-        fd.set_xcrs(st.xcrs)
-        fd.set_lapic(st.lapic)
-        fd.set_msrs(st.msrs)
         if not self._sync:
             fd.set_vcpu_events(st.events)
-        fd.set_mp_state(st.mp_state)
-        fd.set_debugregs(st.debugregs)
+        # xsave, xcrs, lapic, msrs, mp_state, debugregs: after sregs (the LAPIC follows the APIC mode).
+        run_plan(fd.fd, st.restore_plan())
 
     def flush_sync(self) -> None:
         """Push pending sync-area writes into KVM now (KVM_RUN with immediate_exit), e.g. before closing."""

@@ -12,13 +12,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from .arch.x86 import cpu
 from .devices import DeviceSetState, PortBus, standard_devices
 from .errors import VmforkError, VmStateError
-from .kvm import Kvm, VcpuFd, VmFd
+from .kvm import IoctlPlan, Kvm, VcpuFd, VmFd, plan_entry, run_plan
 from .kvm import constants as c
 from .kvm import structs as s
 from .memory import GuestMemory, MemoryImage, Slot, make_slots, release_address_space, reserve_address_space
@@ -79,9 +79,35 @@ class PlatformState:
     ioapic: s.IrqChip
     pit: s.PitState2
     clock: s.ClockData
+    _plan: IoctlPlan | None = field(default=None, compare=False, repr=False)
+
+    def restore_plan(self) -> IoctlPlan:
+        if self._plan is None:
+            plan = [plan_entry(c.KVM_SET_IRQCHIP, self.pic_master), plan_entry(c.KVM_SET_IRQCHIP, self.pic_slave),
+                    plan_entry(c.KVM_SET_IRQCHIP, self.ioapic), plan_entry(c.KVM_SET_PIT2, self.pit),
+                    plan_entry(c.KVM_SET_CLOCK, self.clock)]
+            object.__setattr__(self, "_plan", plan)
+            return plan
+        return self._plan
 
     def parts(self) -> dict[str, bytes]:
         return {n: bytes(getattr(self, n)) for n in ("pic_master", "pic_slave", "ioapic", "pit", "clock")}
+
+    _PART_TYPES: ClassVar[tuple[tuple[str, type[Any]], ...]] = (
+        ("pic_master", s.IrqChip), ("pic_slave", s.IrqChip), ("ioapic", s.IrqChip), ("pit", s.PitState2),
+        ("clock", s.ClockData))
+
+    def to_bytes(self) -> bytes:
+        """This state in the versioned binary part format of VcpuState.to_bytes (magic b"VMFKPLAT")."""
+        return VcpuState._pack_parts(b"VMFKPLAT", self.VERSION, list(self.parts().items()))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> PlatformState:
+        """Rebuild a state from `to_bytes()` output; bad input is a VmStateError naming the part."""
+        what = "platform state"
+        parts = VcpuState._unpack_parts(data, b"VMFKPLAT", cls.VERSION, what)
+        VcpuState._expect_parts(parts, [name for name, _ in cls._PART_TYPES], what)
+        return cls(**{name: VcpuState._struct_part(parts, name, ctype, what) for name, ctype in cls._PART_TYPES})
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -93,6 +119,60 @@ class MachineState:
     vcpus: tuple[VcpuState, ...]
     platform: PlatformState
     devices: DeviceSetState | None
+
+    def to_bytes(self) -> bytes:
+        """This state in the versioned binary part format of VcpuState.to_bytes (magic b"VMFKMACH"): parts
+        "shape" (u32 MiB, u32 vCPUs), "vcpu0".."vcpuN-1" and "platform" (nested binary states) and "devices"
+        (DeviceSetState.to_dict() as UTF-8 JSON, `null` for none)."""
+        import json
+        import struct
+        parts = [("shape", struct.pack("<II", self.shape.memory_mib, self.shape.vcpus))]
+        parts += [(f"vcpu{i}", v.to_bytes()) for i, v in enumerate(self.vcpus)]
+        parts.append(("platform", self.platform.to_bytes()))
+        devices = None if self.devices is None else self.devices.to_dict()
+        parts.append(("devices", json.dumps(devices, separators=(",", ":")).encode()))
+        return VcpuState._pack_parts(b"VMFKMACH", self.VERSION, parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> MachineState:
+        """Rebuild a state from `to_bytes()` output; bad input is a VmStateError (DeviceStateError for the
+        "devices" part) naming the part."""
+        import json
+        import struct
+
+        from .errors import DeviceStateError
+        what = "machine state"
+        parts = VcpuState._unpack_parts(data, b"VMFKMACH", cls.VERSION, what)
+        if "shape" not in parts:
+            raise VmStateError(f"{what}: part 'shape' is missing")
+        if len(parts["shape"]) != 8:
+            raise VmStateError(f"{what}: part 'shape' is {len(parts['shape'])} bytes, expected 8")
+        memory_mib, nvcpus = struct.unpack("<II", parts["shape"])
+        if not 1 <= nvcpus <= 64:
+            raise VmStateError(f"{what}: part 'shape' gives {nvcpus} vCPUs")
+        VcpuState._expect_parts(parts, ["shape", *(f"vcpu{i}" for i in range(nvcpus)), "platform", "devices"], what)
+        vcpus = []
+        for i in range(nvcpus):
+            try:
+                v = VcpuState.from_bytes(parts[f"vcpu{i}"])
+            except VmStateError as e:
+                raise VmStateError(f"{what}: part 'vcpu{i}': {e}") from None
+            if v.index != i:
+                raise VmStateError(f"{what}: part 'vcpu{i}' holds the state of vCPU {v.index}")
+            vcpus.append(v)
+        try:
+            platform = PlatformState.from_bytes(parts["platform"])
+        except VmStateError as e:
+            raise VmStateError(f"{what}: part 'platform': {e}") from None
+        try:
+            raw = json.loads(parts["devices"].decode())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise DeviceStateError(f"{what}: part 'devices' is not valid JSON: {e}") from None
+        try:
+            devices = None if raw is None else DeviceSetState.from_dict(raw)
+        except DeviceStateError as e:
+            raise DeviceStateError(f"{what}: part 'devices': {e}") from None
+        return cls(MachineShape(memory_mib, nvcpus), tuple(vcpus), platform, devices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +202,7 @@ class Shell:
         self.dirty_logging = dirty_logging
         self.vm: VmFd = kvm.create_vm()
         self.vcpus: list[Vcpu] = []
+        self.premapped: int | None = None     # fd of the RAM file mapped at host_addr ahead of time, if any
         self.owns_addr = host_addr is None
         self.host_addr = reserve_address_space(self.size) if host_addr is None else host_addr
         try:
@@ -212,7 +293,7 @@ class Machine:
         self._pending_stop: StopEvent | None = None
         self._kicker = _Kicker(len(self.vcpus))
         self._threads: list[threading.Thread] = []
-        self.io_since_restore = False   # device state can only have changed through port I/O (or feed_console)
+        self._live_threads = 0
         self.exits = 0
         self.on_stop: list[Callable[[StopEvent], None]] = []
 
@@ -291,8 +372,9 @@ class Machine:
 
     def feed_console(self, data: bytes) -> None:
         """Input for the guest's serial console."""
-        self.io_since_restore = True
-        self.device("serial0").feed(data)
+        serial = self.device("serial0")
+        self.bus.touched.add(serial)
+        serial.feed(data)
 
     # --- run control --------------------------------------------------------------------------------------------
 
@@ -339,6 +421,8 @@ class Machine:
         self._begin()
         self._threads = [threading.Thread(target=self._thread_main, args=(v,), name=f"{self.name}-vcpu{v.index}",
                                           daemon=True) for v in self.vcpus]
+        with self._stop_cond:
+            self._live_threads = len(self._threads)
         for t in self._threads:
             t.start()
 
@@ -349,21 +433,30 @@ class Machine:
             self._stop(StopEvent("crash", None, vcpu.index, f"vCPU thread failed: {e!r}"))
         finally:
             with self._stop_cond:
+                self._live_threads -= 1
                 self._stop_cond.notify_all()
 
     def wait(self, timeout: float | None = None, *, pause_on_timeout: bool = False) -> StopEvent:
-        """Wait for a started machine to stop; on timeout returns a 'timeout' event (pausing it if asked)."""
+        """Wait for a started machine to stop; on timeout returns a 'timeout' event (pausing it if asked).
+
+        Waits on a condition the vCPU threads signal, not on Thread.join(): a join interrupted by Ctrl-C can mark
+        a still-running thread as finished in CPython 3.11, and tearing the machine down under a live vCPU thread
+        would crash the process."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            t.join(remaining)
-            if t.is_alive():
-                if not pause_on_timeout:
-                    return StopEvent("timeout")
-                self._stop(StopEvent("timeout"))
-                for t2 in self._threads:
-                    t2.join()
-                break
+        with self._stop_cond:
+            while self._live_threads > 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._stop_cond.wait(remaining)
+            done = self._live_threads == 0
+        if not done:
+            if not pause_on_timeout:
+                return StopEvent("timeout")
+            self._stop(StopEvent("timeout"))
+            with self._stop_cond:
+                while self._live_threads > 0:
+                    self._stop_cond.wait()
         self._threads = []
         return self._finish()
 
@@ -422,7 +515,6 @@ class Machine:
                 self.exits += 1
                 reason = run.exit_reason
                 if reason == c.KVM_EXIT_IO:
-                    self.io_since_restore = True
                     io = run.exit.io
                     size = io.size
                     ctype = _IO_TYPES[size]
@@ -523,12 +615,7 @@ class Machine:
         return PlatformState(chips[0], chips[1], chips[2], pit, clock)
 
     def restore_platform(self, st: PlatformState) -> None:
-        vm = self.vm
-        vm.set_irqchip(st.pic_master)
-        vm.set_irqchip(st.pic_slave)
-        vm.set_irqchip(st.ioapic)
-        vm.set_pit2(st.pit)
-        vm.set_clock(st.clock)
+        run_plan(self.vm.fd, st.restore_plan())
 
     def capture(self) -> MachineState:
         """The complete machine state except RAM. The machine must be paused."""
@@ -547,7 +634,7 @@ class Machine:
         self.restore_platform(st.platform)
         if devices and st.devices is not None and self.devices:
             DeviceSetState.restore_all(self.devices, st.devices)
-        self.io_since_restore = False
+            self.bus.touched.clear()
         if self.state == "crashed":
             self.state = "paused"
 

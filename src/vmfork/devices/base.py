@@ -210,13 +210,16 @@ class PortBus:
     `unknown_mmio`.
     """
 
-    __slots__ = ("_devices", "_map", "on_unknown", "unknown_accesses", "unknown_mmio")
+    __slots__ = ("_devices", "_map", "on_unknown", "touched", "unknown_accesses", "unknown_mmio")
 
     def __init__(self, devices: Iterable[PortDevice] = (), *, on_unknown: UnknownPortHook | None = None) -> None:
         self._devices: list[PortDevice] = []
         self._map: dict[int, PortDevice] = {}
         self.unknown_accesses: dict[int, int] = {}
         self.unknown_mmio: dict[int, int] = {}
+        # Devices accessed since the owner last cleared this: only their state can have changed (a fork reset
+        # restores just these).
+        self.touched: set[PortDevice] = set()
         self.on_unknown = on_unknown
         for device in devices:
             self.add(device)
@@ -251,6 +254,7 @@ class PortBus:
     def io_read(self, port: int, size: int) -> int:
         device = self._map.get(port)
         if device is not None:
+            self.touched.add(device)
             return device.io_read(port, size)
         self._unknown(port, False, size)
         return (1 << (8 * size)) - 1
@@ -258,6 +262,7 @@ class PortBus:
     def io_write(self, port: int, size: int, value: int) -> None:
         device = self._map.get(port)
         if device is not None:
+            self.touched.add(device)
             device.io_write(port, size, value)
             return
         self._unknown(port, True, size)

@@ -48,6 +48,23 @@ def ioctl(fd: int, request: int, arg: int | ctypes._CData | ctypes._Pointer[ctyp
             raise KvmError(_NAMES.get(request, hex(request)), err)
 
 
+IoctlPlan = list[tuple[int, object]]
+
+
+def plan_entry(request: int, struct: ctypes.Structure) -> tuple[int, object]:
+    """One step of an ioctl plan: a request and a pointer to a structure that outlives the plan."""
+    return (request, ctypes.byref(struct))
+
+
+def run_plan(fd: int, plan: IoctlPlan) -> None:
+    """Issue a prepared list of (request, pointer) ioctls on one fd: the restore hot path, with no per-call
+    argument conversion."""
+    call = _ioctl
+    for request, ptr in plan:
+        if call(fd, request, ptr) < 0:
+            raise KvmError(_NAMES.get(request, hex(request)), ctypes.get_errno())
+
+
 class Kvm:
     """/dev/kvm: capability queries and VM creation."""
 

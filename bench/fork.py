@@ -1,0 +1,195 @@
+"""Fork and reset costs, measured side by side in one run (issue: the fork engine).
+
+    .venv/bin/python bench/fork.py [--samples 200] [--markdown]
+
+Everything uses the `loop` test guest (guests/README.md): at its ready marker the parent is paused; a fork writes
+one qword into each of N pages of a scratch area and stops at its end marker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vmfork.fork import VM, shell_pool  # noqa: E402
+from vmfork.vm import Shell  # noqa: E402
+
+GUEST = ROOT / "build" / "guests" / "testguest-pvh.elf"
+
+
+def pss_kib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def stats(samples: list[float]) -> tuple[float, float]:
+    s = sorted(samples)
+    return statistics.median(s), s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
+
+
+def fmt(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:,.0f} µs" if us < 10_000 else f"{us / 1000:,.1f} ms"
+
+
+def boot_parent(memory_mib: int) -> tuple[VM, int, float]:
+    t = time.perf_counter()
+    vm = VM.create(memory_mib=memory_mib, name="bench")
+    vm.load_kernel(GUEST, cmdline="loop")
+    ev = vm.run(timeout=60)
+    boot_s = time.perf_counter() - t
+    if ev.reason != "harness-start":
+        raise SystemExit(f"the loop guest did not reach its ready marker: {ev}")
+    return vm, vm.vcpus[0].get_regs().rdi, boot_s
+
+
+def run_pages(child: VM, addr: int, npages: int, seed: int) -> None:
+    child.memory.write(addr, struct.pack("<QQ", npages, seed))
+    ev = child.run(timeout=60)
+    if ev.reason != "harness-end":
+        raise SystemExit(f"fork did not reach the end marker: {ev}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--memory", type=int, default=256)
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    n = args.samples
+    rows: list[tuple[str, str, str, str]] = []
+
+    def row(name: str, samples: list[float], note: str = "") -> tuple[float, float]:
+        med, p99 = stats(samples)
+        rows.append((name, fmt(med), fmt(p99), note))
+        return med, p99
+
+    # Boot (whole machine creation + kernel load + boot to the ready marker), a few times.
+    boots = []
+    for _ in range(5):
+        vm, _, b = boot_parent(args.memory)
+        boots.append(b)
+        vm.destroy()
+    boot_med, _ = row("boot to ready marker (new VM)", boots, "5 samples")
+
+    parent, addr, _ = boot_parent(args.memory)
+    pool = shell_pool(parent.shape)
+
+    # Fork with a warm pool of VM shells.
+    pool.prefill(n + 5)
+    samples = []
+    kids = []
+    for _ in range(n):
+        t = time.perf_counter()
+        kids.append(parent.fork())
+        samples.append(time.perf_counter() - t)
+    fork_med, _ = row("fork, in-process, shell pool", samples)
+    for k in kids:
+        k.destroy()
+
+    # Fork with no pool: the VM shell (KVM VM, vCPU, irqchip, PIT, slots) is created on the request.
+    samples = []
+    for _ in range(min(n, 50)):
+        t = time.perf_counter()
+        shell = Shell(parent.kvm, parent.shape, dirty_logging=True)
+        pool._ready.appendleft(shell)
+        k = parent.fork()
+        samples.append(time.perf_counter() - t)
+        k.destroy()
+        pool._ready.clear()
+    cold_med, _ = row("fork, in-process, no pool", samples, f"{min(n, 50)} samples")
+
+    # Process-isolated forks, if available.
+    try:
+        from vmfork.procfork import fork_process
+    except ImportError:
+        fork_process = None  # type: ignore[assignment]
+    if fork_process is not None:
+        samples = []
+        for _ in range(min(n, 50)):
+            t = time.perf_counter()
+            h = fork_process(parent)
+            samples.append(time.perf_counter() - t)
+            h.destroy()
+        row("fork, process-isolated (pre-started worker)", samples, f"{min(n, 50)} samples")
+
+    # Reset after the fork wrote N pages.
+    child = parent.fork()
+    reset_meds: dict[int, float] = {}
+    for npages in (16, 256, 4096, 65536):
+        count = n if npages <= 4096 else max(20, n // 10)
+        samples = []
+        restored: list[int] = []
+        child.reset()
+        for i in range(count):
+            run_pages(child, addr, npages, i)
+            t = time.perf_counter()
+            restored.append(child.reset())
+            samples.append(time.perf_counter() - t)
+        med, _ = row(f"reset after writing {npages} pages", samples,
+                     f"{statistics.median(restored):.0f} pages restored, {count} samples")
+        reset_meds[npages] = med
+    # The two halves of a reset, for the 16-page case.
+    for label, kw in (("memory only", {"state": False}), ("state only", {"memory": False})):
+        samples = []
+        child.reset()
+        for i in range(n):
+            run_pages(child, addr, 16, i)
+            t = time.perf_counter()
+            child.reset(**kw)
+            samples.append(time.perf_counter() - t)
+            child.reset()
+        row(f"reset after 16 pages, {label}", samples)
+    child.destroy()
+
+    # Memory: 100 live forks, each having written 1 MiB (256 pages).
+    pool.prefill(100)
+    before = pss_kib()
+    forks = []
+    for i in range(100):
+        f = parent.fork()
+        run_pages(f, addr, 256, i)
+        forks.append(f)
+    used_mib = (pss_kib() - before) / 1024
+    for f in forks:
+        f.destroy()
+    parent.destroy()
+
+    ratio_boot = boot_med / fork_med
+    print(f"vmfork fork benchmark — {args.memory} MiB guest, 1 vCPU, {n} samples unless noted")
+    print(f"host: {platform.node()} {platform.release()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print()
+    if args.markdown:
+        print("| measurement | median | p99 | note |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
+    else:
+        for r in rows:
+            print(f"  {r[0]:<44} {r[1]:>10}  p99 {r[2]:>10}  {r[3]}")
+    print()
+    print(f"  fork vs boot: a fork is {ratio_boot:,.0f}x faster than booting the same guest to the same point")
+    print(f"  fork without the pool: {cold_med / fork_med:.1f}x the pooled fork")
+    growth = " → ".join(f"{k}: {fmt(v)}" for k, v in reset_meds.items())
+    print(f"  reset cost by dirty pages: {growth}")
+    print(f"  100 live forks, each wrote 1 MiB: {used_mib:,.1f} MiB PSS beyond the parent "
+          f"(budget 100 x 2 MiB = 200 MiB)")
+    return 0
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
