@@ -88,7 +88,7 @@ def main() -> int:
     pool = shell_pool(parent.shape)
 
     # Fork with a warm pool of VM shells.
-    pool.prefill(n + 5)
+    parent.prepare_forks(n + 5)
     samples = []
     kids = []
     for _ in range(n):
@@ -155,7 +155,7 @@ def main() -> int:
     child.destroy()
 
     # Memory: 100 live forks, each having written 1 MiB (256 pages).
-    pool.prefill(100)
+    parent.prepare_forks(100)
     before = pss_kib()
     forks = []
     for i in range(100):

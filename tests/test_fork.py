@@ -196,3 +196,17 @@ def test_a_hundred_forks_run_side_by_side(pvh_guest, machines) -> None:
         assert ev.reason == "exit", (ev, console(f))
         assert f"fnv={fnv1a64(data):016x}" in console(f)
         assert ev.status == fnv1a64(data) & 0x3F
+
+
+def test_large_resets_restore_every_page(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "loop", machines, memory_mib=128)
+    addr, _ = run_to_ready(parent)
+    child = parent.fork()
+    for npages in (3000, 16384):     # 16384 is clamped by the guest to the RAM above its scratch area
+        loop_input(child, addr, npages, 0x55)
+        assert child.run(timeout=60).reason == "harness-end"
+        touched = min(npages, (128 - 64) * 256)
+        assert scratch_words(child, 3) == [0x55, 0x54, 0x57]
+        restored = child.reset()
+        assert restored >= touched
+        assert np.array_equal(child.memory.pages, parent.memory.pages)

@@ -148,3 +148,15 @@ def test_console_log_file(pvh_guest, tmp_path: Path) -> None:
     assert r.returncode == 0
     assert b"vmfork-guest: ready" in log.read_bytes()
     assert os.stat(log).st_size == len(r.stdout)
+
+
+def test_ram_above_the_pci_hole(pvh_guest, machines) -> None:
+    from vmfork.errors import MemoryAccessError
+    vm = boot(pvh_guest, "hello", machines, memory_mib=3584)
+    assert [(sl.gpa, sl.size) for sl in vm.memory.slots] == [(0, 3 << 30), (4 << 30, 512 << 20)]
+    vm.memory.write((4 << 30) + 4096, b"high")
+    assert vm.memory.read((4 << 30) + 4096, 4) == b"high"
+    with pytest.raises(MemoryAccessError, match="outside guest RAM"):
+        vm.memory.write((3 << 30) + 4096, b"hole")
+    run_to_exit(vm)
+    assert "ram=3584MiB" in console(vm)

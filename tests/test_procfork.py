@@ -58,6 +58,14 @@ def reaped(pid: int) -> bool:
     return False
 
 
+def wait_dead(h, timeout: float = 2) -> bool:  # type: ignore[no-untyped-def]
+    """alive() turns False (and the handle dead) soon after the worker is killed."""
+    deadline = time.monotonic() + timeout
+    while h.alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not h.alive()
+
+
 @pytest.fixture
 def loop_parent(pvh_guest, machines):  # type: ignore[no-untyped-def]
     parent = boot(pvh_guest, "loop", machines, memory_mib=128)
@@ -145,10 +153,7 @@ def test_killed_worker_is_noticed_and_the_others_carry_on(loop_parent) -> None: 
     assert scratch_words(c, 8) == [0xC0 ^ i for i in range(8)]
     # alive() notices a death without a request.
     os.kill(b.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 2
-    while b.alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert b.state == "dead" and reaped(b.pid)
+    assert wait_dead(b) and b.state == "dead" and reaped(b.pid)
     a.destroy()                                       # destroying a dead fork just unlinks it
     c.destroy()
     assert parent.children == [] and parent.memory.readonly is None
@@ -200,6 +205,14 @@ def test_forks_of_process_forks_see_their_parent_fork(loop_parent) -> None:  # t
     assert great.state == "destroyed" and all(gone(p) for p in pids)
     assert child.children == []
     assert child.run(timeout=20).reason == "harness-start", "the fork runs again once its forks are gone"
+    # A fork of a fork does not depend on its parent fork's process: it keeps its own copies of the files.
+    orphan = child.fork()
+    os.kill(child.pid, signal.SIGKILL)
+    assert scratch_words(orphan, 8) == [0x1000 ^ i for i in range(8)]
+    assert orphan.run(timeout=20).reason == "harness-end"
+    assert wait_dead(child) and child.state == "dead"
+    orphan.destroy()
+    assert child.children == [] and root.children == []
 
 
 def test_parent_stays_paused_while_it_has_process_forks(loop_parent) -> None:  # type: ignore[no-untyped-def]

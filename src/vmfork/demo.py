@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import VmforkError
-from .fork import VM, shell_pool
+from .fork import VM
 
 RESULT = re.compile(rb"result: len=(\d+) fnv=([0-9a-f]+) primes=(\d+)")
 WORDS = ("apple", "kernel", "fork", "page", "vcpu", "reset", "fuzz", "xen", "kvm", "python")
@@ -85,11 +85,10 @@ def run_demo(*, forks: int = 100, memory_mib: int = 256, kernel: str | None = No
             print(f"    | {line}")
         print(f"  input buffer at guest-physical {buf_addr:#x}, {buf_size} bytes\n")
 
-        pool = shell_pool(parent.shape)
         progress = _Progress("preparing VM shells", forks)
         t = time.perf_counter()
         for i in range(forks):
-            pool.prefill(i + 1)
+            parent.prepare_forks(i + 1)
             progress.update(i + 1)
         shells_s = time.perf_counter() - t
 

@@ -213,6 +213,13 @@ class VM(Machine):
 
     # --- fork ---------------------------------------------------------------------------------------------------
 
+    def prepare_forks(self, n: int) -> None:
+        """Have n VM shells ready for forks of this machine (made now, a few ms each), so forks skip creating a
+        KVM VM and, for a root machine, mapping its RAM file."""
+        pool = shell_pool(self.shape)
+        pool.prefer(self.memory.freeze())
+        pool.prefill(n)
+
     def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
              device_state: DeviceSetState | None = None, console_log: str | None = None,
              memory_mib: int | None = None, vcpus: int | None = None) -> VM:

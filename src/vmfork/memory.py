@@ -184,8 +184,22 @@ def _copy_runs(dst_addr: int, src_addr: int, pages: list[int]) -> None:
         _memmove(dst_addr + (first << PAGE_SHIFT), src_addr + (first << PAGE_SHIFT), (last - first + 1) << PAGE_SHIFT)
 
 
-# Above this many non-zero bitmap words, scanning and copying switch from Python loops to vectorised numpy.
-_SMALL_WORDS = 256
+def _copy_page_array(dst_addr: int, src_addr: int, dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8],
+                     pages: npt.NDArray[np.int64]) -> None:
+    """Copy many sorted pages: one memmove per run, unless the pages are so scattered that numpy's gather/scatter
+    (two copies, but no per-run Python) is cheaper."""
+    breaks = np.flatnonzero(np.diff(pages) != 1)
+    if breaks.size > pages.size // 8:
+        dst[pages] = src[pages]
+        return
+    firsts = pages[np.concatenate(([0], breaks + 1))].tolist()
+    lasts = pages[np.concatenate((breaks, [pages.size - 1]))].tolist()
+    for first, last in zip(firsts, lasts, strict=True):
+        _memmove(dst_addr + (first << PAGE_SHIFT), src_addr + (first << PAGE_SHIFT), (last - first + 1) << PAGE_SHIFT)
+
+
+# Above this many non-zero bitmap words (64 pages each), scanning switches from a Python loop to numpy.
+_SMALL_WORDS = 16
 
 
 class GuestMemory:
@@ -211,7 +225,7 @@ class GuestMemory:
         self._dirty = _DirtyTracker(self.npages)
         self._guest_any = False     # d.guest has bits set (saves a bitmap pass on the reset path)
         self._scratch_addr = int(self._dirty.scratch.ctypes.data)
-        self._scratch_words = memoryview(self._dirty.scratch).cast("B").cast("Q")
+        self._scratch_words = self._dirty.scratch.data.cast("B").cast("Q")
         self._vm: VmFd | None = None
         self._dirty_logging = False
         self._frozen: MemoryImage | None = None
@@ -399,7 +413,7 @@ class GuestMemory:
                 d.host.clear()
             np.bitwise_or(d.ever, scratch, out=d.ever)
             scratch.fill(0)
-            self.pages[pages_arr] = self.base_pages[pages_arr]
+            _copy_page_array(self.host_addr, self._base_pages_addr, self.pages, self.base_pages, pages_arr)
             count = int(pages_arr.size)
         else:
             pages: list[int] = []

@@ -227,9 +227,14 @@ class _Worker:
         self.chan = chan
         self.shape = shape
         self.ready = False
+        self._ready_lock = threading.Lock()     # prefill() and take() may both wait for the same worker
 
     def wait_ready(self) -> None:
         """Block until the worker has built its VM shell."""
+        with self._ready_lock:
+            self._wait_ready()
+
+    def _wait_ready(self) -> None:
         if self.ready:
             return
         try:
@@ -357,9 +362,11 @@ class WorkerPool:
                 w.wait_ready()
             except VmforkError:
                 with self._lock:
-                    if w in self._idle:
+                    mine = w in self._idle
+                    if mine:
                         self._idle.remove(w)
-                w.discard()
+                if mine:
+                    w.discard()
 
     def ready(self) -> int:
         return len(self._idle)
