@@ -9,9 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import hostprobe
 import pytest
 
+import hostprobe
 from vmfork.fork import VM
 
 ROOT = Path(__file__).resolve().parents[1]
