@@ -210,3 +210,17 @@ def test_large_resets_restore_every_page(pvh_guest, machines) -> None:
         restored = child.reset()
         assert restored >= touched
         assert np.array_equal(child.memory.pages, parent.memory.pages)
+
+
+def test_fork_isolation_levels(pvh_guest, machines) -> None:
+    parent = boot(pvh_guest, "det 4", machines)
+    run_to_ready(parent)
+    with pytest.raises(ForkError, match="isolation must be thread or process"):
+        parent.fork(isolation="vm")  # type: ignore[call-overload]
+    thread_fork = parent.fork()
+    process_fork = parent.fork(isolation="process")
+    assert process_fork.pid != thread_fork.memory.fd and process_fork.alive()
+    assert run_to_exit(thread_fork).status == 0
+    assert process_fork.run(timeout=20).reason == "exit"
+    assert process_fork.console().decode() == console(thread_fork)
+    process_fork.destroy()

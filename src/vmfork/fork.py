@@ -15,7 +15,7 @@ import dataclasses
 import mmap
 import threading
 from collections import deque
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, overload
 
 from .devices import DeviceSetState
 from .errors import ForkError, VmforkError
@@ -24,6 +24,9 @@ from .kvm import structs as s
 from .memory import GuestMemory, MemoryImage, clear_address_space, map_image
 from .vcpu import VcpuState
 from .vm import Machine, MachineShape, MachineState, Shell, open_kvm
+
+if TYPE_CHECKING:
+    from .procfork import ProcessFork
 
 LaunchDm = Literal["yes", "no", "late"]
 LAPIC_TPR = 0x80
@@ -220,9 +223,20 @@ class VM(Machine):
         pool.prefer(self.memory.freeze())
         pool.prefill(n)
 
+    @overload
+    def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
+             device_state: DeviceSetState | None = ..., console_log: str | None = ...,
+             memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["thread"] = ...) -> VM: ...
+
+    @overload
+    def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
+             device_state: DeviceSetState | None = ..., console_log: str | None = ...,
+             memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["process"]) -> ProcessFork: ...
+
     def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
              device_state: DeviceSetState | None = None, console_log: str | None = None,
-             memory_mib: int | None = None, vcpus: int | None = None) -> VM:
+             memory_mib: int | None = None, vcpus: int | None = None,
+             isolation: Literal["thread", "process"] = "thread") -> VM | ProcessFork:
         """A new machine identical to this paused one, sharing its RAM copy-on-write.
 
         `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
@@ -241,6 +255,12 @@ class VM(Machine):
             raise ForkError(f"a fork has its parent's vCPUs: {self.name} has {self.shape.vcpus}, not {vcpus}")
         if launch_dm not in ("yes", "no", "late"):
             raise ForkError(f"launch_dm must be yes, no or late, not {launch_dm!r}")
+        if isolation == "process":
+            from .procfork import fork_process
+            return fork_process(self, name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
+                                device_state=device_state, console_log=console_log)
+        if isolation != "thread":
+            raise ForkError(f"isolation must be thread or process, not {isolation!r}")
         image = self.memory.freeze()
         state = self._state_for_forks()
         if block_interrupts:

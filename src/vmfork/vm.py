@@ -179,7 +179,7 @@ class MachineState:
 class StopEvent:
     """Why a machine stopped running."""
 
-    reason: str          # exit, harness-start, harness-end, harness, pause, timeout, reset, poweroff, crash
+    reason: str          # exit, harness-start, harness-end, harness, pause, timeout, reset, poweroff, debug, crash
     status: int | None = None
     vcpu: int | None = None
     detail: str = ""
@@ -543,6 +543,11 @@ class Machine:
                         return
                 elif reason == c.KVM_EXIT_INTR:
                     continue
+                elif reason == c.KVM_EXIT_DEBUG:
+                    # Guest debugging (breakpoints, single-step) pauses the machine; it can be continued.
+                    dbg = run.exit.debug
+                    self._stop(StopEvent("debug", dbg.exception, vcpu.index,
+                                         f"pc={dbg.pc:#x} dr6={dbg.dr6:#x} dr7={dbg.dr7:#x}"))
                 else:
                     self._crash(vcpu, self._describe_exit(vcpu))
                     return
