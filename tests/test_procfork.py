@@ -354,3 +354,23 @@ def test_state_binary_form_round_trips_and_rejects_bad_bytes(pvh_guest, machines
     fails(bad, VmStateError, r"part 'vcpu0': vCPU 0 state: part 'lapic' is 1025 bytes, expected 1024")
     i = data.index(b'{"version"')
     fails(data[:i] + b"[" + data[i + 1:], DeviceStateError, "part 'devices'")
+
+
+def test_fork_out_of_memory_stops_only_that_fork(pvh_guest, machines) -> None:
+    """A fork that goes over its memory limit while the guest writes is ended by the kernel and reported as out
+    of memory; its parent and its sibling go on."""
+    parent = boot(pvh_guest, "loop", machines, memory_mib=256)
+    addr, _ = run_to_ready(parent)
+    greedy = parent.fork(isolation="process", name="greedy", memory_limit_mib=24)
+    modest = parent.fork(isolation="process", name="modest")
+    greedy.memory_write(addr, struct.pack("<QQ", 16384, 1))          # 64 MiB of guest writes
+    with pytest.raises(ForkError, match=r"greedy \(pid \d+\) died: killed by signal 9 \(out of memory"):
+        greedy.run(timeout=60)
+    assert greedy.state == "dead" and greedy not in parent.children
+    modest.memory_write(addr, struct.pack("<QQ", 16, 2))
+    assert modest.run(timeout=30).reason == "harness-end"
+    assert struct.unpack("<Q", modest.memory_read(64 << 20, 8))[0] == 2
+    modest.destroy()
+    assert parent.run(timeout=30).reason == "harness-end"
+    with pytest.raises(ForkError, match="needs a process fork"):
+        parent.fork(memory_limit_mib=10)  # type: ignore[call-overload]

@@ -226,17 +226,20 @@ class VM(Machine):
     @overload
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
-             memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["thread"] = ...) -> VM: ...
+             memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["thread"] = ...,
+             memory_limit_mib: None = ...) -> VM: ...
 
     @overload
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
-             memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["process"]) -> ProcessFork: ...
+             memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["process"],
+             memory_limit_mib: int | None = ...) -> ProcessFork: ...
 
     def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
              device_state: DeviceSetState | None = None, console_log: str | None = None,
              memory_mib: int | None = None, vcpus: int | None = None,
-             isolation: Literal["thread", "process"] = "thread") -> VM | ProcessFork:
+             isolation: Literal["thread", "process"] = "thread",
+             memory_limit_mib: int | None = None) -> VM | ProcessFork:
         """A new machine identical to this paused one, sharing its RAM copy-on-write.
 
         `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
@@ -258,9 +261,13 @@ class VM(Machine):
         if isolation == "process":
             from .procfork import fork_process
             return fork_process(self, name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
-                                device_state=device_state, console_log=console_log)
+                                device_state=device_state, console_log=console_log,
+                                memory_limit_mib=memory_limit_mib)
         if isolation != "thread":
             raise ForkError(f"isolation must be thread or process, not {isolation!r}")
+        if memory_limit_mib is not None:
+            raise ForkError("a memory limit needs a process fork (isolation='process'): in-process forks share "
+                            "their process's memory")
         image = self.memory.freeze()
         state = self._state_for_forks()
         if block_interrupts:

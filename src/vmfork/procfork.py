@@ -57,6 +57,7 @@ from . import errors
 from .devices import DeviceSetState
 from .errors import ForkError, VmforkError, VmStateError
 from .kvm.structs import GPR_NAMES
+from .memlimit import MemoryCgroup
 from .memory import Layer, MemoryImage, Slot
 from .vm import MachineShape, MachineState, StopEvent
 
@@ -426,6 +427,7 @@ class ProcessFork:
         self._state = "paused"
         self._death: str | None = None
         self._fork_count = 0
+        self.cgroup: MemoryCgroup | None = None   # set when the fork has a memory limit
         self.spawn_us = 0.0         # time the worker took to build the machine (for benchmarks)
 
     @property
@@ -475,6 +477,12 @@ class ProcessFork:
                         self._proc.kill()
                         rc = self._proc.wait()
                 self._death = f"fork {self.name} (pid {self.pid}) died: {_describe_status(rc)}"
+                if self.cgroup is not None:
+                    if self.cgroup.oom_kills():
+                        self._death += (f" (out of memory: it reached its memory limit of "
+                                        f"{self.cgroup.limit_bytes >> 20} MiB)")
+                    self.cgroup.remove()
+                    self.cgroup = None
                 self._state = "dead"
                 self._chan.close()
                 self._detach()
@@ -639,6 +647,9 @@ class ProcessFork:
                 self._chan.close()
                 self._proc.kill()
                 self._proc.wait()
+                if self.cgroup is not None:
+                    self.cgroup.remove()
+                    self.cgroup = None
         finally:
             self._lock.release()
         self._detach()
@@ -702,8 +713,11 @@ def _state_bytes(parent: VM, state: MachineState) -> bytes:
 
 def fork_process(parent: VM | ProcessFork, *, name: str | None = None, block_interrupts: bool = False,
                  launch_dm: LaunchDm = "yes", device_state: DeviceSetState | None = None,
-                 console_log: str | None = None) -> ProcessFork:
-    """A fork of the paused machine `parent` in a process of its own (see fork.VM.fork for the options)."""
+                 console_log: str | None = None, memory_limit_mib: int | None = None) -> ProcessFork:
+    """A fork of the paused machine `parent` in a process of its own (see fork.VM.fork for the options).
+
+    `memory_limit_mib`: memory the fork process may allocate from now on (its copies of guest pages, mostly).
+    Going over it ends that fork alone, and the fork reports that it died out of memory."""
     if isinstance(parent, ProcessFork):
         return parent.fork(name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
                            device_state=device_state, console_log=console_log)
@@ -725,6 +739,16 @@ def fork_process(parent: VM | ProcessFork, *, name: str | None = None, block_int
     desc, fds = _image_payload(image)
     handle = _spawn(parent.shape, child_name, desc, fds, state_bytes, parent=parent, launch_dm=launch_dm,
                     block_interrupts=block_interrupts, console_log=console_log)
+    if memory_limit_mib is not None:
+        try:
+            handle.cgroup = MemoryCgroup.create(f"{child_name}-{handle.pid}", memory_limit_mib)
+            handle.cgroup.add(handle.pid)
+        except BaseException:
+            if handle.cgroup is not None:
+                handle.cgroup.remove()
+                handle.cgroup = None
+            handle.destroy()
+            raise
     parent.children.append(handle)  # type: ignore[arg-type]
     parent.memory.readonly = f"{parent.name} has live forks"
     return handle
