@@ -20,18 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vmfork.demo import pss_kib  # noqa: E402
 from vmfork.fork import VM, shell_pool  # noqa: E402
 from vmfork.vm import Shell  # noqa: E402
 
 GUEST = ROOT / "build" / "guests" / "testguest-pvh.elf"
-
-
-def pss_kib() -> int:
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
 
 
 def stats(samples: list[float]) -> tuple[float, float]:

@@ -216,6 +216,15 @@ class VM(Machine):
 
     # --- fork ---------------------------------------------------------------------------------------------------
 
+    def check_forkable(self) -> None:
+        """Raise ForkError unless this machine can be forked now (it must exist, be paused and not crashed)."""
+        if self.state == "destroyed":
+            raise ForkError(f"cannot fork {self.name}: it is destroyed")
+        if self.state == "running":
+            raise ForkError(f"cannot fork {self.name} while it runs: pause it first")
+        if self.state == "crashed":
+            raise ForkError(f"cannot fork {self.name}: it has crashed")
+
     def prepare_forks(self, n: int) -> None:
         """Have n VM shells ready for forks of this machine (made now, a few ms each), so forks skip creating a
         KVM VM and, for a root machine, mapping its RAM file."""
@@ -245,12 +254,7 @@ class VM(Machine):
         `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
         "late" give it none (every port access is answered as by absent hardware and counted), and
         `attach_device_model()` can add them later."""
-        if self.state == "destroyed":
-            raise ForkError(f"cannot fork {self.name}: it is destroyed")
-        if self.state == "running":
-            raise ForkError(f"cannot fork {self.name} while it runs: pause it first")
-        if self.state == "crashed":
-            raise ForkError(f"cannot fork {self.name}: it has crashed")
+        self.check_forkable()
         if memory_mib is not None and memory_mib != self.shape.memory_mib:
             raise ForkError(f"a fork has its parent's memory: {self.name} has {self.shape.memory_mib} MiB, "
                             f"not {memory_mib}")

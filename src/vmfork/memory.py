@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from . import _libc
+from ._libc import MAP_FIXED, MAP_NORESERVE
 from .errors import MemoryAccessError, VmforkError
 from .kvm import VmFd
 from .kvm.constants import KVM_MEM_LOG_DIRTY_PAGES
@@ -28,35 +30,8 @@ from .kvm.constants import KVM_MEM_LOG_DIRTY_PAGES
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_mmap = _libc.mmap
-_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-_mmap.restype = ctypes.c_void_p
-_munmap = _libc.munmap
-_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_munmap.restype = ctypes.c_int
-_madvise = _libc.madvise
-_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_madvise.restype = ctypes.c_int
-
-MAP_FAILED = ctypes.c_void_p(-1).value
-MAP_FIXED = 0x10
-MAP_NORESERVE = 0x4000
-MADV_DONTNEED = 4
-
-
-def _sys_mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
-    ret = _mmap(addr or None, length, prot, flags, fd, offset)
-    if ret is None or ret == MAP_FAILED:
-        err = ctypes.get_errno()
-        raise VmforkError(f"mmap of {length} bytes failed: {os.strerror(err)}")
-    return int(ret)
-
-
-def _sys_munmap(addr: int, length: int) -> None:
-    if _munmap(addr, length) != 0:
-        err = ctypes.get_errno()
-        raise VmforkError(f"munmap failed: {os.strerror(err)}")
+_sys_mmap = _libc.mmap
+_sys_munmap = _libc.munmap
 
 
 def reserve_address_space(size: int) -> int:

@@ -721,12 +721,7 @@ def fork_process(parent: VM | ProcessFork, *, name: str | None = None, block_int
     if isinstance(parent, ProcessFork):
         return parent.fork(name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
                            device_state=device_state, console_log=console_log)
-    if parent.state == "destroyed":
-        raise ForkError(f"cannot fork {parent.name}: it is destroyed")
-    if parent.state == "running":
-        raise ForkError(f"cannot fork {parent.name} while it runs: pause it first")
-    if parent.state == "crashed":
-        raise ForkError(f"cannot fork {parent.name}: it has crashed")
+    parent.check_forkable()
     _check_launch_dm(launch_dm)
     image = parent.memory.freeze()
     state = parent._state_for_forks()

@@ -12,21 +12,16 @@ import mmap
 import os
 from typing import Final
 
-from ..errors import KvmError, KvmUnavailableError
+from .._libc import libc as _libc
+from .._libc import mmap as libc_mmap
+from .._libc import munmap as libc_munmap
+from ..errors import KvmError, KvmUnavailableError, VmforkError
 from . import constants as c
 from . import structs as s
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
 _ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _ioctl.restype = ctypes.c_int
-
-_libc_mmap = _libc.mmap
-_libc_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-_libc_mmap.restype = ctypes.c_void_p
-_libc_munmap = _libc.munmap
-_libc_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc_munmap.restype = ctypes.c_int
 
 _NAMES: Final = {v: k for k, v in vars(c).items() if k.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
 
@@ -223,12 +218,11 @@ class VcpuFd:
         self.fd = fd
         self.vm = vm
         self._run_size = vm.kvm.vcpu_mmap_size
-        addr = _libc_mmap(None, self._run_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-        if addr is None or addr == ctypes.c_void_p(-1).value:
-            err = ctypes.get_errno()
+        try:
+            self.run_addr = libc_mmap(0, self._run_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        except VmforkError as e:
             os.close(fd)
-            raise KvmError("mmap(kvm_run)", err)
-        self.run_addr = int(addr)
+            raise KvmError("mmap(kvm_run)", ctypes.get_errno(), str(e)) from None
         self.run = s.Run.from_address(self.run_addr)
 
     # The get/set pairs take caller-owned structures so hot paths reuse their buffers.
@@ -321,6 +315,6 @@ class VcpuFd:
 
     def close(self) -> None:
         if self.fd >= 0:
-            _libc_munmap(self.run_addr, self._run_size)
+            libc_munmap(self.run_addr, self._run_size)
             os.close(self.fd)
             self.fd = -1

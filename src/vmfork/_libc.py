@@ -1,0 +1,34 @@
+"""The few libc calls vmfork makes through ctypes (mmap with MAP_FIXED, which Python's mmap module cannot do)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from .errors import VmforkError
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+_mmap = libc.mmap
+_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_mmap.restype = ctypes.c_void_p
+_munmap = libc.munmap
+_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_munmap.restype = ctypes.c_int
+
+MAP_FAILED = ctypes.c_void_p(-1).value
+MAP_FIXED = 0x10
+MAP_NORESERVE = 0x4000
+
+
+def mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    """mmap(2); returns the address or raises VmforkError naming the failure."""
+    ret = _mmap(addr or None, length, prot, flags, fd, offset)
+    if ret is None or ret == MAP_FAILED:
+        raise VmforkError(f"mmap of {length} bytes failed: {os.strerror(ctypes.get_errno())}")
+    return int(ret)
+
+
+def munmap(addr: int, length: int) -> None:
+    if _munmap(addr, length) != 0:
+        raise VmforkError(f"munmap failed: {os.strerror(ctypes.get_errno())}")
