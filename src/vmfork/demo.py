@@ -138,7 +138,7 @@ def run_demo(*, forks: int = 100, memory_mib: int = 256, kernel: str | None = No
         fork_med = statistics.median(fork_times)
         print()
         print(f"  boot to ready point         {_fmt_us(boot_s):>10}")
-        print(f"  fork (median of {forks:<4})      {_fmt_us(fork_med):>10}   "
+        print(f"  {f'fork (median of {forks})':<27} {_fmt_us(fork_med):>10}   "
               f"{boot_s / fork_med:,.0f}x faster than booting")
         print(f"  fork (p99)                  {_fmt_us(sorted(fork_times)[int(0.99 * (forks - 1))]):>10}")
         print(f"  reset (median)              {_fmt_us(statistics.median(reset_times)):>10}")
