@@ -46,7 +46,7 @@ def test_linux_prints_its_banner_on_the_uart(linux: tuple[Path, Path]) -> None:
         protocol = vm.load_kernel(vmlinux, initrd=str(initrd),
                                   cmdline="earlyprintk=serial,ttyS0,115200 console=ttyS0 nokaslr panic=-1")
         assert protocol == "linux-pvh"
-        out = _boot_until(vm, b"Linux version", timeout=150)
+        out = _boot_until(vm, b"Linux version", timeout=300)
     assert b"Linux version 6.1" in out, out[-2000:]
     assert b"Command line: earlyprintk=serial" in out
 

@@ -10,6 +10,7 @@ prog_table:
         dq name_fault, prog_fault
         dq name_xrstor, prog_xrstor
         dq name_ud2, prog_ud2
+        dq name_vmi, prog_vmi
         dq 0, 0
 
 name_hello:     db "hello", 0
@@ -21,6 +22,7 @@ name_det:       db "det", 0
 name_fault:     db "fault", 0
 name_xrstor:    db "xrstor", 0
 name_ud2:       db "ud2", 0
+name_vmi:       db "vmi", 0
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; hello: "vmfork-guest: hello <protocol> ram=<MiB>MiB", "vmfork-guest: ready", exit 0
@@ -412,3 +414,50 @@ prog_unknown:
         PRINT 10
         mov al, 0x7f
         jmp exit
+
+; ---------------------------------------------------------------------------------------------------------------
+; vmi [n=3]: for introspection (breakpoints, stepping, the GDB server). Prints
+; "vmfork-guest: vmi n=<n> target=0x<address of vmi_target>" and "vmfork-guest: ready", ready marker; then
+; sum = vmi_target(0) + ... + vmi_target(n - 1), then one kernel service call through the guest's own `int3` (an
+; unknown service, so RAX = -1 comes back), prints "vmfork-guest: vmi sum=<sum> svc=<RAX, 16 hex digits>", exit 0.
+prog_vmi:
+        ARG r12, 0, 3
+        PRINT "vmfork-guest: vmi n="
+        mov rax, r12
+        call putdec
+        PRINT " target="
+        lea rax, [vmi_target]
+        call puthex
+        PRINT 10, "vmfork-guest: ready", 10
+        READY_MARKER
+        xor ebx, ebx                    ; sum
+        xor r13d, r13d                  ; i
+.next:
+        cmp r13, r12
+        jae .done
+        mov rdi, r13
+        call vmi_target
+        add rbx, rax
+        inc r13
+        jmp .next
+.done:
+        mov eax, 0x7f                   ; no such service: the guest's #BP handler returns RAX = -1
+        int3
+        mov r14, rax
+        PRINT "vmfork-guest: vmi sum="
+        mov rax, rbx
+        call putdec
+        PRINT " svc="
+        mov rax, r14
+        call puthex16
+        PRINT 10
+        xor eax, eax
+        jmp exit
+
+; rdi = i -> rax = i * i + 1. A user-mode function to break on and step through: mov (3 bytes), imul (4),
+; inc (3), ret (1).
+vmi_target:
+        mov rax, rdi
+        imul rax, rdi
+        inc rax
+        ret

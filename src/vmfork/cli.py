@@ -6,8 +6,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import VmforkError
+
+if TYPE_CHECKING:
+    from .fork import VM
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -60,6 +64,95 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
 
 
+def _boot_to_ready(config: str, timeout: float) -> VM:
+    """Boot a config's domain until its ready marker (the harness port's start marker) pauses it."""
+    from .config import load_config
+    from .fork import VM
+
+    cfg = load_config(config)
+    if cfg.kernel is None:
+        raise VmforkError(f"{config}: missing required key \"kernel\"")
+    vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name)
+    try:
+        vm.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
+        ev = vm.run(timeout=timeout)
+        if ev.reason != "harness-start":
+            what = ev.reason + ("" if ev.status is None else f" (status {ev.status})")
+            what += f": {ev.detail}" if ev.detail else ""
+            raise VmforkError(f"{cfg.name} did not reach its ready marker (port 0xf6 write of 1) within "
+                              f"{timeout:g} s: it stopped with {what}")
+    except BaseException:
+        vm.destroy()
+        raise
+    return vm
+
+
+def _cmd_save(args: argparse.Namespace) -> int:
+    from .snapshot import save
+
+    vm = _boot_to_ready(args.config, args.timeout)
+    try:
+        result = save(vm, args.file)
+    finally:
+        vm.destroy()
+    print(f"vmfork: saved {vm.name} at its ready marker to {args.file}: {result.file_size:,} bytes "
+          f"({result.stored_pages} of {result.ram_pages} RAM pages are not zero)", file=sys.stderr)
+    return 0
+
+
+def _cmd_save_devices_state(args: argparse.Namespace) -> int:
+    from .snapshot import save_device_state
+
+    vm = _boot_to_ready(args.config, args.timeout)
+    try:
+        state = save_device_state(vm, args.file)
+    finally:
+        vm.destroy()
+    print(f"vmfork: saved the state of {', '.join(state.names)} of {vm.name} at its ready marker to {args.file}",
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    """Restore a save file and run it in the foreground, like `run`: console on the terminal, exit status the
+    guest's."""
+    from .snapshot import restore
+
+    vm = restore(args.file, console_log=args.console_log)
+    try:
+        if not vm.devices:
+            print(f"vmfork: {vm.name} has no device model: its console is silent", file=sys.stderr)
+        else:
+            out = sys.stdout.buffer
+
+            def echo(b: bytes) -> None:
+                out.write(b)
+                out.flush()
+
+            vm.device("serial0").add_listener(echo)
+        while True:
+            vm.start()
+            try:
+                ev = vm.wait(args.timeout, pause_on_timeout=True)
+            except KeyboardInterrupt:
+                vm.pause()
+                print("\nvmfork: interrupted, machine destroyed", file=sys.stderr)
+                return 130
+            if not ev.reason.startswith("harness"):
+                break
+    finally:
+        vm.destroy()
+    if ev.reason == "exit":
+        return int(ev.status or 0)
+    if ev.reason == "timeout":
+        print(f"vmfork: {vm.name} still running after {args.timeout} s; stopped", file=sys.stderr)
+        return 124
+    if ev.crashed:
+        print(f"vmfork: {vm.name} crashed: {ev.detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import run_doctor
     return run_doctor(json=args.json)
@@ -89,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="measure what this host's KVM can do")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.set_defaults(func=_cmd_doctor)
+
+    # The toolstack commands (create, list, ..., fork-vm). `save`, `restore` and `save-devices-state` are theirs
+    # too; the config-file forms above (_cmd_save, _cmd_save_devices_state) and the foreground restore
+    # (_cmd_restore, `restore --foreground`) are reached through them.
+    from .toolstack.commands import add_toolstack_commands
+    add_toolstack_commands(sub)
     return p
 
 

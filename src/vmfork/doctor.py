@@ -164,7 +164,7 @@ class HostReport:
 class _Outcome:
     """How a probe guest stopped."""
 
-    kind: str              # exit, crash, timeout, other
+    kind: str              # exit, debug, crash, timeout, other
     status: int | None     # exit status (kind == exit)
     exit_reason: int       # the last KVM exit reason
     elapsed: float         # seconds in Machine.run
@@ -211,6 +211,8 @@ class _Guest:
         reason = int(self.vcpu.run.exit_reason)
         if ev.reason == "exit":
             return _Outcome("exit", ev.status, reason, elapsed)
+        if ev.reason == "debug":     # KVM_EXIT_DEBUG; the detail carries "pc=0x..."
+            return _Outcome("debug", ev.status, c.KVM_EXIT_DEBUG, elapsed, ev.detail)
         if ev.reason in ("crash", "timeout"):
             sub = int(self.vcpu.run.exit.internal.suberror) if reason == c.KVM_EXIT_INTERNAL_ERROR else 0
             return _Outcome(ev.reason, None, reason, elapsed, ev.detail, sub)
@@ -442,14 +444,24 @@ BREAKPOINT_CODE = (
 )
 
 
+def _debug_pc(o: _Outcome) -> int:
+    """The pc of a debug stop, from its StopEvent detail ("pc=0x... dr6=..."); -1 for other outcomes."""
+    if o.kind != "debug":
+        return -1
+    for word in o.detail.split():
+        if word.startswith("pc="):
+            return int(word[3:], 16)
+    return -1
+
+
 def probe_sw_breakpoints(quick: bool) -> ProbeItem:
     name, what = "sw_breakpoints", "KVM_SET_GUEST_DEBUG(USE_SW_BP), then `int3` in CPL3"
     with _Guest(BREAKPOINT_CODE, cpl=3, handlers={3: exit_with(GUEST_HANDLER)}) as g:
         g.set_guest_debug(c.KVM_GUESTDBG_ENABLE | c.KVM_GUESTDBG_USE_SW_BP)
         o = g.run(1.0)
-        pc = int(g.vcpu.run.exit.debug.pc)
+        pc = _debug_pc(o)
         bp = g.layout.entry + 1
-    if o.kind == "crash" and o.exit_reason == c.KVM_EXIT_DEBUG:
+    if o.kind == "debug":
         if pc == bp:
             return ProbeItem(name, WORKS, True, None, "", f"{what} gives KVM_EXIT_DEBUG at the breakpoint")
         return ProbeItem(name, BROKEN, False, None, "",
@@ -475,8 +487,8 @@ def _debug_outcome(cpl: int, control: int, debugregs: Sequence[int], want_pc_off
         regs = [want if i == 0 and r == -1 else r for i, r in enumerate(debugregs)]
         g.set_guest_debug(c.KVM_GUESTDBG_ENABLE | control, regs)
         o = g.run(1.0)
-        pc = int(g.vcpu.run.exit.debug.pc)
-    if o.kind == "crash" and o.exit_reason == c.KVM_EXIT_DEBUG:
+        pc = _debug_pc(o)
+    if o.kind == "debug":
         if pc == want:
             return WORKS, "gives KVM_EXIT_DEBUG at the expected pc"
         stubs = flat.STUBS_ADDR

@@ -51,3 +51,12 @@ class ForkError(VmforkError):
 
 class GuestCrash(VmforkError):
     """The guest stopped in a way the host cannot continue (triple fault, emulation failure)."""
+
+
+class SnapshotFormatError(VmforkError):
+    """A save file or device-state file is not one, is damaged, or is of a format version this vmfork cannot read.
+    The message names the file and the part (preamble, header or section) that is wrong."""
+
+
+class SnapshotHostError(VmforkError):
+    """A save file is intact, but this host cannot run the machine in it (a CPU feature or vendor it lacks)."""

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Literal, overload
 from .devices import DeviceSetState
 from .errors import ForkError, VmforkError
 from .kvm import Kvm
+from .kvm import constants as c
 from .kvm import structs as s
 from .memory import GuestMemory, MemoryImage, clear_address_space, map_image
 from .vcpu import VcpuState
-from .vm import Machine, MachineShape, MachineState, Shell, open_kvm
+from .vm import Machine, MachineShape, MachineState, Shell, StopEvent, open_kvm
 
 if TYPE_CHECKING:
     from .procfork import ProcessFork
@@ -181,6 +182,23 @@ def _blocked(st: VcpuState) -> VcpuState:
     return dataclasses.replace(st, lapic=lapic, sregs=sregs)
 
 
+_IO_CTYPES: dict[int, type[ctypes.c_uint8] | type[ctypes.c_uint16] | type[ctypes.c_uint32]] = {
+    1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _DeviceAccess:
+    """A port access that stopped a machine (pause_on_device_access), as its vCPU's exit described it."""
+
+    vcpu: int
+    port: int
+    is_write: bool
+    size: int
+    count: int                      # repetitions (string I/O)
+    values: tuple[int, ...]         # the values written; empty for a read
+    generation: int                 # the machine's state generation when it happened
+
+
 class VM(Machine):
     """A machine that can be forked, and a fork that can be reset."""
 
@@ -191,7 +209,10 @@ class VM(Machine):
         self._fork_cache: tuple[int, MachineState] | None = None
         self._generation = 0
         self._fork_count = 0
-        self.dm_accesses: dict[int, int] = {}
+        self.dm_accesses: dict[int, int] = {}         # port accesses answered as absent hardware before a DM
+        self.pause_on_device_access = False             # stop at the first access to each port no device answers
+        self._dm_pending: _DeviceAccess | None = None   # the access that stopped it, for a device model attached late
+        self.bus.on_unknown = self._on_device_access
 
     # Every change to the parent's state invalidates the cached state its forks start from.
     def _begin(self) -> None:
@@ -236,24 +257,26 @@ class VM(Machine):
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["thread"] = ...,
-             memory_limit_mib: None = ...) -> VM: ...
+             memory_limit_mib: None = ..., pause_on_device_access: bool = ...) -> VM: ...
 
     @overload
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["process"],
-             memory_limit_mib: int | None = ...) -> ProcessFork: ...
+             memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...) -> ProcessFork: ...
 
     def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
              device_state: DeviceSetState | None = None, console_log: str | None = None,
              memory_mib: int | None = None, vcpus: int | None = None,
              isolation: Literal["thread", "process"] = "thread",
-             memory_limit_mib: int | None = None) -> VM | ProcessFork:
+             memory_limit_mib: int | None = None, pause_on_device_access: bool = False) -> VM | ProcessFork:
         """A new machine identical to this paused one, sharing its RAM copy-on-write.
 
         `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
-        "late" give it none (every port access is answered as by absent hardware and counted), and
-        `attach_device_model()` can add them later."""
+        "late" give it none (every port access is answered as by absent hardware and counted, see
+        `device_accesses()`), and `attach_device_model()` can add them later. `pause_on_device_access`: the fork
+        stops (StopEvent "device-access", naming port, direction and size) at the first access to each port no
+        device answers."""
         self.check_forkable()
         if memory_mib is not None and memory_mib != self.shape.memory_mib:
             raise ForkError(f"a fork has its parent's memory: {self.name} has {self.shape.memory_mib} MiB, "
@@ -263,6 +286,8 @@ class VM(Machine):
         if launch_dm not in ("yes", "no", "late"):
             raise ForkError(f"launch_dm must be yes, no or late, not {launch_dm!r}")
         if isolation == "process":
+            if pause_on_device_access:
+                raise ForkError("pause_on_device_access is not available for process forks yet")
             from .procfork import fork_process
             return fork_process(self, name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
                                 device_state=device_state, console_log=console_log,
@@ -280,8 +305,10 @@ class VM(Machine):
             state = dataclasses.replace(state, devices=device_state)
         self._fork_count += 1
         child_name = name or f"{self.name}-fork-{self._fork_count}"
-        return self._spawn(child_name, image, state, launch_dm=launch_dm, block_interrupts=block_interrupts,
-                           console_log=console_log)
+        child = self._spawn(child_name, image, state, launch_dm=launch_dm, block_interrupts=block_interrupts,
+                            console_log=console_log)
+        child.pause_on_device_access = pause_on_device_access
+        return child
 
     def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
                block_interrupts: bool, console_log: str | None) -> VM:
@@ -338,7 +365,9 @@ class VM(Machine):
             if touched and st.devices is not None:
                 states = st.devices.states
                 for d in touched:
-                    d.restore(states[d.name])
+                    saved = states.get(d.name)
+                    if saved is not None:      # devices outside the device model (e.g. the debug port) have none
+                        d.restore(saved)
                 touched.clear()
             self._generation += 1
             if self.state == "crashed":
@@ -349,18 +378,93 @@ class VM(Machine):
 
     def attach_device_model(self, device_state: DeviceSetState | None = None, *,
                             console_log: str | None = None) -> None:
-        """Give a fork created with launch_dm "no"/"late" its devices, from a device-state value (else fresh)."""
+        """Give a machine without devices (a fork made with launch_dm "no" or "late", or a machine restored from
+        such a fork's save file) the standard device set, in `device_state` (from `load_device_state()`, or the
+        parent's) or else fresh. A state for another device set is refused with a DeviceStateError naming the
+        mismatch, before anything changes.
+
+        From now on the devices answer their ports and drive their interrupt lines (a machine without a device
+        model raises none). If the machine stopped at a device access (`pause_on_device_access`) and has not run
+        since, that access is delivered to the new device model: a write reaches the device, a read (not a string
+        read) returns the device's answer instead of all ones. A later `reset()` returns the devices to
+        `device_state`."""
+        self._require_paused("attach a device model to")
         if self.devices:
             raise ForkError(f"{self.name} already has a device model")
         from .devices import standard_devices
-        if console_log is not None:
-            self.console_log = console_log
-        self.attach_devices(standard_devices(self, ram_size=self.memory.size, console_log=self.console_log))
-        if device_state is not None:
-            DeviceSetState.restore_all(self.devices, device_state)
+        log = console_log if console_log is not None else self.console_log
+        devices = standard_devices(self, ram_size=self.memory.size, console_log=log)
+        try:
+            if device_state is not None:
+                DeviceSetState.restore_all(devices, device_state)
+        except BaseException:
+            for d in devices:
+                close = getattr(d, "close", None)
+                if close is not None:
+                    close()
+            raise
+        attached = DeviceSetState.capture_all(devices)
+        self.console_log = log
+        for port, n in self.bus.unknown_accesses.items():
+            self.dm_accesses[port] = self.dm_accesses.get(port, 0) + n
+        self.attach_devices(devices)
+        self.bus.on_unknown = self._on_device_access
         self.launch_dm = "yes"
+        self._replay_device_access()
+        self._generation += 1
         if self.fork_state is not None:
-            self.fork_state = dataclasses.replace(self.fork_state, devices=DeviceSetState.capture_all(self.devices))
+            self.fork_state = dataclasses.replace(self.fork_state, devices=attached)
+
+    def device_accesses(self) -> dict[int, int]:
+        """{port: count} of the port accesses no device answered (reads and writes), since this machine was made:
+        for a machine without a device model, every port access it made."""
+        out = dict(self.dm_accesses)
+        for port, n in self.bus.unknown_accesses.items():
+            out[port] = out.get(port, 0) + n
+        return out
+
+    def _on_device_access(self, port: int, is_write: bool, size: int) -> None:
+        """PortBus hook, on the vCPU thread: the first access to a port no device answers."""
+        if not self.pause_on_device_access:
+            return
+        access = self._exit_access(port, is_write, size)
+        value = f", value {access.values[0]:#x}" if access is not None and access.values else ""
+        detail = (f"port {port:#x} {'write' if is_write else 'read'}, {size} byte{'s' if size > 1 else ''}{value}; "
+                  "no device answers it (answered as absent hardware)")
+        event = StopEvent("device-access", None, access.vcpu if access is not None else None, detail)
+        self._stop(event)
+        if self._pending_stop is event:             # this access is what stops the machine (not another vCPU's)
+            self._dm_pending = access
+
+    def _exit_access(self, port: int, is_write: bool, size: int) -> _DeviceAccess | None:
+        """The port-I/O exit the calling vCPU thread is handling, as a value."""
+        me = threading.get_ident()
+        vcpu = next((v for v in self.vcpus if self._kicker.tids[v.index] == me), None)
+        if vcpu is None or vcpu.run.exit_reason != c.KVM_EXIT_IO:
+            return None
+        io = vcpu.run.exit.io
+        if io.port != port or io.size != size or size not in _IO_CTYPES:
+            return None
+        values: tuple[int, ...] = ()
+        if is_write:
+            addr, ctype = vcpu.fd.run_addr + io.data_offset, _IO_CTYPES[size]
+            values = tuple(ctype.from_address(addr + i * size).value for i in range(io.count))
+        return _DeviceAccess(vcpu.index, port, is_write, size, int(io.count), values, self._generation)
+
+    def _replay_device_access(self) -> None:
+        access, self._dm_pending = self._dm_pending, None
+        if access is None or access.generation != self._generation or self.bus.device_at(access.port) is None:
+            return                                  # it ran, was reset or restored since, or the port has no device
+        if access.is_write:
+            for value in access.values:
+                self.bus.io_write(access.port, access.size, value)
+        elif access.count == 1:                     # IN put all ones in the accumulator; give it the real answer
+            value = self.bus.io_read(access.port, access.size)
+            vcpu = self.vcpus[access.vcpu]
+            regs = vcpu.get_regs()
+            keep = 0 if access.size == 4 else ((1 << 64) - 1) ^ ((1 << (8 * access.size)) - 1)
+            regs.rax = (regs.rax & keep) | value
+            vcpu.set_regs(regs)
 
     def _release(self) -> None:
         if self.fork_state is None and self.memory.fd is not None:

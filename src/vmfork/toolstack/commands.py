@@ -1,0 +1,455 @@
+"""The xl-style toolstack commands of the `vmfork` CLI (registered by vmfork.cli).
+
+Every command takes a domid or a name where it takes a domain, exits 0 on success and prints one line
+(`vmfork: error: ...`) and exits non-zero on failure.
+
+Fork configs (`fork-vm -C FILE`, xl.cfg syntax): a fork is a copy of its parent, so its config only says what differs.
+  name                              required, and different from the parent's (and from every other domain's)
+  on_poweroff, on_reboot, on_crash  may change (what happens when the fork powers off, resets, crashes;
+                                    "restart" of a fork resets it to the fork point and runs it again)
+  memory, vcpus                     may be left out (inherited); if given they must equal the parent's
+  kernel, ramdisk, cmdline, extra, boot_protocol
+                                    accepted and ignored (a fork does not boot), so the parent's own config with
+                                    a new name works
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from ..config import DomainConfig, load_config
+from ..errors import ConfigError
+from .client import DomainClient, destroy_domain, open_registry, start_domain, sweep
+from .qmp import QmpChannel
+from .registry import DomainRecord, Registry
+from .runtime import ToolstackError
+
+__all__ = ["add_toolstack_commands"]
+
+FORK_MAY_CHANGE = ("name", "on_poweroff", "on_reboot", "on_crash")
+FORK_MUST_MATCH = ("memory", "vcpus")
+
+
+def _registry() -> Registry:
+    return open_registry()
+
+
+def _config_keys(path: str) -> set[str]:
+    """The keys a config file sets (the parser fills in defaults for the others)."""
+    from ..config import _Parser  # the settings as written, before defaults
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    return {"cmdline" if s.key == "extra" else s.key for s in _Parser(text, path).parse()}
+
+
+def _fork_config(path: str, parent: DomainRecord) -> tuple[DomainConfig, dict[str, str]]:
+    """A fork's config checked against its parent: (config, the on_* overrides it sets)."""
+    cfg = load_config(path, require_kernel=False)
+    keys = _config_keys(path)
+    for key in FORK_MUST_MATCH:
+        if key in keys and getattr(cfg, key) != getattr(parent, key):
+            unit = " MiB" if key == "memory" else ""
+            raise ConfigError(f"{path}: {key}: a fork has its parent's {key} ({getattr(parent, key)}{unit} for "
+                              f"{parent.label()}); the config gives {getattr(cfg, key)}{unit}")
+    overrides: dict[str, str] = {k: str(getattr(cfg, k)) for k in ("on_poweroff", "on_reboot", "on_crash")
+                                 if k in keys}
+    return cfg, overrides
+
+
+def _check_max_vcpus(value: int | None, rec: DomainRecord) -> None:
+    if value is not None and value != rec.vcpus:
+        raise ToolstackError(f"-m {value}: a fork has its parent's vCPUs, and {rec.label()} has {rec.vcpus}")
+
+
+# --- commands -------------------------------------------------------------------------------------------------------
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    assert cfg.kernel is not None
+    if not os.path.isfile(cfg.kernel):
+        raise ConfigError(f"{args.config}: kernel: {cfg.kernel}: no such file")
+    if cfg.ramdisk is not None and not os.path.isfile(cfg.ramdisk):
+        raise ConfigError(f"{args.config}: ramdisk: {cfg.ramdisk}: no such file")
+    reg = _registry()
+    sweep(reg)
+    # With -c the domain starts paused and runs once the console is attached, so none of its output is missed.
+    paused = args.paused or args.console
+    domid = start_domain(reg.run_dir, {"kind": "create", "config": cfg.to_dict(), "paused": paused})
+    print(domid, flush=True)
+    if args.console:
+        rec = reg.find(domid)
+        from .console import attach
+
+        def run() -> None:
+            if not args.paused:
+                with DomainClient(rec, registry=reg) as c:
+                    c.execute("cont")
+        return attach(rec.console_socket, label=rec.label(), on_attached=run)
+    return 0
+
+
+def _pages_owned(rec: DomainRecord) -> int | None:
+    if rec.parent is None or not rec.alive:
+        return None
+    try:
+        with QmpChannel.connect(rec.qmp_socket, timeout=2.0) as chan:
+            pages = chan.execute("vmfork-query").get("pages_owned")
+            return None if pages is None else int(pages)
+    except ToolstackError:
+        return None
+
+
+def _entry(rec: DomainRecord, now: float) -> dict[str, Any]:
+    return {
+        "domid": rec.domid, "name": rec.name, "state": rec.shown_state, "reason": rec.shown_reason,
+        "parent": rec.parent, "kind": rec.kind, "memory": rec.memory, "vcpus": rec.vcpus,
+        "uptime": round(now - rec.created, 1), "pages_owned": _pages_owned(rec), "launch_dm": rec.launch_dm,
+        "pid": rec.pid, "alive": rec.alive, "console_log": rec.console_log, "qmp_socket": rec.qmp_socket,
+        "console_socket": rec.console_socket, "created": rec.created, "config": rec.config,
+    }
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    reg = _registry()
+    sweep(reg)
+    now = time.time()
+    records = reg.all()
+    if args.domains:
+        wanted = [reg.find(d).domid for d in args.domains]
+        records = [r for r in records if r.domid in wanted]
+    entries = [_entry(r, now) for r in records]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if args.tree:
+        _print_tree(entries)
+        return 0
+    print(f"{'Name':<24} {'ID':>5} {'Mem':>6} {'VCPUs':>5} {'State':<9} {'Parent':>6} {'Uptime':>8} {'Pages':>7}  "
+          "Reason")
+    for e in entries:
+        parent = "-" if e["parent"] is None else str(e["parent"])
+        pages = "-" if e["pages_owned"] is None else str(e["pages_owned"])
+        print(f"{e['name']:<24} {e['domid']:>5} {e['memory']:>6} {e['vcpus']:>5} {e['state']:<9} {parent:>6} "
+              f"{e['uptime']:>8.1f} {pages:>7}  {e['reason']}")
+    return 0
+
+
+def _print_tree(entries: list[dict[str, Any]]) -> None:
+    by_id = {e["domid"]: e for e in entries}
+    kids: dict[int | None, list[dict[str, Any]]] = {}
+    for e in entries:
+        parent = e["parent"] if e["parent"] in by_id else None
+        kids.setdefault(parent, []).append(e)
+
+    def line(e: dict[str, Any]) -> str:
+        text = f"{e['name']} ({e['domid']}) {e['state']}"
+        if e["reason"]:
+            text += f": {e['reason']}"
+        if e["pages_owned"] is not None:
+            text += f" [{e['pages_owned']} pages owned]"
+        if e["parent"] is not None and e["parent"] not in by_id:
+            text += f" (parent {e['parent']} is gone)"
+        return text
+
+    def walk(e: dict[str, Any], prefix: str, last: bool, root: bool) -> None:
+        if root:
+            print(line(e))
+            child_prefix = ""
+        else:
+            print(f"{prefix}{'└── ' if last else '├── '}{line(e)}")
+            child_prefix = prefix + ("    " if last else "│   ")
+        children = kids.get(e["domid"], [])
+        for i, ch in enumerate(children):
+            walk(ch, child_prefix, i == len(children) - 1, False)
+
+    for e in kids.get(None, []):
+        walk(e, "", True, True)
+
+
+def _cmd_console(args: argparse.Namespace) -> int:
+    reg = _registry()
+    rec = reg.find(args.domain)
+    if not rec.alive:
+        raise ToolstackError(f"{rec.label()} is not running: its process is gone (vmfork destroy {rec.domid})")
+    from .console import attach
+    return attach(rec.console_socket, label=rec.label())
+
+
+def _simple(command: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        with DomainClient(args.domain) as c:
+            c.execute(command)
+        return 0
+    return run
+
+
+def _cmd_destroy(args: argparse.Namespace) -> int:
+    reg = _registry()
+    rec = reg.find(args.domain)
+    tree = reg.subtree(rec.domid)
+    live = [r for r in tree if r.alive]
+    if live and not args.force:
+        names = ", ".join(r.label() for r in live)
+        raise ToolstackError(f"{rec.label()} has live forks ({names}): destroy them first, or the whole tree "
+                             f"with vmfork destroy --force {rec.domid}")
+    if args.force:
+        for r in tree:                      # leaves first
+            destroy_domain(reg, r)
+    destroy_domain(reg, rec)
+    return 0
+
+
+def _config_form(reg: Registry, arg: str) -> bool:
+    """Whether a `save`/`save-devices-state` argument names a config file rather than a domain (a domain with that
+    name or id wins)."""
+    if not os.path.isfile(arg):
+        return False
+    try:
+        reg.find(arg)
+    except ToolstackError:
+        return True
+    return False
+
+
+def _cmd_save(args: argparse.Namespace) -> int:
+    reg = _registry()
+    if _config_form(reg, args.domain):
+        if args.destroy or args.paused:
+            raise ToolstackError(f"--destroy and -p act on a domain after saving it; {args.domain} is a config file")
+        from ..cli import _cmd_save as save_config
+        args.config = args.domain
+        return save_config(args)
+    rec = reg.find(args.domain)
+    path = os.path.abspath(args.file)
+    keep = not args.destroy
+    if not keep:
+        live = [r for r in reg.subtree(rec.domid) if r.alive]
+        if live:
+            raise ToolstackError(f"cannot save and destroy {rec.label()}: it has live forks "
+                                 f"({', '.join(r.label() for r in live)}); without --destroy it is kept")
+    with DomainClient(rec, registry=reg) as c:
+        c.execute("vmfork-save", filename=path)
+        if args.paused:
+            c.execute("stop")
+    if not keep:
+        destroy_domain(reg, rec)
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    if args.foreground or args.timeout is not None or args.console_log is not None:
+        if args.paused or args.name:
+            raise ToolstackError("-p and -n are for a restored domain; --foreground runs the save file here")
+        from ..cli import _cmd_restore as restore_foreground
+        return restore_foreground(args)
+    path = os.path.abspath(args.file)
+    reg = _registry()
+    sweep(reg)
+    domid = start_domain(reg.run_dir, {"kind": "restore", "file": path, "name": args.name, "paused": args.paused})
+    print(domid, flush=True)
+    return 0
+
+
+def _cmd_save_devices_state(args: argparse.Namespace) -> int:
+    reg = _registry()
+    if _config_form(reg, args.domain):
+        from ..cli import _cmd_save_devices_state as save_config
+        args.config = args.domain
+        return save_config(args)
+    with DomainClient(args.domain, registry=reg) as c:
+        c.execute("xen-save-devices-state", filename=os.path.abspath(args.file), live=False)
+    return 0
+
+
+def _cmd_fork_vm(args: argparse.Namespace) -> int:
+    reg = _registry()
+    rec = reg.find(args.domain)
+    dm_file = os.path.abspath(args.dm_state) if args.dm_state else None
+    if dm_file is not None and not os.path.isfile(dm_file):
+        raise ToolstackError(f"-Q {args.dm_state}: no such file")
+    if args.launch_dm == "late":
+        return _late_dm(args, reg, rec, dm_file)
+    if not rec.alive:
+        raise ToolstackError(f"cannot fork {rec.label()}: its process is gone")
+    _check_max_vcpus(args.max_vcpus, rec)
+    name: str | None = None
+    overrides: dict[str, str] = {}
+    if args.config:
+        cfg, overrides = _fork_config(args.config, rec)
+        if cfg.name == rec.name:
+            raise ConfigError(f"{args.config}: name: a fork needs a name of its own; {cfg.name!r} is the "
+                              f"parent's ({rec.label()})")
+        name = cfg.name
+    if dm_file is not None and args.launch_dm == "no":
+        raise ToolstackError("-Q gives the device model's state: it goes with --launch-dm yes (or late), "
+                             "not no")
+    sweep(reg)
+    domid = start_domain(reg.run_dir, {
+        "kind": "fork", "parent": rec.domid, "name": name, "overrides": overrides, "launch_dm": args.launch_dm,
+        "device_state": dm_file, "paused": args.paused, "block_interrupts": args.block_interrupts})
+    print(domid, flush=True)
+    return 0
+
+
+def _late_dm(args: argparse.Namespace, reg: Registry, rec: DomainRecord, dm_file: str | None) -> int:
+    """`fork-vm --launch-dm late [-C CONFIG] [-Q FILE] FORK`: give an existing fork its device model."""
+    if rec.parent is None:
+        raise ToolstackError(f"{rec.label()} is not a fork: --launch-dm late gives a fork created with "
+                             "--launch-dm no its device model")
+    if args.block_interrupts:
+        raise ToolstackError("--block-interrupts is chosen when a fork is created, not with --launch-dm late")
+    _check_max_vcpus(args.max_vcpus, rec)
+    arguments: dict[str, Any] = {}
+    if args.config:
+        cfg, overrides = _fork_config(args.config, rec)
+        parent = reg.get(rec.parent)
+        if parent is not None and cfg.name == parent.name:
+            raise ConfigError(f"{args.config}: name: a fork needs a name of its own; {cfg.name!r} is the "
+                              f"parent's ({parent.label()})")
+        if cfg.name != rec.name:
+            arguments["name"] = cfg.name
+        if overrides:
+            arguments["actions"] = overrides
+    if dm_file is not None:
+        arguments["filename"] = dm_file
+    with DomainClient(rec, registry=reg) as c:
+        c.execute("vmfork-attach-dm", **arguments)
+    return 0
+
+
+def _cmd_fork_reset(args: argparse.Namespace) -> int:
+    with DomainClient(args.domain) as c:
+        c.execute("vmfork-reset", memory=not args.state_only, state=not args.memory_only)
+    return 0
+
+
+def _cmd_qmp(args: argparse.Namespace) -> int:
+    """Send JSON text as given (one or more commands) after negotiation; print every reply, one per line."""
+    reg = _registry()
+    rec = reg.find(args.domain)
+    if not rec.alive:
+        raise ToolstackError(f"{rec.label()} is not running: its process is gone (vmfork destroy {rec.domid})")
+    text = args.json
+    if text.strip() and text.strip()[0] not in "{[":
+        text = json.dumps({"execute": text.strip()})        # a bare command name
+    import socket
+    with QmpChannel.connect(rec.qmp_socket, timeout=60.0) as chan:
+        chan.send_raw(text.encode() + b"\n")
+        chan.sock.shutdown(socket.SHUT_WR)
+        errors: list[str] = []
+        while True:
+            try:
+                msg = chan.read_message()
+            except ToolstackError:
+                break               # the domain closed the connection after answering
+            if "event" in msg:
+                continue
+            print(json.dumps(msg), flush=True)
+            if "error" in msg:
+                errors.append(str(msg["error"].get("desc", "")))
+    if errors:
+        print(f"vmfork: error: {errors[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- registration ---------------------------------------------------------------------------------------------------
+
+def add_toolstack_commands(sub: Any) -> None:
+    """Add the toolstack subcommands to the CLI's subparsers."""
+    def domain_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("domain", metavar="DOMAIN", help="domid or name")
+
+    p = sub.add_parser("create", help="start a domain from an xl-style config file; prints its domid")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("-p", dest="paused", action="store_true", help="leave it paused before its first instruction")
+    p.add_argument("-c", dest="console", action="store_true", help="attach to its console")
+    p.set_defaults(func=_cmd_create)
+
+    p = sub.add_parser("list", help="list the domains")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN")
+    p.add_argument("--json", action="store_true", help="machine-readable, with log and socket paths")
+    p.add_argument("--tree", action="store_true", help="draw the fork tree")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("console", help="attach to a domain's console (Ctrl-] detaches)")
+    domain_arg(p)
+    p.set_defaults(func=_cmd_console)
+
+    p = sub.add_parser("pause", help="pause a domain")
+    domain_arg(p)
+    p.set_defaults(func=_simple("stop"))
+
+    p = sub.add_parser("unpause", help="unpause a domain")
+    domain_arg(p)
+    p.set_defaults(func=_simple("cont"))
+
+    p = sub.add_parser("destroy", help="destroy a domain (refused while it has live forks, unless --force)")
+    p.add_argument("--force", action="store_true", help="destroy its forks too, leaves first")
+    domain_arg(p)
+    p.set_defaults(func=_cmd_destroy)
+
+    p = sub.add_parser("save", help="save a domain to a file; it keeps running (or stays paused) unless --destroy; "
+                                    "given a config file instead: boot it to its ready marker and save that")
+    p.add_argument("-c", dest="checkpoint", action="store_true",
+                   help="leave the domain as it was (the default; accepted for xl compatibility)")
+    p.add_argument("-p", dest="paused", action="store_true", help="leave the domain paused")
+    p.add_argument("--destroy", action="store_true", help="destroy the domain after saving it (as plain xl save)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="config form: seconds to reach the ready marker (default 60)")
+    p.add_argument("domain", metavar="DOMAIN_OR_CONFIG", help="domid or name (or a config file)")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=_cmd_save)
+
+    p = sub.add_parser("restore", help="start a domain from a save file and print its domid (--foreground: run "
+                                       "it here instead, console on the terminal)")
+    p.add_argument("-p", dest="paused", action="store_true", help="leave it paused")
+    p.add_argument("-n", "--name", default=None, help="a name for it (default: the saved domain's)")
+    p.add_argument("--foreground", action="store_true", help="run it in this process until it stops")
+    p.add_argument("--timeout", type=float, default=None, help="foreground: stop after this many seconds")
+    p.add_argument("--console-log", default=None, help="foreground: also append the console output to this file")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=_cmd_restore)
+
+    p = sub.add_parser("save-devices-state", help="write a domain's device-model state to a file (given a config "
+                                                  "file instead: boot it to its ready marker and save that)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="config form: seconds to reach the ready marker (default 60)")
+    p.add_argument("domain", metavar="DOMAIN_OR_CONFIG", help="domid or name (or a config file)")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=_cmd_save_devices_state)
+
+    p = sub.add_parser("fork-vm", help="fork a paused domain (or, with --launch-dm late, give a fork its device "
+                                       "model)")
+    p.add_argument("-C", dest="config", default=None, metavar="CONFIG",
+                   help="the fork's config: a new name, on_* actions (see vmfork.toolstack.commands)")
+    p.add_argument("-Q", dest="dm_state", default=None, metavar="DM_STATE_FILE",
+                   help="device-state file for the fork's device model (default: the parent's device state)")
+    p.add_argument("-p", dest="paused", action="store_true", help="leave the fork paused")
+    p.add_argument("-m", "--max-vcpus", dest="max_vcpus", type=int, default=None, metavar="MAX_VCPUS",
+                   help="must equal the parent's vCPU count")
+    p.add_argument("--block-interrupts", action="store_true", help="the fork gets no external or timer interrupts")
+    p.add_argument("--launch-dm", choices=("yes", "no", "late"), default="yes",
+                   help="yes: a fork with its device model (default); no: none; late: give the fork named by "
+                        "DOMAIN its device model")
+    p.add_argument("domain", metavar="PARENT_OR_FORK", help="the parent (domid or name); with --launch-dm late, "
+                                                            "the fork")
+    p.set_defaults(func=_cmd_fork_vm)
+
+    p = sub.add_parser("fork-reset", help="reset a fork to its parent's state")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--memory-only", action="store_true", help="only the memory")
+    group.add_argument("--state-only", action="store_true", help="only vCPU, platform and device state")
+    domain_arg(p)
+    p.set_defaults(func=_cmd_fork_reset)
+
+    p = sub.add_parser("qmp", help="send QMP JSON (or a bare command name) to a domain and print the replies")
+    domain_arg(p)
+    p.add_argument("json", metavar="JSON")
+    p.set_defaults(func=_cmd_qmp)
+

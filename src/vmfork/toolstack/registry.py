@@ -1,0 +1,279 @@
+"""The registry of domains: one SQLite database in the runtime directory (`registry.db`, WAL mode).
+
+It plays the role of xenstore's per-domain entries: every domain has a row, written by its own domain process (which
+reserves it when it starts, updates its state as it runs, and deletes it when it ends) and read by the CLI.
+
+Allocation is safe under concurrent CLI calls: a domain reserves its domid and name in one `BEGIN IMMEDIATE`
+transaction (SQLite's write lock), taking the next value of a counter that only grows, so domids are never reused
+and two domains never get the same name. A row whose process is gone (killed, crashed) stays until
+`vmfork destroy` removes it; readers see such a domain as crashed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .runtime import RunDir, ToolstackError, pid_alive
+
+__all__ = ["DomainRecord", "Registry"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS domains (
+    domid          INTEGER PRIMARY KEY,
+    name           TEXT NOT NULL UNIQUE,
+    state          TEXT NOT NULL,
+    reason         TEXT NOT NULL DEFAULT '',
+    parent         INTEGER,
+    kind           TEXT NOT NULL,
+    config         TEXT NOT NULL,
+    launch_dm      TEXT NOT NULL,
+    console_log    TEXT NOT NULL,
+    qmp_socket     TEXT NOT NULL,
+    console_socket TEXT NOT NULL,
+    pid            INTEGER,
+    pid_start      INTEGER,
+    created        REAL NOT NULL,
+    memory         INTEGER NOT NULL,
+    vcpus          INTEGER NOT NULL,
+    forks_made     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS domains_parent ON domains(parent);
+"""
+
+_COLUMNS = ("domid", "name", "state", "reason", "parent", "kind", "config", "launch_dm", "console_log", "qmp_socket",
+            "console_socket", "pid", "pid_start", "created", "memory", "vcpus", "forks_made")
+_UPDATABLE = frozenset(("state", "reason", "config", "launch_dm", "memory", "vcpus", "name"))
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRecord:
+    """One domain as the registry knows it."""
+
+    domid: int
+    name: str
+    state: str                # creating | running | paused | shutdown | crashed
+    reason: str
+    parent: int | None
+    kind: str                 # create | fork | restore
+    config: dict[str, Any] = field(hash=False)
+    launch_dm: str            # yes | no
+    console_log: str
+    qmp_socket: str
+    console_socket: str
+    pid: int | None
+    pid_start: int | None
+    created: float
+    memory: int
+    vcpus: int
+    forks_made: int = 0
+
+    @property
+    def alive(self) -> bool:
+        """Whether the domain's process still runs."""
+        return pid_alive(self.pid, self.pid_start)
+
+    @property
+    def shown_state(self) -> str:
+        """The state to show: a domain whose process is gone is crashed whatever its row says."""
+        return self.state if self.alive else "crashed"
+
+    @property
+    def shown_reason(self) -> str:
+        if self.alive:
+            return self.reason
+        if self.state == "crashed" and self.reason:
+            return self.reason
+        return f"its process (pid {self.pid}) is gone"
+
+    def label(self) -> str:
+        return f"{self.name} (domain {self.domid})"
+
+
+def _record(row: sqlite3.Row) -> DomainRecord:
+    values = dict(zip(_COLUMNS, row, strict=True))
+    values["config"] = json.loads(values["config"])
+    return DomainRecord(**values)
+
+
+class Registry:
+    """A connection to the registry of one runtime directory."""
+
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        path = run_dir.registry
+        try:
+            self.db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA busy_timeout = 30000")
+            try:
+                os.chmod(path, 0o600)       # the WAL and shared-memory files take the database file's mode
+            except OSError:
+                pass
+            mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise ToolstackError(f"registry {path}: cannot switch to WAL mode (got {mode})")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            with self._write():
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+        except sqlite3.Error as e:
+            raise ToolstackError(f"registry {path}: {e}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """A write transaction that holds SQLite's write lock from its start (BEGIN IMMEDIATE)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- allocation -------------------------------------------------------------------------------------------
+
+    def reserve(self, *, name: str | None, auto_name: str | None = None, parent: int | None, kind: str,
+                config: dict[str, Any], launch_dm: str, pid: int, pid_start: int | None, memory: int,
+                vcpus: int) -> DomainRecord:
+        """Allocate a domid and take a name in one transaction. `name` None: `<auto_name>-fork-<n>` with the
+        parent's next fork number (skipping names in use)."""
+        try:
+            with self._write():
+                row = self.db.execute("SELECT value FROM counters WHERE key = 'next_domid'").fetchone()
+                domid = 1 if row is None else int(row[0])
+                if name is None:
+                    if auto_name is None or parent is None:
+                        raise ToolstackError("a domain needs a name")
+                    name = self._next_fork_name(parent, auto_name)
+                else:
+                    used = self.db.execute("SELECT domid FROM domains WHERE name = ?", (name,)).fetchone()
+                    if used is not None:
+                        raise ToolstackError(f"name {name!r} is already used by domain {used[0]}")
+                rd = self.run_dir
+                values = (domid, name, "creating", "", parent, kind, json.dumps(config), launch_dm,
+                          str(rd.console_log(domid)), str(rd.qmp_socket(domid)), str(rd.console_socket(domid)),
+                          pid, pid_start, time.time(), memory, vcpus, 0)
+                self.db.execute(f"INSERT INTO domains ({', '.join(_COLUMNS)}) VALUES "
+                                f"({', '.join('?' * len(_COLUMNS))})", values)
+                self.db.execute("INSERT INTO counters (key, value) VALUES ('next_domid', ?) "
+                                "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (domid + 1,))
+        except sqlite3.Error as e:
+            raise ToolstackError(f"registry: {e}") from None
+        record = self.get(domid)
+        assert record is not None
+        return record
+
+    def _next_fork_name(self, parent: int, base: str) -> str:
+        row = self.db.execute("SELECT forks_made FROM domains WHERE domid = ?", (parent,)).fetchone()
+        n = 0 if row is None else int(row[0])
+        while True:
+            n += 1
+            suffix = f"-fork-{n}"
+            name = base[:64 - len(suffix)] + suffix
+            if self.db.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone() is None:
+                break
+        self.db.execute("UPDATE domains SET forks_made = ? WHERE domid = ?", (n, parent))
+        return name
+
+    # --- reading ----------------------------------------------------------------------------------------------
+
+    def get(self, domid: int) -> DomainRecord | None:
+        try:
+            row = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM domains WHERE domid = ?", (domid,)).fetchone()
+        except sqlite3.Error as e:
+            raise ToolstackError(f"registry: {e}") from None
+        return None if row is None else _record(row)
+
+    def by_name(self, name: str) -> DomainRecord | None:
+        try:
+            row = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM domains WHERE name = ?", (name,)).fetchone()
+        except sqlite3.Error as e:
+            raise ToolstackError(f"registry: {e}") from None
+        return None if row is None else _record(row)
+
+    def find(self, domain: str | int) -> DomainRecord:
+        """A domain by domid (an int, or a string of digits) or by name; ToolstackError if there is none."""
+        if isinstance(domain, int) or (isinstance(domain, str) and domain.isdigit()):
+            record = self.get(int(domain))
+            if record is None:
+                raise ToolstackError(f"no domain with id {int(domain)} (vmfork list shows the domains)")
+            return record
+        record = self.by_name(domain)
+        if record is None:
+            raise ToolstackError(f"no domain named {domain!r} (vmfork list shows the domains)")
+        return record
+
+    def all(self) -> list[DomainRecord]:
+        try:
+            rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM domains ORDER BY domid").fetchall()
+        except sqlite3.Error as e:
+            raise ToolstackError(f"registry: {e}") from None
+        return [_record(r) for r in rows]
+
+    def children(self, domid: int) -> list[DomainRecord]:
+        try:
+            rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM domains WHERE parent = ? ORDER BY domid",
+                                   (domid,)).fetchall()
+        except sqlite3.Error as e:
+            raise ToolstackError(f"registry: {e}") from None
+        return [_record(r) for r in rows]
+
+    def subtree(self, domid: int) -> list[DomainRecord]:
+        """The domain's descendants, leaves first (a domain always comes after its own forks)."""
+        out: list[DomainRecord] = []
+
+        def visit(d: int, depth: int) -> None:
+            if depth > 1000:
+                raise ToolstackError("the registry's fork tree has a cycle")
+            for ch in self.children(d):
+                visit(ch.domid, depth + 1)
+                out.append(ch)
+        visit(domid, 0)
+        return out
+
+    # --- writing ----------------------------------------------------------------------------------------------
+
+    def update(self, domid: int, **values: Any) -> None:
+        bad = set(values) - _UPDATABLE
+        if bad:
+            raise ValueError(f"registry: cannot update {', '.join(sorted(bad))}")
+        if "config" in values:
+            values["config"] = json.dumps(values["config"])
+        sets = ", ".join(f"{k} = ?" for k in values)
+        try:
+            with self._write():
+                self.db.execute(f"UPDATE domains SET {sets} WHERE domid = ?", (*values.values(), domid))
+        except sqlite3.IntegrityError:
+            raise ToolstackError(f"name {values.get('name')!r} is already used by another domain") from None
+        except sqlite3.Error as e:
+            raise ToolstackError(f"registry: {e}") from None
+
+    def mark_crashed(self, domid: int, reason: str) -> None:
+        """Record that a domain's process is gone (only if the row still belongs to a dead process)."""
+        try:
+            with self._write():
+                self.db.execute("UPDATE domains SET state = 'crashed', reason = ? WHERE domid = ? AND "
+                                "state != 'crashed'", (reason, domid))
+        except sqlite3.Error as e:
+            raise ToolstackError(f"registry: {e}") from None
+
+    def remove(self, domid: int) -> None:
+        try:
+            with self._write():
+                self.db.execute("DELETE FROM domains WHERE domid = ?", (domid,))
+        except sqlite3.Error as e:
+            raise ToolstackError(f"registry: {e}") from None
