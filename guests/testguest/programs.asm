@@ -11,6 +11,7 @@ prog_table:
         dq name_xrstor, prog_xrstor
         dq name_ud2, prog_ud2
         dq name_vmi, prog_vmi
+        dq name_fuzz, prog_fuzz
         dq 0, 0
 
 name_hello:     db "hello", 0
@@ -23,6 +24,7 @@ name_fault:     db "fault", 0
 name_xrstor:    db "xrstor", 0
 name_ud2:       db "ud2", 0
 name_vmi:       db "vmi", 0
+name_fuzz:      db "fuzz", 0
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; hello: "vmfork-guest: hello <protocol> ram=<MiB>MiB", "vmfork-guest: ready", exit 0
@@ -461,3 +463,83 @@ vmi_target:
         imul rax, rdi
         inc rax
         ret
+
+; ---------------------------------------------------------------------------------------------------------------
+; fuzz: an example fuzzing target. Prints "vmfork-guest: fuzz parse=0x<fuzz_parse> end=0x<fuzz_parse_end>" and
+; "vmfork-guest: ready"; then forever: ready marker; input = u64 length + that many bytes (length clamped to
+; INBUF_SIZE - 8); fuzz_parse(data, length); end marker; back to the ready marker (like `loop`).
+; fuzz_parse: inputs shorter than 4 bytes and those not starting with "FUZZ" are ignored, except that "HANG"
+; spins forever (a hang). After "FUZZ" come 2-byte records (type, value) up to the end of the input:
+; 'A' adds the value to a sum, 'C' counts, 'B' stores into bank <value> of a table: the planted bug, the signed
+; bank number is not bounds-checked and each bank is 4 GiB apart, so any nonzero value writes outside the mapped
+; 4 GiB (#PF, vector 14: "EXCEPTION vec=14", exit status 0x8e). Any other type ends the parse. The sum, count and
+; table live at FUZZ_DATA (0x900000).
+FUZZ_DATA       equ 0x00900000
+prog_fuzz:
+        PRINT "vmfork-guest: fuzz parse="
+        lea rax, [fuzz_parse]
+        call puthex
+        PRINT " end="
+        lea rax, [fuzz_parse_end]
+        call puthex
+        PRINT 10, "vmfork-guest: ready", 10
+.iteration:
+        READY_MARKER
+        mov esi, INBUF_ADDR
+        mov rcx, [rsi]                  ; length
+        cmp rcx, INBUF_SIZE - 8
+        jbe .len_ok
+        mov ecx, INBUF_SIZE - 8
+.len_ok:
+        lea rdi, [rsi + 8]
+        call fuzz_parse
+        END_MARKER
+        jmp .iteration
+
+; rdi = data, rcx = length. Clobbers rax, rbx, rdx, rsi.
+fuzz_parse:
+        cmp rcx, 4
+        jb .done
+        cmp dword [rdi], 'HANG'
+        jne .not_hang
+.hang:
+        jmp .hang
+.not_hang:
+        cmp byte [rdi], 'F'
+        jne .done
+        cmp byte [rdi + 1], 'U'
+        jne .done
+        cmp byte [rdi + 2], 'Z'
+        jne .done
+        cmp byte [rdi + 3], 'Z'
+        jne .done
+        lea rsi, [rdi + 4]
+        lea rdx, [rdi + rcx]
+.record:
+        lea rax, [rsi + 2]
+        cmp rax, rdx
+        ja .done
+        movzx eax, byte [rsi]
+        movzx ebx, byte [rsi + 1]
+        add rsi, 2
+        cmp al, 'A'
+        je .add
+        cmp al, 'B'
+        je .bank
+        cmp al, 'C'
+        je .count
+        jmp .done
+.add:
+        add [abs FUZZ_DATA], rbx
+        jmp .record
+.count:
+        inc qword [abs FUZZ_DATA + 8]
+        jmp .record
+.bank:
+        movsx rbx, bl                   ; the bug: a signed bank number, never checked
+        shl rbx, 32
+        mov [FUZZ_DATA + 16 + rbx], rax
+        jmp .record
+.done:
+        ret
+fuzz_parse_end:

@@ -1,0 +1,260 @@
+"""The fuzzer (issue 6) on the `fuzz` test guest: outcomes, the planted bug, replay, oversized inputs, hangs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guest import console
+from vmfork.fork import VM
+from vmfork.fuzz import Coverage, Fuzzer, basic_blocks
+from vmfork.fuzz.cli import register_fuzz_commands
+
+SEED = b"FUZZA\x00"
+BUG = b"FUZZB\x01"
+
+
+@pytest.fixture(scope="module")
+def target(pvh_guest: Path) -> Iterator[tuple[VM, int, int]]:
+    """The `fuzz` guest paused at its ready marker, and its parser's code range."""
+    vm = VM.create(memory_mib=64, name="fuzz-target")
+    try:
+        vm.load_kernel(pvh_guest, cmdline="fuzz")
+        ev = vm.run(timeout=30)
+        assert ev.reason == "harness-start", f"{ev} / {console(vm)!r}"
+        m = re.search(r"parse=(0x[0-9a-f]+) end=(0x[0-9a-f]+)", console(vm))
+        assert m, console(vm)
+        yield vm, int(m.group(1), 16), int(m.group(2), 16)
+    finally:
+        vm.destroy(tree=True)
+
+
+def test_outcomes_of_crafted_inputs(target: tuple[VM, int, int]) -> None:
+    vm, start, end = target
+    with Fuzzer(vm, budget_s=0.2) as fz:
+        assert (fz.input_addr, fz.input_size) == (0x800000, 0x10000)
+        for data in (b"", b"hello", SEED, b"FUZZB\x00C\x00"):
+            res = fz.execute(data)
+            assert (res.outcome, res.kind) == ("ok", "end"), (data, res)
+        res = fz.execute(BUG)
+        assert (res.outcome, res.kind, res.vector) == ("crash", "vector", 14)
+        assert res.rip is not None and start <= res.rip < end
+        assert res.registers is not None and "rip" in res.registers
+        fault_rip = res.rip
+        t = time.monotonic()
+        res = fz.execute(b"HANG")
+        assert res.outcome == "hang" and time.monotonic() - t < 0.2 + 0.5
+        assert res.rip is not None and start <= res.rip < end
+        assert fz.execute(SEED).outcome == "ok"          # the fork carries on after a crash and a hang
+    # a sink breakpoint on the faulting store is reached before the fault
+    with Fuzzer(vm, sinks=[fault_rip], budget_s=0.2) as fz:
+        assert fz.execute(SEED).outcome == "ok"
+        res = fz.execute(BUG)
+        assert (res.outcome, res.kind, res.rip, res.sink) == ("crash", "sink", fault_rip, f"{fault_rip:#x}")
+        assert res.registers is not None and res.registers["rip"] == fault_rip
+        assert fz.execute(b"FUZZB\x00").kind == "sink"     # the sink is the store itself, bank 0 reaches it too
+        assert fz.execute(SEED).outcome == "ok"
+
+
+def test_coverage_blocks_are_one_shot(target: tuple[VM, int, int]) -> None:
+    vm, start, end = target
+    blocks = basic_blocks(vm, start, end)
+    assert blocks[0] == start and len(blocks) >= 10
+    cov = Coverage(list(blocks))
+    with Fuzzer(vm, coverage=cov, budget_s=0.2) as fz:
+        first = fz.execute(b"hello")
+        assert first.outcome == "ok" and first.new_blocks
+        assert fz.execute(b"hello").new_blocks == []     # nothing new the second time
+        deeper = fz.execute(SEED)
+        assert deeper.new_blocks and not set(deeper.new_blocks) & set(first.new_blocks)
+        assert fz.sink_dbg is not None
+        assert fz.execute(b"").new_blocks == []           # the fork is rebuilt from the sink before this one
+        assert not any(bp.address in cov.hit for bp in fz.sink_dbg.list())  # covered blocks left the sink
+        assert cov.hit == set(first.new_blocks) | set(deeper.new_blocks)
+
+
+def test_planted_bug_is_found_and_replays(target: tuple[VM, int, int], tmp_path: Path) -> None:
+    vm, start, end = target
+    with Fuzzer(vm, coverage=[(start, end)], budget_s=0.05) as fz:
+        st = fz.fuzz([SEED], seconds=20, rng_seed=1, stop_on_crash=True, out_dir=tmp_path)
+    assert st.unique_crashes == 1 and st.first_crash_s is not None and st.first_crash_s <= 20, st
+    assert st.execs_per_s > 200
+    (crash,) = st.crash_files
+    saved = json.loads(Path(crash).with_suffix(".json").read_text())
+    assert saved["outcome"] == "crash" and saved["vector"] == 14 and start <= saved["rip"] < end
+    data = Path(crash).read_bytes()
+    for _ in range(2):                                    # a fresh sink and fork each time: same outcome and RIP
+        with Fuzzer(vm, budget_s=0.2) as fz:
+            res = fz.execute(data)
+        assert (res.outcome, res.kind, res.vector, res.rip) == ("crash", "vector", 14, saved["rip"])
+
+
+def test_oversized_inputs_are_truncated_or_rejected(target: tuple[VM, int, int]) -> None:
+    vm, _, _ = target
+    size = 64
+    after = vm.memory.read(0x800000 + size, 4096)
+    big = b"FUZZ" + b"C\x00" * 200 + b"B\x01"             # the bug lies beyond the buffer: truncated away
+    with Fuzzer(vm, input_size=size, budget_s=0.2) as fz:
+        assert fz.capacity == size - 8
+        res = fz.execute(big)
+        assert res.outcome == "ok"
+        mem = fz.fork.memory
+        assert int.from_bytes(mem.read(0x800000, 8), "little") == size - 8
+        assert mem.read(0x800008, size - 8) == big[:size - 8]
+        assert mem.read(0x800000 + size, 4096) == after      # nothing written past the buffer
+    with Fuzzer(vm, input_size=size, oversize="reject", budget_s=0.2) as fz:
+        res = fz.execute(big)
+        assert (res.outcome, res.kind) == ("rejected", "oversize")
+        assert fz.fork.memory.read(0x800000 + size, 4096) == after
+        assert fz.execute(b"x" * (size - 8)).outcome == "ok"  # exactly full is fine
+
+
+def test_hangs_are_counted_within_their_budget(target: tuple[VM, int, int]) -> None:
+    vm, _, _ = target
+    with Fuzzer(vm, budget_s=0.1) as fz:
+        t = time.monotonic()
+        st = fz.fuzz([b"HANG", b"HANG\x00"], seconds=0.0)     # only the seeds run
+        elapsed = time.monotonic() - t
+    assert (st.execs, st.hangs, st.crashes) == (2, 2, 0)
+    assert elapsed < 2 * 0.1 + 0.6
+
+
+def test_cli_fuzz_and_replay(pvh_guest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="vmfork")
+    register_fuzz_commands(parser.add_subparsers(dest="command", required=True))
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / "a").write_bytes(SEED)
+    out = tmp_path / "out"
+    args = parser.parse_args(["fuzz", "--kernel", str(pvh_guest), "--corpus", str(seeds), "--out", str(out),
+                              "--seconds", "20", "--seed", "1", "--stop-on-crash", "--quiet"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["unique_crashes"] == 1
+    crash = next((out / "crashes").glob("*.bin"))
+    args = parser.parse_args(["fuzz", "--kernel", str(pvh_guest), "--replay", str(crash)])
+    assert args.func(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    saved = json.loads(crash.with_suffix(".json").read_text())
+    assert (res["outcome"], res["vector"], res["rip"]) == ("crash", 14, saved["rip"])
+
+
+# --- under AFL++ ------------------------------------------------------------------------------------------------
+
+AFL_ENV = {"AFL_SKIP_BIN_CHECK": "1", "AFL_NO_UI": "1", "AFL_SKIP_CPUFREQ": "1", "AFL_NO_AFFINITY": "1",
+           "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1", "AFL_FORKSRV_INIT_TMOUT": "60000"}
+needs_afl = pytest.mark.skipif(shutil.which("afl-fuzz") is None, reason="afl-fuzz not installed (Debian: afl++)")
+
+
+def _afl_command(tmp_path: Path, guest: Path, seed: bytes, seconds: int, code: tuple[int, int]) -> list[str]:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "seed").write_bytes(seed)
+    return ["afl-fuzz", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-t", "200", "-V", str(seconds),
+            "--", sys.executable, "-m", "vmfork.fuzz", "--afl", "--kernel", str(guest), "--budget-ms", "400",
+            "--cover", f"{code[0]:#x}-{code[1]:#x}"]
+
+
+def _descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        for k in map(int, kids):
+            out.add(k)
+            todo.append(k)
+    return out
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            if Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z":
+                alive.add(p)
+        except (OSError, IndexError):
+            pass
+    return alive
+
+
+@needs_afl
+def test_afl_fuzz_finds_the_bug_through_the_fork_server(target: tuple[VM, int, int], pvh_guest: Path,
+                                                        tmp_path: Path) -> None:
+    vm, start, end = target
+    env = {**os.environ, **AFL_ENV, "AFL_BENCH_UNTIL_CRASH": "1"}
+    command = _afl_command(tmp_path, pvh_guest, b"FUZZB\x00", 40, (start, end))
+    proc = subprocess.run(command, env=env, capture_output=True, timeout=90)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    crashes = [p for p in (tmp_path / "out" / "default" / "crashes").iterdir() if p.name.startswith("id:")]
+    assert crashes and all(",sig:11," in p.name for p in crashes)
+    with Fuzzer(vm, budget_s=0.2) as fz:
+        res = fz.execute(crashes[0].read_bytes())
+    assert (res.outcome, res.vector) == ("crash", 14) and res.rip is not None and start <= res.rip < end
+    stats = (tmp_path / "out" / "default" / "fuzzer_stats").read_text()
+    assert int(re.search(r"execs_done\s*:\s*(\d+)", stats).group(1)) > 0  # type: ignore[union-attr]
+
+
+@needs_afl
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_afl_fuzz_leaves_nothing_behind(target: tuple[VM, int, int], pvh_guest: Path, tmp_path: Path,
+                                                 sig: signal.Signals) -> None:
+    _, start, end = target
+    env = {**os.environ, **AFL_ENV}
+    command = _afl_command(tmp_path, pvh_guest, SEED, 60, (start, end))
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        stats = tmp_path / "out" / "default" / "fuzzer_stats"
+        deadline = time.monotonic() + 45
+        while not stats.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert stats.exists(), "afl-fuzz did not get going"
+        ours = _descendants(proc.pid)
+        assert len(_alive(ours)) >= 2             # vmfork (the fork server) and its placeholder
+        proc.send_signal(sig)
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while _alive(ours) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(ours)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_keep_stops_at_the_first_crash_and_keeps_its_fork(target: tuple[VM, int, int]) -> None:
+    vm, start, end = target
+    with Fuzzer(vm, coverage=[(start, end)], budget_s=0.05) as fz:
+        st = fz.fuzz([SEED, BUG, b"hello"], seconds=10, keep=True)
+        assert st.crashes == 1 and st.execs == 2
+        (kept,) = fz.kept
+        assert kept.state == "paused" and kept is not fz.fork
+        assert b"EXCEPTION vec=14" in kept.device("serial0").output()
+        assert fz.execute(b"hello").outcome == "ok"      # fuzzing can go on in a fresh fork
+        assert fz.execute(BUG).outcome == "crash"
+    assert kept.state == "destroyed"                    # close() takes kept forks too
+
+
+def test_a_triple_fault_stop_is_a_crash_with_its_state(target: tuple[VM, int, int]) -> None:
+    from vmfork.vm import StopEvent
+    vm, _, _ = target
+    with Fuzzer(vm, budget_s=0.2) as fz:
+        fz.execute(SEED)
+        res = fz._classify(StopEvent("crash", None, 0, "KVM_EXIT_SHUTDOWN (triple fault)"))
+        assert (res.outcome, res.kind) == ("crash", "triple-fault") and "triple fault" in res.detail
+        assert res.registers is not None and res.rip == res.registers["rip"]
+        assert fz.execute(SEED).outcome == "ok"          # a fresh fork replaces the crashed one
