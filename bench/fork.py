@@ -109,6 +109,7 @@ def main() -> int:
 
     m = min(n, 20)
     worker_pool(parent.shape).prefill(m)
+    time.sleep(2.0)     # the workers just started: let their start-up work finish before timing forks
     samples = []
     handles = []
     for _ in range(m):

@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     # (_cmd_restore, `restore --foreground`) are reached through them.
     from .toolstack.commands import add_toolstack_commands
     add_toolstack_commands(sub)
+    # Introspection of domains (mem, regs, translate, disasm, diff, gdbserver).
+    from .vmi.cli import register_vmi_commands
+    register_vmi_commands(sub)
+
+    from .fuzz.cli import register_fuzz_commands
+    register_fuzz_commands(sub)
     return p
 
 

@@ -66,6 +66,11 @@ from .qmp import (
 from .registry import DomainRecord, Registry
 from .runtime import RunDir, ToolstackError, pid_start_time
 
+if __name__ == "__main__":
+    # Started as `python -m vmfork.toolstack.domain`: let modules that import this one by name (the QMP extension
+    # modules registering commands with qmp_command) share this module's command table.
+    sys.modules.setdefault("vmfork.toolstack.domain", sys.modules[__name__])
+
 if TYPE_CHECKING:
     from ..devices import DeviceSetState
     from ..fork import VM
