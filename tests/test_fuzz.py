@@ -258,3 +258,17 @@ def test_a_triple_fault_stop_is_a_crash_with_its_state(target: tuple[VM, int, in
         assert (res.outcome, res.kind) == ("crash", "triple-fault") and "triple fault" in res.detail
         assert res.registers is not None and res.rip == res.registers["rip"]
         assert fz.execute(SEED).outcome == "ok"          # a fresh fork replaces the crashed one
+
+
+def test_cover_auto_takes_the_range_the_target_prints(pvh_guest: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / "a").write_bytes(b"FUZZA\x00")
+    r = subprocess.run([sys.executable, "-m", "vmfork.cli", "fuzz", "--kernel", str(pvh_guest), "--cmdline", "fuzz",
+                        "--corpus", str(seeds), "--out", str(tmp_path / "out"), "--cover", "auto", "--execs", "50",
+                        "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "16 blocks to cover" in r.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,13 @@ def _int(text: str) -> int:
     return int(text, 0)
 
 
+AUTO = (-1, -1)       # --cover auto: the range the target printed at boot
+_PRINTED_RANGE = re.compile(rb"parse=(0x[0-9a-fA-F]+) end=(0x[0-9a-fA-F]+)")
+
+
 def _range(text: str) -> tuple[int, int]:
+    if text == "auto":
+        return AUTO
     start, sep, end = text.partition("-")
     if not sep:
         raise argparse.ArgumentTypeError(f"{text!r}: expected START-END (e.g. 0x10a468-0x10a4df)")
@@ -47,7 +54,8 @@ def register_fuzz_commands(sub: Any) -> None:
                    help="a crash sink: reaching it is a crash (repeatable)")
     p.add_argument("--symbols", default=None, help="symbol map or ELF for --sink names")
     p.add_argument("--cover", action="append", default=[], type=_range, metavar="START-END",
-                   help="collect basic-block coverage of this code range (repeatable)")
+                   help="collect basic-block coverage of this code range (repeatable); `auto`: the range the "
+                        "target printed on its console before its ready marker as `parse=0x... end=0x...`")
     p.add_argument("--oversize", choices=("truncate", "reject"), default="truncate",
                    help="an input larger than the buffer: truncate it (default) or reject it")
     p.add_argument("--max-len", type=int, default=4096, help="longest mutated input (default 4096)")
@@ -79,6 +87,12 @@ def run_fuzz(args: argparse.Namespace) -> int:
         ev = parent.run(timeout=args.boot_timeout)
         if ev.reason != "harness-start":
             raise FuzzError(f"the target did not reach its ready marker: {ev.reason} {ev.detail}".strip())
+        if AUTO in args.cover:
+            m = _PRINTED_RANGE.search(parent.device("serial0").output())
+            if m is None:
+                raise FuzzError("--cover auto: the target printed no `parse=0x... end=0x...` range before its "
+                                "ready marker; give --cover START-END")
+            args.cover = [r for r in args.cover if r != AUTO] + [(int(m.group(1), 16), int(m.group(2), 16))]
         symbols = load_symbols(args.symbols) if args.symbols else None
         amap = None
         if args.afl:
