@@ -12,6 +12,33 @@ from .errors import VmforkError
 
 if TYPE_CHECKING:
     from .fork import VM
+    from .vm import StopEvent
+
+
+def _echo_console(vm: VM) -> None:
+    """Copy the guest's console output to stdout as it comes."""
+    out = sys.stdout.buffer
+
+    def echo(b: bytes) -> None:
+        out.write(b)
+        out.flush()
+
+    vm.device("serial0").add_listener(echo)
+
+
+def _run_foreground(vm: VM, timeout: float | None) -> StopEvent | None:
+    """Run until the machine stops for good (harness markers only matter to forks and fuzzers, so a plain run goes
+    on past them). None: interrupted with Ctrl-C (the machine is paused and the message printed)."""
+    while True:
+        vm.start()
+        try:
+            ev = vm.wait(timeout, pause_on_timeout=True)
+        except KeyboardInterrupt:
+            vm.pause()
+            print("\nvmfork: interrupted, machine destroyed", file=sys.stderr)
+            return None
+        if not ev.reason.startswith("harness"):
+            return ev
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -21,28 +48,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if cfg.kernel is None:
         raise VmforkError(f"{args.config}: missing required key \"kernel\"")
-    out = sys.stdout.buffer
     while True:
         vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name, console_log=args.console_log)
         try:
             vm.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
-
-            def echo(b: bytes) -> None:
-                out.write(b)
-                out.flush()
-
-            vm.device("serial0").add_listener(echo)
-            while True:
-                vm.start()
-                try:
-                    ev = vm.wait(args.timeout, pause_on_timeout=True)
-                except KeyboardInterrupt:
-                    vm.pause()
-                    print("\nvmfork: interrupted, machine destroyed", file=sys.stderr)
-                    return 130
-                if ev.reason.startswith("harness"):
-                    continue            # markers only matter to forks and fuzzers; a plain run goes on
-                break
+            _echo_console(vm)
+            stopped = _run_foreground(vm, args.timeout)
+            if stopped is None:
+                return 130
+            ev = stopped
         finally:
             vm.destroy(tree=True)
         if ev.reason == "exit":
@@ -123,23 +137,11 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         if not vm.devices:
             print(f"vmfork: {vm.name} has no device model: its console is silent", file=sys.stderr)
         else:
-            out = sys.stdout.buffer
-
-            def echo(b: bytes) -> None:
-                out.write(b)
-                out.flush()
-
-            vm.device("serial0").add_listener(echo)
-        while True:
-            vm.start()
-            try:
-                ev = vm.wait(args.timeout, pause_on_timeout=True)
-            except KeyboardInterrupt:
-                vm.pause()
-                print("\nvmfork: interrupted, machine destroyed", file=sys.stderr)
-                return 130
-            if not ev.reason.startswith("harness"):
-                break
+            _echo_console(vm)
+        stopped = _run_foreground(vm, args.timeout)
+        if stopped is None:
+            return 130
+        ev = stopped
     finally:
         vm.destroy()
     if ev.reason == "exit":
