@@ -21,7 +21,7 @@ from .errors import VmforkError, VmStateError
 from .kvm import IoctlPlan, Kvm, VcpuFd, VmFd, plan_entry, run_plan
 from .kvm import constants as c
 from .kvm import structs as s
-from .memory import GuestMemory, MemoryImage, Slot, make_slots, release_address_space, reserve_address_space
+from .memory import GuestMemory, Slot, make_slots, release_address_space, reserve_address_space
 from .vcpu import Vcpu, VcpuState
 
 TSS_ADDR = 0xFFFBD000
@@ -720,10 +720,6 @@ class _Watchdog:
 _watchdog = _Watchdog()
 
 _IO_TYPES: dict[int, Any] = {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32}
-
-
-def image_of(machine: Machine) -> MemoryImage:
-    return machine.memory.freeze()
 
 
 __all__ = ["Machine", "MachineShape", "MachineState", "PlatformState", "Shell", "StopEvent", "open_kvm"]

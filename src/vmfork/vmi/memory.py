@@ -200,6 +200,31 @@ class AddressSpace:
             cache[vaddr >> 12] = t
         return t
 
+    def _walk_8byte(self, vaddr: int, table: int, levels: tuple[tuple[str, int], ...],
+                    walk: list[WalkLevel]) -> Translation:
+        """The levels with 8-byte entries (long mode, and PAE below its PDPT, whose entries carry no RW/US/NX);
+        a PDPT or PD entry with PS set maps a large page."""
+        m = self.mode
+        writable = user = True
+        nx = False
+        for name, shift in levels:
+            index = (vaddr >> shift) & 0x1FF
+            entry = self._entry(name, table, index, 8, vaddr, walk)
+            large = name in ("PDPT", "PD") and bool(entry & PTE_PS)
+            page_size = (1 << shift) if (name == "PT" or large) and entry & PTE_P else 0
+            walk.append(WalkLevel(name, table, index, table + index * 8, entry, 8, page_size))
+            if not entry & PTE_P:
+                raise self._not_present(vaddr, walk)
+            writable &= bool(entry & PTE_RW)
+            user &= bool(entry & PTE_US)
+            nx |= bool(entry & PTE_NX) and m.nxe
+            if page_size:
+                base = entry & ADDR_MASK & ~(page_size - 1)
+                return Translation(vaddr, base | (vaddr & (page_size - 1)), page_size, m.name, m.root,
+                                   tuple(walk), writable, user, not nx)
+            table = entry & ADDR_MASK
+        raise AssertionError("unreachable")
+
     def _walk(self, vaddr: int) -> Translation:
         m = self.mode
         if m.name == "none":
@@ -208,7 +233,6 @@ class AddressSpace:
             return Translation(vaddr, vaddr, PAGE_SIZE, "none", m.root, (), True, True, True)
         walk: list[WalkLevel] = []
         writable = user = True
-        nx = False
         if m.long:
             bits = m.address_bits
             top = vaddr >> (bits - 1)
@@ -217,24 +241,7 @@ class AddressSpace:
                     f"virtual address {vaddr:#x} is not canonical for {m.name} paging (bits 63..{bits - 1} must "
                     f"all equal bit {bits - 1})", vaddr, "canonical")
             levels = _LONG_LEVELS if m.name == "5-level" else _LONG_LEVELS[1:]
-            table = m.root & ADDR_MASK
-            for name, shift in levels:
-                index = (vaddr >> shift) & 0x1FF
-                entry = self._entry(name, table, index, 8, vaddr, walk)
-                large = name in ("PDPT", "PD") and bool(entry & PTE_PS)
-                page_size = (1 << shift) if (name == "PT" or large) and entry & PTE_P else 0
-                walk.append(WalkLevel(name, table, index, table + index * 8, entry, 8, page_size))
-                if not entry & PTE_P:
-                    raise self._not_present(vaddr, walk)
-                writable &= bool(entry & PTE_RW)
-                user &= bool(entry & PTE_US)
-                nx |= bool(entry & PTE_NX) and m.nxe
-                if page_size:
-                    base = entry & ADDR_MASK & ~(page_size - 1)
-                    return Translation(vaddr, base | (vaddr & (page_size - 1)), page_size, m.name, m.root,
-                                       tuple(walk), writable, user, not nx)
-                table = entry & ADDR_MASK
-            raise AssertionError("unreachable")
+            return self._walk_8byte(vaddr, m.root & ADDR_MASK, levels, walk)
         if vaddr >= 1 << 32:
             raise NonCanonicalAddress(f"virtual address {vaddr:#x} is beyond 4 GiB in {m.name} paging", vaddr,
                                       "canonical")
@@ -245,24 +252,7 @@ class AddressSpace:
             walk.append(WalkLevel("PDPT", table, index, table + index * 8, entry, 8))
             if not entry & PTE_P:
                 raise self._not_present(vaddr, walk)
-            table = entry & ADDR_MASK
-            for name, shift in (("PD", 21), ("PT", 12)):
-                index = (vaddr >> shift) & 0x1FF
-                entry = self._entry(name, table, index, 8, vaddr, walk)
-                large = name == "PD" and bool(entry & PTE_PS)
-                page_size = (1 << shift) if (name == "PT" or large) and entry & PTE_P else 0
-                walk.append(WalkLevel(name, table, index, table + index * 8, entry, 8, page_size))
-                if not entry & PTE_P:
-                    raise self._not_present(vaddr, walk)
-                writable &= bool(entry & PTE_RW)
-                user &= bool(entry & PTE_US)
-                nx |= bool(entry & PTE_NX) and m.nxe
-                if page_size:
-                    base = entry & ADDR_MASK & ~(page_size - 1)
-                    return Translation(vaddr, base | (vaddr & (page_size - 1)), page_size, m.name, m.root,
-                                       tuple(walk), writable, user, not nx)
-                table = entry & ADDR_MASK
-            raise AssertionError("unreachable")
+            return self._walk_8byte(vaddr, entry & ADDR_MASK, (("PD", 21), ("PT", 12)), walk)
         # 32-bit paging: 4-byte entries, 4 MiB pages with CR4.PSE (PSE-36: bits 13..20 are physical bits 32..39)
         table = m.root & 0xFFFFF000
         index = vaddr >> 22
