@@ -224,3 +224,31 @@ def test_fork_isolation_levels(pvh_guest, machines) -> None:
     assert process_fork.run(timeout=20).reason == "exit"
     assert process_fork.console().decode() == console(thread_fork)
     process_fork.destroy()
+
+
+@pytest.mark.parametrize("mode", ["ring", "bitmap"])
+def test_reset_and_fork_of_fork_in_both_dirty_log_modes(pvh_guest, machines, monkeypatch, mode: str) -> None:
+    """Forks log guest writes into per-vCPU dirty rings where KVM has them, else into bitmaps: both must restore
+    every page, including past a full ring (KVM_EXIT_DIRTY_RING_FULL), and report what a fork owns."""
+    from vmfork.vm import dirty_ring_bytes
+    monkeypatch.setenv("VMFORK_DIRTY_RING", "1" if mode == "ring" else "0")
+    parent = boot(pvh_guest, "loop", machines, memory_mib=112 if mode == "ring" else 104)   # a pool of its own
+    if mode == "ring" and not dirty_ring_bytes(parent.kvm):
+        pytest.skip("this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
+    addr, _ = run_to_ready(parent)
+    child = parent.fork()
+    assert bool(child.memory._rings) == (mode == "ring")
+    for npages in (16, 3000, 10000):        # one by one, with numpy, past the 8192-entry ring
+        loop_input(child, addr, npages, npages)
+        assert child.run(timeout=60).reason == "harness-end"
+        assert scratch_words(child, 2) == [npages, npages ^ 1]
+        assert child.reset() >= npages
+        assert np.array_equal(child.memory.pages, parent.memory.pages)
+    loop_input(child, addr, 40, 0x77)
+    assert child.run(timeout=60).reason == "harness-end"
+    owned = set(child.memory.owned_pages().tolist())
+    scratch_page = SCRATCH >> 12            # RAM-file page = guest page below 3 GiB
+    assert set(range(scratch_page, scratch_page + 10000)) <= owned
+    grandchild = child.fork()
+    assert scratch_words(grandchild, 40) == [0x77 ^ i for i in range(40)]
+    assert scratch_words(grandchild, 41)[40] == 0

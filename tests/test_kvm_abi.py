@@ -20,10 +20,14 @@ STRUCTS = {
     "kvm_clock_data": s.ClockData, "kvm_userspace_memory_region": s.UserspaceMemoryRegion,
     "kvm_dirty_log": s.DirtyLog, "kvm_irq_level": s.IrqLevel, "kvm_guest_debug": s.GuestDebug,
     "kvm_enable_cap": s.EnableCap, "kvm_translation": s.Translation, "kvm_segment": s.Segment,
-    "kvm_dtable": s.DTable, "kvm_sync_regs": s.SyncRegs,
+    "kvm_dtable": s.DTable, "kvm_sync_regs": s.SyncRegs, "kvm_dirty_gfn": s.DirtyGfn,
 }
 IOCTLS = [name for name in dir(c) if name.startswith("KVM_") and isinstance(getattr(c, name), int)
           and getattr(c, name) > 0xFFFF]
+# Small values the filter above leaves out (ioctls without a structure, exit reasons, capabilities, flags).
+CONSTANTS = ["KVM_RESET_DIRTY_RINGS", "KVM_EXIT_DIRTY_RING_FULL", "KVM_CAP_DIRTY_LOG_RING",
+             "KVM_CAP_DIRTY_LOG_RING_ACQ_REL", "KVM_DIRTY_LOG_PAGE_OFFSET", "KVM_DIRTY_GFN_F_DIRTY",
+             "KVM_DIRTY_GFN_F_RESET", "KVM_EXIT_IO", "KVM_EXIT_MMIO", "KVM_MP_STATE_RUNNABLE", "KVM_CAP_SYNC_REGS"]
 OFFSETS = {
     ("kvm_run", "exit_reason"): s.Run.exit_reason.offset,
     ("kvm_run", "kvm_valid_regs"): s.Run.kvm_valid_regs.offset,
@@ -44,6 +48,8 @@ def c_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
         lines.append(f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));')
     for name in IOCTLS:
         lines.append(f"#ifdef {name}\n" f'printf("ioctl {name} %lu\\n", (unsigned long){name});\n#endif')
+    for name in CONSTANTS:
+        lines.append(f"#ifdef {name}\n" f'printf("const {name} %lu\\n", (unsigned long){name});\n#endif')
     for (st, field) in OFFSETS:
         lines.append(f'printf("offset {st}.{field} %zu\\n", offsetof(struct {st}, {field}));')
     lines.append("return 0; }")
@@ -66,6 +72,14 @@ def test_struct_size_matches_c(c_values: dict[str, int], name: str) -> None:
 @pytest.mark.parametrize("name", sorted(IOCTLS))
 def test_ioctl_number_matches_c(c_values: dict[str, int], name: str) -> None:
     key = f"ioctl {name}"
+    if key not in c_values:
+        pytest.skip(f"{name} is not defined by this host's linux/kvm.h")
+    assert getattr(c, name) == c_values[key]
+
+
+@pytest.mark.parametrize("name", CONSTANTS)
+def test_constant_matches_c(c_values: dict[str, int], name: str) -> None:
+    key = f"const {name}"
     if key not in c_values:
         pytest.skip(f"{name} is not defined by this host's linux/kvm.h")
     assert getattr(c, name) == c_values[key]

@@ -112,9 +112,7 @@ class ShellPool:
         else:
             clear_address_space(shell.host_addr, shell.size)
             shell.premapped = None
-        bitmap = (ctypes.c_uint64 * ((max(sl.size for sl in shell.slots) >> 12) // 64 + 1))()
-        for sl in shell.slots:
-            shell.vm.get_dirty_log(sl.index, ctypes.addressof(bitmap))
+        shell.clear_dirty_log()
         for v in shell.vcpus:
             v.run.immediate_exit = 0
             v.run.kvm_dirty_regs = 0

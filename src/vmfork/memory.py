@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,8 +25,8 @@ import numpy.typing as npt
 from . import _libc
 from ._libc import MAP_FIXED, MAP_NORESERVE
 from .errors import MemoryAccessError, VmforkError
-from .kvm import VmFd
-from .kvm.constants import KVM_MEM_LOG_DIRTY_PAGES
+from .kvm import DirtyRing, VmFd
+from .kvm.constants import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_MEM_LOG_DIRTY_PAGES
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -123,6 +124,7 @@ class _DirtyTracker:
     ever_words: dict[int, int] = field(init=False)   # guest-dirty bits folded in by resets, by word index
     host: set[int] = field(init=False)
     host_ever: set[int] = field(init=False)
+    ring_ever: set[int] = field(init=False)          # guest-dirty pages read from dirty rings by resets
 
     def __post_init__(self) -> None:
         self.words = (self.npages + 63) // 64
@@ -132,6 +134,7 @@ class _DirtyTracker:
         self.ever_words = {}
         self.host = set()
         self.host_ever = set()
+        self.ring_ever = set()
 
 
 def _bits_to_pages(bitmap: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
@@ -142,6 +145,34 @@ def _bits_to_pages(bitmap: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
     bits = np.unpackbits(bitmap[nz].view(np.uint8), bitorder="little").reshape(nz.size, 64)
     rows, cols = np.nonzero(bits)
     return (nz[rows].astype(np.int64) << 6) | cols.astype(np.int64)
+
+
+def _set_bits(bitmap: npt.NDArray[np.uint64], pages: npt.NDArray[np.int64]) -> None:
+    """Set the bits of `pages` (any order, repeats allowed) in `bitmap` (np.bitwise_or.at is much slower)."""
+    if pages.size == 0:
+        return
+    pages = np.sort(pages)
+    words = pages >> 6
+    bits = np.left_shift(np.uint64(1), (pages & 63).astype(np.uint64))
+    starts = np.flatnonzero(np.concatenate(([True], words[1:] != words[:-1])))
+    bitmap[words[starts]] |= np.bitwise_or.reduceat(bits, starts)
+
+
+_RING_LOOP = 48        # ring entries read one by one before the rest is read with numpy
+
+
+def _harvest_ring_bulk(ring: DirtyRing, f: int, slot_base: npt.NDArray[np.int64]) -> tuple[int, npt.NDArray[np.int64]]:
+    """Read every pending entry of `ring` from `f` on with numpy (a reset after thousands of written pages).
+    Returns the new fetch index and the RAM-file page numbers."""
+    entries = np.frombuffer(ring.words, np.uint64).reshape(ring.entries, 2)
+    idx = (f + np.arange(ring.entries, dtype=np.int64)) & ring.mask
+    w0 = entries[idx, 0]
+    dirty = (w0 & np.uint64(KVM_DIRTY_GFN_F_DIRTY)).astype(bool)
+    k = ring.entries if dirty.all() else int(np.argmin(dirty))
+    idx, w0 = idx[:k], w0[:k]
+    pages = slot_base[((w0 >> np.uint64(32)) & np.uint64(0xFFFF)).astype(np.int64)] + entries[idx, 1].astype(np.int64)
+    entries[idx, 0] = w0 ^ np.uint64(KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET)
+    return f + k, pages
 
 
 _memmove = ctypes.memmove
@@ -203,6 +234,10 @@ class GuestMemory:
         self._scratch_words = self._dirty.scratch.data.cast("B").cast("Q")
         self._vm: VmFd | None = None
         self._dirty_logging = False
+        self._rings: list[DirtyRing] = []     # the VM's dirty rings, when it logs into rings instead of bitmaps
+        self._ring_lock = threading.Lock()    # vCPU threads empty full rings while the machine runs
+        self._slot_base = [s.offset >> PAGE_SHIFT for s in slots]            # ring entry slot -> first page
+        self._slot_base_arr = np.array(self._slot_base, np.int64)
         self._frozen: MemoryImage | None = None
         self._layer_fds: list[int] = []
         self.closed = False
@@ -260,9 +295,11 @@ class GuestMemory:
         self._dirty_logging = dirty_logging
 
     def bind(self, vm: VmFd, *, dirty_logging: bool) -> None:
-        """Adopt slots that a VM shell registered already at this host address."""
+        """Adopt slots that a VM shell registered already at this host address (and its dirty rings, if the VM
+        logs into rings)."""
         self._vm = vm
         self._dirty_logging = dirty_logging
+        self._rings = vm.dirty_rings if dirty_logging else []
 
     # --- addressing ---------------------------------------------------------------------------------------------
 
@@ -332,10 +369,16 @@ class GuestMemory:
         if self._vm is None or not self._dirty_logging:
             return
         d = self._dirty
-        scratch_addr = d.scratch.ctypes.data
-        for s in self.slots:
-            word = s.offset >> (PAGE_SHIFT + 6)
-            self._vm.get_dirty_log(s.index, scratch_addr + word * 8)
+        if self._rings:
+            with self._ring_lock:
+                small, bulk = self._harvest_rings()
+            if small or bulk:
+                _set_bits(d.scratch, np.concatenate([np.array(small, np.int64), *bulk]))
+        else:
+            scratch_addr = d.scratch.ctypes.data
+            for s in self.slots:
+                word = s.offset >> (PAGE_SHIFT + 6)
+                self._vm.get_dirty_log(s.index, scratch_addr + word * 8)
         if d.scratch.any():
             np.bitwise_or(d.guest, d.scratch, out=d.guest)
             np.bitwise_or(d.ever, d.scratch, out=d.ever)
@@ -356,6 +399,9 @@ class GuestMemory:
         for wi, bits in d.ever_words.items():
             d.ever[wi] |= np.uint64(bits)
         d.ever_words.clear()
+        if d.ring_ever:
+            _set_bits(d.ever, np.fromiter(d.ring_ever, np.int64, len(d.ring_ever)))
+            d.ring_ever.clear()
         return np.union1d(_bits_to_pages(d.ever), np.fromiter(d.host_ever, np.int64, len(d.host_ever)))
 
     @property
@@ -369,6 +415,8 @@ class GuestMemory:
         plain Python over the few dirty words and one memmove per run of pages."""
         if self.base_pages is None:
             raise VmforkError("only a fork's memory can be reset")
+        if self._rings:
+            return self._reset_from_rings()
         d = self._dirty
         scratch = d.scratch
         if self._vm is not None and self._dirty_logging:
@@ -412,6 +460,64 @@ class GuestMemory:
             count = len(pages)
         if count:
             self._frozen = None
+        return count
+
+    def _harvest_rings(self) -> tuple[list[int], list[npt.NDArray[np.int64]]]:
+        """Read and re-arm every vCPU's dirty ring: the RAM-file pages of the entries, the first few hundred per
+        ring one by one (a plain loop over the mapped ring is the cheapest way to read a handful), the rest with
+        numpy. The caller serialises calls."""
+        small: list[int] = []
+        bulk: list[npt.NDArray[np.int64]] = []
+        base = self._slot_base
+        for ring in self._rings:
+            q, mask, f = ring.words, ring.mask, ring.fetch
+            stop = f + _RING_LOOP
+            while True:
+                j = (f & mask) << 1
+                w = q[j]
+                if not w & 1:                           # KVM_DIRTY_GFN_F_DIRTY
+                    break
+                small.append(base[(w >> 32) & 0xFFFF] + q[j + 1])
+                q[j] = w ^ 3                            # DIRTY -> RESET, slot kept for KVM
+                f += 1
+                if f == stop:
+                    f, pages = _harvest_ring_bulk(ring, f, self._slot_base_arr)
+                    bulk.append(pages)
+                    break
+            ring.fetch = f
+        if small or bulk:
+            assert self._vm is not None
+            self._vm.reset_dirty_rings()
+        return small, bulk
+
+    def _reset_from_rings(self) -> int:
+        """reset_to_base() for a VM that logs into dirty rings: no bitmap to fetch or scan."""
+        d = self._dirty
+        assert self.base_pages is not None
+        small, bulk = self._harvest_rings()
+        if self._guest_any:                             # pages folded in by sync_dirty_log() since the last reset
+            bulk.append(_bits_to_pages(d.guest))
+            d.guest.fill(0)
+            self._guest_any = False
+        if bulk:
+            pages_arr = np.concatenate([np.array(small, np.int64), *bulk, np.fromiter(d.host, np.int64, len(d.host))])
+            _set_bits(d.ever, pages_arr)
+            d.host.clear()
+            pages_arr = np.unique(pages_arr)
+            _copy_page_array(self.host_addr, self._base_pages_addr, self.pages, self.base_pages, pages_arr)
+            count = int(pages_arr.size)
+        else:
+            if small:
+                d.ring_ever.update(small)
+            if d.host:
+                small.extend(d.host)
+                d.host.clear()
+            if not small:
+                return 0
+            pages = sorted(set(small))
+            _copy_runs(self.host_addr, self._base_pages_addr, pages)
+            count = len(pages)
+        self._frozen = None
         return count
 
     # --- forking ------------------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ from .kvm import constants as c
 from .kvm import structs as s
 
 SYNC_ALL = c.KVM_SYNC_X86_REGS | c.KVM_SYNC_X86_SREGS | c.KVM_SYNC_X86_EVENTS
+_SYNC_SIZE = ctypes.sizeof(s.SyncRegs)
+_RUNNING_EXITS = frozenset((c.KVM_EXIT_IO, c.KVM_EXIT_MMIO))
+_memmove = ctypes.memmove
+_addressof = ctypes.addressof
 
 
 def _copy(struct: ctypes.Structure) -> Any:
@@ -39,17 +43,25 @@ class VcpuState:
     lapic: s.LapicState
     mp_state: s.MpState
     debugregs: s.DebugRegs
-    # The restore ioctls with pointers into this state, built on first restore (a state is restored many times).
-    _plan: IoctlPlan | None = field(default=None, compare=False, repr=False)
+    # Built on first restore (a state is restored many times): the restore ioctls with pointers into this state,
+    # the same without KVM_SET_MP_STATE, and regs/sregs/events laid out as kvm_run's sync area.
+    _plan: tuple[IoctlPlan, IoctlPlan, s.SyncRegs] | None = field(default=None, compare=False, repr=False)
 
-    def restore_plan(self) -> IoctlPlan:
+    def restore_plan(self) -> tuple[IoctlPlan, IoctlPlan, s.SyncRegs]:
+        """(all restore ioctls, the same without KVM_SET_MP_STATE, the sync-area image)."""
         if self._plan is None:
-            plan = [plan_entry(c.KVM_SET_XSAVE, self.xsave), plan_entry(c.KVM_SET_XCRS, self.xcrs),
-                    plan_entry(c.KVM_SET_LAPIC, self.lapic), plan_entry(c.KVM_SET_MSRS, self.msrs),
-                    plan_entry(c.KVM_SET_MP_STATE, self.mp_state), plan_entry(c.KVM_SET_DEBUGREGS, self.debugregs)]
+            head = [plan_entry(c.KVM_SET_XSAVE, self.xsave), plan_entry(c.KVM_SET_XCRS, self.xcrs),
+                    plan_entry(c.KVM_SET_LAPIC, self.lapic), plan_entry(c.KVM_SET_MSRS, self.msrs)]
+            tail = [plan_entry(c.KVM_SET_DEBUGREGS, self.debugregs)]
+            sync = s.SyncRegs(self.regs, self.sregs, self.events)
+            plan = ([*head, plan_entry(c.KVM_SET_MP_STATE, self.mp_state), *tail], head + tail, sync)
             object.__setattr__(self, "_plan", plan)
             return plan
         return self._plan
+
+    @property
+    def runnable(self) -> bool:
+        return self.mp_state.mp_state == c.KVM_MP_STATE_RUNNABLE  # type: ignore[no-any-return]
 
     def parts(self) -> dict[str, bytes]:
         """Raw bytes of every part (for file formats)."""
@@ -190,6 +202,11 @@ class Vcpu:
         self._msrs_type = s.msrs_type(len(self.msr_indices))
         if sync_regs:
             self.run.kvm_valid_regs = SYNC_ALL
+        run_addr = fd.run_addr
+        self._sync_addr = run_addr + s.Run.s.offset
+        self._sync_apic_base = ctypes.c_uint64.from_address(
+            self._sync_addr + s.SyncRegs.sregs.offset + s.Sregs.apic_base.offset)
+        self._exit_reason = ctypes.c_uint32.from_address(run_addr + s.Run.exit_reason.offset)
 
     # --- registers ----------------------------------------------------------------------------------------------
 
@@ -268,26 +285,32 @@ class Vcpu:
     def restore(self, st: VcpuState) -> None:
         """Load a captured state. Regs/sregs/events go through the sync area: applied at the next KVM_RUN."""
         fd = self.fd
+        full, without_mp_state, sync_image = st.restore_plan()
         if self._sync:
-            sync = self.run.s.regs
             # KVM_SET_LAPIC interprets the LAPIC in the vCPU's current APIC mode (xAPIC/x2APIC, from apic_base in
             # sregs), so sregs must be in place first unless the APIC base does not change (the reset case).
             dirty = SYNC_ALL
-            if not (self._sync_valid and sync.sregs.apic_base == st.sregs.apic_base):
+            if not (self._sync_valid and self._sync_apic_base.value == st.sregs.apic_base):
                 fd.set_sregs(st.sregs)
                 dirty &= ~c.KVM_SYNC_X86_SREGS
-            sync.regs = st.regs
-            sync.sregs = st.sregs
-            sync.events = st.events
+            _memmove(self._sync_addr, _addressof(sync_image), _SYNC_SIZE)
             self.run.kvm_dirty_regs = dirty
             self._sync_valid = True
         else:
             fd.set_sregs(st.sregs)
             fd.set_regs(st.regs)
-        if not self._sync:
             fd.set_vcpu_events(st.events)
         # xsave, xcrs, lapic, msrs, mp_state, debugregs: after sregs (the LAPIC follows the APIC mode).
-        run_plan(fd.fd, st.restore_plan())
+        # A vCPU whose last KVM_RUN ended in a port or MMIO exit was executing guest code, so its MP state is
+        # RUNNABLE: nothing to restore when the saved one is RUNNABLE too (the reset after each fuzzing input).
+        if self._exit_reason.value in _RUNNING_EXITS and st.runnable:
+            run_plan(fd.fd, without_mp_state)
+        else:
+            run_plan(fd.fd, full)
+            if not st.runnable:
+                # The vCPU is not running any more: forget the last exit (kvm_run's exit_reason is output only,
+                # KVM rewrites it at the next exit), so the next restore sets the MP state.
+                self._exit_reason.value = c.KVM_EXIT_UNKNOWN
 
     def flush_sync(self) -> None:
         """Push pending sync-area writes into KVM now (KVM_RUN with immediate_exit), e.g. before closing."""

@@ -211,6 +211,10 @@ class Shell:
             vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
             vm.create_irqchip()
             vm.create_pit2()
+            if dirty_logging:
+                ring = dirty_ring_bytes(kvm)
+                if ring:
+                    vm.enable_dirty_ring(ring)
             flags = c.KVM_MEM_LOG_DIRTY_PAGES if dirty_logging else 0
             for sl in self.slots:
                 vm.set_user_memory_region(sl.index, sl.gpa, sl.size, self.host_addr + sl.offset, flags)
@@ -223,6 +227,17 @@ class Shell:
             self.close()
             raise
 
+    def clear_dirty_log(self) -> None:
+        """Forget every page logged so far (a recycled shell starts clean)."""
+        if not self.dirty_logging:
+            return
+        if self.vm.dirty_ring_bytes:
+            self.vm.discard_dirty_rings()
+            return
+        bitmap = (ctypes.c_uint64 * ((max(sl.size for sl in self.slots) >> 12) // 64 + 1))()
+        for sl in self.slots:
+            self.vm.get_dirty_log(sl.index, ctypes.addressof(bitmap))
+
     def close(self) -> None:
         for v in self.vcpus:
             v.close()
@@ -231,6 +246,22 @@ class Shell:
         if self.owns_addr and self.host_addr:
             release_address_space(self.host_addr, self.size)
             self.host_addr = 0
+
+
+# Forks log dirty pages into per-vCPU rings when the host has them: reading the few entries a fuzzing iteration
+# leaves costs less than fetching and scanning a whole bitmap (docs/design.md, "Reset"). 8192 entries (128 KiB
+# per vCPU): an iteration that dirties more pages exits to vmfork to empty the ring (KVM_EXIT_DIRTY_RING_FULL).
+# VMFORK_DIRTY_RING=0 keeps the bitmaps.
+DIRTY_RING_ENTRIES = 8192
+
+
+def dirty_ring_bytes(kvm: Kvm) -> int:
+    """The ring size forks use on this host, 0 for bitmaps."""
+    if os.environ.get("VMFORK_DIRTY_RING", "1") == "0":
+        return 0
+    limit = kvm.check_extension(c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL) or kvm.check_extension(c.KVM_CAP_DIRTY_LOG_RING)
+    want = DIRTY_RING_ENTRIES * ctypes.sizeof(s.DirtyGfn)
+    return want if limit >= want else 0
 
 
 _tsc_khz_cache: int | None = None
@@ -543,6 +574,8 @@ class Machine:
                         return
                 elif reason == c.KVM_EXIT_INTR:
                     continue
+                elif reason == c.KVM_EXIT_DIRTY_RING_FULL:
+                    self.memory.sync_dirty_log()        # empties the rings; then KVM_RUN goes on
                 elif reason == c.KVM_EXIT_DEBUG:
                     # Guest debugging (breakpoints, single-step) pauses the machine; it can be continued.
                     dbg = run.exit.debug

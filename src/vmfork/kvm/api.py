@@ -24,6 +24,7 @@ _ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _ioctl.restype = ctypes.c_int
 
 _NAMES: Final = {v: k for k, v in vars(c).items() if k.startswith("KVM_") and isinstance(v, int) and v > 0xFFFF}
+_NAMES[c.KVM_RESET_DIRTY_RINGS] = "KVM_RESET_DIRTY_RINGS"
 
 
 def ioctl(fd: int, request: int, arg: int | ctypes._CData | ctypes._Pointer[ctypes._CData] | None = None) -> int:  # type: ignore[name-defined]
@@ -139,6 +140,8 @@ class VmFd:
         self._region = s.UserspaceMemoryRegion()
         self._dirty = s.DirtyLog()
         self._irq = s.IrqLevel()
+        self.dirty_ring_bytes = 0                   # per vCPU, once enable_dirty_ring() was called
+        self.dirty_rings: list[DirtyRing] = []      # one per vCPU, in creation order
 
     def check_extension(self, cap: int) -> int:
         return ioctl(self.fd, c.KVM_CHECK_EXTENSION, cap)
@@ -149,6 +152,27 @@ class VmFd:
         for i, a in enumerate(args):
             ec.args[i] = a
         ioctl(self.fd, c.KVM_ENABLE_CAP, ec)
+
+    def enable_dirty_ring(self, nbytes: int) -> None:
+        """Log dirty pages into per-vCPU rings of `nbytes` instead of per-slot bitmaps (before any vCPU exists).
+        KVM_GET_DIRTY_LOG is refused from then on."""
+        cap = c.KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+        if not self.check_extension(cap):
+            cap = c.KVM_CAP_DIRTY_LOG_RING
+        self.enable_cap(cap, nbytes)
+        self.dirty_ring_bytes = nbytes
+
+    def reset_dirty_rings(self) -> int:
+        """Re-protect the pages of every ring entry marked harvested; returns how many."""
+        ret = _ioctl(self.fd, c.KVM_RESET_DIRTY_RINGS, None)
+        if ret < 0:
+            raise KvmError("KVM_RESET_DIRTY_RINGS", ctypes.get_errno())
+        return int(ret)
+
+    def discard_dirty_rings(self) -> None:
+        """Drop every logged page (a recycled VM starts with clean rings)."""
+        if any([r.discard() for r in self.dirty_rings]):
+            self.reset_dirty_rings()
 
     def set_tss_addr(self, addr: int) -> None:
         ioctl(self.fd, c.KVM_SET_TSS_ADDR, addr)
@@ -203,7 +227,10 @@ class VmFd:
         ioctl(self.fd, c.KVM_SET_CLOCK, clock)
 
     def create_vcpu(self, index: int) -> VcpuFd:
-        return VcpuFd(ioctl(self.fd, c.KVM_CREATE_VCPU, index), self)
+        vcpu = VcpuFd(ioctl(self.fd, c.KVM_CREATE_VCPU, index), self)
+        if vcpu.dirty_ring is not None:
+            self.dirty_rings.append(vcpu.dirty_ring)
+        return vcpu
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -224,6 +251,14 @@ class VcpuFd:
             os.close(fd)
             raise KvmError("mmap(kvm_run)", ctypes.get_errno(), str(e)) from None
         self.run = s.Run.from_address(self.run_addr)
+        self.dirty_ring: DirtyRing | None = None
+        if vm.dirty_ring_bytes:
+            try:
+                self.dirty_ring = DirtyRing(fd, vm.dirty_ring_bytes)
+            except BaseException:
+                libc_munmap(self.run_addr, self._run_size)
+                os.close(fd)
+                raise
 
     # The get/set pairs take caller-owned structures so hot paths reuse their buffers.
     def get_regs(self, regs: s.Regs) -> None:
@@ -315,6 +350,54 @@ class VcpuFd:
 
     def close(self) -> None:
         if self.fd >= 0:
+            if self.dirty_ring is not None:
+                if self.dirty_ring in self.vm.dirty_rings:
+                    self.vm.dirty_rings.remove(self.dirty_ring)
+                self.dirty_ring.close()
             libc_munmap(self.run_addr, self._run_size)
             os.close(self.fd)
             self.fd = -1
+
+
+class DirtyRing:
+    """A vCPU's dirty ring, mapped from its fd: `entries` struct kvm_dirty_gfn, a power of two. KVM produces
+    entries with flags = DIRTY; the consumer reads them in order from `fetch`, marks each RESET, and calls
+    VmFd.reset_dirty_rings() so KVM write-protects those pages again and reuses the entries.
+
+    `words` views the ring as u64 pairs: [2i] = flags | slot << 32, [2i+1] = page offset in the slot. On x86 plain
+    loads and stores give the acquire/release order the protocol asks for."""
+
+    ENTRY_SIZE: Final = ctypes.sizeof(s.DirtyGfn)
+
+    def __init__(self, vcpu_fd: int, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.entries = nbytes // self.ENTRY_SIZE
+        self.mask = self.entries - 1
+        self.fetch = 0                  # the next entry to read (a free-running count)
+        try:
+            self.addr = libc_mmap(0, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, vcpu_fd,
+                                  c.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        except VmforkError as e:
+            raise KvmError("mmap(dirty ring)", ctypes.get_errno(), str(e)) from None
+        self._array = (ctypes.c_uint64 * (2 * self.entries)).from_address(self.addr)
+        self.words = memoryview(self._array).cast("B").cast("Q")
+
+    def discard(self) -> int:
+        """Mark every pending entry harvested without reporting it; returns how many."""
+        q, mask, f = self.words, self.mask, self.fetch
+        start = f
+        while True:
+            j = (f & mask) << 1
+            w = q[j]
+            if not w & c.KVM_DIRTY_GFN_F_DIRTY:
+                break
+            q[j] = w ^ (c.KVM_DIRTY_GFN_F_DIRTY | c.KVM_DIRTY_GFN_F_RESET)
+            f += 1
+        self.fetch = f
+        return f - start
+
+    def close(self) -> None:
+        if self.addr:
+            self.words.release()
+            libc_munmap(self.addr, self.nbytes)
+            self.addr = 0

@@ -55,6 +55,7 @@ KVM_GET_CLOCK = _ior(0x7C, s.ClockData)
 KVM_GET_PIT2 = _ior(0x9F, s.PitState2)
 KVM_SET_PIT2 = _iow(0xA0, s.PitState2)
 KVM_ENABLE_CAP = _iow(0xA3, s.EnableCap)
+KVM_RESET_DIRTY_RINGS = _io(0xC7)
 
 # vCPU
 KVM_RUN = _io(0x80)
@@ -119,6 +120,7 @@ KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_DIRTY_LOG_RING = 192
 KVM_CAP_XSAVE2 = 208
 KVM_CAP_X86_TRIPLE_FAULT_EVENT = 218
+KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
 
 # exit reasons
 KVM_EXIT_UNKNOWN = 0
@@ -137,6 +139,7 @@ KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_X86_RDMSR = 29
 KVM_EXIT_X86_WRMSR = 30
+KVM_EXIT_DIRTY_RING_FULL = 31
 
 EXIT_REASON_NAMES = {v: k[len("KVM_EXIT_"):].lower() for k, v in dict(globals()).items() if k.startswith("KVM_EXIT_")}
 
@@ -153,6 +156,11 @@ KVM_SYSTEM_EVENT_CRASH = 3
 
 # memory slot flags
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+
+# dirty ring (KVM_CAP_DIRTY_LOG_RING): per-vCPU rings of struct kvm_dirty_gfn, mmapped from the vCPU fd
+KVM_DIRTY_LOG_PAGE_OFFSET = 64          # in pages (x86)
+KVM_DIRTY_GFN_F_DIRTY = 1 << 0          # set by KVM: the entry names a page written since it was last reset
+KVM_DIRTY_GFN_F_RESET = 1 << 1          # set by user space: harvested, re-protect at KVM_RESET_DIRTY_RINGS
 KVM_MEM_READONLY = 1 << 1
 
 # sync regs

@@ -183,6 +183,12 @@ class DirtyLog(ctypes.Structure):
     _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("dirty_bitmap", c_uint64)]
 
 
+class DirtyGfn(ctypes.Structure):
+    """One entry of a vCPU's dirty ring (struct kvm_dirty_gfn)."""
+
+    _fields_ = [("flags", c_uint32), ("slot", c_uint32), ("offset", c_uint64)]
+
+
 class IrqLevel(ctypes.Structure):
     _fields_ = [("irq", c_uint32), ("level", c_uint32)]
 
