@@ -13,24 +13,29 @@ Everything works on a `Target` (vmfork.vmi.target): an in-process machine now, a
 later. `vmfork.vmi.commands` has the same operations as functions returning printable text, for the CLI.
 """
 
-from .breakpoints import Breakpoint, Debugger, Hit, debugger
-from .diff import ForkDiff, PageDiff, RegisterDiff, diff
-from .disasm import Instruction, disassemble, format_disassembly
-from .errors import (
-                     BreakpointError,
-                     NonCanonicalAddress,
-                     SteppingError,
-                     SymbolError,
-                     TranslationError,
-                     UnmappedAddress,
-                     VcpuIndexError,
-                     VmiError,
-)
-from .gdbserver import GdbServer, serve_gdb
-from .memory import AddressSpace, Translation, hexdump, read_phys, read_virt, translate, write_phys, write_virt
-from .regs import format_regs, get_register, set_register
-from .symbols import Symbol, SymbolTable, load_symbols
-from .target import LocalTarget, Target, as_target
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .breakpoints import Breakpoint, Debugger, Hit, debugger
+    from .diff import ForkDiff, PageDiff, RegisterDiff, diff
+    from .disasm import Instruction, disassemble, format_disassembly
+    from .errors import (
+                         BreakpointError,
+                         NonCanonicalAddress,
+                         SteppingError,
+                         SymbolError,
+                         TranslationError,
+                         UnmappedAddress,
+                         VcpuIndexError,
+                         VmiError,
+    )
+    from .gdbserver import GdbServer, serve_gdb
+    from .memory import AddressSpace, Translation, hexdump, read_phys, read_virt, translate, write_phys, write_virt
+    from .regs import format_regs, get_register, set_register
+    from .symbols import Symbol, SymbolTable, load_symbols
+    from .target import LocalTarget, Target, as_target
 
 __all__ = [
     "AddressSpace", "Breakpoint", "BreakpointError", "Debugger", "ForkDiff", "GdbServer", "Hit", "Instruction",
@@ -39,3 +44,19 @@ __all__ = [
     "as_target", "debugger", "diff", "disassemble", "format_disassembly", "format_regs", "get_register", "hexdump",
     "load_symbols", "read_phys", "read_virt", "serve_gdb", "set_register", "translate", "write_phys", "write_virt",
 ]
+
+_EXPORTS = {
+    "Breakpoint": "breakpoints", "Debugger": "breakpoints", "Hit": "breakpoints", "debugger": "breakpoints",
+    "ForkDiff": "diff", "PageDiff": "diff", "RegisterDiff": "diff", "diff": "diff",
+    "Instruction": "disasm", "disassemble": "disasm", "format_disassembly": "disasm",
+    "BreakpointError": "errors", "NonCanonicalAddress": "errors", "SteppingError": "errors", "SymbolError": "errors",
+    "TranslationError": "errors", "UnmappedAddress": "errors", "VcpuIndexError": "errors", "VmiError": "errors",
+    "GdbServer": "gdbserver", "serve_gdb": "gdbserver",
+    "AddressSpace": "memory", "Translation": "memory", "hexdump": "memory", "read_phys": "memory",
+    "read_virt": "memory", "translate": "memory", "write_phys": "memory", "write_virt": "memory",
+    "format_regs": "regs", "get_register": "regs", "set_register": "regs",
+    "Symbol": "symbols", "SymbolTable": "symbols", "load_symbols": "symbols",
+    "LocalTarget": "target", "Target": "target", "as_target": "target",
+}
+assert set(_EXPORTS) == set(__all__)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
