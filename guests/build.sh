@@ -2,7 +2,10 @@
 # Build the vmfork test guest kernels from guests/testguest/ (nasm only, no linker):
 #   build/guests/testguest-multiboot.elf   ELF32 with a Multiboot v1 header
 #   build/guests/testguest-pvh.elf         ELF32 with a Xen PVH entry note
-# An image is rebuilt only when a source file (or this script) is newer than it; --force rebuilds both.
+# and the same two with the jsmn fuzzing example (guests/jsmn/: Debian's jsmn JSON parser compiled by gcc, with a
+# planted bug) in a second PT_LOAD, and the `jsmn` program that calls it:
+#   build/guests/jsmn-multiboot.elf, build/guests/jsmn-pvh.elf
+# An image is rebuilt only when a source file (or this script) is newer than it; --force rebuilds all of them.
 # VMFORK_GUEST_DIR overrides the output directory.
 set -euo pipefail
 
@@ -21,17 +24,24 @@ if ! command -v nasm >/dev/null 2>&1; then
 fi
 mkdir -p "$out"
 
+# build NAME VARIANT-DEFINE [DEPENDENCY...] [-- NASM-ARGUMENTS...]: assemble $out/NAME.elf from main.asm when a
+# source, this script or a dependency is newer than it
 build() {
-    local variant="$1" define="$2"
-    local target="$out/testguest-$variant.elf"
-    if [[ $force == 0 && -f "$target" && -z "$(find "$src" "$here/build.sh" -newer "$target" -print -quit)" ]]; then
+    local name="$1" define="$2"
+    shift 2
+    local deps=() extra=()
+    while [[ $# -gt 0 && "$1" != "--" ]]; do deps+=("$1"); shift; done
+    if [[ $# -gt 0 ]]; then shift; extra=("$@"); fi
+    local target="$out/$name.elf"
+    if [[ $force == 0 && -f "$target" &&
+          -z "$(find "$src" "$here/build.sh" "${deps[@]}" -newer "$target" -print -quit)" ]]; then
         return 0
     fi
     local tmp
-    tmp="$(mktemp "$out/.testguest-$variant.XXXXXX")"
-    if ! nasm -f bin -w+all -D"$define" -I "$src/" -o "$tmp" "$src/main.asm"; then
+    tmp="$(mktemp "$out/.$name.XXXXXX")"
+    if ! nasm -f bin -w+all -D"$define" -I "$src/" "${extra[@]}" -o "$tmp" "$src/main.asm"; then
         rm -f "$tmp"
-        echo "guests/build.sh: nasm failed for $variant" >&2
+        echo "guests/build.sh: nasm failed for $name" >&2
         exit 1
     fi
     chmod 644 "$tmp"
@@ -39,5 +49,17 @@ build() {
     echo "built $target"
 }
 
-build multiboot VARIANT_MULTIBOOT
-build pvh VARIANT_PVH
+build testguest-multiboot VARIANT_MULTIBOOT
+build testguest-pvh VARIANT_PVH
+
+# The jsmn example: its C part first (guests/jsmn/build.sh; says what is missing and fails without gcc, binutils or
+# libjsmn-dev), under a lock so that a concurrent build never pairs one build's jsmn.bin with another's jsmn.inc.
+exec 9>"$out/.jsmn.lock"
+flock 9
+force_arg=()
+if [[ $force == 1 ]]; then force_arg=(--force); fi
+"$here/jsmn/build.sh" "${force_arg[@]}"
+jsmn="$out/jsmn"
+build jsmn-multiboot VARIANT_MULTIBOOT "$jsmn/jsmn.inc" "$jsmn/jsmn.bin" -- -DWITH_JSMN -I "$jsmn/"
+build jsmn-pvh VARIANT_PVH "$jsmn/jsmn.inc" "$jsmn/jsmn.bin" -- -DWITH_JSMN -I "$jsmn/"
+exec 9>&-

@@ -152,6 +152,29 @@ def test_cli_fuzz_and_replay(pvh_guest: Path, tmp_path: Path, capsys: pytest.Cap
 
 # --- under AFL++ ------------------------------------------------------------------------------------------------
 
+def test_persistent_block_hits_cost_one_exit_each(target: tuple[VM, int, int]) -> None:
+    """AFL++'s edge map needs every block hit, in order. The fuzz fork's own trap answers (ForkTraps) take one exit
+    per hit (the block's int3 goes back when another block traps); the Debugger's step-over takes two. Both see the
+    same hits in the parser, whose loops all run through more than one block."""
+    vm, start, end = target
+    data = b"FUZZA\x01C\x00A\x02C\x00B\x00"
+    seen: dict[bool, list[int]] = {}
+    exits: dict[bool, int] = {}
+    for fast_traps in (True, False):
+        hits: list[int] = []
+        with Fuzzer(vm, coverage=[(start, end)], block_hook=hits.append, budget_s=0.5, fast_traps=fast_traps) as fz:
+            for _ in range(2):                                      # the second run: after a reset
+                hits.clear()
+                before = fz.fork.exits
+                assert fz.execute(data).outcome == "ok"
+                exits[fast_traps] = fz.fork.exits - before
+        seen[fast_traps] = hits
+    assert seen[True] == seen[False] and len(seen[True]) > 20
+    assert set(seen[True]) <= set(basic_blocks(vm, start, end))
+    assert exits[True] == len(seen[True]) + 1                       # one per hit, and the end marker
+    assert exits[False] == 2 * len(seen[True]) + 1                  # a step over each hit: a second exit
+
+
 AFL_ENV = {"AFL_SKIP_BIN_CHECK": "1", "AFL_NO_UI": "1", "AFL_SKIP_CPUFREQ": "1", "AFL_NO_AFFINITY": "1",
            "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1", "AFL_FORKSRV_INIT_TMOUT": "60000"}
 needs_afl = pytest.mark.skipif(shutil.which("afl-fuzz") is None, reason="afl-fuzz not installed (Debian: afl++)")
@@ -249,15 +272,29 @@ def test_keep_stops_at_the_first_crash_and_keeps_its_fork(target: tuple[VM, int,
     assert kept.state == "destroyed"                    # close() takes kept forks too
 
 
-def test_a_triple_fault_stop_is_a_crash_with_its_state(target: tuple[VM, int, int]) -> None:
-    from vmfork.vm import StopEvent
+TRIPLE = b"FUZZTF"          # the parser's 'T' record with value 'F': the kernel's triple-fault service
+
+
+def test_a_triple_fault_is_a_crash_with_its_state_saved(target: tuple[VM, int, int], tmp_path: Path) -> None:
+    """The guest really triple-faults (an empty IDT, then ud2 in CPL0): KVM_EXIT_SHUTDOWN, a crash of kind
+    triple-fault with the vCPU's registers in the crash JSON, and a replay does the same."""
     vm, _, _ = target
-    with Fuzzer(vm, budget_s=0.2) as fz:
-        fz.execute(SEED)
-        res = fz._classify(StopEvent("crash", None, 0, "KVM_EXIT_SHUTDOWN (triple fault)"))
-        assert (res.outcome, res.kind) == ("crash", "triple-fault") and "triple fault" in res.detail
-        assert res.registers is not None and res.rip == res.registers["rip"]
-        assert fz.execute(SEED).outcome == "ok"          # a fresh fork replaces the crashed one
+    with Fuzzer(vm, budget_s=0.5) as fz:
+        st = fz.fuzz([SEED, TRIPLE, SEED], seconds=0.0, out_dir=tmp_path)   # only the seeds run
+        assert (st.execs, st.ok, st.crashes) == (3, 2, 1), st                # the fuzzing goes on after it
+        res = fz.last_crash
+        assert res is not None and (res.outcome, res.kind) == ("crash", "triple-fault"), res
+        assert "shut down" in res.detail and fz.fork.state != "crashed"      # a fresh fork replaced the dead one
+    (crash,) = st.crash_files
+    saved = json.loads(Path(crash).with_suffix(".json").read_text())
+    assert (saved["outcome"], saved["kind"], saved["vector"]) == ("crash", "triple-fault", None)
+    regs, system = saved["registers"], saved["system"]
+    assert regs["rip"] == saved["rip"] and regs["rax"] == 0x10                # in the service, RAX = SVC_TRIPLE_FAULT
+    assert system["idt_limit"] == 0 and system["cpl"] == 0                   # how the guest made the fault fatal
+    with Fuzzer(vm, budget_s=0.5) as fz:
+        again = fz.execute(Path(crash).read_bytes())
+    assert (again.outcome, again.kind, again.rip) == ("crash", "triple-fault", saved["rip"])
+    assert again.registers == regs
 
 
 def test_cover_auto_takes_the_range_the_target_prints(pvh_guest: Path, tmp_path: Path) -> None:
@@ -271,4 +308,4 @@ def test_cover_auto_takes_the_range_the_target_prints(pvh_guest: Path, tmp_path:
                         "--corpus", str(seeds), "--out", str(tmp_path / "out"), "--cover", "auto", "--execs", "50",
                         "--quiet"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "16 blocks to cover" in r.stderr
+    assert "19 blocks to cover" in r.stderr

@@ -1,6 +1,9 @@
 ; vmfork test guest kernel: one source, two images.
 ;   nasm -f bin -DVARIANT_MULTIBOOT main.asm  -> ELF32 with a Multiboot v1 header
 ;   nasm -f bin -DVARIANT_PVH main.asm        -> ELF32 with a Xen PVH entry note
+;   either with -DWITH_JSMN -I build/guests/jsmn/ -> the same plus the jsmn fuzzing example's C code (guests/jsmn/,
+;                                                  built first by guests/jsmn/build.sh) in a second PT_LOAD at
+;                                                  JSMN_ADDR, and the `jsmn` program that calls it
 ; The ELF headers are written by hand (no linker): one PT_LOAD at 1 MiB from file offset 0, plus a PT_NOTE for PVH.
 ;
 ; Image layout (physical = virtual, identity-mapped):
@@ -18,6 +21,12 @@
 %endif
 
 %include "layout.inc"
+%ifdef WITH_JSMN
+%include "jsmn.inc"                     ; generated: the C code's symbols (guests/jsmn/build.sh)
+%if JSMN_TEXT_START != JSMN_ADDR
+%error "guests/jsmn/link.ld and layout.inc disagree on JSMN_ADDR"
+%endif
+%endif
 
         org LOAD_ADDR
         section .text
@@ -41,7 +50,7 @@ ehdr:
         dd 0                            ; e_flags
         dw 52                           ; e_ehsize
         dw 32                           ; e_phentsize
-        dw PHNUM                        ; e_phnum
+        dw PHNUM + JSMN_PHNUM           ; e_phnum
         dw 0, 0, 0                      ; e_shentsize, e_shnum, e_shstrndx
 phdrs:
         dd 1                            ; PT_LOAD
@@ -64,6 +73,19 @@ phdrs:
 PHNUM   equ 2
 %else
 PHNUM   equ 1
+%endif
+%ifdef WITH_JSMN
+        dd 1                            ; PT_LOAD: the jsmn example's code and data at JSMN_ADDR, its .bss zeroed
+        dd section..jsmn.start - LOAD_ADDR      ; file offset (4 KiB-aligned, like the address)
+        dd JSMN_ADDR
+        dd JSMN_ADDR
+        dd jsmn_image_end - jsmn_image
+        dd JSMN_MEM_END - JSMN_ADDR
+        dd 7                            ; PF_R | PF_W | PF_X
+        dd 0x1000
+JSMN_PHNUM equ 1
+%else
+JSMN_PHNUM equ 0
 %endif
 
 %ifdef VARIANT_PVH
@@ -217,6 +239,16 @@ TSS_SIZE equ $ - tss
 
         align 16, db 0
 file_end:
+
+%ifdef WITH_JSMN
+; The jsmn example's flat image (guests/jsmn/), in the file after the kernel and at JSMN_ADDR in memory. The .bss is
+; declared first with `follows=.text` so that it stays right after the kernel, where it is without the example.
+        section .bss nobits align=4096 follows=.text
+        section .jsmn progbits follows=.text align=4096 vstart=JSMN_ADDR
+jsmn_image:
+        incbin "jsmn.bin"
+jsmn_image_end:
+%endif
 
 ; ---------------------------------------------------------------------------------------------------------------
         section .bss nobits align=4096

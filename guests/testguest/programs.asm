@@ -12,6 +12,9 @@ prog_table:
         dq name_ud2, prog_ud2
         dq name_vmi, prog_vmi
         dq name_fuzz, prog_fuzz
+%ifdef WITH_JSMN
+        dq name_jsmn, prog_jsmn
+%endif
         dq 0, 0
 
 name_hello:     db "hello", 0
@@ -25,6 +28,9 @@ name_xrstor:    db "xrstor", 0
 name_ud2:       db "ud2", 0
 name_vmi:       db "vmi", 0
 name_fuzz:      db "fuzz", 0
+%ifdef WITH_JSMN
+name_jsmn:      db "jsmn", 0
+%endif
 
 ; ---------------------------------------------------------------------------------------------------------------
 ; hello: "vmfork-guest: hello <protocol> ram=<MiB>MiB", "vmfork-guest: ready", exit 0
@@ -472,10 +478,19 @@ vmi_target:
 ; spins forever (a hang). After "FUZZ" come 2-byte records (type, value) up to the end of the input:
 ; 'A' adds the value to a sum, 'C' counts, 'B' stores into bank <value> of a table: the planted bug, the signed
 ; bank number is not bounds-checked and each bank is 4 GiB apart, so any nonzero value writes outside the mapped
-; 4 GiB (#PF, vector 14: "EXCEPTION vec=14", exit status 0x8e). Any other type ends the parse. The sum, count and
-; table live at FUZZ_DATA (0x900000).
+; 4 GiB (#PF, vector 14: "EXCEPTION vec=14", exit status 0x8e). 'T' with value 'F' calls the kernel's triple-fault
+; service (the machine shuts down: a crash with no exception report). Any other type ends the parse. The sum, count
+; and table live at FUZZ_DATA (0x900000).
 FUZZ_DATA       equ 0x00900000
+; `fuzz [markers=0]`: how an iteration is marked. 0: the harness port (READY_MARKER, END_MARKER). 1: KF/x-style
+; breakpoint-harness markers, `int3` with RAX = FUZZ_INT3_START (RDI/RSI = the buffer, like READY_MARKER) or
+; FUZZ_INT3_END (without a VMM watching, the kernel answers them as unknown services and the loop goes on). 2: no
+; markers at all, the loop parses the buffer forever (for start/end breakpoints at prog_fuzz.input/prog_fuzz.done).
+; Every mode starts an iteration at prog_fuzz.input (where the input is first read) and ends it at prog_fuzz.done.
+FUZZ_INT3_START equ 0x13371337
+FUZZ_INT3_END   equ 0x13371338
 prog_fuzz:
+        ARG r12, 0, 0                   ; markers (kept in r12: fuzz_parse preserves it)
         PRINT "vmfork-guest: fuzz parse="
         lea rax, [fuzz_parse]
         call puthex
@@ -484,7 +499,17 @@ prog_fuzz:
         call puthex
         PRINT 10, "vmfork-guest: ready", 10
 .iteration:
+        cmp r12, 1
+        je .int3_start
+        ja .input
         READY_MARKER
+        jmp .input
+.int3_start:
+        mov edi, INBUF_ADDR
+        mov esi, INBUF_SIZE
+        mov eax, FUZZ_INT3_START
+        int3
+.input:
         mov esi, INBUF_ADDR
         mov rcx, [rsi]                  ; length
         cmp rcx, INBUF_SIZE - 8
@@ -493,7 +518,15 @@ prog_fuzz:
 .len_ok:
         lea rdi, [rsi + 8]
         call fuzz_parse
+.done:
+        cmp r12, 1
+        je .int3_end
+        ja .iteration
         END_MARKER
+        jmp .iteration
+.int3_end:
+        mov eax, FUZZ_INT3_END
+        int3
         jmp .iteration
 
 ; rdi = data, rcx = length. Clobbers rax, rbx, rdx, rsi.
@@ -528,6 +561,14 @@ fuzz_parse:
         je .bank
         cmp al, 'C'
         je .count
+        cmp al, 'T'
+        je .triple
+        jmp .done
+.triple:
+        cmp bl, 'F'                     ; "TF": the kernel's triple-fault service, a crash KVM reports as a shutdown
+        jne .done
+        mov eax, SVC_TRIPLE_FAULT
+        int3                            ; never returns
         jmp .done
 .add:
         add [abs FUZZ_DATA], rbx
@@ -543,3 +584,35 @@ fuzz_parse:
 .done:
         ret
 fuzz_parse_end:
+
+%ifdef WITH_JSMN
+; ---------------------------------------------------------------------------------------------------------------
+; jsmn (jsmn images only): the fuzzing example on a third-party parser, Debian's jsmn with a planted bug
+; (guests/jsmn/). Prints "vmfork-guest: jsmn parse=0x<start> end=0x<end>" (the C code, for `--cover auto`) and
+; "vmfork-guest: ready"; then forever: ready marker; input = u64 length + that many bytes (length clamped to
+; INBUF_SIZE - 8); fuzz_json(data, length), a C function (SysV ABI) in CPL3 like everything here; end marker; back to
+; the ready marker. A stack overflow caught by the C code's canary ends in `ud2`: "EXCEPTION vec=6 rip=<in the C
+; code>", exit status 0x86.
+prog_jsmn:
+        PRINT "vmfork-guest: jsmn parse="
+        mov eax, JSMN_TEXT_START
+        call puthex
+        PRINT " end="
+        mov eax, JSMN_TEXT_END
+        call puthex
+        PRINT 10, "vmfork-guest: ready", 10
+        and rsp, -16                    ; the ABI's alignment at a call; nothing is ever popped from here on
+.iteration:
+        READY_MARKER
+        mov esi, INBUF_ADDR
+        mov rcx, [rsi]                  ; length
+        cmp rcx, INBUF_SIZE - 8
+        jbe .len_ok
+        mov ecx, INBUF_SIZE - 8
+.len_ok:
+        lea rdi, [rsi + 8]
+        mov rsi, rcx
+        call JSMN_TEXT_START            ; fuzz_json(data, length): may clobber every caller-saved register
+        END_MARKER
+        jmp .iteration
+%endif

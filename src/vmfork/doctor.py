@@ -52,6 +52,7 @@ LEAKS = "leaks"                   # the guest reads a value that is not its own
 GUEST_TRAP = "guest-trap"         # a debug event went to the guest's IDT instead of exiting to the host
 CPL0_ONLY = "cpl0-only"           # works in (emulated) kernel mode only
 UNAVAILABLE = "unavailable"       # no usable /dev/kvm
+ABSENT = "absent"                 # the VMM's CPUID or KVM says the feature is not there
 
 # Guest exit statuses used by the probes (the flat environment's default handlers report 0xdf-0xff).
 OK = 0x2A                         # the probed thing worked
@@ -654,6 +655,71 @@ def probe_exit_cost(quick: bool) -> ProbeItem:
                      f"a port I/O exit handled by vmfork's Python loop costs {us:.0f} µs ({exits} exits measured)")
 
 
+PMI_OK = 0x2B                     # the counter-overflow interrupt's handler ran
+PMU_VECTOR = 0xF0
+PMU_LOOP = 1_000_000              # COUNT_LOOP iterations: 2,000,001 instructions to the exit
+PMU_OVERFLOW_AFTER = 100_000      # instructions before the preloaded counter overflows
+
+
+def _pmu_hint() -> str:
+    from .fuzz.pmu import enable_pmu_param
+    param = enable_pmu_param()
+    return f" (the host's kvm.enable_pmu is {param})" if param is not None else ""
+
+
+def _pmu_count(layout: Any) -> int:
+    """Retired instructions counter 0 saw over COUNT_LOOP in CPL3, read back by the host."""
+    from .fuzz.pmu import msr_values, read_msrs, write_msrs
+    with _Guest(COUNT_LOOP, cpl=3) as g:
+        g.restart(rcx=PMU_LOOP)
+        write_msrs(g.vcpu.fd, msr_values(layout, preload=0, interrupt=False))
+        o = g.run(2.0)
+        if not (o.kind == "exit" and o.status == OK):
+            raise VmforkError(f"the counted loop {_classify(o)[1]}")
+        return read_msrs(g.vcpu.fd, [layout.counter])[layout.counter]
+
+
+def _pmu_interrupts(layout: Any) -> _Outcome:
+    """COUNT_LOOP with counter 0 preloaded to overflow early and its interrupt routed to a handler."""
+    from .fuzz.pmu import msr_values, set_lvtpc, write_msrs
+    with _Guest(COUNT_LOOP, cpl=3, interrupts=True, handlers={PMU_VECTOR: exit_with(PMI_OK)}) as g:
+        g.restart(rcx=PMU_LOOP, interrupts=True)
+        set_lvtpc(g.vcpu.fd, PMU_VECTOR)
+        write_msrs(g.vcpu.fd, msr_values(layout, preload=-PMU_OVERFLOW_AFTER, interrupt=True))
+        return g.run(2.0)
+
+
+def probe_vpmu(quick: bool) -> ProbeItem:
+    """A virtual PMU that counts the guest's retired instructions and interrupts it on overflow (what `vmfork fuzz
+    --budget-instructions` needs): the VMM's CPUID, then a counted CPL3 loop, then an overflow interrupt."""
+    from .arch.x86 import cpu
+    from .fuzz.pmu import PmuError, detect
+    from .vm import open_kvm
+    name = "vpmu"
+    cpuid: Any = cpu.vcpu_cpuid(open_kvm(), 0)
+    layout = detect(cpuid.entries[:cpuid.nent])
+    if isinstance(layout, str):
+        return ProbeItem(name, ABSENT, False, None, "", f"no virtual PMU: {layout}{_pmu_hint()}")
+    what = f"counter 0 ({layout.describe()}) over {2 * PMU_LOOP + 1:,} guest instructions in CPL3"
+    try:
+        counted = _pmu_count(layout)
+    except PmuError as e:
+        return ProbeItem(name, ABSENT, False, None, "", f"no virtual PMU: {e}{_pmu_hint()}")
+    expected = 2 * PMU_LOOP + 1
+    if counted == 0:
+        return ProbeItem(name, IGNORED, False, 0.0, "instr",
+                         f"no virtual PMU: {what} stayed 0, its MSRs accepted and ignored{_pmu_hint()}")
+    if not 0.95 * expected <= counted <= 1.05 * expected + 1000:
+        return ProbeItem(name, BROKEN, False, float(counted), "instr", f"{what} counted {counted:,}")
+    o = _pmu_interrupts(layout)
+    if o.kind == "exit" and o.status == PMI_OK:
+        return ProbeItem(name, WORKS, True, float(counted), "instr",
+                         f"{what} counted {counted:,}; its overflow interrupt reaches the guest (LVTPC)")
+    phrase = _classify(o)[1]
+    return ProbeItem(name, BROKEN, False, float(counted), "instr",
+                     f"{what} counted {counted:,}, but with its overflow interrupt on, the guest {phrase}")
+
+
 Probe = Callable[[bool], ProbeItem]
 
 PROBES: dict[str, tuple[str, Probe]] = {
@@ -674,6 +740,7 @@ PROBES: dict[str, tuple[str, Probe]] = {
     "dirty_logging": ("KVM dirty logging reports guest writes exactly", probe_dirty_logging),
     "dirty_log_reads": ("pages only read stay out of the dirty log", probe_dirty_log_reads),
     "exit_cost": ("cost of a port I/O exit handled in Python", probe_exit_cost),
+    "vpmu": ("a virtual PMU counts guest instructions and interrupts on overflow", probe_vpmu),
 }
 """Probe name -> (what it checks, function). The report lists the probes in this order."""
 
@@ -720,6 +787,8 @@ def _load_cached(quick: bool) -> HostReport | None:
         return None
     if not 0 <= time.time() - report.created < CACHE_TTL:
         return None
+    if set(report.names) != set(PROBES):
+        return None         # measured by a vmfork with other probes
     if report.quick and not quick:
         return None
     return report
@@ -759,13 +828,15 @@ def probe_host(*, quick: bool = False, cached: bool = False) -> HostReport:
     """Measure this host's KVM (about a second; `quick` shortens the timing loops).
 
     With `cached=True` a report measured earlier in this process, or stored in the cache file within the last day
-    for the same kernel, CPU and vmfork version, is returned instead (a full report also answers a quick request).
-    A fresh measurement refreshes both caches.
+    for the same kernel, CPU and vmfork version, is returned instead (a full report also answers a quick request;
+    of two in this process the newer). A fresh measurement refreshes both caches; a stored report that lacks one
+    of today's probes is measured again.
     """
     if cached:
-        hit = _process_cache.get(False) or (_process_cache.get(True) if quick else None)
-        if hit is not None:
-            return hit
+        # the newest answer this process has: a quick measurement made after a full one was read wins
+        hits = [r for r in (_process_cache.get(False), _process_cache.get(True) if quick else None) if r is not None]
+        if hits:
+            return max(hits, key=lambda r: r.created)
         stored = _load_cached(quick)
         if stored is not None:
             _process_cache[quick] = stored

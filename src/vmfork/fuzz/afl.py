@@ -9,7 +9,9 @@ PR_SET_PDEATHSIG). Outcomes map to wait statuses: ok = exit 0; a fault vector = 
 own timer sees hangs first.
 
 Coverage goes into AFL++'s shared-memory map (`__AFL_SHM_ID`, `AFL_MAP_SIZE` or 64 KiB) as AFL-style edges
-(hash(previous block) ^ hash(block)), from persistent block breakpoints of the `--cover` ranges. The input comes
+(hash(previous block) ^ hash(block)), from persistent block breakpoints of the `--cover` ranges: one exit per block
+hit where the fuzz fork answers its breakpoints itself (traps.ForkTraps; a loop of a single covered block then
+counts once per entry), two under the Debugger. The input comes
 from the file named by `--afl-input` (AFL++'s `@@`), or else from stdin (AFL++'s `.cur_input`, read from offset 0).
 
 SIGTERM and SIGKILL leave nothing behind: the machines are this process's own KVM file descriptors and memory, and

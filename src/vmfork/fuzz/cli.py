@@ -3,6 +3,10 @@
     vmfork fuzz --kernel build/guests/testguest-pvh.elf --cmdline fuzz --corpus seeds/ --out out/ --seconds 30 \\
         --cover 0x10a468-0x10a4df
     vmfork fuzz --kernel build/guests/testguest-pvh.elf --cmdline fuzz --replay out/crashes/vector-14-....bin
+    vmfork fuzz --kernel build/guests/testguest-pvh.elf --cmdline 'fuzz 1' --harness int3 --corpus seeds/ --out out/
+    vmfork fuzz --kernel build/guests/testguest-pvh.elf --cmdline 'fuzz 2' --symbols testguest.map \
+        --start prog_fuzz.input --end prog_fuzz.done --input-addr 0x800000 --input-size 0x10000 \
+        --corpus seeds/ --out out/
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ AUTO = (-1, -1)       # --cover auto: the range the target printed at boot
 _PRINTED_RANGE = re.compile(rb"parse=(0x[0-9a-fA-F]+) end=(0x[0-9a-fA-F]+)")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
 def _range(text: str) -> tuple[int, int]:
     if text == "auto":
         return AUTO
@@ -40,7 +54,12 @@ def _range(text: str) -> tuple[int, int]:
 def register_fuzz_commands(sub: Any) -> None:
     """Add `fuzz` to the CLI's subcommands (`sub` is build_parser()'s add_subparsers() object)."""
     p = sub.add_parser("fuzz", help="fuzz a guest paused at its ready marker, in forks (or replay one input)")
-    p.add_argument("--kernel", required=True, help="target kernel (Multiboot, PVH or Linux), booted in-process")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--kernel", help="target kernel (Multiboot, PVH or Linux), booted in-process")
+    target.add_argument("--domain", metavar="NAME|DOMID",
+                        help="a domain paused at its ready marker (vmfork create): fuzz forks of it in this process, "
+                             "shown as its fork `NAME-fuzz-N` while the fuzzer runs (--cmdline, --memory and "
+                             "--boot-timeout are for --kernel)")
     p.add_argument("--cmdline", default="fuzz", help="kernel command line (default: the test guest's 'fuzz')")
     p.add_argument("--memory", type=int, default=64, help="guest memory in MiB (default 64)")
     p.add_argument("--corpus", default=None, help="directory of seed inputs (default: one input of 8 zero bytes)")
@@ -52,7 +71,19 @@ def register_fuzz_commands(sub: Any) -> None:
     p.add_argument("--budget-ms", type=float, default=50.0, help="time per input before it is a hang (default 50)")
     p.add_argument("--sink", action="append", default=[], metavar="ADDR|SYMBOL",
                    help="a crash sink: reaching it is a crash (repeatable)")
-    p.add_argument("--symbols", default=None, help="symbol map or ELF for --sink names")
+    p.add_argument("--symbols", default=None, help="symbol map or ELF for --sink, --start and --end names")
+    p.add_argument("--harness", choices=("port", "int3"), default=None,
+                   help="how the target marks an input's start and end: `port` (default), the vmfork harness port "
+                        "0xf6; `int3`, KF/x's breakpoint harness, int3 with RAX = 0x13371337 (start) or 0x13371338 "
+                        "(end), RDI/RSI = input buffer and size at the start (fuzz/harness.py)")
+    p.add_argument("--start", default=None, metavar="ADDR|SYMBOL",
+                   help="a target without markers: pause the parent at a breakpoint here (input buffer: RDI/RSI "
+                        "there, or --input-addr/--input-size); needs --end")
+    p.add_argument("--end", action="append", default=[], metavar="ADDR|SYMBOL",
+                   help="reaching this address ends an input like the end marker (repeatable)")
+    p.add_argument("--budget-instructions", type=_positive, default=None, metavar="N",
+                   help="an input that retires N instructions is a hang (kind `instructions`); needs a virtual PMU "
+                        "(vmfork doctor: vpmu)")
     p.add_argument("--cover", action="append", default=[], type=_range, metavar="START-END",
                    help="collect basic-block coverage of this code range (repeatable); `auto`: the range the "
                         "target printed on its console before its ready marker as `parse=0x... end=0x...`")
@@ -74,33 +105,36 @@ def register_fuzz_commands(sub: Any) -> None:
 
 
 def run_fuzz(args: argparse.Namespace) -> int:
-    from ..fork import VM
     from ..vmi.symbols import load_symbols
     from .loop import Fuzzer, FuzzError
+    from .target import open_target
 
     if args.replay is None and args.out is None and not args.afl:
         print("vmfork fuzz: --out DIR is required (or --replay FILE)", file=sys.stderr)
         return 2
-    parent = VM.create(memory_mib=args.memory, name="fuzz-target")
+    symbols = load_symbols(args.symbols) if args.symbols else None
+    problem = _check_harness(args, symbols)       # before booting anything: bad input is one line, exit 2
+    if problem is not None:
+        print(f"vmfork fuzz: {problem}", file=sys.stderr)
+        return 2
+    target = open_target(args)          # the parent, paused at its ready marker: booted here, or a domain's fork
+    parent = target.vm
     try:
-        parent.load_kernel(args.kernel, cmdline=args.cmdline)
-        ev = parent.run(timeout=args.boot_timeout)
-        if ev.reason != "harness-start":
-            raise FuzzError(f"the target did not reach its ready marker: {ev.reason} {ev.detail}".strip())
         if AUTO in args.cover:
-            m = _PRINTED_RANGE.search(parent.device("serial0").output())
+            m = _PRINTED_RANGE.search(target.console())
             if m is None:
-                raise FuzzError("--cover auto: the target printed no `parse=0x... end=0x...` range before its "
-                                "ready marker; give --cover START-END")
+                raise FuzzError(f"--cover auto: {target.what} printed no `parse=0x... end=0x...` range on its "
+                                "console before its ready marker; give --cover START-END")
             args.cover = [r for r in args.cover if r != AUTO] + [(int(m.group(1), 16), int(m.group(2), 16))]
-        symbols = load_symbols(args.symbols) if args.symbols else None
         amap = None
         if args.afl:
             from .afl import AflMap
             amap = AflMap()
+        harness = args.harness_spec
         fz = Fuzzer(parent, args.input_addr, args.input_size, sinks=args.sink, budget_s=args.budget_ms / 1000,
                     coverage=args.cover or None, oversize=args.oversize, symbols=symbols,
-                    block_hook=amap.hook() if amap is not None and args.cover else None)
+                    block_hook=amap.hook() if amap is not None and args.cover else None, ends=harness.ends,
+                    int3_markers=harness.kind == "int3", budget_instructions=args.budget_instructions)
         try:
             if amap is not None:
                 from .afl import serve_afl
@@ -112,7 +146,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
                 return 0
             seeds = _load_corpus(args.corpus)
             print(f"vmfork fuzz: input buffer {fz.input_addr:#x} ({fz.input_size} bytes), {len(seeds)} seeds"
-                  + (f", {len(fz.coverage.blocks)} blocks to cover" if fz.coverage else ""), file=sys.stderr)
+                  + (f", {len(fz.coverage.blocks)} blocks to cover" if fz.coverage else "")
+                  + (f", {harness.kind} harness" if harness.kind != "port" else ""), file=sys.stderr)
             st = fz.fuzz(seeds, seconds=args.seconds, rng_seed=args.seed, max_execs=args.execs,
                          stop_on_crash=args.stop_on_crash, out_dir=args.out,
                          status=None if args.quiet else sys.stderr, max_len=args.max_len, keep=args.keep)
@@ -133,7 +168,32 @@ def run_fuzz(args: argparse.Namespace) -> int:
         finally:
             fz.close()
     finally:
-        parent.destroy(tree=True)
+        target.close()
+
+
+def _check_harness(args: argparse.Namespace, symbols: Any) -> str | None:
+    """Set `args.harness_spec` (a fuzz.harness.Harness, its addresses resolved) from --harness/--start/--end, or
+    say what is wrong with them or with --budget-instructions on this host."""
+    from .harness import Harness, resolve
+    from .loop import FuzzError
+    try:
+        start = resolve(args.start, symbols, "start") if args.start is not None else None
+        ends = tuple(resolve(e, symbols, "end") for e in args.end)
+        if start is not None and not ends:
+            return "--start needs at least one --end (where an input is over)"
+        harness = Harness.of(args.harness, start, ends, symbols)
+    except FuzzError as e:
+        return str(e)
+    if harness.kind != "port" and getattr(args, "domain", None) is not None:
+        return (f"the {harness.kind} harness brings the target to its start marker by booting it (--kernel); a "
+                "--domain is fuzzed from where it is paused (--end works with it)")
+    if args.budget_instructions is not None:
+        from ..doctor import probe_host
+        report = probe_host(cached=True)
+        if not report.supports("vpmu"):
+            return f"--budget-instructions needs a virtual PMU, and this host has none: {report.reason('vpmu')}"
+    args.harness_spec = harness
+    return None
 
 
 def _load_corpus(directory: str | None) -> list[bytes]:

@@ -1,6 +1,6 @@
-"""The fuzzing loop, KF/x style: parent (paused at its ready marker) -> sink fork (crash breakpoints, coverage
-breakpoints) -> fuzz fork; per input: reset, write the input, run to the end marker, a sink, a fault or the time
-budget, classify.
+"""The fuzzing loop, KF/x style: parent (paused at its start marker) -> sink fork (crash breakpoints, end
+breakpoints, coverage breakpoints) -> fuzz fork; per input: reset, write the input, run to an end marker, a sink, a
+fault or the time or instruction budget, classify.
 
     parent.run(timeout=10)                    # -> StopEvent("harness-start"): RDI/RSI = input buffer and size
     fz = Fuzzer(parent, sinks=[0x10a4d5], coverage=[(start, end)], budget_s=0.05)
@@ -8,9 +8,15 @@ budget, classify.
     stats = fz.fuzz([b"FUZZA\\x00"], seconds=10, rng_seed=1, out_dir="out")
     fz.close()
 
-Outcomes: "ok" (end marker, or an exit status below 0x80), "crash" (a sink breakpoint; an exit status >= 0x80,
-the test guests' convention for "exception vector = status & 0x7f"; a triple fault or another fatal stop), "hang"
-(the time budget ran out), "rejected" (an input larger than the buffer with `oversize="reject"`).
+A parent paused at another kind of start marker (int3 markers, a start breakpoint: `harness.run_to_start`) is
+fuzzed the same way, with `int3_markers=True` or `ends=[...]` saying what ends an input.
+
+Outcomes: "ok" (an end marker or end breakpoint, or an exit status below 0x80), "crash" (a sink breakpoint; an exit
+status >= 0x80, the test guests' convention for "exception vector = status & 0x7f"; a triple fault, kind
+"triple-fault" (KVM_EXIT_SHUTDOWN); a guest reset, a KVM internal error or another fatal stop), "hang" (the time
+budget ran out, kind "timeout"; the instruction budget did, kind "instructions"), "rejected" (an input larger than
+the buffer with `oversize="reject"`). Crashes carry the vCPU's general registers and (`system`) its control
+registers, EFER and descriptor tables at the stop.
 """
 
 from __future__ import annotations
@@ -29,21 +35,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import VmforkError
+from ..kvm import constants as c
 from ..kvm import structs as s
 from ..vmi import Debugger, Hit, debugger
 from ..vmi.symbols import SymbolTable
 from .coverage import Coverage
+from .errors import FuzzError
+from .harness import int3_marker
 from .mutate import Mutator
+from .pmu import InstructionBudget
+from .traps import ForkTraps
 
 __all__ = ["FuzzError", "Fuzzer", "Result", "Stats"]
 
 LENGTH_PREFIX = 8           # u64 little-endian length before the bytes, as the test guests expect
 _EXCEPTION = re.compile(rb"EXCEPTION vec=(\d+) rip=0x([0-9a-f]+) err=0x([0-9a-f]+)")
-
-
-class FuzzError(VmforkError):
-    pass
 
 
 @dataclass
@@ -61,6 +67,7 @@ class Result:
     rip: int | None = None
     error_code: int | None = None
     registers: dict[str, int] | None = None
+    system: dict[str, int] | None = None
     detail: str = ""
     new_blocks: list[int] = field(default_factory=list)
 
@@ -116,23 +123,44 @@ def _registers(regs: s.Regs) -> dict[str, int]:
     return {name: int(getattr(regs, name)) for name in s.GPR_NAMES}
 
 
+def _system(sregs: s.Sregs) -> dict[str, int]:
+    """What a crash report needs of the system registers: paging, mode, privilege and the descriptor tables (an
+    IDT limit of 0 is how the test guest triple-faults)."""
+    return {"cr0": int(sregs.cr0), "cr2": int(sregs.cr2), "cr3": int(sregs.cr3), "cr4": int(sregs.cr4),
+            "efer": int(sregs.efer), "cs": int(sregs.cs.selector), "ss": int(sregs.ss.selector),
+            "cpl": int(sregs.cs.selector & 3), "idt_base": int(sregs.idt.base), "idt_limit": int(sregs.idt.limit),
+            "gdt_base": int(sregs.gdt.base), "gdt_limit": int(sregs.gdt.limit)}
+
+
+_EXIT_KINDS = {c.KVM_EXIT_SHUTDOWN: "triple-fault", c.KVM_EXIT_INTERNAL_ERROR: "internal-error"}
+
+
 class Fuzzer:
-    """Fuzzes a parent VM paused at its ready marker. `input_addr`/`input_size` default to RDI/RSI (the harness
-    port's convention). `sinks`: addresses or symbols (with `symbols`) that are crashes when reached.
-    `coverage`: a `Coverage`, or (start, end) code ranges to cover by basic blocks. `budget_s`: time per input.
-    `oversize`: "truncate" or "reject" an input that does not fit the buffer (with its length prefix).
-    `block_hook`: makes the coverage breakpoints persistent (every hit of every block, in order, is passed to it;
-    each hit costs two exits): for AFL-style edge maps. Without it they are one-shot."""
+    """Fuzzes a parent VM paused at its start marker. `input_addr`/`input_size` default to RDI/RSI there (the
+    harness port's and the int3 markers' convention; the first two arguments at a start breakpoint on a SysV
+    function). `sinks`: addresses or symbols (with `symbols`) that are crashes when reached. `ends`: addresses or
+    symbols that end an input like the end marker (end breakpoints). `int3_markers`: the target marks its end with
+    KF/x's int3 + RAX = 0x13371338 (vmfork.fuzz.harness). `coverage`: a `Coverage`, or (start, end) code ranges to
+    cover by basic blocks. `budget_s`: time per input. `budget_instructions`: retired instructions per input
+    (needs a virtual PMU: `vmfork doctor`'s "vpmu"; vmfork.fuzz.pmu). `oversize`: "truncate" or "reject" an input
+    that does not fit the buffer (with its length prefix). `block_hook`: makes the coverage breakpoints persistent
+    (every hit of every block, in order, is passed to it): for AFL-style edge maps. Without it they are one-shot.
+    `fast_traps`: the fuzz fork answers its breakpoints itself (traps.ForkTraps: one exit per block hit, a loop of
+    one covered block seen once per entry) where it can; False runs it under its Debugger (two exits per
+    persistent block hit, every hit seen)."""
 
     def __init__(self, parent: Any, input_addr: int | None = None, input_size: int | None = None, *,
                  sinks: Sequence[int | str] = (), budget_s: float = 0.05,
                  coverage: Coverage | Iterable[tuple[int, int]] | None = None, oversize: str = "truncate",
                  symbols: SymbolTable | None = None, length_prefix: bool = True,
-                 block_hook: Callable[[int], object] | None = None) -> None:
+                 block_hook: Callable[[int], object] | None = None, ends: Sequence[int | str] = (),
+                 int3_markers: bool = False, budget_instructions: int | None = None,
+                 fast_traps: bool = True) -> None:
         if oversize not in ("truncate", "reject"):
             raise FuzzError(f"oversize must be 'truncate' or 'reject', not {oversize!r}")
         if parent.state != "paused":
-            raise FuzzError(f"{parent.name} must be paused at its ready marker (it is {parent.state})")
+            raise FuzzError(f"{parent.name} must be paused at its start marker (it is {parent.state})")
+        layout = _budget_layout() if budget_instructions is not None else None
         regs = parent.vcpus[0].get_regs()
         self.parent = parent
         self.input_addr = int(regs.rdi if input_addr is None else input_addr)
@@ -151,7 +179,8 @@ class Fuzzer:
         self._view = memoryview(self._buf)
         self._new: list[int] = []               # blocks first reached by the current input
         self._covered: list[int] = []           # blocks to remove from the sink at the next rebuild
-        self._sink_hit: Hit | None = None
+        self._sink_hit: tuple[int, s.Regs] | None = None      # (sink address, the interrupted code's registers)
+        self._end_hit = False
         self._stale = False
         self.reset_s = 0.0
         self.kept: list[Any] = []
@@ -159,23 +188,61 @@ class Fuzzer:
         self.sink = parent.fork(name=f"{parent.name}-sink")
         self.sink_dbg: Debugger | None = None
         self.sinks: dict[int, str] = {}
+        self.ends: dict[int, str] = {}
+        self.int3_markers = int3_markers
+        self.fast_traps = fast_traps
+        self.budget: InstructionBudget | None = None
+        self.fork_dbg: Debugger | None = None
+        self._traps: ForkTraps | None = None
+        self._run: Callable[..., Any]
         try:
-            if sinks or (coverage is not None and coverage.blocks):
-                dbg = self.sink_dbg = debugger(self.sink, symbols=symbols)
-                for where in sinks:
-                    bp = dbg.add_breakpoint(where, self._on_sink, owner="sink")
-                    self.sinks[bp.address] = bp.label or f"{bp.address:#x}"
-                if coverage is not None:
-                    for block in coverage.remaining:
-                        if block not in self.sinks:
-                            dbg.add_breakpoint(block, self._on_block, owner="coverage")
+            if sinks or ends or int3_markers or (coverage is not None and coverage.blocks):
+                self._arm_sink(debugger(self.sink, symbols=symbols), sinks, ends)
+            if layout is not None and budget_instructions is not None:
+                self.budget = InstructionBudget.install(self.sink, budget_instructions, layout)
             self.fork: Any = None
             self._make_fork()
         except BaseException:
             self.sink.destroy(tree=True)
             raise
 
+    def _arm_sink(self, dbg: Debugger, sinks: Sequence[int | str], ends: Sequence[int | str]) -> None:
+        """The sink's breakpoints (sinks, ends, coverage blocks) and int3 hook, which every fuzz fork inherits."""
+        self.sink_dbg = dbg
+        for where in sinks:
+            bp = dbg.add_breakpoint(where, self._on_sink, owner="sink")
+            self.sinks[bp.address] = bp.label or f"{bp.address:#x}"
+        for where in ends:
+            bp = dbg.add_breakpoint(where, self._on_end, owner="end")
+            if bp.owner != "end":       # add_breakpoint returned the sink's breakpoint at that address
+                raise FuzzError(f"{where} is a sink and an end: which should it be?")
+            self.ends[bp.address] = bp.label or f"{bp.address:#x}"
+        if self.int3_markers:
+            dbg.watch_guest_int3(int3_marker)
+        if self.coverage is not None:
+            for block in self.coverage.remaining:
+                if block not in self.sinks and block not in self.ends:
+                    dbg.add_breakpoint(block, self._on_block, owner="coverage")
+
     # --- forks ------------------------------------------------------------------------------------------------
+
+    def _runner(self, fork: Any) -> Callable[..., Any]:
+        """How to run a fuzz fork: plainly when the sink has no breakpoints and no int3 hook; else with the fork's
+        own answers to the #BP stub (traps.ForkTraps) where they work, or under the fork's Debugger."""
+        dbg = self.sink_dbg
+        self.fork_dbg = None
+        self._traps = None
+        if dbg is None or not (dbg.breakpoints or self.int3_markers):
+            return fork.run  # type: ignore[no-any-return]
+        stub = dbg.stub_address
+        if self.fast_traps and stub is not None and len(fork.vcpus) == 1:
+            self._traps = ForkTraps(fork, stub, dbg.breakpoints.values(), int3_markers=self.int3_markers,
+                                    on_sink=self._at_sink, on_block=self.block_hook or self._new.append,
+                                    persistent=self.block_hook is not None)
+            self._traps.install()
+            return fork.run  # type: ignore[no-any-return]
+        self.fork_dbg = debugger(fork)
+        return self.fork_dbg.run
 
     def _make_fork(self) -> None:
         if self.fork is not None:
@@ -188,12 +255,7 @@ class Fuzzer:
                     dbg.remove_breakpoint(bp)
         self._covered.clear()
         self.fork = self.sink.fork(name=f"{self.parent.name}-fuzz")
-        self.fork_dbg: Debugger | None = None
-        if dbg is not None and dbg.breakpoints:
-            self.fork_dbg = debugger(self.fork)
-            self._run: Callable[..., Any] = self.fork_dbg.run
-        else:
-            self._run = self.fork.run
+        self._run = self._runner(self.fork)
         self._stale = False
 
     def _on_block(self, hit: Hit) -> bool:
@@ -208,7 +270,14 @@ class Fuzzer:
         return True
 
     def _on_sink(self, hit: Hit) -> bool:
-        self._sink_hit = hit
+        self._sink_hit = (hit.address, hit.regs)
+        return False
+
+    def _at_sink(self, address: int, regs: s.Regs) -> None:
+        self._sink_hit = (address, regs)
+
+    def _on_end(self, hit: Hit) -> bool:
+        self._end_hit = True        # the run stops with "breakpoint": _exec takes it for the end marker
         return False
 
     # --- one input --------------------------------------------------------------------------------------------
@@ -231,21 +300,29 @@ class Fuzzer:
         t0 = time.perf_counter()
         fork.reset()
         self.reset_s += time.perf_counter() - t0
+        if self.budget is not None:
+            self.budget.arm(fork)
         view = self._view
         if self.prefix:
             struct.pack_into("<Q", self._buf, 0, n)
         view[self.prefix:self.prefix + n] = data
         fork.memory.write(self.input_addr, view[:self.prefix + n])
         ev = self._run(timeout=self.budget_s)
-        if ev.reason == "harness-end" and not self._new:
-            return None
-        return self._classify(ev)
-
-    def _classify(self, ev: Any) -> Result:
         reason = ev.reason
+        if reason == "breakpoint" and self._end_hit:
+            self._end_hit = False
+            reason = "harness-end"
+        if reason == "harness-end" and not self._new:
+            return None
+        return self._classify(ev, reason)
+
+    def _classify(self, ev: Any, reason: str | None = None) -> Result:
+        reason = ev.reason if reason is None else reason
+        self._end_hit = False
         new = self._new
         if new:
-            self._new = []
+            new = new[:]
+            self._new.clear()           # the same list: ForkTraps appends to it
             self._covered.extend(new)
             if self.coverage is not None:
                 self.coverage.hit.update(new)
@@ -261,14 +338,21 @@ class Fuzzer:
             rip = fork.vcpus[0].get_regs().rip
             return Result("hang", "timeout", rip=int(rip), detail=f"no end marker within {self.budget_s}s",
                           new_blocks=new)
+        if self.budget is not None and self.budget.is_budget_stop(ev):
+            return Result("hang", "instructions", rip=self.budget.interrupted_rip(fork),
+                          detail=f"no end marker within {self.budget.limit} instructions", new_blocks=new)
         if reason == "debugger-error":
-            raise FuzzError(f"the debugger failed in {fork.name}: {ev.detail}")
+            error = self._traps.error if self._traps is not None else None
+            raise FuzzError(f"the debugger failed in {fork.name}: {ev.detail or repr(error)}")
         self._stale = True      # a crashed fork (or one stopped at a sink) is replaced by a fresh one
         if reason == "breakpoint" and self._sink_hit is not None:
-            hit, self._sink_hit = self._sink_hit, None
-            return Result("crash", "sink", sink=self.sinks.get(hit.address, f"{hit.address:#x}"), rip=hit.address,
-                          registers=_registers(hit.regs), detail=ev.detail, new_blocks=new)
-        regs = _registers(fork.vcpus[0].get_regs())
+            (address, regs_at), self._sink_hit = self._sink_hit, None
+            label = self.sinks.get(address, f"{address:#x}")
+            return Result("crash", "sink", sink=label, rip=address, registers=_registers(regs_at),
+                          detail=ev.detail or label, new_blocks=new)
+        vcpu = ev.vcpu if isinstance(ev.vcpu, int) else 0
+        regs = _registers(fork.vcpus[vcpu].get_regs())
+        system = _system(fork.vcpus[vcpu].get_sregs())
         if reason == "exit" and isinstance(ev.status, int):
             vector = ev.status & 0x7F
             rip, err = regs["rip"], None
@@ -278,10 +362,10 @@ class Fuzzer:
                 m = found[-1]
                 vector, rip, err = int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16)
             return Result("crash", "vector", ev.status, vector=vector, rip=rip, error_code=err, registers=regs,
-                          detail=f"exception vector {vector}", new_blocks=new)
-        kind = "triple-fault" if reason in ("crash", "reset") else reason
-        return Result("crash", kind, ev.status, rip=regs["rip"], registers=regs, detail=ev.detail or reason,
-                      new_blocks=new)
+                          system=system, detail=f"exception vector {vector}", new_blocks=new)
+        kind = _EXIT_KINDS.get(fork.vcpus[vcpu].run.exit_reason, "crash") if reason == "crash" else reason
+        return Result("crash", kind, ev.status, rip=regs["rip"], registers=regs, system=system,
+                      detail=ev.detail or reason, new_blocks=new)
 
     def keep_fork(self) -> Any:
         """Keep the current fuzz fork as it is (e.g. paused at a crash) and stop using it. The sink can no longer
@@ -292,8 +376,7 @@ class Fuzzer:
         self.fork_dbg = None
         self._covered.clear()
         self.fork = self.sink.fork(name=f"{self.parent.name}-fuzz-{len(self.kept)}")
-        self._run = debugger(self.fork).run if self.sink_dbg is not None and self.sink_dbg.breakpoints \
-            else self.fork.run
+        self._run = self._runner(self.fork)
         self._stale = False
         return kept
 
@@ -401,6 +484,22 @@ class Fuzzer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _budget_layout() -> Any:
+    """The PMU layout for an instruction budget, or FuzzError naming why this host has none (vmfork doctor)."""
+    from ..arch.x86 import cpu
+    from ..doctor import probe_host
+    from ..vm import open_kvm
+    from .pmu import detect
+    report = probe_host(cached=True)
+    if not report.supports("vpmu"):
+        raise FuzzError(f"an instruction budget needs a virtual PMU, and this host has none: {report.reason('vpmu')}")
+    cpuid: Any = cpu.vcpu_cpuid(open_kvm(), 0)
+    layout = detect(cpuid.entries[:cpuid.nent])
+    if isinstance(layout, str):
+        raise FuzzError(f"an instruction budget needs a virtual PMU: {layout}")
+    return layout
 
 
 def save_crash(directory: Path, data: bytes, res: Result) -> Path:

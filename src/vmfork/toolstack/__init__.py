@@ -44,9 +44,17 @@ From Python (client.py):
         d.execute("stop")
         data = d.execute("vmfork-memory-read", gpa=0x1000, length=16)["data"]
 
+Held forks: a process that is not a domain can hold a fork of a paused domain as an in-process machine
+(attach.py `hold_fork`; `vmfork fuzz --domain` does, to fuzz forks of it at in-process speed). It takes the RAM and
+state the way a fork domain does and keeps the parent's hold while it lives; its registry entry (kind "fuzz",
+`<parent>-fuzz-<n>`, running) makes it a live fork for the parent's rules (`cont`/`quit` refused naming it,
+`destroy` needs --force, which sends it SIGTERM). It has no control socket or console; commands that need one say
+so. The entry goes when it ends, or at the next sweep if it was killed.
+
 Modules: runtime.py (runtime directory, process liveness), registry.py (SQLite registry), qmp.py (protocol,
 framing, a blocking client), domain.py (the domain process), console.py (logs, console streams, `vmfork console`),
-client.py (DomainClient, starting and destroying domains), commands.py (the CLI commands; fork config rules).
+client.py (DomainClient, starting and destroying domains), commands.py (the CLI commands; fork config rules),
+attach.py (receiving a parent's RAM and state; held forks).
 """
 
 from .client import DomainClient

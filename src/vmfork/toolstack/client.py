@@ -27,7 +27,7 @@ from .qmp import QmpChannel
 from .registry import DomainRecord, Registry
 from .runtime import RunDir, ToolstackError, pid_alive
 
-__all__ = ["DomainClient", "destroy_domain", "open_registry", "start_domain", "sweep"]
+__all__ = ["DomainClient", "destroy_domain", "open_registry", "require_control", "start_domain", "sweep"]
 
 _SRC_DIR = str(Path(__file__).resolve().parents[2])
 START_TIMEOUT = 120.0
@@ -45,9 +45,7 @@ class DomainClient:
         self.registry = registry if registry is not None else open_registry()
         self.record = domain if isinstance(domain, DomainRecord) else self.registry.find(domain)
         rec = self.record
-        if not rec.alive:
-            raise ToolstackError(f"{rec.label()} is not running: its process (pid {rec.pid}) is gone "
-                                 f"(vmfork destroy {rec.domid} cleans it up)")
+        require_control(rec)
         self.channel = QmpChannel.connect(rec.qmp_socket, timeout=timeout)
 
     @property
@@ -70,6 +68,18 @@ class DomainClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def require_control(rec: DomainRecord) -> None:
+    """Raise ToolstackError unless `rec` is a live domain process with a control socket (a held fork, such as a
+    `vmfork fuzz --domain` process, has none)."""
+    if rec.held:
+        parent = f" of domain {rec.parent}" if rec.parent is not None else ""
+        raise ToolstackError(f"{rec.label()} is a fork{parent} held by a `vmfork {rec.kind}` process (pid {rec.pid}), "
+                             f"not a domain: it has no control socket or console (vmfork destroy {rec.domid} ends it)")
+    if not rec.alive:
+        raise ToolstackError(f"{rec.label()} is not running: its process (pid {rec.pid}) is gone "
+                             f"(vmfork destroy {rec.domid} cleans it up)")
 
 
 # --- starting a domain process ------------------------------------------------------------------------------------
@@ -145,7 +155,8 @@ def _reap(proc: subprocess.Popen[bytes]) -> int | None:
 
 def sweep(registry: Registry) -> None:
     """Clean up after domains whose process is gone: their sockets are removed (and sockets of domids the registry
-    does not know), and their entries marked crashed (destroy removes them)."""
+    does not know), and their entries marked crashed (destroy removes them). Entries of held forks whose process is
+    gone are removed: a held fork leaves nothing to inspect."""
     sockets = registry.run_dir.socket_files()       # listed before the registry is read (see below)
     records = {r.domid: r for r in registry.all()}
     # A domain inserts its entry before it creates its sockets, and removes its sockets before its entry, so a
@@ -157,7 +168,9 @@ def sweep(registry: Registry) -> None:
                 with contextlib.suppress(OSError):
                     p.unlink()
     for rec in records.values():
-        if not rec.alive and rec.state != "crashed":
+        if rec.held and not rec.alive:
+            registry.remove(rec.domid)
+        elif not rec.alive and rec.state != "crashed":
             registry.mark_crashed(rec.domid, f"its process (pid {rec.pid}) ended unexpectedly "
                                              f"while {rec.state}")
 
@@ -173,9 +186,23 @@ def _wait_gone(rec: DomainRecord, timeout: float) -> bool:
     return True
 
 
+def _end_holder(rec: DomainRecord, timeout: float) -> None:
+    """End the process holding a held fork: SIGTERM (it lets its fork go and removes its entry), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if not pid_alive(rec.pid, rec.pid_start) or not rec.pid:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, sig)
+        if _wait_gone(rec, wait):
+            return
+    raise ToolstackError(f"{rec.label()}: its process (pid {rec.pid}) does not end")
+
+
 def destroy_domain(registry: Registry, rec: DomainRecord, *, timeout: float = 10.0) -> None:
     """End one domain (asking it to quit, killing it if it does not) and remove its sockets and entry."""
-    if rec.alive:
+    if rec.held:
+        _end_holder(rec, timeout)
+    elif rec.alive:
         try:
             with DomainClient(rec, registry=registry, timeout=timeout) as c:
                 c.execute("quit")

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import DomainConfig, load_config
 from ..errors import ConfigError
-from .client import DomainClient, destroy_domain, open_registry, start_domain, sweep
+from .client import DomainClient, destroy_domain, open_registry, require_control, start_domain, sweep
 from .qmp import QmpChannel
 from .registry import DomainRecord, Registry
 from .runtime import ToolstackError
@@ -94,7 +94,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _pages_owned(rec: DomainRecord) -> int | None:
-    if rec.parent is None or not rec.alive:
+    if rec.parent is None or not rec.alive or rec.held:
         return None
     try:
         with QmpChannel.connect(rec.qmp_socket, timeout=2.0) as chan:
@@ -174,8 +174,7 @@ def _print_tree(entries: list[dict[str, Any]]) -> None:
 def _cmd_console(args: argparse.Namespace) -> int:
     reg = _registry()
     rec = reg.find(args.domain)
-    if not rec.alive:
-        raise ToolstackError(f"{rec.label()} is not running: its process is gone (vmfork destroy {rec.domid})")
+    require_control(rec)
     from .console import attach
     return attach(rec.console_socket, label=rec.label())
 
@@ -272,6 +271,8 @@ def _cmd_fork_vm(args: argparse.Namespace) -> int:
     dm_file = os.path.abspath(args.dm_state) if args.dm_state else None
     if dm_file is not None and not os.path.isfile(dm_file):
         raise ToolstackError(f"-Q {args.dm_state}: no such file")
+    if rec.held:
+        require_control(rec)
     if args.launch_dm == "late":
         return _late_dm(args, reg, rec, dm_file)
     if not rec.alive:
@@ -332,8 +333,7 @@ def _cmd_qmp(args: argparse.Namespace) -> int:
     """Send JSON text as given (one or more commands) after negotiation; print every reply, one per line."""
     reg = _registry()
     rec = reg.find(args.domain)
-    if not rec.alive:
-        raise ToolstackError(f"{rec.label()} is not running: its process is gone (vmfork destroy {rec.domid})")
+    require_control(rec)
     text = args.json
     if text.strip() and text.strip()[0] not in "{[":
         text = json.dumps({"execute": text.strip()})        # a bare command name

@@ -21,6 +21,7 @@ parent (which must be paused) answers with its frozen RAM (MemoryImage: the RAM 
 descriptors with the reply) and its machine state (`MachineState.to_bytes()`, base64). The fork keeps that
 connection open for as long as it lives: while it is open the parent holds the fork (stays paused, RAM read-only,
 `cont` and `quit` refused); when the fork's process ends for any reason, the kernel closes it and the parent is free.
+The client side (receiving the RAM files and state, building the machine) is in attach.py, shared with held forks.
 """
 
 from __future__ import annotations
@@ -296,9 +297,8 @@ class Domain:
         vm.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
 
     def _setup_fork(self) -> None:
-        from ..fork import VM, _blocked
-        from ..memory import GuestMemory, Layer, MemoryImage, Slot
-        from ..vm import Machine, MachineState, Shell, open_kvm
+        from ..fork import _blocked
+        from .attach import fork_machine, receive_fork_source
         spec = self.spec
         parent = self.registry.find(int(spec["parent"]))
         if not parent.alive:
@@ -314,31 +314,16 @@ class Domain:
         self.registry.update(self.domid, config=self.config.to_dict())
         link = QmpChannel.connect(parent.qmp_socket, timeout=60)
         self.parent_link = link
-        src = link.execute("vmfork-fork-source", {"child": self.domid, "name": self.name})
-        fds = link.take_fds()
-        layers = src["image"]["layers"]
-        if len(fds) != 1 + len(layers):
-            raise ToolstackError(f"the parent sent {len(fds)} memory files for an image of {1 + len(layers)}")
-        image = MemoryImage(int(src["image"]["size"]), tuple(Slot(*sl) for sl in src["image"]["slots"]), fds[0],
-                            tuple(Layer(fd, tuple((int(a), int(b)) for a, b in runs))
-                                  for fd, runs in zip(fds[1:], layers, strict=True)))
-        state = MachineState.from_bytes(base64.b64decode(src["state"]))
+        # The received files stay open for the life of this process (the fork's RAM and its reset source).
+        image, state, _fds = receive_fork_source(link, child=self.domid, name=self.name)
         if spec.get("device_state"):
             from ..snapshot import load_device_state
             state = dataclasses.replace(state, devices=load_device_state(spec["device_state"]))
         block = bool(spec.get("block_interrupts"))
         if block:
             state = dataclasses.replace(state, vcpus=tuple(_blocked(v) for v in state.vcpus))
-        shell = Shell(open_kvm(), state.shape, dirty_logging=True)
-        if image.slots != shell.slots or image.size != shell.size:
-            raise ToolstackError(f"the parent's memory image does not fit a {state.shape.memory_mib} MiB machine")
-        memory = GuestMemory.fork_of(image, shell.host_addr)
-        memory.bind(shell.vm, dirty_logging=True)
-        vm = VM(shell, memory, name=self.name, with_devices=launch_dm == "yes")
+        vm = fork_machine(image, state, name=self.name, with_devices=launch_dm == "yes")
         vm.irqs_blocked = block
-        vm.launch_dm = "yes" if launch_dm == "yes" else "no"
-        vm.fork_state = state
-        Machine.restore(vm, state, devices=launch_dm == "yes")
         self._adopt(vm)
 
     def _setup_restore(self) -> None:

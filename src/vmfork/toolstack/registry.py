@@ -7,6 +7,11 @@ Allocation is safe under concurrent CLI calls: a domain reserves its domid and n
 transaction (SQLite's write lock), taking the next value of a counter that only grows, so domids are never reused
 and two domains never get the same name. A row whose process is gone (killed, crashed) stays until
 `vmfork destroy` removes it; readers see such a domain as crashed.
+
+Held forks (kind "fuzz"): a process that is not a domain process can hold a fork of a paused domain in-process
+(`vmfork fuzz --domain`, toolstack/attach.py). It has a row like a fork domain's (its parent, its pid), so the
+parent's rules see it as a live fork, but no control or console socket and no log. Its row goes when it ends, or, if
+it was killed, at the next sweep: there is nothing left to inspect.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from typing import Any
 
 from .runtime import RunDir, ToolstackError, pid_alive
 
-__all__ = ["DomainRecord", "Registry"]
+__all__ = ["HELD_KINDS", "DomainRecord", "Registry"]
+
+HELD_KINDS = frozenset({"fuzz"})        # entries that are forks held by another process, not domain processes
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -65,7 +72,7 @@ class DomainRecord:
     state: str                # creating | running | paused | shutdown | crashed
     reason: str
     parent: int | None
-    kind: str                 # create | fork | restore
+    kind: str                 # create | fork | restore | fuzz (a held fork, see HELD_KINDS)
     config: dict[str, Any] = field(hash=False)
     launch_dm: str            # yes | no
     console_log: str
@@ -95,6 +102,11 @@ class DomainRecord:
         if self.state == "crashed" and self.reason:
             return self.reason
         return f"its process (pid {self.pid}) is gone"
+
+    @property
+    def held(self) -> bool:
+        """Whether this entry is a fork held by another process (no control socket, console or log)."""
+        return self.kind in HELD_KINDS
 
     def label(self) -> str:
         return f"{self.name} (domain {self.domid})"
@@ -148,9 +160,9 @@ class Registry:
 
     def reserve(self, *, name: str | None, auto_name: str | None = None, parent: int | None, kind: str,
                 config: dict[str, Any], launch_dm: str, pid: int, pid_start: int | None, memory: int,
-                vcpus: int) -> DomainRecord:
-        """Allocate a domid and take a name in one transaction. `name` None: `<auto_name>-fork-<n>` with the
-        parent's next fork number (skipping names in use)."""
+                vcpus: int, auto_word: str = "fork") -> DomainRecord:
+        """Allocate a domid and take a name in one transaction. `name` None: `<auto_name>-<auto_word>-<n>`, n as
+        _next_fork_name picks it (skipping names in use)."""
         try:
             with self._write():
                 row = self.db.execute("SELECT value FROM counters WHERE key = 'next_domid'").fetchone()
@@ -158,7 +170,7 @@ class Registry:
                 if name is None:
                     if auto_name is None or parent is None:
                         raise ToolstackError("a domain needs a name")
-                    name = self._next_fork_name(parent, auto_name)
+                    name = self._next_fork_name(parent, auto_name, auto_word)
                 else:
                     used = self.db.execute("SELECT domid FROM domains WHERE name = ?", (name,)).fetchone()
                     if used is not None:
@@ -177,16 +189,22 @@ class Registry:
         assert record is not None
         return record
 
-    def _next_fork_name(self, parent: int, base: str) -> str:
-        row = self.db.execute("SELECT forks_made FROM domains WHERE domid = ?", (parent,)).fetchone()
-        n = 0 if row is None else int(row[0])
+    def _next_fork_name(self, parent: int, base: str, word: str = "fork") -> str:
+        """Forks number on from the parent's count of forks made (a fork domain's name, like its log, is never
+        reused); held forks (another word, e.g. "fuzz") take the lowest free number and leave that count alone."""
+        counted = word == "fork"
+        n = 0
+        if counted:
+            row = self.db.execute("SELECT forks_made FROM domains WHERE domid = ?", (parent,)).fetchone()
+            n = 0 if row is None else int(row[0])
         while True:
             n += 1
-            suffix = f"-fork-{n}"
+            suffix = f"-{word}-{n}"
             name = base[:64 - len(suffix)] + suffix
             if self.db.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone() is None:
                 break
-        self.db.execute("UPDATE domains SET forks_made = ? WHERE domid = ?", (n, parent))
+        if counted:
+            self.db.execute("UPDATE domains SET forks_made = ? WHERE domid = ?", (n, parent))
         return name
 
     # --- reading ----------------------------------------------------------------------------------------------

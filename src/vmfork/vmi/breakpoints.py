@@ -48,6 +48,11 @@ searching the guest's page tables (identity-mapped in vmfork's test guest). A gu
 (e.g. Linux, whose direct map is not executable) needs `stub_gpa`/`stub_va` of a page it maps executable, or the
 "kvm" mechanism. Only 64-bit (long mode) guests are supported by the stub.
 
+`watch_guest_int3(hook)` shows the guest's own int3s (answer 0 above, or KVM's exit for an int3 that is not
+vmfork's) to a hook first, which may stop the machine right after the int3 instead of passing it to the guest's
+handler: how `vmfork fuzz --harness int3` sees KF/x-style markers (int3 with a magic value in RAX) while every other
+int3 of the guest still reaches its own handler.
+
 ## Breakpoint sets, forks and resets
 
 Breakpoint sets are per machine. The `int3` bytes, the patched IDT gate and the stub are guest memory, so a fork
@@ -88,7 +93,7 @@ from .target import Target, as_target
 if TYPE_CHECKING:
     from ..vm import StopEvent
 
-__all__ = ["STUB_GPA", "Breakpoint", "Debugger", "Hit", "debugger", "stub_code"]
+__all__ = ["STUB_GPA", "Breakpoint", "Debugger", "GuestInt3Hook", "Hit", "debugger", "stub_code"]
 
 INT3 = 0xCC
 STUB_GPA = 0xAF000
@@ -101,6 +106,9 @@ RETIRED = (1 << 64) - 1     # a table entry the stub has used (its byte is back)
 ANSWER_PASS = 0             # continue into the guest's #BP handler
 ANSWER_RESUME = 1           # return to the (rewritten) frame
 ANSWER_ABSENT = 0xFF        # what an absent port reads: the stub's own fallback
+
+# Debugger.watch_guest_int3: (vCPU, the interrupted code's registers) -> (stop reason, status) or None
+GuestInt3Hook = Callable[[int, s.Regs], "tuple[str, int | None] | None"]
 
 
 class _Asm:
@@ -310,6 +318,7 @@ class Debugger:
         self._descriptors: dict[tuple[int, int, int], int] = {}     # GDT entries, cached during a run
         self._kvm_debug_on = False
         self._detached = False
+        self._guest_int3: GuestInt3Hook | None = None    # see watch_guest_int3()
 
     # --- mechanism ----------------------------------------------------------------------------------------------
 
@@ -414,7 +423,7 @@ class Debugger:
             if bp.gpa not in self._temps:
                 self._poke(bp.gpa, bp.original)
             self._write_table()
-            if not self.breakpoints and not self._temps and not self._parked_in_stub():
+            if not self.breakpoints and not self._temps and not self._parked_in_stub() and self._guest_int3 is None:
                 self._disarm()
 
     def _addr(self, where: int | str | Breakpoint) -> int:
@@ -439,6 +448,25 @@ class Debugger:
 
     def list(self) -> list[Breakpoint]:
         return sorted(self.breakpoints.values(), key=lambda b: b.address)
+
+    @property
+    def stub_address(self) -> int | None:
+        """The virtual address of the #BP stub while the stub mechanism is armed (for a fork's own lean handler of
+        the stub's port question, e.g. vmfork.fuzz.traps.ForkTraps), else None."""
+        return self._stub.va if self._stub is not None else None
+
+    def watch_guest_int3(self, hook: GuestInt3Hook | None) -> None:
+        """See the guest's own int3s (those at no breakpoint of vmfork's) before its #BP handler does.
+
+        `hook(vcpu, regs)` runs in the vCPU's exit with the interrupted code's registers (RIP right after the
+        int3). Returning (reason, status) stops the machine there with StopEvent(reason, status) and consumes the
+        int3: the guest's handler never sees it, and continuing resumes after it. Returning None passes it to the
+        guest's handler as usual. The #BP route stays armed while a hook is set, breakpoints or not; forks'
+        debuggers inherit it (e.g. a fuzzer's magic-value markers, vmfork.fuzz.harness). None removes it."""
+        with self._lock:
+            self._require_paused("watch the int3s of")
+            self._guest_int3 = hook
+            self.sync()
 
     def _inserted(self) -> dict[int, tuple[int, int]]:
         """gpa -> (virtual address, original byte) of every int3 of ours that should be in memory now."""
@@ -599,7 +627,7 @@ class Debugger:
             if self._detached:
                 return
             want = self._inserted()
-            armed = bool(want) or bool(self._parked_in_stub())
+            armed = bool(want) or bool(self._parked_in_stub()) or self._guest_int3 is not None
             if armed:
                 self._arm()
             for gpa, original in self._known.items():
@@ -682,7 +710,21 @@ class Debugger:
         if bp is not None and gpa not in self._lifted and bp.original != INT3:
             space.write_u64(frame, address)
             return self._user_hit(vcpu, bp, frame, space, regs, sregs)
+        if self._guest_int3 is not None:
+            return self._guest_int3_hit(vcpu, frame, space, regs, sregs)
         return ANSWER_PASS
+
+    def _guest_int3_hit(self, vcpu: int, frame: int, space: AddressSpace, regs: s.Regs, sregs: s.Sregs) -> int:
+        """The guest's own int3 (stub mechanism): ask the watcher; a stop parks the vCPU in the stub so that
+        `get_regs` shows the interrupted code (RIP after the int3), and the stub then returns there."""
+        ctx_regs, _ = self._frame_view(regs, sregs, space, frame)
+        assert self._guest_int3 is not None
+        stop = self._guest_int3(vcpu, ctx_regs)
+        if stop is None:
+            return ANSWER_PASS
+        self._park(vcpu, _Parked(frame, ctx_regs.rip, "int3", None, reported=True))
+        self.target.request_stop(stop[0], stop[1])
+        return ANSWER_RESUME
 
     def _user_hit(self, vcpu: int, bp: Breakpoint, frame: int, space: AddressSpace, regs: s.Regs,
                   sregs: s.Sregs) -> int:
@@ -1132,7 +1174,7 @@ class Debugger:
         self._kvm_step_vcpu = step_vcpu
         for v in range(self.target.vcpu_count):
             control = 0
-            if self.breakpoints or v == step_vcpu or v in self._skip:
+            if self.breakpoints or self._guest_int3 is not None or v == step_vcpu or v in self._skip:
                 control = c.KVM_GUESTDBG_ENABLE | c.KVM_GUESTDBG_USE_SW_BP
                 if v == step_vcpu or v in self._skip:
                     control |= c.KVM_GUESTDBG_SINGLESTEP
@@ -1177,6 +1219,14 @@ class Debugger:
             except TranslationError:
                 gpa = -1
             bp = self.breakpoints.get(gpa)
+            if bp is None and self._guest_int3 is not None:
+                after = _copy(regs)
+                after.rip = regs.rip + 1            # as the stub mechanism reports it: right after the int3
+                stop = self._guest_int3(vcpu, after)
+                if stop is not None:
+                    self.target.set_regs(vcpu, after)
+                    from ..vm import StopEvent
+                    return StopEvent(stop[0], stop[1], vcpu)
             if bp is None:
                 # not ours: give the guest its #BP (the int3 is re-executed as an exception the guest handles)
                 events = s.VcpuEvents()
@@ -1232,6 +1282,7 @@ class Debugger:
                 self.breakpoints.clear()
                 self._temps.clear()
                 self._lifted.clear()
+                self._guest_int3 = None
                 self._disarm()
             self._parked.clear()
             self._skip.clear()
@@ -1296,6 +1347,7 @@ def _inherit(child: Debugger, parent: Debugger) -> None:
         for gpa, bp in parent.breakpoints.items():
             child.breakpoints[gpa] = Breakpoint(bp.address, bp.gpa, bp.original, bp.label, bp.callback, bp.owner)
         child._known = dict(parent._known)
+        child._guest_int3 = parent._guest_int3
         child._skip = dict(parent._skip)
         child._parked = {v: _Parked(p.frame, p.address, p.reason, child.breakpoints.get(
             p.breakpoint.gpa) if p.breakpoint else None, p.reported) for v, p in parent._parked.items()}

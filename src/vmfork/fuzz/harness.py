@@ -1,0 +1,203 @@
+"""Harnesses: how a target marks the start and the end of the code under test, and how vmfork gets a parent VM
+paused at the start.
+
+Three kinds, after KF/x's conventions where they fit KVM:
+
+"port"        the vmfork harness port (0xf6): a 32-bit `out` of 1 is the start marker (RDI/RSI = the input buffer
+              and its size), 2 the end marker. The machine stops right after the `out` (vmfork.devices.harness).
+"int3"        KF/x's breakpoint harness: `int3` with RAX = 0x13371337 is the start marker (RDI/RSI as above),
+              RAX = 0x13371338 the end marker. vmfork sees them through its #BP route (vmfork.vmi.breakpoints,
+              `Debugger.watch_guest_int3`) and stops right after the int3; every other int3 (the guest's own
+              breakpoints, kernel services called through int3 like the test guest's) still reaches the guest's
+              handler. Why not KF/x's default, CPUID with leaf 0x13371337: KVM answers CPUID in the kernel
+              (KVM_SET_CPUID2 tables), it never exits to user space, so a VMM built on KVM cannot see it; and on
+              hosts like this project's CI (kvm_pvm) CPUID in guest user mode runs natively on the host CPU.
+"breakpoint"  no instrumentation in the target: vmfork breakpoints at a start address and at one or more end
+              addresses (numbers or symbols from a map/ELF). The input buffer is RDI/RSI at the start address
+              (the first two arguments of a SysV `parse(buf, size)`), or given explicitly.
+
+Getting to the start (`run_to_start`): the target boots (or resumes) until its start marker. For "int3" and
+"breakpoint" vmfork's #BP route can only be set up once the guest runs in long mode with an IDT (and the start
+address is mapped), so the boot runs in short slices (ATTACH_SLICE_S) until the debugger attaches; a stop at a port
+marker on the way is passed over. A start the target reaches before that point is missed; a target that loops
+(the usual fuzzing target) comes back to it.
+
+At the start the parent is left exactly in the interrupted code: the #BP stub's frame is unwound into the vCPU
+(RIP at the start address, or right after the marker's int3, in the code's own privilege level) and the debugger
+is detached, so the parent carries no breakpoint and forks resume at the start without a trip through the stub.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..kvm import structs as s
+from ..vmi import Debugger, debugger
+from ..vmi.errors import BreakpointError, SymbolError
+from ..vmi.symbols import SymbolTable
+from .errors import FuzzError
+
+__all__ = ["ATTACH_SLICE_S", "INT3_END", "INT3_START", "KINDS", "Harness", "HarnessError", "StartPoint",
+           "int3_marker", "resolve", "run_to_start"]
+
+INT3_START = 0x13371337
+INT3_END = 0x13371338
+KINDS = ("port", "int3", "breakpoint")
+ATTACH_SLICE_S = 0.005
+_PASSED_OVER = ("timeout", "harness-start", "harness-end", "harness")    # stops on the way to the start
+
+
+class HarnessError(FuzzError):
+    """A target that cannot be brought to its start marker, or a harness asked for wrongly."""
+
+
+@dataclass(frozen=True)
+class Harness:
+    """`kind`: "port", "int3" or "breakpoint" (see the module docstring); `start`: the start address or symbol
+    (breakpoint only); `ends`: end addresses or symbols (required for "breakpoint"; extra end points otherwise)."""
+
+    kind: str = "port"
+    start: int | str | None = None
+    ends: tuple[int | str, ...] = ()
+    symbols: SymbolTable | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise HarnessError(f"harness must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if (self.kind == "breakpoint") != (self.start is not None):
+            raise HarnessError("a start address goes with the breakpoint harness, and only with it")
+        if self.kind == "breakpoint" and not self.ends:
+            raise HarnessError("the breakpoint harness needs at least one end address")
+
+    @classmethod
+    def of(cls, kind: str | None = None, start: int | str | None = None, ends: Sequence[int | str] = (),
+           symbols: SymbolTable | None = None) -> Harness:
+        """The harness a command line asks for: a start address means "breakpoint", else `kind` or "port"."""
+        if start is not None and kind not in (None, "breakpoint"):
+            raise HarnessError(f"--start sets a breakpoint harness; it does not go with --harness {kind}")
+        return cls("breakpoint" if start is not None else kind or "port", start, tuple(ends), symbols)
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where the parent stopped: the marker's kind, the vCPU's RIP there, and RDI/RSI (the input buffer and its
+    size by the port and int3 conventions)."""
+
+    kind: str
+    rip: int
+    rdi: int
+    rsi: int
+
+
+def int3_marker(vcpu: int, regs: s.Regs) -> tuple[str, int | None] | None:
+    """`Debugger.watch_guest_int3` hook for the int3 harness: the markers stop the machine like the port's do."""
+    rax = regs.rax
+    if rax == INT3_START:
+        return ("harness-start", 1)
+    if rax == INT3_END:
+        return ("harness-end", 2)
+    return None
+
+
+def run_to_start(parent: Any, harness: Harness, *, timeout: float) -> StartPoint:
+    """Boot or resume `parent` (paused) until its start marker and leave it paused there (see the module
+    docstring). Raises HarnessError naming how the target stopped instead."""
+    deadline = time.monotonic() + timeout
+    if harness.kind == "port":
+        ev = parent.run(timeout=timeout)
+        if ev.reason != "harness-start":
+            raise HarnessError(f"the target did not reach its ready marker: {ev.reason} {ev.detail}".strip())
+        regs = parent.vcpus[0].get_regs()
+        return StartPoint("port", int(regs.rip), int(regs.rdi), int(regs.rsi))
+    dbg = _attach(parent, harness, deadline)
+    try:
+        ev = _run_until_start(dbg, harness, deadline)
+        regs = dbg.get_regs(ev.vcpu if isinstance(ev.vcpu, int) else 0)
+        _settle(dbg)
+    except BaseException:
+        if parent.state != "destroyed":
+            dbg.detach()
+        raise
+    return StartPoint(harness.kind, int(regs.rip), int(regs.rdi), int(regs.rsi))
+
+
+def resolve(where: int | str, symbols: SymbolTable | None, what: str) -> int:
+    """An address, or a symbol looked up in `symbols`; HarnessError names the option (`what`) otherwise."""
+    if isinstance(where, int):
+        return where
+    try:
+        return int(where, 0)
+    except ValueError:
+        pass
+    if symbols is None:
+        raise HarnessError(f"--{what} {where}: not an address, and no --symbols to look it up in")
+    try:
+        return symbols.address(where)
+    except SymbolError as e:
+        raise HarnessError(f"--{what} {where}: {e}") from None
+
+
+def _stopped(ev: Any) -> str:
+    return f"it stopped with {ev.reason}" + (f" ({ev.detail})" if ev.detail else "")
+
+
+def _attach(parent: Any, harness: Harness, deadline: float) -> Debugger:
+    """A debugger on `parent` with the start breakpoint or the int3 hook in place, running the boot in slices
+    until the guest can take them."""
+    start = None
+    if harness.start is not None:
+        start = resolve(harness.start, harness.symbols, "start")
+    while True:
+        dbg = debugger(parent, symbols=harness.symbols)
+        try:
+            if start is None:
+                dbg.watch_guest_int3(int3_marker)
+            else:
+                dbg.add_breakpoint(start, owner="start")
+            return dbg
+        except BreakpointError as e:
+            dbg.detach()
+            if time.monotonic() >= deadline:
+                raise HarnessError(f"the target never got to where vmfork can catch its start marker: {e}") \
+                    from None
+        ev = parent.run(timeout=ATTACH_SLICE_S)
+        if ev.reason not in _PASSED_OVER:
+            raise HarnessError(f"the target stopped before its start marker: {_stopped(ev)}")
+
+
+def _run_until_start(dbg: Debugger, harness: Harness, deadline: float) -> Any:
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HarnessError(f"the target did not reach its {harness.kind} start marker in time")
+        ev = dbg.run(timeout=left)
+        if harness.kind == "int3" and ev.reason == "harness-start" and _at_int3_marker(dbg):
+            return ev
+        if harness.kind == "breakpoint" and ev.reason == "breakpoint":
+            return ev
+        if ev.reason not in _PASSED_OVER:
+            raise HarnessError(f"the target did not reach its {harness.kind} start marker: {_stopped(ev)}")
+
+
+def _at_int3_marker(dbg: Debugger) -> bool:
+    """A harness-start stop came from the int3 hook (not from a port marker the target also has: RAX = 1)."""
+    return int(dbg.get_regs(0).rax) == INT3_START
+
+
+def _settle(dbg: Debugger) -> None:
+    """Unwind every vCPU the debugger stopped in its #BP stub into the interrupted code (what the stub's `iretq`
+    would do), then detach: the machine is left with no trace of the debugger."""
+    target = dbg.target
+    moved: list[tuple[int, s.Regs, s.Sregs]] = []
+    for v in range(target.vcpu_count):
+        regs, sregs = dbg.get_regs(v), dbg.get_sregs(v)
+        raw = target.get_regs(v)
+        if (raw.rip, raw.rsp) != (regs.rip, regs.rsp):
+            moved.append((v, regs, sregs))
+    dbg.detach()
+    for v, regs, sregs in moved:
+        target.set_sregs(v, sregs)      # first: the privilege level and mode the registers belong to
+        target.set_regs(v, regs)

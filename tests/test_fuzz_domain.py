@@ -1,0 +1,190 @@
+"""`vmfork fuzz --domain` (issue 6, item 4a) end to end: real domains from `vmfork create`, the fuzzer as a real
+`vmfork fuzz` process holding a fork of one, and the registry's view of it while it runs and after it ends (normally,
+by SIGTERM, by SIGKILL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from test_toolstack import Toolstack
+from vmfork.toolstack.registry import DomainRecord
+
+NEAR_BUG = b"FUZZB\x00"         # one byte from the `fuzz` program's planted bug (a 'B' record with a nonzero value)
+
+
+@pytest.fixture
+def ts(tmp_path: Path, pvh_guest: Path) -> Iterator[Toolstack]:
+    t = Toolstack(tmp_path, pvh_guest)
+    try:
+        yield t
+    finally:
+        t.cleanup()
+
+
+@pytest.fixture
+def seeds(tmp_path: Path) -> Path:
+    d = tmp_path / "seeds"
+    d.mkdir()
+    (d / "near").write_bytes(NEAR_BUG)
+    return d
+
+
+class Fuzzers:
+    """`vmfork fuzz` processes started in the background; whatever is left is killed at the end of the test."""
+
+    def __init__(self, ts: Toolstack) -> None:
+        self.ts = ts
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        p = subprocess.Popen([sys.executable, "-m", "vmfork.cli", "fuzz", *args], env=self.ts.env, cwd=self.ts.base,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        return p
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=10)
+
+
+@pytest.fixture
+def fuzzers(ts: Toolstack) -> Iterator[Fuzzers]:
+    f = Fuzzers(ts)
+    try:
+        yield f
+    finally:
+        f.kill_all()
+
+
+def _target(ts: Toolstack, name: str = "target", program: str = "fuzz") -> int:
+    """A domain of the test guest paused at its harness ready marker."""
+    domid = ts.create(ts.config(name, program))
+    rec = ts.wait_state(domid, "paused")
+    assert rec.reason == "harness-start", rec
+    return domid
+
+
+def _fuzz_entries(ts: Toolstack) -> list[DomainRecord]:
+    return [r for r in ts.registry.all() if r.kind == "fuzz"]
+
+
+def _wait_holding(ts: Toolstack, proc: subprocess.Popen[str]) -> DomainRecord:
+    """Wait until the fuzzer process holds its fork (its entry is running) and return its entry."""
+    def holding() -> bool:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the fuzzer ended early ({proc.returncode}): {out}{err}{ts.debug()}")
+        return any(r.state == "running" for r in _fuzz_entries(ts))
+    ts.wait("the fuzzer to hold its fork", holding, timeout=30)
+    [rec] = _fuzz_entries(ts)
+    return rec
+
+
+def test_fuzzing_a_domain_finds_the_bug_and_holds_the_domain_meanwhile(ts: Toolstack, seeds: Path,
+                                                                         fuzzers: Fuzzers) -> None:
+    target = _target(ts)
+    out = ts.base / "out"
+
+    # A long campaign, to look at the registry while it runs; SIGTERM (what `destroy --force` sends) ends it.
+    proc = fuzzers.start("--domain", "target", "--corpus", str(seeds), "--out", str(out), "--seconds", "60",
+                         "--quiet")
+    held = _wait_holding(ts, proc)
+    assert (held.name, held.parent, held.pid) == ("target-fuzz-1", target, proc.pid)
+    entries = {e["name"]: e for e in ts.list_json()}
+    assert entries["target-fuzz-1"]["parent"] == target and entries["target-fuzz-1"]["state"] == "running"
+    assert entries["target"]["state"] == "paused"
+    forks = ts.execute(target, "vmfork-query")["forks"]
+    assert forks == [{"domid": held.domid, "name": "target-fuzz-1"}]
+    ts.fail("unpause", "target", match=f"it has live forks (target-fuzz-1 (domain {held.domid}))")
+    ts.fail("destroy", "target", match="has live forks (target-fuzz-1")
+    ts.fail("console", "target-fuzz-1", match="held by a `vmfork fuzz` process")
+    ts.fail("fuzz", "--domain", "target-fuzz-1", "--out", str(ts.base / "o2"), match="held by a `vmfork fuzz`")
+
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert _fuzz_entries(ts) == []                      # it removed its own entry on the way out
+    ts.ok("unpause", "target")                          # the parent is free: it parses, pauses at the end marker,
+    ts.wait_state(target, "paused")
+    ts.ok("unpause", "target")                          # and, resumed again, at its next ready marker
+    ts.wait("the target back at its ready marker", lambda: ts.record(target).reason == "harness-start")
+
+    # A campaign that ends by itself at the first crash: the planted bug, with its status line and crash file.
+    r = ts.run("fuzz", "--domain", str(target), "--corpus", str(seeds), "--out", str(out), "--seconds", "30",
+               "--seed", "1", "--stop-on-crash", "--cover", "auto")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    stats = json.loads(r.stdout)
+    assert stats["unique_crashes"] == 1 and stats["blocks_total"] > 0, stats
+    assert f"{stats['blocks_total']} blocks to cover" in r.stderr          # the range printed in target's log
+    assert "execs" in r.stderr.rsplit("\r", 1)[-1]                         # the live status line
+    [crash] = stats["crash_files"]
+    assert Path(crash).name.startswith("vector-14-")
+    assert _fuzz_entries(ts) == [] and ts.record(target).state == "paused"
+    r = ts.run("fuzz", "--domain", "target", "--replay", str(ts.base / crash))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["vector"] == 14
+    assert [e["name"] for e in ts.list_json()] == ["target"]
+
+
+def test_a_killed_fuzzer_leaves_nothing_after_a_sweep(ts: Toolstack, seeds: Path, fuzzers: Fuzzers) -> None:
+    target = _target(ts)
+    args = ("--domain", "target", "--corpus", str(seeds), "--out", str(ts.base / "out"), "--seconds", "60",
+            "--quiet")
+    proc = fuzzers.start(*args)
+    held = _wait_holding(ts, proc)
+    proc.kill()
+    proc.communicate(timeout=10)
+    assert [e["name"] for e in ts.list_json()] == ["target"]        # list sweeps: the dead fuzzer's entry goes
+    assert ts.registry.get(held.domid) is None
+    assert ts.execute(target, "vmfork-query")["forks"] == []
+
+    # destroy --force of the parent ends a running fuzzer first (SIGTERM), then the parent.
+    proc = fuzzers.start(*args)
+    held = _wait_holding(ts, proc)
+    assert held.name == "target-fuzz-1"                # the number of an ended fuzzer is free again
+    ts.ok("destroy", "--force", "target")
+    proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert ts.registry.all() == []
+
+
+def test_errors_are_one_line(ts: Toolstack, seeds: Path) -> None:
+    out = str(ts.base / "out")
+    ts.fail("fuzz", "--domain", "nosuch", "--out", out, match="no domain named 'nosuch'")
+
+    spin = ts.create(ts.config("spin", "timer 60000"))          # busy in CPL3, never at a marker
+    ts.wait_state(spin, "running")
+    ts.fail("fuzz", "--domain", "spin", "--out", out, match="spin (domain 1) is running: vmfork fuzz --domain needs "
+                                                            "it paused at its harness ready marker")
+    ts.ok("pause", "spin")
+    ts.fail("fuzz", "--domain", "spin", "--out", out, match="is paused, not at its harness ready marker")
+
+    held = ts.create(ts.config("held", "fuzz"), "-p")
+    ts.fail("fuzz", "--domain", str(held), "--out", out, match="is paused (created paused), not at its harness ready "
+                                                               "marker: let it run to the marker (vmfork unpause")
+
+    demo = _target(ts, "demo", "demo")                           # at a marker, but prints no code range
+    ts.fail("fuzz", "--domain", "demo", "--out", out, "--cover", "auto",
+            match=f"--cover auto: demo (domain {demo}) printed no `parse=0x... end=0x...` range")
+
+    pid = ts.record(spin).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    ts.wait("spin's process to end", lambda: not ts.record(spin).alive)
+    ts.fail("fuzz", "--domain", "spin", "--out", out, match="spin (domain 1) is not running: its process")
+
+    p = ts.run("fuzz", "--out", out)
+    assert p.returncode == 2 and "one of the arguments --kernel --domain is required" in p.stderr
+    p = ts.run("fuzz", "--domain", "demo", "--kernel", str(ts.kernel), "--out", out)
+    assert p.returncode == 2 and "not allowed with argument" in p.stderr
+    assert _fuzz_entries(ts) == []
