@@ -130,6 +130,19 @@ def test_hangs_are_counted_within_their_budget(target: tuple[VM, int, int]) -> N
     assert elapsed < 2 * 0.1 + 0.6
 
 
+def test_a_hang_that_reaches_new_blocks_is_still_a_hang(target: tuple[VM, int, int]) -> None:
+    """The run is repeated without the blocks it hit first (their exits are vmfork's time, not the guest's), and
+    the repeat, reaching no new block, is what times out."""
+    vm, start, end = target
+    with Fuzzer(vm, coverage=[(start, end)], budget_s=0.1) as fz:
+        t = time.monotonic()
+        res = fz.execute(b"HANG")
+        assert (res.outcome, res.kind) == ("hang", "timeout"), res
+        assert res.new_blocks, "the first run's new blocks are kept"
+        assert time.monotonic() - t < 2 * 0.1 + 0.6
+        assert fz.execute(b"HANG").new_blocks == []
+
+
 def test_cli_fuzz_and_replay(pvh_guest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="vmfork")
     register_fuzz_commands(parser.add_subparsers(dest="command", required=True))

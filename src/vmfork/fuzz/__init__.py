@@ -25,11 +25,21 @@ its breakpoints itself (`traps.py`): one exit per breakpoint hit, also per block
         print(fz.execute(b"FUZZB\\x01"))
 """
 
-from .coverage import Coverage, basic_blocks
-from .errors import FuzzError
-from .harness import Harness, StartPoint, run_to_start
-from .loop import Fuzzer, Result, Stats, save_crash
-from .mutate import Mutator
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .coverage import Coverage, basic_blocks
+    from .errors import FuzzError
+    from .harness import Harness, StartPoint, run_to_start
+    from .loop import Fuzzer, Result, Stats, save_crash
+    from .mutate import Mutator
 
 __all__ = ["Coverage", "FuzzError", "Fuzzer", "Harness", "Mutator", "Result", "StartPoint", "Stats", "basic_blocks",
            "run_to_start", "save_crash"]
+_EXPORTS = {"Coverage": "coverage", "basic_blocks": "coverage", "FuzzError": "errors", "Harness": "harness",
+            "StartPoint": "harness", "run_to_start": "harness", "Fuzzer": "loop", "Result": "loop", "Stats": "loop",
+            "save_crash": "loop", "Mutator": "mutate"}
+assert set(_EXPORTS) == set(__all__)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
