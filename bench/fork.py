@@ -147,7 +147,31 @@ def main() -> int:
             samples.append(time.perf_counter() - t)
             child.reset()
         row(f"reset after 16 pages, {label}", samples)
+    rings = bool(child.memory._rings)
     child.destroy()
+
+    # The same 16-page reset on a fork whose VM logs dirty pages into bitmaps (KVM_GET_DIRTY_LOG and a scan)
+    # instead of per-vCPU dirty rings: what the rings save, side by side.
+    if rings:
+        os.environ["VMFORK_DIRTY_RING"] = "0"
+        try:
+            shell = Shell(parent.kvm, parent.shape, dirty_logging=True)
+        finally:
+            del os.environ["VMFORK_DIRTY_RING"]
+        pool._ready.appendleft(shell)
+        bitmap_child = parent.fork()
+        assert not bitmap_child.memory._rings
+        for label, kw in (("", {}), (", memory only", {"state": False})):
+            samples = []
+            bitmap_child.reset()
+            for i in range(n):
+                run_pages(bitmap_child, addr, 16, i)
+                t = time.perf_counter()
+                bitmap_child.reset(**kw)
+                samples.append(time.perf_counter() - t)
+                bitmap_child.reset()
+            row(f"reset after 16 pages{label}, bitmap dirty log", samples)
+        bitmap_child.destroy()
 
     # Memory: 100 live forks, each having written 1 MiB (256 pages).
     parent.prepare_forks(100)

@@ -2,13 +2,15 @@
 for the two example targets.
 
     .venv/bin/python bench/fuzz.py [--target fuzz|jsmn|all] [--seconds 5] [--runs 5] [--afl-seconds 15] [--markdown]
+    .venv/bin/python bench/fuzz.py --target jsmn --afl-only [--afl-seconds 15]      # only the afl-fuzz rows
 
 Targets (guests/README.md):
   fuzz   the test guest's `fuzz` program: a tiny parser in assembly whose "FUZZ" + 'B' record with a nonzero bank
          writes outside the mapped memory (#PF)
   jsmn   the example on a third-party parser: Debian's jsmn JSON tokenizer compiled into the guest's user mode, with
          an off-by-one in its token allocator that overwrites the stack canary once a document has 25 tokens (#UD
-         from __stack_chk_fail), seeds from guests/jsmn/seeds/
+         from __stack_chk_fail), seeds from guests/jsmn/seeds/; under afl-fuzz also the jsmn-afl-pvh.elf build of
+         the same code, which keeps its own edge map (`vmfork fuzz --afl-map auto`, no breakpoints)
 One core: the fuzz fork runs inline in this process.
 """
 
@@ -48,6 +50,7 @@ class Target:
     #                                                         also the campaigns' corpus
     budget_s: float                             # time per input before it is a hang
     note: str
+    afl_image: Path | None = None               # the same target built with its own edge map (--afl-map auto)
 
 
 def targets() -> dict[str, Target]:
@@ -61,7 +64,8 @@ def targets() -> dict[str, Target]:
         "jsmn": Target("jsmn", GUESTS / "jsmn-pvh.elf", "jsmn", (JSMN_SEEDS / "vm.json").read_bytes(),
                        (("guests/jsmn/seeds/", jsmn_seeds),), 1.0,
                        "Debian's jsmn 1.1.0 in the guest's user mode, planted off-by-one in its token allocator "
-                       "caught by the stack protector (guests/README.md, the jsmn example)"),
+                       "caught by the stack protector (guests/README.md, the jsmn example)",
+                       GUESTS / "jsmn-afl-pvh.elf"),
     }
 
 
@@ -76,8 +80,9 @@ def ready_vm(t: Target) -> tuple[VM, int, int]:
     return vm, int(m.group(1), 16), int(m.group(2), 16)
 
 
-def afl_row(t: Target, seconds: int, start: int, end: int) -> tuple[str, str, str]:
-    """execs/s under the real afl-fuzz (fork-server mode, persistent block breakpoints feeding its edge map)."""
+def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = False) -> tuple[str, str, str]:
+    """execs/s under the real afl-fuzz (fork-server mode), its edge map fed by persistent block breakpoints, or
+    (`guest_map`) copied from the map the target's instrumented build keeps itself (t.afl_image)."""
     env = {**os.environ, "AFL_SKIP_BIN_CHECK": "1", "AFL_NO_UI": "1", "AFL_SKIP_CPUFREQ": "1",
            "AFL_NO_AFFINITY": "1", "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1", "AFL_FORKSRV_INIT_TMOUT": "60000"}
     timeout_ms = max(200, int(t.budget_s * 1000) // 2)      # AFL++'s own timer sees hangs before vmfork's
@@ -85,21 +90,42 @@ def afl_row(t: Target, seconds: int, start: int, end: int) -> tuple[str, str, st
         (Path(tmp) / "in").mkdir()
         for i, seed in enumerate(t.corpora[0][1]):
             (Path(tmp) / "in" / f"seed{i}").write_bytes(seed)
+        image = t.afl_image if guest_map and t.afl_image is not None else t.image
+        coverage = ["--afl-map", "auto"] if guest_map else ["--cover", f"{start:#x}-{end:#x}"]
         subprocess.run(["afl-fuzz", "-i", f"{tmp}/in", "-o", f"{tmp}/out", "-t", str(timeout_ms), "-V", str(seconds),
-                        "--", sys.executable, "-m", "vmfork.fuzz", "--afl", "--kernel", str(t.image), "--cmdline",
-                        t.cmdline, "--budget-ms", str(int(t.budget_s * 1000)), "--cover", f"{start:#x}-{end:#x}"],
+                        "--", sys.executable, "-m", "vmfork.fuzz", "--afl", "--kernel", str(image), "--cmdline",
+                        t.cmdline, "--budget-ms", str(int(t.budget_s * 1000)), *coverage],
                        env=env, capture_output=True, check=True, timeout=seconds + 180)
         text = (Path(tmp) / "out/default/fuzzer_stats").read_text()
         stats = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
         execs = int(stats["execs_done"])
         crashes = int(stats["saved_crashes"])
-    return (f"under afl-fuzz (AFL++ fork server), {seconds} s", f"{execs / seconds:,.0f} execs/s",
-            f"{execs} inputs incl. start-up, {crashes} crashes saved; every block hit is two exits (edge map)")
+        found = f"corpus {stats['corpus_count']}, {stats['edges_found']} edges"
+    if guest_map:
+        return (f"under afl-fuzz, guest edge map (`--afl-map auto`, {image.name}), {seconds} s",
+                f"{execs / seconds:,.0f} execs/s",
+                f"{execs} inputs incl. start-up, {found}, {crashes} crashes saved; no breakpoints: the guest's "
+                "trace-pc callback counts edges, one copy of its 64 KiB map per input")
+    return (f"under afl-fuzz, breakpoint edges (`--cover`), {seconds} s", f"{execs / seconds:,.0f} execs/s",
+            f"{execs} inputs incl. start-up, {found}, {crashes} crashes saved; every block hit is an exit")
+
+
+def afl_rows(t: Target, args: argparse.Namespace, start: int, end: int) -> list[tuple[str, str, str]]:
+    """The afl-fuzz runs, side by side and of the same length: breakpoint edges, then the guest's own map."""
+    if args.afl_seconds <= 0 or not shutil.which("afl-fuzz"):
+        return []
+    rows = [afl_row(t, args.afl_seconds, start, end)]
+    if t.afl_image is not None:
+        rows.append(afl_row(t, args.afl_seconds, start, end, guest_map=True))
+    return rows
 
 
 def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     vm, start, end = ready_vm(t)
+    if args.afl_only:
+        vm.destroy(tree=True)
+        return afl_rows(t, args, start, end)
     campaign_seeds = list(t.corpora[0][1])
     try:
         with Fuzzer(vm, budget_s=t.budget_s) as fz:
@@ -148,9 +174,7 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
                                                 if found else "")))
     finally:
         vm.destroy(tree=True)
-    if args.afl_seconds > 0 and shutil.which("afl-fuzz"):
-        rows.append(afl_row(t, args.afl_seconds, start, end))
-    return rows
+    return rows + afl_rows(t, args, start, end)
 
 
 def main() -> int:
@@ -159,6 +183,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each throughput campaign")
     ap.add_argument("--runs", type=int, default=5, help="bug-finding runs per seed corpus (RNG seeds 1..N)")
     ap.add_argument("--afl-seconds", type=int, default=15, help="length of the AFL++ run (0: none)")
+    ap.add_argument("--afl-only", action="store_true", help="only the afl-fuzz rows")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
 

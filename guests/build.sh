@@ -5,6 +5,7 @@
 # and the same two with the jsmn fuzzing example (guests/jsmn/: Debian's jsmn JSON parser compiled by gcc, with a
 # planted bug) in a second PT_LOAD, and the `jsmn` program that calls it:
 #   build/guests/jsmn-multiboot.elf, build/guests/jsmn-pvh.elf
+# and build/guests/jsmn-afl-pvh.elf, the same with the C code built for AFL++ (an edge map in the guest)
 # An image is rebuilt only when a source file (or this script) is newer than it; --force rebuilds all of them.
 # VMFORK_GUEST_DIR overrides the output directory.
 set -euo pipefail
@@ -62,4 +63,6 @@ if [[ $force == 1 ]]; then force_arg=(--force); fi
 jsmn="$out/jsmn"
 build jsmn-multiboot VARIANT_MULTIBOOT "$jsmn/jsmn.inc" "$jsmn/jsmn.bin" -- -DWITH_JSMN -I "$jsmn/"
 build jsmn-pvh VARIANT_PVH "$jsmn/jsmn.inc" "$jsmn/jsmn.bin" -- -DWITH_JSMN -I "$jsmn/"
+# ... and the AFL++ build of the same C code (edge map in the guest: guests/jsmn/afl_cov.c), PVH only
+build jsmn-afl-pvh VARIANT_PVH "$out/jsmn-afl/jsmn.inc" "$out/jsmn-afl/jsmn.bin" -- -DWITH_JSMN -I "$out/jsmn-afl/"
 exec 9>&-

@@ -588,8 +588,9 @@ fuzz_parse_end:
 %ifdef WITH_JSMN
 ; ---------------------------------------------------------------------------------------------------------------
 ; jsmn (jsmn images only): the fuzzing example on a third-party parser, Debian's jsmn with a planted bug
-; (guests/jsmn/). Prints "vmfork-guest: jsmn parse=0x<start> end=0x<end>" (the C code, for `--cover auto`) and
-; "vmfork-guest: ready"; then forever: ready marker; input = u64 length + that many bytes (length clamped to
+; (guests/jsmn/). Prints "vmfork-guest: jsmn parse=0x<start> end=0x<end>" (the C code, for `--cover auto`),
+; in the jsmn-afl image "vmfork-guest: jsmn afl-map=0x<map> size=0x<bytes>" (the C code's edge map, for
+; `--afl-map auto`), and "vmfork-guest: ready"; then forever: ready marker; input = u64 length + that many bytes (length clamped to
 ; INBUF_SIZE - 8); fuzz_json(data, length), a C function (SysV ABI) in CPL3 like everything here; end marker; back to
 ; the ready marker. A stack overflow caught by the C code's canary ends in `ud2`: "EXCEPTION vec=6 rip=<in the C
 ; code>", exit status 0x86.
@@ -600,6 +601,16 @@ prog_jsmn:
         PRINT " end="
         mov eax, JSMN_TEXT_END
         call puthex
+%ifdef JSMN_AFL_MAP
+        ; jsmn-afl image: where the C code's edge map is (guests/jsmn/afl_cov.c), for `vmfork fuzz --afl-map auto`.
+        ; Nothing to initialise: the map is in the zeroed .bss, and the instrumentation needs no guards.
+        PRINT 10, "vmfork-guest: jsmn afl-map="
+        mov eax, JSMN_AFL_MAP
+        call puthex
+        PRINT " size="
+        mov eax, JSMN_AFL_MAP_SIZE
+        call puthex
+%endif
         PRINT 10, "vmfork-guest: ready", 10
         and rsp, -16                    ; the ABI's alignment at a call; nothing is ever popped from here on
 .iteration:

@@ -14,24 +14,37 @@ hit where the fuzz fork answers its breakpoints itself (traps.ForkTraps; a loop 
 counts once per entry), two under the Debugger. The input comes
 from the file named by `--afl-input` (AFL++'s `@@`), or else from stdin (AFL++'s `.cur_input`, read from offset 0).
 
+A target compiled with its own edge map needs no breakpoints: `--afl-map ADDR:SIZE`, or `--afl-map auto` for the
+map the target printed on its console before its ready marker as `afl-map=0x... size=0x...` (the jsmn example's
+jsmn-afl-pvh.elf: gcc's -fsanitize-coverage=trace-pc callback in guests/jsmn/afl_cov.c counts AFL-style edges into
+64 KiB of its .bss at 0x410000). The guest map must be zero in the parent paused at the ready marker; a fork's reset
+then brings it back to zero before every input, so there is no clearing pass. Per input vmfork runs the fork
+without any breakpoint (no exit but the markers) and then copies the guest's map into AFL++'s in one go (a read of
+the fork's RAM, no exit). AFL++ zeroes its whole map before each run, so a guest map smaller than AFL++'s fills its
+start; a larger one is refused (run afl-fuzz with AFL_MAP_SIZE set to the guest map's size). The classic fork-server
+hello announces no map size: AFL++ 4.x then uses AFL_MAP_SIZE, or its default of 64 KiB.
+
 SIGTERM and SIGKILL leave nothing behind: the machines are this process's own KVM file descriptors and memory, and
 the placeholder process dies with it.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import os
+import re
 import signal
 import struct
 import subprocess
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+from ..errors import MemoryAccessError
 from .loop import Fuzzer, FuzzError, Result
 
-__all__ = ["FORKSRV_FD", "AflMap", "serve_afl", "wait_status"]
+__all__ = ["AUTO_MAP", "FORKSRV_FD", "AflMap", "GuestMap", "afl_map_arg", "guest_map", "serve_afl", "wait_status"]
 
 FORKSRV_FD = 198
 PR_SET_PDEATHSIG = 1
@@ -82,6 +95,58 @@ class AflMap:
         return on_block
 
 
+class GuestMap(NamedTuple):
+    """An edge map the target keeps in its own memory (guest-physical address and size in bytes)."""
+
+    addr: int
+    size: int
+
+
+AUTO_MAP = GuestMap(-1, -1)         # --afl-map auto: the map the target printed at boot
+_PRINTED_MAP = re.compile(rb"afl-map=(0x[0-9a-fA-F]+) size=(0x[0-9a-fA-F]+)")
+
+
+def afl_map_arg(text: str) -> GuestMap:
+    """argparse type of --afl-map: `auto` or ADDR:SIZE (numbers in any base int() takes with base 0)."""
+    if text == "auto":
+        return AUTO_MAP
+    addr, sep, size = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or ADDR:SIZE (e.g. 0x410000:0x10000)")
+    try:
+        spec = GuestMap(int(addr, 0), int(size, 0))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: ADDR and SIZE must be numbers") from None
+    if spec.size <= 0 or spec.size & (spec.size - 1):          # said before anything boots
+        raise argparse.ArgumentTypeError(f"{text!r}: SIZE must be a power of two")
+    return spec
+
+
+def guest_map(spec: GuestMap, parent: Any, console: bytes, what: str) -> GuestMap:
+    """The guest map `spec` names (AUTO_MAP: the last `afl-map=... size=...` in `console`), checked against the
+    parent's RAM and contents: FuzzError with one line saying what is wrong."""
+    if spec == AUTO_MAP:
+        found = list(_PRINTED_MAP.finditer(console))
+        if not found:
+            raise FuzzError(f"--afl-map auto: {what} printed no `afl-map=0x... size=0x...` line on its console "
+                            "before its ready marker; give --afl-map ADDR:SIZE")
+        spec = GuestMap(int(found[-1].group(1), 16), int(found[-1].group(2), 16))
+    addr, size = spec
+    if size <= 0 or size & (size - 1):
+        raise FuzzError(f"--afl-map: the size {size:#x} is not a power of two (AFL-style edges index the map by a "
+                        "hash masked to its size)")
+    if addr < 0:
+        raise FuzzError(f"--afl-map: the address {addr:#x} is negative")
+    try:
+        parent.memory.offset_of(addr, size)          # in one RAM slot: the per-input copy is one slice
+    except MemoryAccessError as e:
+        raise FuzzError(f"--afl-map {addr:#x}:{size:#x} is not inside the guest's RAM ({e})") from None
+    if any(parent.memory.view(addr, size)):
+        raise FuzzError(f"--afl-map {addr:#x}:{size:#x} is not zero in the parent at its ready marker: every input "
+                        "would start with those counts (is it the target's map, and untouched before the marker?)")
+    return spec
+
+
 def _placeholder() -> subprocess.Popen[bytes]:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -99,8 +164,14 @@ def _read_input(path: str | None, limit: int) -> bytes:
     return os.pread(0, limit, 0)
 
 
-def serve_afl(fz: Fuzzer, amap: AflMap, *, input_path: str | None = None, max_execs: int | None = None) -> int:
-    """The fork-server loop; returns the number of inputs run when AFL++ closes the control pipe."""
+def serve_afl(fz: Fuzzer, amap: AflMap, *, input_path: str | None = None, max_execs: int | None = None,
+              guest: GuestMap | None = None) -> int:
+    """The fork-server loop; returns the number of inputs run when AFL++ closes the control pipe. `guest`: the
+    target's own edge map (guest_map()), copied into AFL++'s after every input."""
+    if guest is not None and guest.size > amap.size:
+        raise FuzzError(f"the guest's edge map ({guest.size} bytes) is larger than AFL++'s ({amap.size}): run "
+                        f"afl-fuzz with AFL_MAP_SIZE={guest.size}")
+    shm = memoryview(amap.map).cast("B")
     try:
         os.write(FORKSRV_FD + 1, b"\0\0\0\0")
     except OSError as e:
@@ -118,6 +189,10 @@ def serve_afl(fz: Fuzzer, amap: AflMap, *, input_path: str | None = None, max_ex
             os.write(FORKSRV_FD + 1, struct.pack("<i", child.pid))
             amap.prev = 0
             res = fz.execute(_read_input(input_path, limit))
+            if guest is not None:
+                # the fork that ran it (a crashed one is replaced only at the next input); AFL++ zeroed its whole
+                # map before this run, so a smaller guest map leaves the rest zero
+                shm[:guest.size] = fz.fork.memory.view(guest.addr, guest.size)
             os.write(FORKSRV_FD + 1, struct.pack("<i", wait_status(res)))
             execs += 1
     finally:

@@ -51,6 +51,11 @@ def _range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: START and END must be numbers") from None
 
 
+def _afl_map(text: str) -> Any:
+    from .afl import afl_map_arg
+    return afl_map_arg(text)
+
+
 def register_fuzz_commands(sub: Any) -> None:
     """Add `fuzz` to the CLI's subcommands (`sub` is build_parser()'s add_subparsers() object)."""
     p = sub.add_parser("fuzz", help="fuzz a guest paused at its ready marker, in forks (or replay one input)")
@@ -99,6 +104,10 @@ def register_fuzz_commands(sub: Any) -> None:
                    help="be AFL++'s fork server: afl-fuzz -i IN -o OUT -t MS -- vmfork fuzz --afl ... (fuzz/afl.py)")
     p.add_argument("--afl-input", default=None, metavar="FILE",
                    help="with --afl: read each input from FILE (AFL++'s @@) instead of stdin")
+    p.add_argument("--afl-map", default=None, type=_afl_map, metavar="auto|ADDR:SIZE",
+                   help="with --afl: the target keeps its own AFL-style edge map at guest address ADDR (SIZE bytes, "
+                        "a power of two), copied to AFL++ after each input instead of breakpoint coverage; `auto`: "
+                        "the map the target printed before its ready marker as `afl-map=0x... size=0x...`")
     p.add_argument("--boot-timeout", type=float, default=30.0, help="seconds to reach the ready marker")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.set_defaults(func=run_fuzz)
@@ -111,6 +120,10 @@ def run_fuzz(args: argparse.Namespace) -> int:
 
     if args.replay is None and args.out is None and not args.afl:
         print("vmfork fuzz: --out DIR is required (or --replay FILE)", file=sys.stderr)
+        return 2
+    if args.afl_map is not None and (not args.afl or args.cover):
+        why = "is for --afl" if not args.afl else "and --cover would both fill AFL++'s map: give one"
+        print(f"vmfork fuzz: --afl-map {why}", file=sys.stderr)
         return 2
     symbols = load_symbols(args.symbols) if args.symbols else None
     problem = _check_harness(args, symbols)       # before booting anything: bad input is one line, exit 2
@@ -127,9 +140,13 @@ def run_fuzz(args: argparse.Namespace) -> int:
                                 "console before its ready marker; give --cover START-END")
             args.cover = [r for r in args.cover if r != AUTO] + [(int(m.group(1), 16), int(m.group(2), 16))]
         amap = None
+        guest_map = None
         if args.afl:
             from .afl import AflMap
             amap = AflMap()
+            if args.afl_map is not None:
+                from .afl import guest_map as check_guest_map
+                guest_map = check_guest_map(args.afl_map, parent, target.console(), target.what)
         harness = args.harness_spec
         fz = Fuzzer(parent, args.input_addr, args.input_size, sinks=args.sink, budget_s=args.budget_ms / 1000,
                     coverage=args.cover or None, oversize=args.oversize, symbols=symbols,
@@ -138,7 +155,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
         try:
             if amap is not None:
                 from .afl import serve_afl
-                serve_afl(fz, amap, input_path=args.afl_input, max_execs=args.execs)
+                serve_afl(fz, amap, input_path=args.afl_input, max_execs=args.execs, guest=guest_map)
                 return 0
             if args.replay is not None:
                 res = fz.execute(Path(args.replay).read_bytes())

@@ -1,0 +1,152 @@
+"""AFL++ coverage from an edge map the target keeps itself (`vmfork fuzz --afl --afl-map`): the jsmn example built
+with gcc's -fsanitize-coverage=trace-pc (build/guests/jsmn-afl-pvh.elf, guests/jsmn/afl_cov.c) fills 64 KiB of its
+.bss per input, and vmfork copies that into AFL++'s map instead of taking a breakpoint exit per block."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guest import console
+from test_fuzz import AFL_ENV, _alive, _descendants, needs_afl
+from test_fuzz_example import MAX_TOKENS, SEEDS, array_of
+from vmfork.fork import VM
+from vmfork.fuzz import Fuzzer, FuzzError
+from vmfork.fuzz.afl import AUTO_MAP, GuestMap, guest_map
+
+MAP = GuestMap(0x410000, 0x10000)            # guests/README.md: the first 64 KiB boundary after the C code
+
+
+@pytest.fixture(scope="module")
+def afl_image(guest_dir: Path) -> Path:
+    return guest_dir / "jsmn-afl-pvh.elf"
+
+
+@pytest.fixture(scope="module")
+def target(afl_image: Path) -> Iterator[VM]:
+    vm = VM.create(memory_mib=64, name="jsmn-afl-target")
+    try:
+        vm.load_kernel(afl_image, cmdline="jsmn")
+        ev = vm.run(timeout=30)
+        assert ev.reason == "harness-start", f"{ev} / {console(vm)!r}"
+        yield vm
+    finally:
+        vm.destroy(tree=True)
+
+
+def edges(fz: Fuzzer) -> bytes:
+    return fz.fork.memory.read(MAP.addr, MAP.size)
+
+
+def test_the_target_prints_where_its_map_is(target: VM) -> None:
+    assert re.search(r"vmfork-guest: jsmn parse=0x400000 end=0x[0-9a-f]+\n"
+                     r"vmfork-guest: jsmn afl-map=0x410000 size=0x10000\nvmfork-guest: ready\n", console(target))
+    assert guest_map(AUTO_MAP, target, target.device("serial0").output(), "jsmn-afl") == MAP
+
+
+def test_each_input_fills_the_map_from_zero(target: VM) -> None:
+    seed = (SEEDS / "vm.json").read_bytes()
+    with Fuzzer(target, budget_s=0.5) as fz:
+        maps = []
+        for data in (seed, seed, b"[1,2]", b'{"name": "x"}', seed):
+            assert fz.execute(data).outcome == "ok"
+            maps.append(edges(fz))
+        assert maps[0] == maps[1] == maps[4]                     # the same input, the same map: nothing carried over
+        assert len({maps[0], maps[2], maps[3]}) == 3             # different paths, different maps
+        assert all(sum(1 for b in m if b) > 10 for m in maps)
+        assert sum(maps[0]) > sum(maps[2])                       # a bigger document runs more edges
+        fz.fork.reset()
+        assert not any(edges(fz))                                # the reset restores the parent's zero map
+        res = fz.execute(array_of(MAX_TOKENS + 1))               # the planted bug, still caught by the canary
+        assert (res.outcome, res.vector) == ("crash", 6) and any(edges(fz))
+    assert not any(target.memory.read(MAP.addr, MAP.size))       # and the parent never saw any of it
+
+
+def test_bad_maps_are_one_line_errors(target: VM) -> None:
+    out = target.device("serial0").output()
+    for spec, text, why in ((AUTO_MAP, b"vmfork-guest: ready\n", "printed no `afl-map=0x... size=0x...` line"),
+                            (GuestMap(0x410000, 0x3000), out, "not a power of two"),
+                            (GuestMap(0x8000000, 0x10000), out, "not inside the guest's RAM"),
+                            (GuestMap(0x400000, 0x1000), out, "not zero in the parent")):     # the code itself
+        with pytest.raises(FuzzError, match=re.escape(why)):
+            guest_map(spec, target, text, "the target")
+
+
+def vmfork_fuzz(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vmfork.fuzz", *args]
+
+
+def test_the_command_line_checks_the_map(afl_image: Path, guest_dir: Path) -> None:
+    plain = guest_dir / "jsmn-pvh.elf"                 # the jsmn example without the instrumentation
+    cases = ((afl_image, ["--afl", "--afl-map", "0x410000:0x3000"], "SIZE must be a power of two"),
+             (afl_image, ["--afl", "--afl-map", "auto", "--cover", "auto"], "--afl-map and --cover would both"),
+             (afl_image, ["--afl-map", "auto", "--out", "x"], "--afl-map is for --afl"),
+             (plain, ["--afl", "--afl-map", "auto"], "printed no `afl-map=0x... size=0x...` line"))
+    for image, args, why in cases:
+        cmd = vmfork_fuzz("--kernel", str(image), "--cmdline", "jsmn", *args)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def afl_command(tmp_path: Path, image: Path, seconds: int) -> list[str]:
+    (tmp_path / "in").mkdir()
+    for seed in SEEDS.iterdir():
+        (tmp_path / "in" / seed.name).write_bytes(seed.read_bytes())
+    return ["afl-fuzz", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-t", "200", "-s", "1",
+            "-V", str(seconds), "--",
+            *vmfork_fuzz("--afl", "--kernel", str(image), "--cmdline", "jsmn", "--budget-ms", "400",
+                         "--afl-map", "auto")]
+
+
+def fuzzer_stats(tmp_path: Path) -> dict[str, str]:
+    text = (tmp_path / "out" / "default" / "fuzzer_stats").read_text()
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+@needs_afl
+def test_afl_fuzz_finds_paths_and_the_bug_through_the_guest_map(target: VM, afl_image: Path, tmp_path: Path) -> None:
+    """Without a single breakpoint: AFL++ sees the edges only through the map vmfork copies, so a growing corpus
+    and the crash mean the map reaches it."""
+    env = {**os.environ, **AFL_ENV, "AFL_BENCH_UNTIL_CRASH": "1"}
+    proc = subprocess.run(afl_command(tmp_path, afl_image, 25), env=env, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    stats = fuzzer_stats(tmp_path)
+    seeds = len(list(SEEDS.iterdir()))
+    assert int(stats["corpus_count"]) > seeds + 10 and int(stats["edges_found"]) > 50, stats
+    assert float(stats["execs_per_sec"]) > 300, stats       # breakpoints give well under 100 here
+    crashes = [p for p in (tmp_path / "out" / "default" / "crashes").iterdir() if p.name.startswith("id:")]
+    assert crashes and all(",sig:04," in p.name for p in crashes), stats      # SIGILL: #UD from __stack_chk_fail
+    with Fuzzer(target, budget_s=0.5) as fz:
+        assert fz.execute(crashes[0].read_bytes()).vector == 6
+
+
+@needs_afl
+def test_sigterm_of_afl_fuzz_leaves_no_vmfork_behind(afl_image: Path, tmp_path: Path) -> None:
+    proc = subprocess.Popen(afl_command(tmp_path, afl_image, 60), env={**os.environ, **AFL_ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        stats = tmp_path / "out" / "default" / "fuzzer_stats"
+        deadline = time.monotonic() + 30
+        while not stats.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert stats.exists(), "afl-fuzz did not get going"
+        ours = _descendants(proc.pid)
+        assert len(_alive(ours)) >= 2             # vmfork (the fork server) and its placeholder
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while _alive(ours) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(ours)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
