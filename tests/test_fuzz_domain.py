@@ -8,25 +8,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from test_toolstack import Toolstack
+from cli_harness import CliHarness
 from vmfork.toolstack.registry import DomainRecord
 
 NEAR_BUG = b"FUZZB\x00"         # one byte from the `fuzz` program's planted bug (a 'B' record with a nonzero value)
 
 
 @pytest.fixture
-def ts(tmp_path: Path, pvh_guest: Path) -> Iterator[Toolstack]:
-    t = Toolstack(tmp_path, pvh_guest)
-    try:
+def ts(tmp_path: Path, pvh_guest: Path) -> Iterator[CliHarness]:
+    with CliHarness(tmp_path, pvh_guest) as t:
         yield t
-    finally:
-        t.cleanup()
 
 
 @pytest.fixture
@@ -40,12 +36,12 @@ def seeds(tmp_path: Path) -> Path:
 class Fuzzers:
     """`vmfork fuzz` processes started in the background; whatever is left is killed at the end of the test."""
 
-    def __init__(self, ts: Toolstack) -> None:
+    def __init__(self, ts: CliHarness) -> None:
         self.ts = ts
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, *args: str) -> subprocess.Popen[str]:
-        p = subprocess.Popen([sys.executable, "-m", "vmfork.cli", "fuzz", *args], env=self.ts.env, cwd=self.ts.base,
+        p = subprocess.Popen(self.ts.argv("fuzz", *args), env=self.ts.env, cwd=self.ts.base,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(p)
         return p
@@ -58,7 +54,7 @@ class Fuzzers:
 
 
 @pytest.fixture
-def fuzzers(ts: Toolstack) -> Iterator[Fuzzers]:
+def fuzzers(ts: CliHarness) -> Iterator[Fuzzers]:
     f = Fuzzers(ts)
     try:
         yield f
@@ -66,7 +62,7 @@ def fuzzers(ts: Toolstack) -> Iterator[Fuzzers]:
         f.kill_all()
 
 
-def _target(ts: Toolstack, name: str = "target", program: str = "fuzz") -> int:
+def _target(ts: CliHarness, name: str = "target", program: str = "fuzz") -> int:
     """A domain of the test guest paused at its harness ready marker."""
     domid = ts.create(ts.config(name, program))
     rec = ts.wait_state(domid, "paused")
@@ -74,11 +70,11 @@ def _target(ts: Toolstack, name: str = "target", program: str = "fuzz") -> int:
     return domid
 
 
-def _fuzz_entries(ts: Toolstack) -> list[DomainRecord]:
+def _fuzz_entries(ts: CliHarness) -> list[DomainRecord]:
     return [r for r in ts.registry.all() if r.kind == "fuzz"]
 
 
-def _wait_holding(ts: Toolstack, proc: subprocess.Popen[str]) -> DomainRecord:
+def _wait_holding(ts: CliHarness, proc: subprocess.Popen[str]) -> DomainRecord:
     """Wait until the fuzzer process holds its fork (its entry is running) and return its entry."""
     def holding() -> bool:
         if proc.poll() is not None:
@@ -90,7 +86,7 @@ def _wait_holding(ts: Toolstack, proc: subprocess.Popen[str]) -> DomainRecord:
     return rec
 
 
-def test_fuzzing_a_domain_finds_the_bug_and_holds_the_domain_meanwhile(ts: Toolstack, seeds: Path,
+def test_fuzzing_a_domain_finds_the_bug_and_holds_the_domain_meanwhile(ts: CliHarness, seeds: Path,
                                                                          fuzzers: Fuzzers) -> None:
     target = _target(ts)
     out = ts.base / "out"
@@ -136,7 +132,7 @@ def test_fuzzing_a_domain_finds_the_bug_and_holds_the_domain_meanwhile(ts: Tools
     assert [e["name"] for e in ts.list_json()] == ["target"]
 
 
-def test_a_killed_fuzzer_leaves_nothing_after_a_sweep(ts: Toolstack, seeds: Path, fuzzers: Fuzzers) -> None:
+def test_a_killed_fuzzer_leaves_nothing_after_a_sweep(ts: CliHarness, seeds: Path, fuzzers: Fuzzers) -> None:
     target = _target(ts)
     args = ("--domain", "target", "--corpus", str(seeds), "--out", str(ts.base / "out"), "--seconds", "60",
             "--quiet")
@@ -158,7 +154,7 @@ def test_a_killed_fuzzer_leaves_nothing_after_a_sweep(ts: Toolstack, seeds: Path
     assert ts.registry.all() == []
 
 
-def test_errors_are_one_line(ts: Toolstack, seeds: Path) -> None:
+def test_errors_are_one_line(ts: CliHarness, seeds: Path) -> None:
     out = str(ts.base / "out")
     ts.fail("fuzz", "--domain", "nosuch", "--out", out, match="no domain named 'nosuch'")
 

@@ -14,160 +14,29 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vmfork.toolstack.qmp import QmpChannel, QmpCommandError
-from vmfork.toolstack.registry import DomainRecord, Registry
-from vmfork.toolstack.runtime import RunDir, pid_alive
+from cli_harness import CliHarness, domain_pids, result_line
+from vmfork.toolstack.qmp import QmpCommandError
+from vmfork.toolstack.runtime import pid_alive
 
-ROOT = Path(__file__).resolve().parents[1]
 INPUT_BUFFER = 0x800000        # where the test guest reads its input (guests/README.md)
 
 
-def _domain_pids(run_dir: Path) -> list[int]:
-    """Domain processes whose command line names this runtime directory."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"vmfork.toolstack.domain" in cmd and str(run_dir).encode() in cmd:
-            pids.append(int(entry))
-    return pids
-
-
-class Toolstack:
-    """The CLI in one runtime directory."""
-
-    def __init__(self, base: Path, kernel: Path) -> None:
-        self.base = base
-        self.run_dir = base / "run"
-        self.kernel = kernel
-        self.env = dict(os.environ, VMFORK_RUN_DIR=str(self.run_dir),
-                        VMFORK_DOMAIN_STDERR=str(base / "domains.stderr"))
-        self._registry: Registry | None = None
-
-    def run(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "vmfork.cli", *args], env=self.env, capture_output=True,
-                              text=True, input=input, timeout=timeout, cwd=self.base)
-
-    def ok(self, *args: str, **kw: Any) -> str:
-        p = self.run(*args, **kw)
-        assert p.returncode == 0, f"vmfork {' '.join(args)} failed ({p.returncode}): {p.stderr}{self.debug()}"
-        assert "Traceback" not in p.stderr, p.stderr
-        return p.stdout
-
-    def fail(self, *args: str, match: str) -> str:
-        """Run a command that must fail with one clear line mentioning `match`."""
-        p = self.run(*args)
-        assert p.returncode != 0, f"vmfork {' '.join(args)} should fail: {p.stdout}"
-        err = p.stderr
-        assert "Traceback" not in err, err
-        assert err.startswith("vmfork: error: ") and err.count("\n") == 1, err
-        assert match in err, err
-        return err
-
-    def debug(self) -> str:
-        log = self.base / "domains.stderr"
-        return f"\n--- domain stderr:\n{log.read_text()[-3000:]}" if log.exists() else ""
-
-    def config(self, name: str, program: str, **keys: Any) -> Path:
-        path = self.base / f"{name}.cfg"
-        lines = [f'name = "{name}"', "memory = 64", f'kernel = "{self.kernel}"', f'cmdline = "{program}"']
-        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
-    def fork_config(self, name: str, **keys: Any) -> Path:
-        path = self.base / f"{name}.cfg"
-        path.write_text("\n".join([f'name = "{name}"', *(f"{k} = {json.dumps(v)}" for k, v in keys.items())])
-                        + "\n")
-        return path
-
-    def create(self, cfg: Path, *flags: str) -> int:
-        return int(self.ok("create", *flags, str(cfg)).strip())
-
-    @property
-    def registry(self) -> Registry:
-        if self._registry is None:
-            self._registry = Registry(RunDir.open(self.run_dir))
-        return self._registry
-
-    def record(self, domain: int | str) -> DomainRecord:
-        return self.registry.find(domain)
-
-    def list_json(self) -> list[dict[str, Any]]:
-        return json.loads(self.ok("list", "--json"))
-
-    def wait(self, what: str, cond: Callable[[], bool], timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}{self.debug()}"
-            time.sleep(0.02)
-
-    def wait_state(self, domain: int | str, state: str, timeout: float = 20) -> DomainRecord:
-        def reached() -> bool:
-            rec = self.registry.find(domain)
-            return rec.state == state
-        self.wait(f"{domain} to be {state}", reached, timeout)
-        return self.record(domain)
-
-    def wait_gone(self, domid: int, timeout: float = 20) -> None:
-        self.wait(f"domain {domid} to end", lambda: self.registry.get(domid) is None, timeout)
-
-    def qmp(self, domain: int | str) -> QmpChannel:
-        return QmpChannel.connect(self.record(domain).qmp_socket, timeout=30)
-
-    def execute(self, domain: int | str, command: str, **args: Any) -> Any:
-        with self.qmp(domain) as q:
-            return q.execute(command, args)
-
-    def log(self, domid: int) -> str:
-        path = self.run_dir / f"{domid}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def cleanup(self) -> None:
-        if self._registry is not None:
-            self._registry.close()
-        pids = _domain_pids(self.run_dir)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p, None) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
 @pytest.fixture
-def ts(tmp_path: Path, pvh_guest: Path) -> Iterator[Toolstack]:
-    t = Toolstack(tmp_path, pvh_guest)
-    try:
+def ts(tmp_path: Path, pvh_guest: Path) -> Iterator[CliHarness]:
+    with CliHarness(tmp_path, pvh_guest) as t:
         yield t
-    finally:
-        t.cleanup()
-
-
-def _result_line(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if ln.startswith("result:")]
-    assert lines, text
-    return lines[-1]
 
 
 # --- domains, list, console, pause/unpause, destroy ---------------------------------------------------------------
 
-def test_create_list_pause_unpause_destroy(ts: Toolstack) -> None:
+def test_create_list_pause_unpause_destroy(ts: CliHarness) -> None:
     demo = ts.create(ts.config("demo", "demo"))
     rec = ts.wait_state(demo, "paused")                 # at its ready marker: the harness start
     assert rec.reason == "harness-start"
@@ -223,10 +92,10 @@ def test_create_list_pause_unpause_destroy(ts: Toolstack) -> None:
     assert ts.list_json() == []
 
 
-def test_console_replays_follows_and_takes_input(ts: Toolstack) -> None:
+def test_console_replays_follows_and_takes_input(ts: CliHarness) -> None:
     det = ts.create(ts.config("det", "det 3"))
     ts.wait_state(det, "paused")
-    con = subprocess.Popen([sys.executable, "-m", "vmfork.cli", "console", "det"], env=ts.env,
+    con = subprocess.Popen(ts.argv("console", "det"), env=ts.env,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert con.stdout is not None and con.stdin is not None
@@ -255,12 +124,12 @@ def test_console_replays_follows_and_takes_input(ts: Toolstack) -> None:
     ts.wait_gone(det)
 
 
-def test_console_on_a_terminal_detaches_with_ctrl_bracket(ts: Toolstack) -> None:
+def test_console_on_a_terminal_detaches_with_ctrl_bracket(ts: CliHarness) -> None:
     import pty
     dom = ts.create(ts.config("tty", "demo"))
     ts.wait_state(dom, "paused")
     master, slave = pty.openpty()
-    con = subprocess.Popen([sys.executable, "-m", "vmfork.cli", "console", "tty"], env=ts.env, stdin=slave,
+    con = subprocess.Popen(ts.argv("console", "tty"), env=ts.env, stdin=slave,
                            stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     try:
@@ -279,7 +148,7 @@ def test_console_on_a_terminal_detaches_with_ctrl_bracket(ts: Toolstack) -> None
     assert ts.record(dom).state == "paused"                           # detaching leaves the domain alone
 
 
-def test_create_with_console_attached(ts: Toolstack) -> None:
+def test_create_with_console_attached(ts: CliHarness) -> None:
     p = ts.run("create", "-c", str(ts.config("hi", "hello")))
     assert p.returncode == 0, p.stderr + ts.debug()
     lines = p.stdout.splitlines()
@@ -324,7 +193,7 @@ def _socat(sock: str, text: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed (./dev test installs it)")
-def test_fork_vm_all_three_device_model_modes(ts: Toolstack) -> None:
+def test_fork_vm_all_three_device_model_modes(ts: CliHarness) -> None:
     parent = ts.create(ts.config("parent", "demo"))
     ts.wait_state(parent, "paused")
     sock = ts.record(parent).qmp_socket
@@ -357,14 +226,14 @@ def test_fork_vm_all_three_device_model_modes(ts: Toolstack) -> None:
     ts.ok("unpause", "nodm")
     rec = ts.wait_state(nodm, "shutdown")
     assert rec.reason == "the guest exited with status 37"          # demo with no input: 0x25
-    assert _result_line(ts.log(nodm)) == "result: len=0 fnv=cbf29ce484222325 primes=904"
+    assert result_line(ts.log(nodm)) == "result: len=0 fnv=cbf29ce484222325 primes=904"
     assert ts.execute(nodm, "vmfork-query")["unknown_port_accesses"] == {}
 
     # --launch-dm yes with -C and -Q (the seed's full fork), and a DM-less fork that runs without one.
     full = int(ts.ok("fork-vm", "-C", str(ts.fork_config("full", on_poweroff="preserve")), "-Q", dm1,
                      "-m", "1", "parent").strip())
     ts.wait_state(full, "shutdown")
-    assert _result_line(ts.log(full)) == "result: len=0 fnv=cbf29ce484222325 primes=904"
+    assert result_line(ts.log(full)) == "result: len=0 fnv=cbf29ce484222325 primes=904"
     bare = int(ts.ok("fork-vm", "--launch-dm", "no", "--block-interrupts", "parent").strip())
     ts.wait("the DM-less fork to touch the absent UART",
             lambda: "0x3f8" in ts.execute(bare, "vmfork-query")["unknown_port_accesses"])
@@ -394,10 +263,10 @@ def test_fork_vm_all_three_device_model_modes(ts: Toolstack) -> None:
     assert owned["parent"] is None and owned["full"] > 0
     ts.ok("destroy", "--force", "parent")
     assert ts.list_json() == []
-    assert _domain_pids(ts.run_dir) == []
+    assert domain_pids(ts.run_dir) == []
 
 
-def test_fork_reset_and_forks_of_forks(ts: Toolstack) -> None:
+def test_fork_reset_and_forks_of_forks(ts: CliHarness) -> None:
     parent = ts.create(ts.config("p", "det 2"))
     ts.wait_state(parent, "paused")
     f = int(ts.ok("fork-vm", "-p", "-C", str(ts.fork_config("f", on_poweroff="preserve")), "p").strip())
@@ -439,7 +308,7 @@ def test_fork_reset_and_forks_of_forks(ts: Toolstack) -> None:
 
 # --- save and restore ------------------------------------------------------------------------------------------------
 
-def test_save_and_restore(ts: Toolstack) -> None:
+def test_save_and_restore(ts: CliHarness) -> None:
     demo = ts.create(ts.config("sv", "demo"))
     ts.wait_state(demo, "paused")
     path = ts.base / "sv.vmfork"
@@ -450,7 +319,7 @@ def test_save_and_restore(ts: Toolstack) -> None:
     assert ts.record(copy).state == "paused" and ts.record(copy).kind == "restore"
     ts.ok("unpause", "copy")
     ts.wait_gone(copy)
-    assert _result_line(ts.log(copy)) == "result: len=0 fnv=cbf29ce484222325 primes=904"
+    assert result_line(ts.log(copy)) == "result: len=0 fnv=cbf29ce484222325 primes=904"
 
     ts.ok("save", "--destroy", "sv", str(path))                       # as plain xl save: gone after
     ts.wait_gone(demo)
@@ -462,7 +331,7 @@ def test_save_and_restore(ts: Toolstack) -> None:
 
 # --- bad input and faults ---------------------------------------------------------------------------------------------
 
-def test_bad_input(ts: Toolstack) -> None:
+def test_bad_input(ts: CliHarness) -> None:
     ts.fail("pause", "99", match="no domain with id 99")
     ts.fail("destroy", "nosuch", match="no domain named 'nosuch'")
     bad = ts.base / "bad.cfg"
@@ -536,9 +405,9 @@ def test_bad_input(ts: Toolstack) -> None:
     ts.ok("destroy", "demo")
 
 
-def test_racing_creates_get_distinct_domids_and_names(ts: Toolstack) -> None:
+def test_racing_creates_get_distinct_domids_and_names(ts: CliHarness) -> None:
     cfgs = [ts.config(f"r{i}", "demo") for i in range(3)] + [ts.config("same", "demo")] * 2
-    procs = [subprocess.Popen([sys.executable, "-m", "vmfork.cli", "create", str(c)], env=ts.env,
+    procs = [subprocess.Popen(ts.argv("create", str(c)), env=ts.env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cfgs]
     results = [(p.wait(60), p.stdout.read() if p.stdout else "", p.stderr.read() if p.stderr else "")
                for p in procs]
@@ -557,7 +426,7 @@ def test_racing_creates_get_distinct_domids_and_names(ts: Toolstack) -> None:
     assert later > max(ok)                                            # domids are not reused
 
 
-def test_killed_domain_shows_crashed_and_destroy_cleans_up(ts: Toolstack) -> None:
+def test_killed_domain_shows_crashed_and_destroy_cleans_up(ts: CliHarness) -> None:
     dom = ts.create(ts.config("victim", "demo"))
     ts.wait_state(dom, "paused")
     parent = ts.create(ts.config("par", "demo"))
@@ -583,10 +452,10 @@ def test_killed_domain_shows_crashed_and_destroy_cleans_up(ts: Toolstack) -> Non
     ts.ok("unpause", "par")                        # runs to its exit, and ends (on_poweroff = destroy)
     ts.wait_gone(parent)
     ts.ok("destroy", str(child))
-    assert ts.list_json() == [] and _domain_pids(ts.run_dir) == []
+    assert ts.list_json() == [] and domain_pids(ts.run_dir) == []
 
 
-def test_destroy_parent_with_forks_needs_force(ts: Toolstack) -> None:
+def test_destroy_parent_with_forks_needs_force(ts: CliHarness) -> None:
     parent = ts.create(ts.config("root", "demo"))
     ts.wait_state(parent, "paused")
     a = int(ts.ok("fork-vm", "-p", "root").strip())
@@ -605,7 +474,7 @@ def test_destroy_parent_with_forks_needs_force(ts: Toolstack) -> None:
 def test_peer_of_another_uid_is_refused(pvh_guest: Path) -> None:
     base = Path(tempfile.mkdtemp(prefix="vmfork-uid-", dir="/tmp"))
     os.chmod(base, 0o711)                      # reachable by uid 65534, as /run is
-    ts = Toolstack(base, pvh_guest)
+    ts = CliHarness(base, pvh_guest)
     try:
         dom = ts.create(ts.config("mine", "demo"))
         ts.wait_state(dom, "paused")

@@ -7,24 +7,17 @@ processes a test left, even when it fails."""
 from __future__ import annotations
 
 import base64
-import json
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from vmfork.toolstack.qmp import QmpChannel
-from vmfork.toolstack.registry import DomainRecord, Registry
-from vmfork.toolstack.runtime import RunDir, pid_alive
+from cli_harness import CliHarness, result_line
 
 GDB = shutil.which("gdb")
 INPUT_BUFFER = 0x800000         # the test guest's harness input buffer (guests/README.md)
@@ -32,141 +25,10 @@ KINFO = 0x101000                # its kernel info block, identity-mapped
 RAM = 64 << 20
 
 
-def _domain_pids(run_dir: Path) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"vmfork.toolstack.domain" in cmd and str(run_dir).encode() in cmd:
-            pids.append(int(entry))
-    return pids
-
-
-class Cli:
-    """`vmfork` in one runtime directory."""
-
-    def __init__(self, base: Path, kernel: Path) -> None:
-        self.base = base
-        self.run_dir = base / "run"
-        self.kernel = kernel
-        self.env = dict(os.environ, VMFORK_RUN_DIR=str(self.run_dir),
-                        VMFORK_DOMAIN_STDERR=str(base / "domains.stderr"))
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self._registry: Registry | None = None
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "vmfork.cli", *args]
-
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(self.argv(*args), env=self.env, capture_output=True, timeout=timeout, cwd=self.base)
-
-    def ok(self, *args: str) -> str:
-        p = self.run(*args)
-        err = p.stderr.decode(errors="replace")
-        assert p.returncode == 0, f"vmfork {' '.join(args)} failed ({p.returncode}): {err}{self.debug()}"
-        assert "Traceback" not in err, err
-        return p.stdout.decode(errors="replace")
-
-    def fail(self, *args: str, match: str) -> str:
-        """A command that must fail with one line naming the problem."""
-        p = self.run(*args)
-        err = p.stderr.decode(errors="replace")
-        assert p.returncode == 1, f"vmfork {' '.join(args)}: exit {p.returncode}, {p.stdout!r} {err}"
-        assert err.startswith("vmfork: error: ") and err.count("\n") == 1, err
-        assert match in err, err
-        return err
-
-    def popen(self, *args: str) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(self.argv(*args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             cwd=self.base)
-        self.procs.append(p)
-        return p
-
-    def debug(self) -> str:
-        log = self.base / "domains.stderr"
-        return f"\n--- domain stderr:\n{log.read_text()[-3000:]}" if log.exists() else ""
-
-    def config(self, name: str, program: str, **keys: Any) -> Path:
-        path = self.base / f"{name}.cfg"
-        lines = [f'name = "{name}"', "memory = 64", f'kernel = "{self.kernel}"', f'cmdline = "{program}"']
-        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
-    def create(self, name: str, program: str, **keys: Any) -> int:
-        return int(self.ok("create", str(self.config(name, program, **keys))).strip())
-
-    @property
-    def registry(self) -> Registry:
-        if self._registry is None:
-            self._registry = Registry(RunDir.open(self.run_dir))
-        return self._registry
-
-    def record(self, domain: int | str) -> DomainRecord:
-        return self.registry.find(domain)
-
-    def wait(self, what: str, cond: Callable[[], bool], timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}{self.debug()}"
-            time.sleep(0.02)
-
-    def wait_state(self, domain: int | str, state: str, timeout: float = 20) -> DomainRecord:
-        self.wait(f"{domain} to be {state}", lambda: self.registry.find(domain).state == state, timeout)
-        return self.record(domain)
-
-    def wait_gone(self, domid: int, timeout: float = 20) -> None:
-        self.wait(f"domain {domid} to end", lambda: self.registry.get(domid) is None, timeout)
-
-    def execute(self, domain: int | str, command: str, **args: Any) -> Any:
-        with QmpChannel.connect(self.record(domain).qmp_socket, timeout=30) as q:
-            return q.execute(command, args)
-
-    def log(self, domid: int) -> str:
-        path = self.run_dir / f"{domid}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def listed(self, domain: str) -> dict[str, Any]:
-        """The domain as `vmfork list --json` shows it (the command must work)."""
-        entries = {e["name"]: e for e in json.loads(self.ok("list", "--json"))}
-        assert domain in entries, entries
-        return entries[domain]
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if self._registry is not None:
-            self._registry.close()
-        pids = _domain_pids(self.run_dir)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p, None) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
 @pytest.fixture
-def cli(tmp_path: Path, pvh_guest: Path) -> Iterator[Cli]:
-    c = Cli(tmp_path, pvh_guest)
-    try:
+def cli(tmp_path: Path, pvh_guest: Path) -> Iterator[CliHarness]:
+    with CliHarness(tmp_path, pvh_guest) as c:
         yield c
-    finally:
-        c.cleanup()
-
-
-def _result(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if ln.startswith("result:")]
-    assert lines, text
-    return lines[-1]
 
 
 def _input(data: bytes) -> str:
@@ -176,8 +38,8 @@ def _input(data: bytes) -> str:
 
 # --- memory, registers, translation, bad input -----------------------------------------------------------------------
 
-def test_mem_regs_translate_and_bad_input(cli: Cli) -> None:
-    demo = cli.create("demo", "demo")
+def test_mem_regs_translate_and_bad_input(cli: CliHarness) -> None:
+    demo = cli.create_program("demo", "demo")
     assert cli.wait_state(demo, "paused").reason == "harness-start"
 
     # A hexdump of the (empty) input buffer, then a write the guest will read.
@@ -193,7 +55,7 @@ def test_mem_regs_translate_and_bad_input(cli: Cli) -> None:
     blob = bytes(range(256)) * 5
     (cli.base / "blob.bin").write_bytes(blob)
     cli.ok("mem", "write", "demo", hex(INPUT_BUFFER + 0x1000), "@blob.bin")
-    raw = cli.run("mem", "read", "demo", hex(INPUT_BUFFER + 0x1000), str(len(blob)), "--raw")
+    raw = cli.run_bytes("mem", "read", "demo", hex(INPUT_BUFFER + 0x1000), str(len(blob)), "--raw")
     assert raw.returncode == 0 and raw.stdout == blob, raw.stderr
 
     # Virtual: the kernel info block through the guest's page tables (identity-mapped) equals the physical bytes.
@@ -244,13 +106,13 @@ def test_mem_regs_translate_and_bad_input(cli: Cli) -> None:
     # The guest reads what was written: demo's result for the 5-byte input "hello".
     cli.ok("unpause", "demo")
     cli.wait_gone(demo)
-    assert _result(cli.log(demo)).startswith("result: len=5 fnv=a430d84680aabd0b primes=")
+    assert result_line(cli.log(demo)).startswith("result: len=5 fnv=a430d84680aabd0b primes=")
 
 
 # --- diff across domains --------------------------------------------------------------------------------------------
 
-def test_diff_of_a_fork_domain(cli: Cli) -> None:
-    demo = cli.create("demo", "demo")
+def test_diff_of_a_fork_domain(cli: CliHarness) -> None:
+    demo = cli.create_program("demo", "demo")
     cli.wait_state(demo, "paused")
     fork = int(cli.ok("fork-vm", "-p", "demo").strip())
     name = cli.record(fork).name
@@ -291,7 +153,7 @@ def test_diff_of_a_fork_domain(cli: Cli) -> None:
 
 # --- the GDB server -------------------------------------------------------------------------------------------------
 
-def _start_gdbserver(cli: Cli, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+def _start_gdbserver(cli: CliHarness, *args: str) -> tuple[subprocess.Popen[bytes], int]:
     p = cli.popen("gdbserver", *args)
     assert p.stdout is not None
     line = p.stdout.readline().decode()
@@ -318,8 +180,8 @@ def _refused(port: int) -> bool:
 
 
 @pytest.mark.skipif(GDB is None, reason="needs gdb (Debian package gdb)")
-def test_gdbserver_with_real_gdb(cli: Cli) -> None:
-    demo = cli.create("demo", "demo")
+def test_gdbserver_with_real_gdb(cli: CliHarness) -> None:
+    demo = cli.create_program("demo", "demo")
     cli.wait_state(demo, "paused")
     cli.ok("mem", "write", "demo", hex(INPUT_BUFFER), _input(b"hello"))
     rip = int(re.search(r"rip ([0-9a-f]{16})", cli.ok("regs", "demo")).group(1), 16)  # type: ignore[union-attr]
@@ -357,14 +219,14 @@ def test_gdbserver_with_real_gdb(cli: Cli) -> None:
     # The domain still runs: it reads its input and exits.
     cli.ok("unpause", "demo")
     cli.wait_gone(demo)
-    assert _result(cli.log(demo)).startswith("result: len=5 fnv=a430d84680aabd0b primes=")
+    assert result_line(cli.log(demo)).startswith("result: len=5 fnv=a430d84680aabd0b primes=")
 
 
 @pytest.mark.skipif(GDB is None, reason="needs gdb (Debian package gdb)")
-def test_gdbserver_breakpoint_continue_step_and_a_running_domain(cli: Cli) -> None:
+def test_gdbserver_breakpoint_continue_step_and_a_running_domain(cli: CliHarness) -> None:
     # Breakpoint, continue and step run the domain through its own loop: its state follows, and after the detach
     # it runs on to its exit.
-    vmi = cli.create("vmi", "vmi 3", on_poweroff="preserve")
+    vmi = cli.create_program("vmi", "vmi 3", on_poweroff="preserve")
     cli.wait_state(vmi, "paused")
     m = re.search(r"target=(0x[0-9a-f]+)", cli.log(vmi))
     assert m, cli.log(vmi)
@@ -382,7 +244,7 @@ def test_gdbserver_breakpoint_continue_step_and_a_running_domain(cli: Cli) -> No
     assert server.wait(20) == 0
 
     # A running domain: GDB's attach pauses it, its detach resumes it.
-    spin = cli.create("spin", "timer 60000")
+    spin = cli.create_program("spin", "timer 60000")
     cli.wait_state(spin, "running")
     server, port = _start_gdbserver(cli, "spin", "--listen", "127.0.0.1:0")
     out = _gdb(port, "info registers rip", "info threads")
