@@ -23,7 +23,7 @@ from .kvm import Kvm
 from .kvm import constants as c
 from .kvm import structs as s
 from .memory import GuestMemory, MemoryImage, clear_address_space, map_image
-from .vcpu import VcpuState
+from .vcpu import ResetPlan, VcpuState
 from .vm import Machine, MachineShape, MachineState, Shell, StopEvent, open_kvm
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class ShellPool:
         for v in shell.vcpus:
             v.run.immediate_exit = 0
             v.run.kvm_dirty_regs = 0
-            v._sync_valid = False
+            v.sync_valid = False
         self.recycled += 1
         with self._lock:
             if len(self._ready) < max(self.target, 64) and not self._closed:
@@ -206,6 +206,7 @@ class VM(Machine):
         self.launch_dm: LaunchDm = "yes"
         self._fork_cache: tuple[int, MachineState] | None = None
         self._generation = 0
+        self._reset_plan: tuple[MachineState, ResetPlan] | None = None     # for fork_state, built at first reset
         self._fork_count = 0
         self.dm_accesses: dict[int, int] = {}         # port accesses answered as absent hardware before a DM
         self.pause_on_device_access = False             # stop at the first access to each port no device answers
@@ -354,9 +355,11 @@ class VM(Machine):
         pages = self.memory.reset_to_base() if memory else 0
         if state:
             st = self.fork_state
-            for v, vs in zip(self.vcpus, st.vcpus, strict=True):
-                v.restore(vs)
-            self.restore_platform(st.platform)
+            prepared = self._reset_plan
+            if prepared is None or prepared[0] is not st:
+                prepared = self._reset_plan = (st, ResetPlan(self.vcpus, st.vcpus, self.vm.fd,
+                                                             st.platform.restore_plan()))
+            prepared[1].restore()
             # The fork-time device states were checked when the fork was made: restore them directly, and only
             # when a port access (or console input) may have changed a device since the last restore.
             touched = self.bus.touched

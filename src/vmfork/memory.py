@@ -125,6 +125,7 @@ class _DirtyTracker:
     host: set[int] = field(init=False)
     host_ever: set[int] = field(init=False)
     ring_ever: set[int] = field(init=False)          # guest-dirty pages read from dirty rings by resets
+    ever_mark: npt.NDArray[np.uint8] | None = None   # the same, from resets of many pages: one byte per page
 
     def __post_init__(self) -> None:
         self.words = (self.npages + 63) // 64
@@ -151,28 +152,45 @@ def _set_bits(bitmap: npt.NDArray[np.uint64], pages: npt.NDArray[np.int64]) -> N
     """Set the bits of `pages` (any order, repeats allowed) in `bitmap` (np.bitwise_or.at is much slower)."""
     if pages.size == 0:
         return
-    pages = np.sort(pages)
+    if pages.size > 1 and not (pages[1:] >= pages[:-1]).all():
+        pages = np.sort(pages)
     words = pages >> 6
     bits = np.left_shift(np.uint64(1), (pages & 63).astype(np.uint64))
     starts = np.flatnonzero(np.concatenate(([True], words[1:] != words[:-1])))
     bitmap[words[starts]] |= np.bitwise_or.reduceat(bits, starts)
 
 
-_RING_LOOP = 48        # ring entries read one by one before the rest is read with numpy
+_RING_LOOP = 32        # ring entries read one by one before the rest is read with numpy
+_RING_WINDOW = 1024    # entries numpy looks at per step
 
 
-def _harvest_ring_bulk(ring: DirtyRing, f: int, slot_base: npt.NDArray[np.int64]) -> tuple[int, npt.NDArray[np.int64]]:
-    """Read every pending entry of `ring` from `f` on with numpy (a reset after thousands of written pages).
-    Returns the new fetch index and the RAM-file page numbers."""
-    entries = np.frombuffer(ring.words, np.uint64).reshape(ring.entries, 2)
-    idx = (f + np.arange(ring.entries, dtype=np.int64)) & ring.mask
-    w0 = entries[idx, 0]
-    dirty = (w0 & np.uint64(KVM_DIRTY_GFN_F_DIRTY)).astype(bool)
-    k = ring.entries if dirty.all() else int(np.argmin(dirty))
-    idx, w0 = idx[:k], w0[:k]
-    pages = slot_base[((w0 >> np.uint64(32)) & np.uint64(0xFFFF)).astype(np.int64)] + entries[idx, 1].astype(np.int64)
-    entries[idx, 0] = w0 ^ np.uint64(KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET)
-    return f + k, pages
+def _harvest_ring_bulk(ring: DirtyRing, f: int,
+                       slot_base: npt.NDArray[np.int64] | None) -> tuple[int, npt.NDArray[np.int64]]:
+    """Read every pending entry of `ring` from `f` on with numpy (a reset after hundreds or thousands of written
+    pages), a window of entries at a time (never across the ring's end, so each window is a plain slice), in as
+    few numpy calls as possible: right after a guest run each costs several microseconds here. Pending entries
+    are contiguous from `f`, and the others are either cleared (KVM clears what it re-arms) or marked harvested by
+    this call (a window that wraps onto them), so a window's count of DIRTY flags is its count of pending entries.
+    `slot_base` None: one slot at RAM offset 0. Returns the new fetch index and the RAM-file page numbers, in the
+    order written.
+    """
+    entries = np.frombuffer(ring.words, np.int64).reshape(ring.entries, 2)
+    parts = []
+    while True:
+        j = f & ring.mask
+        window = entries[j:j + min(_RING_WINDOW, ring.entries - j)]
+        flags = window[:, 0]
+        k = int(np.count_nonzero(flags & KVM_DIRTY_GFN_F_DIRTY))
+        if k:
+            if slot_base is None:
+                parts.append(window[:k, 1].copy())
+            else:
+                parts.append(slot_base[(flags[:k] >> 32) & 0xFFFF] + window[:k, 1])
+            np.bitwise_xor(flags[:k], KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET, out=flags[:k])
+            f += k
+        if k < len(window):
+            break
+    return f, parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 _memmove = ctypes.memmove
@@ -192,8 +210,9 @@ def _copy_runs(dst_addr: int, src_addr: int, pages: list[int]) -> None:
 
 def _copy_page_array(dst_addr: int, src_addr: int, dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8],
                      pages: npt.NDArray[np.int64]) -> None:
-    """Copy many sorted pages: one memmove per run, unless the pages are so scattered that numpy's gather/scatter
-    (two copies, but no per-run Python) is cheaper."""
+    """Copy many pages: one memmove per run of consecutive ascending pages (the pages may come in any order, and
+    repeat), unless they are so scattered that numpy's gather/scatter (two copies, but no per-run Python) is
+    cheaper."""
     breaks = np.flatnonzero(np.diff(pages) != 1)
     if breaks.size > pages.size // 8:
         dst[pages] = src[pages]
@@ -237,7 +256,8 @@ class GuestMemory:
         self._rings: list[DirtyRing] = []     # the VM's dirty rings, when it logs into rings instead of bitmaps
         self._ring_lock = threading.Lock()    # vCPU threads empty full rings while the machine runs
         self._slot_base = [s.offset >> PAGE_SHIFT for s in slots]            # ring entry slot -> first page
-        self._slot_base_arr = np.array(self._slot_base, np.int64)
+        flat = len(slots) == 1 and slots[0].offset == 0
+        self._slot_base_bulk = None if flat else np.array(self._slot_base, np.int64)
         self._frozen: MemoryImage | None = None
         self._layer_fds: list[int] = []
         self.closed = False
@@ -402,6 +422,8 @@ class GuestMemory:
         if d.ring_ever:
             _set_bits(d.ever, np.fromiter(d.ring_ever, np.int64, len(d.ring_ever)))
             d.ring_ever.clear()
+        if d.ever_mark is not None:
+            _set_bits(d.ever, np.flatnonzero(d.ever_mark))
         return np.union1d(_bits_to_pages(d.ever), np.fromiter(d.host_ever, np.int64, len(d.host_ever)))
 
     @property
@@ -409,10 +431,12 @@ class GuestMemory:
         return self._dirty_logging
 
     def reset_to_base(self) -> int:
-        """Copy the base version of every page dirtied since the last reset back; returns the page count.
+        """Copy the base version of every page dirtied since the last reset back; returns the page count (after
+        a reset of many pages from dirty rings, a page written both by the guest and by vmfork counts twice).
 
-        This is the hot path of a fuzzing loop: one KVM_GET_DIRTY_LOG per slot, one numpy scan of the bitmap, then
-        plain Python over the few dirty words and one memmove per run of pages."""
+        This is the hot path of a fuzzing loop. With dirty rings (`_reset_from_rings`): read the ring entries, one
+        KVM_RESET_DIRTY_RINGS, one memmove per run of pages. With bitmaps: one KVM_GET_DIRTY_LOG per slot, one
+        numpy scan of the bitmap, then plain Python over the few dirty words and one memmove per run of pages."""
         if self.base_pages is None:
             raise VmforkError("only a fork's memory can be reset")
         if self._rings:
@@ -472,6 +496,11 @@ class GuestMemory:
         for ring in self._rings:
             q, mask, f = ring.words, ring.mask, ring.fetch
             stop = f + _RING_LOOP
+            if q[(stop & mask) << 1] & 1:               # more than a loop's worth pending: all with numpy
+                f, pages = _harvest_ring_bulk(ring, f, self._slot_base_bulk)
+                bulk.append(pages)
+                ring.fetch = f
+                continue
             while True:
                 j = (f & mask) << 1
                 w = q[j]
@@ -481,7 +510,7 @@ class GuestMemory:
                 q[j] = w ^ 3                            # DIRTY -> RESET, slot kept for KVM
                 f += 1
                 if f == stop:
-                    f, pages = _harvest_ring_bulk(ring, f, self._slot_base_arr)
+                    f, pages = _harvest_ring_bulk(ring, f, self._slot_base_bulk)
                     bulk.append(pages)
                     break
             ring.fetch = f
@@ -489,6 +518,14 @@ class GuestMemory:
             assert self._vm is not None
             self._vm.reset_dirty_rings()
         return small, bulk
+
+    def _ever_mark(self) -> npt.NDArray[np.uint8]:
+        """One byte per page, set for every page a bulk ring reset restored (part of owned_pages()); allocated on
+        first use (zero pages cost nothing until written)."""
+        d = self._dirty
+        if d.ever_mark is None:
+            d.ever_mark = np.zeros(self.npages, np.uint8)
+        return d.ever_mark
 
     def _reset_from_rings(self) -> int:
         """reset_to_base() for a VM that logs into dirty rings: no bitmap to fetch or scan."""
@@ -500,10 +537,16 @@ class GuestMemory:
             d.guest.fill(0)
             self._guest_any = False
         if bulk:
-            pages_arr = np.concatenate([np.array(small, np.int64), *bulk, np.fromiter(d.host, np.int64, len(d.host))])
-            _set_bits(d.ever, pages_arr)
-            d.host.clear()
-            pages_arr = np.unique(pages_arr)
+            # Ring entries are in first-write order and each page appears once per harvest; a page may also be in
+            # `small`, `host` or the folded bitmap. No sort or dedup: _copy_page_array copies runs of ascending
+            # pages in any order, and copying a page twice is only a little slower.
+            if small:
+                bulk.append(np.array(small, np.int64))
+            if d.host:
+                bulk.append(np.fromiter(d.host, np.int64, len(d.host)))
+                d.host.clear()
+            pages_arr = np.concatenate(bulk) if len(bulk) > 1 else bulk[0]
+            self._ever_mark()[pages_arr] = 1
             _copy_page_array(self.host_addr, self._base_pages_addr, self.pages, self.base_pages, pages_arr)
             count = int(pages_arr.size)
         else:

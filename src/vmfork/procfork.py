@@ -808,7 +808,7 @@ class _Server:
         for v in shell.vcpus:
             v.run.immediate_exit = 0
             v.run.kvm_dirty_regs = 0
-            v._sync_valid = False
+            v.sync_valid = False
         # Everything allocated so far lives as long as the worker: keep it out of the cyclic GC's way (a full
         # collection of it costs milliseconds, and would land in some request).
         gc.collect()

@@ -7,11 +7,12 @@ the next KVM_RUN, which saves three ioctls on every capture and restore."""
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .arch.x86 import cpu
-from .kvm import IoctlPlan, Kvm, VcpuFd, plan_entry, run_plan
+from .kvm import FdPlan, IoctlPlan, Kvm, VcpuFd, plan_entry, run_fd_plan, run_plan
 from .kvm import constants as c
 from .kvm import structs as s
 
@@ -195,7 +196,7 @@ class Vcpu:
         self.run = fd.run
         self._sync = sync_regs
         # True while kvm_run.s holds the authoritative regs/sregs/events (after an exit, or after a set).
-        self._sync_valid = False
+        self.sync_valid = False
         xsave_size = max(4096, kvm.check_extension(c.KVM_CAP_XSAVE2))
         self._xsave_type = s.xsave_type(xsave_size)
         self.msr_indices = cpu.usable_msrs(fd, kvm)
@@ -203,15 +204,15 @@ class Vcpu:
         if sync_regs:
             self.run.kvm_valid_regs = SYNC_ALL
         run_addr = fd.run_addr
-        self._sync_addr = run_addr + s.Run.s.offset
-        self._sync_apic_base = ctypes.c_uint64.from_address(
-            self._sync_addr + s.SyncRegs.sregs.offset + s.Sregs.apic_base.offset)
-        self._exit_reason = ctypes.c_uint32.from_address(run_addr + s.Run.exit_reason.offset)
+        self.sync_addr = run_addr + s.Run.s.offset
+        self.sync_apic_base = ctypes.c_uint64.from_address(
+            self.sync_addr + s.SyncRegs.sregs.offset + s.Sregs.apic_base.offset)
+        self.exit_reason = ctypes.c_uint32.from_address(run_addr + s.Run.exit_reason.offset)
 
     # --- registers ----------------------------------------------------------------------------------------------
 
     def get_regs(self) -> s.Regs:
-        if self._sync and self._sync_valid:
+        if self._sync and self.sync_valid:
             return _copy(self.run.s.regs.regs)  # type: ignore[no-any-return]
         r = s.Regs()
         self.fd.get_regs(r)
@@ -226,7 +227,7 @@ class Vcpu:
             self.fd.set_regs(regs)
 
     def get_sregs(self) -> s.Sregs:
-        if self._sync and self._sync_valid:
+        if self._sync and self.sync_valid:
             return _copy(self.run.s.regs.sregs)  # type: ignore[no-any-return]
         r = s.Sregs()
         self.fd.get_sregs(r)
@@ -236,12 +237,12 @@ class Vcpu:
         """Takes effect at once (not deferred to the next KVM_RUN): the LAPIC and MSR ioctls that may follow
         interpret the APIC mode and EFER from sregs."""
         self.fd.set_sregs(sregs)
-        if self._sync and self._sync_valid:
+        if self._sync and self.sync_valid:
             self.run.s.regs.sregs = sregs
             self.run.kvm_dirty_regs &= ~c.KVM_SYNC_X86_SREGS
 
     def get_events(self) -> s.VcpuEvents:
-        if self._sync and self._sync_valid:
+        if self._sync and self.sync_valid:
             return _copy(self.run.s.regs.events)  # type: ignore[no-any-return]
         e = s.VcpuEvents()
         self.fd.get_vcpu_events(e)
@@ -249,15 +250,15 @@ class Vcpu:
 
     def _load_sync_area(self) -> None:
         """Before a partial write into the sync area, make the parts not being written current too."""
-        if not self._sync_valid:
+        if not self.sync_valid:
             self.fd.get_regs(self.run.s.regs.regs)
             self.fd.get_sregs(self.run.s.regs.sregs)
             self.fd.get_vcpu_events(self.run.s.regs.events)
-            self._sync_valid = True
+            self.sync_valid = True
 
     def after_run(self) -> None:
         """Called after each KVM_RUN: KVM refreshed the sync area (and consumed pending dirty bits)."""
-        self._sync_valid = self._sync
+        self.sync_valid = self._sync
         self.run.kvm_dirty_regs = 0
 
     # --- whole state --------------------------------------------------------------------------------------------
@@ -290,12 +291,12 @@ class Vcpu:
             # KVM_SET_LAPIC interprets the LAPIC in the vCPU's current APIC mode (xAPIC/x2APIC, from apic_base in
             # sregs), so sregs must be in place first unless the APIC base does not change (the reset case).
             dirty = SYNC_ALL
-            if not (self._sync_valid and self._sync_apic_base.value == st.sregs.apic_base):
+            if not (self.sync_valid and self.sync_apic_base.value == st.sregs.apic_base):
                 fd.set_sregs(st.sregs)
                 dirty &= ~c.KVM_SYNC_X86_SREGS
-            _memmove(self._sync_addr, _addressof(sync_image), _SYNC_SIZE)
+            _memmove(self.sync_addr, _addressof(sync_image), _SYNC_SIZE)
             self.run.kvm_dirty_regs = dirty
-            self._sync_valid = True
+            self.sync_valid = True
         else:
             fd.set_sregs(st.sregs)
             fd.set_regs(st.regs)
@@ -303,14 +304,14 @@ class Vcpu:
         # xsave, xcrs, lapic, msrs, mp_state, debugregs: after sregs (the LAPIC follows the APIC mode).
         # A vCPU whose last KVM_RUN ended in a port or MMIO exit was executing guest code, so its MP state is
         # RUNNABLE: nothing to restore when the saved one is RUNNABLE too (the reset after each fuzzing input).
-        if self._exit_reason.value in _RUNNING_EXITS and st.runnable:
+        if self.exit_reason.value in _RUNNING_EXITS and st.runnable:
             run_plan(fd.fd, without_mp_state)
         else:
             run_plan(fd.fd, full)
             if not st.runnable:
                 # The vCPU is not running any more: forget the last exit (kvm_run's exit_reason is output only,
                 # KVM rewrites it at the next exit), so the next restore sets the MP state.
-                self._exit_reason.value = c.KVM_EXIT_UNKNOWN
+                self.exit_reason.value = c.KVM_EXIT_UNKNOWN
 
     def flush_sync(self) -> None:
         """Push pending sync-area writes into KVM now (KVM_RUN with immediate_exit), e.g. before closing."""
@@ -322,3 +323,54 @@ class Vcpu:
 
     def close(self) -> None:
         self.fd.close()
+
+
+class ResetPlan:
+    """One saved state restored into the same vCPUs and VM again and again (a fork's reset), everything prepared:
+    each vCPU's sync-area image, and one list of (fd, request, pointer) ioctls over the vCPU fds and the VM fd
+    (`platform`: the VM's part, e.g. irqchips, PIT, clock), with and without KVM_SET_MP_STATE. A vCPU whose sync
+    area does not hold its registers, or whose APIC base would change, goes through Vcpu.restore instead."""
+
+    def __init__(self, vcpus: Sequence[Vcpu], states: Sequence[VcpuState], vm_fd: int,
+                 platform: IoctlPlan) -> None:
+        self.vcpus = list(vcpus)
+        self.states = list(states)
+        self.vm_fd = vm_fd
+        self.platform = platform
+        plans = [vs.restore_plan() for vs in self.states]
+        self._sync = [(v, v.sync_addr, _addressof(image), vs.sregs.apic_base)
+                      for v, vs, (_, _, image) in zip(self.vcpus, self.states, plans, strict=True)]
+        tail: FdPlan = [(vm_fd, request, ptr) for request, ptr in platform]
+        self._full: FdPlan = [(v.fd.fd, request, ptr) for v, (full, _, _) in zip(self.vcpus, plans, strict=True)
+                              for request, ptr in full] + tail
+        self._without_mp_state: FdPlan = [(v.fd.fd, request, ptr)
+                                          for v, (_, part, _) in zip(self.vcpus, plans, strict=True)
+                                          for request, ptr in part] + tail
+        self._runnable = all(vs.runnable for vs in self.states)
+        self._stopped = [v for v, vs in zip(self.vcpus, self.states, strict=True) if not vs.runnable]
+        self._fast = all(v._sync for v in self.vcpus)
+
+    def restore(self) -> None:
+        running = self._runnable
+        if self._fast:
+            for v, _, _, apic_base in self._sync:
+                if not (v.sync_valid and v.sync_apic_base.value == apic_base):
+                    self._restore_each()
+                    return
+                if v.exit_reason.value not in _RUNNING_EXITS:
+                    running = False
+        else:
+            self._restore_each()
+            return
+        for v, dst, src, _ in self._sync:
+            _memmove(dst, src, _SYNC_SIZE)
+            v.run.kvm_dirty_regs = SYNC_ALL
+        # MP state: see Vcpu.restore.
+        run_fd_plan(self._without_mp_state if running else self._full)
+        for v in self._stopped:
+            v.exit_reason.value = c.KVM_EXIT_UNKNOWN
+
+    def _restore_each(self) -> None:
+        for v, vs in zip(self.vcpus, self.states, strict=True):
+            v.restore(vs)
+        run_plan(self.vm_fd, self.platform)

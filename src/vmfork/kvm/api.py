@@ -61,6 +61,17 @@ def run_plan(fd: int, plan: IoctlPlan) -> None:
             raise KvmError(_NAMES.get(request, hex(request)), ctypes.get_errno())
 
 
+FdPlan = list[tuple[int, int, object]]
+
+
+def run_fd_plan(plan: FdPlan) -> None:
+    """Issue prepared (fd, request, pointer) ioctls, across several fds (a machine's vCPUs and VM), in order."""
+    call = _ioctl
+    for fd, request, ptr in plan:
+        if call(fd, request, ptr) < 0:
+            raise KvmError(_NAMES.get(request, hex(request)), ctypes.get_errno())
+
+
 class Kvm:
     """/dev/kvm: capability queries and VM creation."""
 
