@@ -59,10 +59,8 @@ def targets() -> dict[str, Target]:
         "fuzz": Target("fuzz", GUESTS / "testguest-pvh.elf", "fuzz", b"FUZZA\x01C\x00",
                        (("b'FUZZA\\x00'", (b"FUZZA\x00",)), ("b'hello!'", (b"hello!",))), 0.05,
                        "the test guest's `fuzz` program (a user-mode parser with a planted out-of-bounds write)"),
-        # 1 s per input: the first inputs of a campaign reach a hundred new blocks, each a breakpoint exit, and
-        # would pass the default 50 ms (they would count as hangs, and the run would depend on the load)
         "jsmn": Target("jsmn", GUESTS / "jsmn-pvh.elf", "jsmn", (JSMN_SEEDS / "vm.json").read_bytes(),
-                       (("guests/jsmn/seeds/", jsmn_seeds),), 1.0,
+                       (("guests/jsmn/seeds/", jsmn_seeds),), 0.05,
                        "Debian's jsmn 1.1.0 in the guest's user mode, planted off-by-one in its token allocator "
                        "caught by the stack protector (guests/README.md, the jsmn example)",
                        GUESTS / "jsmn-afl-pvh.elf"),
@@ -85,7 +83,10 @@ def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = 
     (`guest_map`) copied from the map the target's instrumented build keeps itself (t.afl_image)."""
     env = {**os.environ, "AFL_SKIP_BIN_CHECK": "1", "AFL_NO_UI": "1", "AFL_SKIP_CPUFREQ": "1",
            "AFL_NO_AFFINITY": "1", "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1", "AFL_FORKSRV_INIT_TMOUT": "60000"}
-    timeout_ms = max(200, int(t.budget_s * 1000) // 2)      # AFL++'s own timer sees hangs before vmfork's
+    # Breakpoint edges: every block hit is an exit, so a seed of a few hundred bytes takes tens of milliseconds;
+    # AFL++ aborts when its seeds time out. AFL++'s own timer sees hangs before vmfork's.
+    budget_ms = 400 if guest_map else max(1000, int(t.budget_s * 1000))
+    timeout_ms = max(200, budget_ms // 2)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "in").mkdir()
         for i, seed in enumerate(t.corpora[0][1]):
@@ -94,7 +95,7 @@ def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = 
         coverage = ["--afl-map", "auto"] if guest_map else ["--cover", f"{start:#x}-{end:#x}"]
         subprocess.run(["afl-fuzz", "-i", f"{tmp}/in", "-o", f"{tmp}/out", "-t", str(timeout_ms), "-V", str(seconds),
                         "--", sys.executable, "-m", "vmfork.fuzz", "--afl", "--kernel", str(image), "--cmdline",
-                        t.cmdline, "--budget-ms", str(int(t.budget_s * 1000)), *coverage],
+                        t.cmdline, "--budget-ms", str(budget_ms), *coverage],
                        env=env, capture_output=True, check=True, timeout=seconds + 180)
         text = (Path(tmp) / "out/default/fuzzer_stats").read_text()
         stats = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
