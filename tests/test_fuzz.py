@@ -322,3 +322,47 @@ def test_cover_auto_takes_the_range_the_target_prints(pvh_guest: Path, tmp_path:
                         "--quiet"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "19 blocks to cover" in r.stderr
+
+
+def test_keep_with_gdb_serves_the_crashing_fork_to_a_real_gdb(pvh_guest: Path, tmp_path: Path) -> None:
+    """--gdb: after the first crash the fuzzer keeps that fork and serves it to one GDB client, which sees the
+    crashed state (the guest's exception report runs in its kernel, past the fault), then ends when it detaches."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        pytest.skip("gdb is not installed (the test setup installs it)")
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / "bug").write_bytes(BUG)
+    proc = subprocess.Popen([sys.executable, "-m", "vmfork.cli", "fuzz", "--kernel", str(pvh_guest), "--corpus",
+                             str(seeds), "--out", str(tmp_path / "out"), "--seconds", "30", "--quiet", "--gdb", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while True:
+            line = proc.stdout.readline()
+            assert line, f"no gdb line: {''.join(lines)} {proc.stderr.read() if proc.stderr else ''}"
+            lines.append(line)
+            m = re.fullmatch(r"gdb: target remote 127\.0\.0\.1:(\d+)\n", line)
+            if m:
+                break
+        summary = json.loads("".join(lines[:-1]))
+        assert summary["unique_crashes"] == 1
+        r = subprocess.run([gdb, "-nx", "-batch", "-ex", "set confirm off", "-ex",
+                            f"target remote 127.0.0.1:{m.group(1)}", "-ex", "info registers rax", "-ex", "detach"],
+                           capture_output=True, text=True, timeout=60)
+        assert "[Inferior 1 (Remote target) detached]" in r.stdout, r.stdout + r.stderr
+        assert re.search(r"^rax\s+0x[0-9a-f]+", r.stdout, re.M), r.stdout
+        assert proc.wait(timeout=30) == 0
+        assert "kept the crashing fork" in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_gdb_option_bad_input_is_one_line(pvh_guest: Path, tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "vmfork.cli", "fuzz", "--kernel", str(pvh_guest), "--out",
+                        str(tmp_path), "--gdb", "localhost:http"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert "--gdb localhost:http" in r.stderr and "Traceback" not in r.stderr

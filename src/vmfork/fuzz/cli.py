@@ -99,6 +99,10 @@ def register_fuzz_commands(sub: Any) -> None:
     p.add_argument("--stop-on-crash", action="store_true", help="stop at the first crash")
     p.add_argument("--keep", action="store_true",
                    help="stop at the first crash and keep its fork paused (in this process: says where it is)")
+    p.add_argument("--gdb", default=None, metavar="[HOST:]PORT",
+                   help="implies --keep: then serve the kept crashing fork to one GDB client on HOST:PORT (loopback "
+                        "by default; 0 picks a free port, printed as `gdb: target remote HOST:PORT`), and end when "
+                        "it detaches")
     p.add_argument("--replay", default=None, metavar="FILE", help="run this one input and print its outcome (JSON)")
     p.add_argument("--afl", action="store_true",
                    help="be AFL++'s fork server: afl-fuzz -i IN -o OUT -t MS -- vmfork fuzz --afl ... (fuzz/afl.py)")
@@ -125,6 +129,18 @@ def run_fuzz(args: argparse.Namespace) -> int:
         why = "is for --afl" if not args.afl else "and --cover would both fill AFL++'s map: give one"
         print(f"vmfork fuzz: --afl-map {why}", file=sys.stderr)
         return 2
+    gdb_listen: tuple[str, int] | None = None
+    if args.gdb is not None:
+        from ..vmi.cli import parse_listen
+        from ..vmi.errors import VmiError
+        try:
+            gdb_listen = parse_listen(args.gdb, "--gdb")
+        except VmiError as e:
+            print(f"vmfork fuzz: {e}", file=sys.stderr)
+            return 2
+        if args.afl or args.replay is not None:
+            print("vmfork fuzz: --gdb is for a campaign (not --afl or --replay)", file=sys.stderr)
+            return 2
     symbols = load_symbols(args.symbols) if args.symbols else None
     problem = _check_harness(args, symbols)       # before booting anything: bad input is one line, exit 2
     if problem is not None:
@@ -167,7 +183,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
                   + (f", {harness.kind} harness" if harness.kind != "port" else ""), file=sys.stderr)
             st = fz.fuzz(seeds, seconds=args.seconds, rng_seed=args.seed, max_execs=args.execs,
                          stop_on_crash=args.stop_on_crash, out_dir=args.out,
-                         status=None if args.quiet else sys.stderr, max_len=args.max_len, keep=args.keep)
+                         status=None if args.quiet else sys.stderr, max_len=args.max_len,
+                         keep=args.keep or gdb_listen is not None)
             print(json.dumps({"execs": st.execs, "execs_per_s": round(st.execs_per_s, 1), "ok": st.ok,
                               "crashes": st.crashes, "unique_crashes": st.unique_crashes, "hangs": st.hangs,
                               "rejected": st.rejected, "corpus": st.corpus, "blocks_hit": st.blocks_hit,
@@ -181,6 +198,11 @@ def run_fuzz(args: argparse.Namespace) -> int:
                     f"{crash.rip:#x}, " if crash is not None and crash.rip is not None else ""
                 print(f"vmfork fuzz: kept the crashing fork {kept.name} ({what}state {kept.state}, vCPU RIP now "
                       f"{rip:#x}) in this process; it goes when the command ends", file=sys.stderr)
+            if gdb_listen is not None:
+                if not fz.kept:
+                    print("vmfork fuzz: --gdb: no crash, so no fork to inspect", file=sys.stderr)
+                    return 1
+                _serve_gdb_once(fz.kept[0], *gdb_listen)
             return 0
         finally:
             fz.close()
@@ -220,3 +242,14 @@ def _load_corpus(directory: str | None) -> list[bytes]:
     if not d.is_dir():
         raise FileNotFoundError(directory)
     return [p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()]
+
+
+def _serve_gdb_once(vm: Any, host: str, port: int) -> None:
+    """The kept crashing fork, to one GDB client (like `vmfork gdbserver`, but in this process)."""
+    from ..vmi.gdbserver import GdbServer
+    server = GdbServer(vm, host, port)
+    try:
+        print(f"gdb: target remote {server.host}:{server.port}", flush=True)
+        server.serve_one()
+    finally:
+        server.close()

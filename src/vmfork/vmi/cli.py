@@ -140,13 +140,13 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 # --- gdbserver ------------------------------------------------------------------------------------------------------
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
     """HOST:PORT, [IPV6]:PORT or PORT (loopback)."""
     host, port_text = "127.0.0.1", text
     if text.startswith("["):
         close = text.find("]")
         if close < 0 or text[close + 1:close + 2] != ":":
-            raise VmiError(f"--listen {text}: expected [IPV6]:PORT")
+            raise VmiError(f"{option} {text}: expected [IPV6]:PORT")
         host, port_text = text[1:close], text[close + 2:]
     elif ":" in text:
         host, _, port_text = text.rpartition(":")
@@ -155,9 +155,9 @@ def parse_listen(text: str) -> tuple[str, int]:
     try:
         port = int(port_text, 10)
     except ValueError:
-        raise VmiError(f"--listen {text}: expected HOST:PORT or PORT") from None
+        raise VmiError(f"{option} {text}: expected HOST:PORT or PORT") from None
     if not 0 <= port <= 65535:
-        raise VmiError(f"--listen {text}: port must be 0-65535")
+        raise VmiError(f"{option} {text}: port must be 0-65535")
     return host, port
 
 
