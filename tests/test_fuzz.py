@@ -366,3 +366,11 @@ def test_gdb_option_bad_input_is_one_line(pvh_guest: Path, tmp_path: Path) -> No
                         str(tmp_path), "--gdb", "localhost:http"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
     assert "--gdb localhost:http" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kernel_only_options_are_refused_with_a_domain(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "vmfork.cli", "fuzz", "--domain", "target", "--out", str(tmp_path),
+                        "--memory", "128", "--cmdline", "fuzz"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == ("vmfork fuzz: --cmdline, --memory are for --kernel: a domain is already booted "
+                                "(its config sets them)")

@@ -65,8 +65,8 @@ def register_fuzz_commands(sub: Any) -> None:
                         help="a domain paused at its ready marker (vmfork create): fuzz forks of it in this process, "
                              "shown as its fork `NAME-fuzz-N` while the fuzzer runs (--cmdline, --memory and "
                              "--boot-timeout are for --kernel)")
-    p.add_argument("--cmdline", default="fuzz", help="kernel command line (default: the test guest's 'fuzz')")
-    p.add_argument("--memory", type=int, default=64, help="guest memory in MiB (default 64)")
+    p.add_argument("--cmdline", default=None, help="with --kernel: its command line (default: the test guest's 'fuzz')")
+    p.add_argument("--memory", type=int, default=None, help="with --kernel: guest memory in MiB (default 64)")
     p.add_argument("--corpus", default=None, help="directory of seed inputs (default: one input of 8 zero bytes)")
     p.add_argument("--out", default=None, help="output directory: crashes/ (input + .json), corpus/, hangs/")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to fuzz (default 10)")
@@ -112,7 +112,8 @@ def register_fuzz_commands(sub: Any) -> None:
                    help="with --afl: the target keeps its own AFL-style edge map at guest address ADDR (SIZE bytes, "
                         "a power of two), copied to AFL++ after each input instead of breakpoint coverage; `auto`: "
                         "the map the target printed before its ready marker as `afl-map=0x... size=0x...`")
-    p.add_argument("--boot-timeout", type=float, default=30.0, help="seconds to reach the ready marker")
+    p.add_argument("--boot-timeout", type=float, default=None,
+                   help="with --kernel: seconds to reach the ready marker (default 30)")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.set_defaults(func=run_fuzz)
 
@@ -129,6 +130,13 @@ def run_fuzz(args: argparse.Namespace) -> int:
         why = "is for --afl" if not args.afl else "and --cover would both fill AFL++'s map: give one"
         print(f"vmfork fuzz: --afl-map {why}", file=sys.stderr)
         return 2
+    if args.domain is not None:
+        given = [opt for opt, value in (("--cmdline", args.cmdline), ("--memory", args.memory),
+                                        ("--boot-timeout", args.boot_timeout)) if value is not None]
+        if given:
+            print(f"vmfork fuzz: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for --kernel: a domain "
+                  "is already booted (its config sets them)", file=sys.stderr)
+            return 2
     gdb_listen: tuple[str, int] | None = None
     if args.gdb is not None:
         from ..vmi.cli import parse_listen

@@ -55,7 +55,9 @@ def open_target(args: argparse.Namespace) -> Target:
     """The target of `vmfork fuzz`: --domain, else --kernel."""
     if getattr(args, "domain", None) is not None:
         return domain_target(args.domain, input_given=args.input_addr is not None and args.input_size is not None)
-    return kernel_target(args.kernel, cmdline=args.cmdline, memory_mib=args.memory, timeout=args.boot_timeout,
+    return kernel_target(args.kernel, cmdline="fuzz" if args.cmdline is None else args.cmdline,
+                         memory_mib=64 if args.memory is None else args.memory,
+                         timeout=30.0 if args.boot_timeout is None else args.boot_timeout,
                          harness=getattr(args, "harness_spec", None))
 
 
