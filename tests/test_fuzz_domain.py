@@ -184,3 +184,15 @@ def test_errors_are_one_line(ts: CliHarness, seeds: Path) -> None:
     p = ts.run("fuzz", "--domain", "demo", "--kernel", str(ts.kernel), "--out", out)
     assert p.returncode == 2 and "not allowed with argument" in p.stderr
     assert _fuzz_entries(ts) == []
+
+
+def test_a_fork_made_paused_at_its_parents_marker_can_be_fuzzed(ts: CliHarness, seeds: Path, tmp_path: Path) -> None:
+    """`fork-vm -p` of a target at its ready marker starts exactly there, and says so: its pause reason is the
+    parent's "harness-start", so `fuzz --domain` needs no --input-addr/--input-size for it."""
+    target = _target(ts)
+    ts.ok("fork-vm", "-p", str(target))
+    fork = next(r for r in ts.registry.all() if r.parent == target and r.kind == "fork")
+    assert (fork.state, fork.reason) == ("paused", "harness-start")
+    out = ts.ok("fuzz", "--domain", str(fork.domid), "--corpus", str(seeds), "--out", str(tmp_path / "out"),
+                "--seconds", "20", "--stop-on-crash", "--quiet", timeout=90)
+    assert json.loads(out)["unique_crashes"] == 1

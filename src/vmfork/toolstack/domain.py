@@ -197,6 +197,7 @@ class Domain:
         self.config: DomainConfig | None = None
         self.state = "creating"     # creating | prelaunch | running | paused | shutdown | crashed
         self.reason = ""
+        self.fork_point_reason = ""     # a fork's parent's pause reason when it is the harness ready marker
         self.parent_link: QmpChannel | None = None
         self.parent_domid: int | None = None
         self.restored_from: str | None = None
@@ -260,7 +261,7 @@ class Domain:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.set_wakeup_fd(self.wake_w)
         if self.spec.get("paused"):
-            self._set_state("paused", "created paused")
+            self._set_state("paused", self.fork_point_reason or "created paused")
         else:
             self._start()
 
@@ -304,6 +305,8 @@ class Domain:
         if not parent.alive:
             raise ToolstackError(f"cannot fork {parent.label()}: its process is gone")
         self.parent_domid = parent.domid
+        # A fork starts exactly where its paused parent stopped: at its harness marker if the parent is there.
+        self.fork_point_reason = parent.reason if parent.reason == "harness-start" else ""
         base = {k: v for k, v in parent.config.items() if k in DomainConfig.__dataclass_fields__}
         base.update(name=parent.name)
         cfg = DomainConfig(**base).with_overrides(**spec.get("overrides", {}))
