@@ -55,6 +55,19 @@ def run_pages(child: VM, addr: int, npages: int, seed: int) -> None:
         raise SystemExit(f"fork did not reach the end marker: {ev}")
 
 
+def reset_samples(child: VM, addr: int, n: int, *, memory: bool = True, state: bool = True) -> list[float]:
+    """n timings of child.reset(memory=, state=) right after the fork wrote 16 pages (a full reset in between)."""
+    samples = []
+    child.reset()
+    for i in range(n):
+        run_pages(child, addr, 16, i)
+        t = time.perf_counter()
+        child.reset(memory=memory, state=state)
+        samples.append(time.perf_counter() - t)
+        child.reset()
+    return samples
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=200)
@@ -137,16 +150,8 @@ def main() -> int:
                      f"{statistics.median(restored):.0f} pages restored, {count} samples")
         reset_meds[npages] = med
     # The two halves of a reset, for the 16-page case.
-    for label, kw in (("memory only", {"state": False}), ("state only", {"memory": False})):
-        samples = []
-        child.reset()
-        for i in range(n):
-            run_pages(child, addr, 16, i)
-            t = time.perf_counter()
-            child.reset(**kw)
-            samples.append(time.perf_counter() - t)
-            child.reset()
-        row(f"reset after 16 pages, {label}", samples)
+    row("reset after 16 pages, memory only", reset_samples(child, addr, n, state=False))
+    row("reset after 16 pages, state only", reset_samples(child, addr, n, memory=False))
     rings = bool(child.memory._rings)
     child.destroy()
 
@@ -161,16 +166,8 @@ def main() -> int:
         pool._ready.appendleft(shell)
         bitmap_child = parent.fork()
         assert not bitmap_child.memory._rings
-        for label, kw in (("", {}), (", memory only", {"state": False})):
-            samples = []
-            bitmap_child.reset()
-            for i in range(n):
-                run_pages(bitmap_child, addr, 16, i)
-                t = time.perf_counter()
-                bitmap_child.reset(**kw)
-                samples.append(time.perf_counter() - t)
-                bitmap_child.reset()
-            row(f"reset after 16 pages{label}, bitmap dirty log", samples)
+        row("reset after 16 pages, bitmap dirty log", reset_samples(bitmap_child, addr, n))
+        row("reset after 16 pages, memory only, bitmap dirty log", reset_samples(bitmap_child, addr, n, state=False))
         bitmap_child.destroy()
 
     # Memory: 100 live forks, each having written 1 MiB (256 pages).
