@@ -252,9 +252,16 @@ def test_stopping_afl_fuzz_leaves_nothing_behind(target: tuple[VM, int, int], pv
     env = {**os.environ, **AFL_ENV}
     command = _afl_command(tmp_path, pvh_guest, SEED, 60, (start, end))
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stop_afl_and_check_nothing_is_left(proc, tmp_path / "out", sig, start_timeout=45)
+
+
+def stop_afl_and_check_nothing_is_left(proc: subprocess.Popen[bytes], out: Path, sig: signal.Signals, *,
+                                       start_timeout: float) -> None:
+    """Wait until afl-fuzz (`proc`, writing to `out`) runs, send it `sig`, and check that none of the processes
+    under it (vmfork, the fork server, and its placeholder) outlive it."""
     try:
-        stats = tmp_path / "out" / "default" / "fuzzer_stats"
-        deadline = time.monotonic() + 45
+        stats = out / "default" / "fuzzer_stats"
+        deadline = time.monotonic() + start_timeout
         while not stats.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert stats.exists(), "afl-fuzz did not get going"

@@ -9,14 +9,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from guest import console
-from test_fuzz import AFL_ENV, _alive, _descendants, needs_afl
+from test_fuzz import AFL_ENV, needs_afl, stop_afl_and_check_nothing_is_left
 from test_fuzz_example import MAX_TOKENS, SEEDS, array_of
 from vmfork.fork import VM
 from vmfork.fuzz import Fuzzer, FuzzError
@@ -132,21 +131,4 @@ def test_afl_fuzz_finds_paths_and_the_bug_through_the_guest_map(target: VM, afl_
 def test_sigterm_of_afl_fuzz_leaves_no_vmfork_behind(afl_image: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(afl_command(tmp_path, afl_image, 60), env={**os.environ, **AFL_ENV},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        stats = tmp_path / "out" / "default" / "fuzzer_stats"
-        deadline = time.monotonic() + 30
-        while not stats.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert stats.exists(), "afl-fuzz did not get going"
-        ours = _descendants(proc.pid)
-        assert len(_alive(ours)) >= 2             # vmfork (the fork server) and its placeholder
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
-        deadline = time.monotonic() + 10
-        while _alive(ours) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(ours)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    stop_afl_and_check_nothing_is_left(proc, tmp_path / "out", signal.SIGTERM, start_timeout=30)

@@ -114,9 +114,7 @@ class ShellPool:
             shell.premapped = None
         shell.clear_dirty_log()
         for v in shell.vcpus:
-            v.run.immediate_exit = 0
-            v.run.kvm_dirty_regs = 0
-            v.sync_valid = False
+            v.forget_runs()
         self.recycled += 1
         with self._lock:
             if len(self._ready) < max(self.target, 64) and not self._closed:

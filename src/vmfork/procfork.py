@@ -59,7 +59,7 @@ from .errors import ForkError, VmforkError, VmStateError
 from .kvm.structs import GPR_NAMES
 from .memlimit import MemoryCgroup
 from .memory import Layer, MemoryImage, Slot
-from .vm import MachineShape, MachineState, StopEvent
+from .vm import MachineShape, MachineState, StopEvent, destroy_forks_first
 
 if TYPE_CHECKING:
     from .fork import VM
@@ -632,12 +632,7 @@ class ProcessFork:
         refused otherwise. Destroying a dead fork only unlinks it."""
         if self._state == "destroyed":
             return
-        if self.children:
-            if not tree:
-                names = ", ".join(ch.name for ch in self.children)
-                raise VmStateError(f"{self.name} has live forks ({names}): destroy them first, or the whole tree")
-            for ch in list(self.children):
-                ch.destroy(tree=True)
+        destroy_forks_first(self, tree=tree)
         if self._state == "dead":
             return
         self._acquire_interrupting()
@@ -806,9 +801,7 @@ class _Server:
             os.close(fd)
         clear_address_space(shell.host_addr, shell.size)
         for v in shell.vcpus:
-            v.run.immediate_exit = 0
-            v.run.kvm_dirty_regs = 0
-            v.sync_valid = False
+            v.forget_runs()
         # Everything allocated so far lives as long as the worker: keep it out of the cyclic GC's way (a full
         # collection of it costs milliseconds, and would land in some request).
         gc.collect()

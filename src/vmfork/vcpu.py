@@ -256,6 +256,13 @@ class Vcpu:
             self.fd.get_vcpu_events(self.run.s.regs.events)
             self.sync_valid = True
 
+    def forget_runs(self) -> None:
+        """For a recycled VM shell: no pending immediate exit or sync-area writes, and the sync area no longer
+        holds this vCPU's registers (the next restore sets them in full)."""
+        self.run.immediate_exit = 0
+        self.run.kvm_dirty_regs = 0
+        self.sync_valid = False
+
     def after_run(self) -> None:
         """Called after each KVM_RUN: KVM refreshed the sync area (and consumed pending dirty bits)."""
         self.sync_valid = self._sync

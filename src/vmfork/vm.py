@@ -292,6 +292,17 @@ class _Kicker:
                 pass
 
 
+def destroy_forks_first(node: Any, *, tree: bool) -> None:
+    """The rule of every machine with forks (in-process or a process fork's handle): its live forks go first, and
+    only when the caller asked for the whole tree; otherwise a VmStateError names them."""
+    if node.children:
+        if not tree:
+            names = ", ".join(ch.name for ch in node.children)
+            raise VmStateError(f"{node.name} has live forks ({names}): destroy them first, or the whole tree")
+        for ch in list(node.children):
+            ch.destroy(tree=True)
+
+
 class Machine:
     """A virtual machine. Create roots with `Machine.create()`; forks come from `vmfork.fork`."""
 
@@ -682,12 +693,7 @@ class Machine:
         """Destroy this machine. A parent with live forks is refused unless `tree=True` (forks go first)."""
         if self.state == "destroyed":
             return
-        if self.children:
-            if not tree:
-                names = ", ".join(ch.name for ch in self.children)
-                raise VmStateError(f"{self.name} has live forks ({names}): destroy them first, or the whole tree")
-            for ch in list(self.children):
-                ch.destroy(tree=True)
+        destroy_forks_first(self, tree=tree)
         if self.state == "running":
             self.pause()
         self.state = "destroyed"
