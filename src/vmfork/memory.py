@@ -121,21 +121,19 @@ class _DirtyTracker:
     scratch: npt.NDArray[np.uint64] = field(init=False)
     guest: npt.NDArray[np.uint64] = field(init=False)
     ever: npt.NDArray[np.uint64] = field(init=False)
-    ever_words: dict[int, int] = field(init=False)   # guest-dirty bits folded in by resets, by word index
     host: set[int] = field(init=False)
     host_ever: set[int] = field(init=False)
-    ring_ever: set[int] = field(init=False)          # guest-dirty pages read from dirty rings by resets
-    ever_mark: npt.NDArray[np.uint8] | None = None   # the same, from resets of many pages: one byte per page
+    ever_pages: set[int] = field(init=False)         # guest-dirty pages read by resets of a few pages
+    ever_mark: npt.NDArray[np.uint8] | None = None   # the same, from ring resets of many pages: a byte per page
 
     def __post_init__(self) -> None:
         self.words = (self.npages + 63) // 64
         self.scratch = np.zeros(self.words, np.uint64)
         self.guest = np.zeros(self.words, np.uint64)
         self.ever = np.zeros(self.words, np.uint64)
-        self.ever_words = {}
         self.host = set()
         self.host_ever = set()
-        self.ring_ever = set()
+        self.ever_pages = set()
 
 
 def _bits_to_pages(bitmap: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
@@ -416,12 +414,9 @@ class GuestMemory:
         """Pages this fork has ever written since it was created (its private copies)."""
         self.sync_dirty_log()
         d = self._dirty
-        for wi, bits in d.ever_words.items():
-            d.ever[wi] |= np.uint64(bits)
-        d.ever_words.clear()
-        if d.ring_ever:
-            _set_bits(d.ever, np.fromiter(d.ring_ever, np.int64, len(d.ring_ever)))
-            d.ring_ever.clear()
+        if d.ever_pages:
+            _set_bits(d.ever, np.fromiter(d.ever_pages, np.int64, len(d.ever_pages)))
+            d.ever_pages.clear()
         if d.ever_mark is not None:
             _set_bits(d.ever, np.flatnonzero(d.ever_mark))
         return np.union1d(_bits_to_pages(d.ever), np.fromiter(d.host_ever, np.int64, len(d.host_ever)))
@@ -466,16 +461,15 @@ class GuestMemory:
             pages: list[int] = []
             if nz.size:
                 words = self._scratch_words
-                ever = d.ever_words
                 for wi in nz.tolist():
                     w = words[wi]
-                    ever[wi] = ever.get(wi, 0) | w
                     base = wi << 6
                     while w:
                         low = w & -w
                         pages.append(base + low.bit_length() - 1)
                         w ^= low
                 scratch.fill(0)
+                d.ever_pages.update(pages)
             if d.host:
                 pages = sorted(d.host.union(pages))
                 d.host.clear()
@@ -551,7 +545,7 @@ class GuestMemory:
             count = int(pages_arr.size)
         else:
             if small:
-                d.ring_ever.update(small)
+                d.ever_pages.update(small)
             if d.host:
                 small.extend(d.host)
                 d.host.clear()
