@@ -252,3 +252,58 @@ def test_reset_and_fork_of_fork_in_both_dirty_log_modes(pvh_guest, machines, mon
     grandchild = child.fork()
     assert scratch_words(grandchild, 40) == [0x77 ^ i for i in range(40)]
     assert scratch_words(grandchild, 41)[40] == 0
+
+
+def _ring_has_new_entries(vm) -> bool:  # type: ignore[no-untyped-def]
+    ring = vm.memory._rings[0]
+    return bool(ring.words[(ring.fetch & ring.mask) << 1] & 1)     # KVM_DIRTY_GFN_F_DIRTY at the next entry
+
+
+def test_hot_pages_stay_writable_and_every_reset_restores_them(pvh_guest, machines, monkeypatch) -> None:
+    """A fuzzer writes the same few pages for every input. Their ring entries are not re-armed, so the guest writes
+    them again without a fault or an entry, and each reset copies them back anyway; more pages than hot_limit
+    (or a large reset) write-protects them again."""
+    from vmfork.vm import dirty_ring_bytes
+    monkeypatch.setenv("VMFORK_DIRTY_RING", "1")
+    parent = boot(pvh_guest, "loop", machines, memory_mib=120)          # a pool of its own
+    if not dirty_ring_bytes(parent.kvm):
+        pytest.skip("this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
+    addr, _ = run_to_ready(parent)
+    child = parent.fork()
+    mem = child.memory
+    assert mem._rings and mem.hot_limit >= 32
+    loop_input(child, addr, 16, 1)
+    assert child.run(timeout=20).reason == "harness-end"
+    assert _ring_has_new_entries(child)
+    first = child.reset()
+    assert 16 <= first <= mem.hot_limit and len(mem._hot) >= 16
+    assert np.array_equal(mem.pages, parent.memory.pages)
+    for seed in (2, 3):                                 # the same pages again: no fault, no entry, still restored
+        loop_input(child, addr, 16, seed)
+        assert child.run(timeout=20).reason == "harness-end"
+        assert scratch_words(child, 16) == [seed ^ i for i in range(16)]
+        assert not _ring_has_new_entries(child), "a hot page was write-protected again"
+        assert child.reset() == first
+        assert np.array_equal(mem.pages, parent.memory.pages)
+    # A fork of the fork sees what the fork wrote into its hot pages, which left no trace in the ring.
+    loop_input(child, addr, 16, 4)
+    assert child.run(timeout=20).reason == "harness-end"
+    assert not _ring_has_new_entries(child)
+    grandchild = child.fork()
+    assert scratch_words(grandchild, 16) == [4 ^ i for i in range(16)]
+    grandchild.destroy()
+    child.reset()
+    assert not mem._hot, "forking the fork must write-protect its hot pages again (they are in its image now)"
+    assert np.array_equal(mem.pages, parent.memory.pages)
+    # A large reset and one over hot_limit both write-protect every page again: the next write is logged.
+    for npages, limit in ((3000, mem.hot_limit), (16, 8)):
+        mem.hot_limit = limit
+        loop_input(child, addr, npages, 5)
+        assert child.run(timeout=60).reason == "harness-end"
+        assert child.reset() >= npages
+        assert not mem._hot
+        assert np.array_equal(mem.pages, parent.memory.pages)
+        loop_input(child, addr, 16, 6)
+        assert child.run(timeout=20).reason == "harness-end"
+        assert _ring_has_new_entries(child)
+        child.reset()
