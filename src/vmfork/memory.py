@@ -425,7 +425,8 @@ class GuestMemory:
             self._frozen = None
 
     def dirty_pages(self) -> npt.NDArray[np.int64]:
-        """RAM-file page numbers written (by the guest or by vmfork) since the last reset."""
+        """RAM-file page numbers written (by the guest or by vmfork) since the last reset. A fork's hot pages (see
+        `hot_limit`) are not logged, so they count as written, and reading this write-protects them again."""
         self.sync_dirty_log()
         d = self._dirty
         return np.union1d(_bits_to_pages(d.guest), np.fromiter(d.host, np.int64, len(d.host)))
