@@ -68,7 +68,9 @@ class CliHarness:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.cleanup()
+        orphans = self.cleanup()
+        if exc_type is None and orphans:
+            raise AssertionError(f"domain processes outlived their registry entries (killed at teardown): {orphans}")
 
     # --- running commands -------------------------------------------------------------------------------------------
 
@@ -186,14 +188,18 @@ class CliHarness:
 
     # --- teardown ---------------------------------------------------------------------------------------------------
 
-    def cleanup(self) -> None:
-        """Kill the commands `popen` started and every domain process of this runtime directory; wait for them."""
+    def cleanup(self) -> list[str]:
+        """Kill the commands `popen` started and every domain process of this runtime directory; wait for them.
+        Returns the orphans among them: processes no registry entry names, which a destroy or a failed create
+        should have ended (a test that left them behind fails; see __exit__)."""
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        orphans = self._orphans()
         if self._registry is not None:
             self._registry.close()
+            self._registry = None
         pids = domain_pids(self.run_dir)
         for pid in pids:
             try:
@@ -203,3 +209,29 @@ class CliHarness:
         deadline = time.monotonic() + 10
         while any(pid_alive(p, None) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.02)
+        return orphans
+
+    def _orphans(self) -> list[str]:
+        """Domain processes still alive 2 s after the test that no registry entry names (a process exiting
+        right now gets those 2 s), as "pid: command line"."""
+        deadline = time.monotonic() + 2
+        while True:
+            pids = domain_pids(self.run_dir)
+            if not pids:
+                return []
+            try:
+                known = {r.pid for r in self.registry.all()}
+            except Exception:       # no registry (nothing was created) or a broken one: every process is unknown
+                known = set()
+            unknown = [pid for pid in pids if pid not in known]
+            if not unknown or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        out = []
+        for pid in unknown:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue            # it exited after all
+            out.append(f"{pid}: {cmd.strip()}")
+        return out

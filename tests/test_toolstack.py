@@ -524,3 +524,16 @@ def test_peer_of_another_uid_is_refused(pvh_guest: Path) -> None:
     finally:
         ts.cleanup()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_cli_harness_fails_a_test_that_leaves_an_orphan_domain_process(tmp_path: Path, pvh_guest: Path) -> None:
+    """The teardown check every CLI test relies on: a domain process no registry entry names (what a destroy
+    that left its process behind would look like) fails the test, and is killed anyway."""
+    h = CliHarness(tmp_path, pvh_guest)
+    with pytest.raises(AssertionError, match="outlived their registry entries"):
+        with h:
+            dom = h.create(h.config("orphan", "hello"), "-p")
+            pid = h.record(dom).pid
+            assert pid is not None and pid_alive(pid, None)
+            h.registry.remove(dom)
+    assert not domain_pids(h.run_dir)
