@@ -307,3 +307,23 @@ def test_hot_pages_stay_writable_and_every_reset_restores_them(pvh_guest, machin
         assert child.run(timeout=20).reason == "harness-end"
         assert _ring_has_new_entries(child)
         child.reset()
+
+
+def test_hot_pages_on_a_two_vcpu_fork(pvh_guest, machines, monkeypatch) -> None:
+    """Every vCPU has its own ring; the hot pages cover them all (here the boot vCPU writes, the other waits)."""
+    from vmfork.vm import dirty_ring_bytes
+    monkeypatch.setenv("VMFORK_DIRTY_RING", "1")
+    parent = boot(pvh_guest, "loop", machines, memory_mib=120, vcpus=2)
+    if not dirty_ring_bytes(parent.kvm):
+        pytest.skip("this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
+    addr, _ = run_to_ready(parent)
+    child = parent.fork()
+    assert len(child.memory._rings) == 2
+    for seed in (1, 2, 3):
+        loop_input(child, addr, 16, seed)
+        assert child.run(timeout=20).reason == "harness-end"
+        assert scratch_words(child, 16) == [seed ^ i for i in range(16)]
+        assert (seed == 1) == _ring_has_new_entries(child)
+        assert child.reset() >= 16
+        assert np.array_equal(child.memory.pages, parent.memory.pages)
+    assert len(child.memory._hot) >= 16

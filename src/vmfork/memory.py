@@ -556,10 +556,12 @@ class GuestMemory:
 
     def _reset_from_rings(self) -> int:
         """reset_to_base() for a VM that logs into dirty rings: no bitmap to fetch or scan."""
-        if len(self._rings) == 1 and not self._guest_any:
-            ring = self._rings[0]
-            if not ring.words[((ring.fetch + _RING_LOOP) & ring.mask) << 1] & KVM_DIRTY_GFN_F_DIRTY:
-                return self._reset_few_from_ring(ring)
+        if not self._guest_any:
+            for ring in self._rings:                    # fewer than a loop's worth of new entries in every ring
+                if ring.words[((ring.fetch + _RING_LOOP) & ring.mask) << 1] & KVM_DIRTY_GFN_F_DIRTY:
+                    break
+            else:
+                return self._reset_few_from_rings()
         return self._reset_many_from_rings()
 
     def _reset_many_from_rings(self) -> int:
@@ -599,30 +601,31 @@ class GuestMemory:
         self._frozen = None
         return count
 
-    def _reset_few_from_ring(self, ring: DirtyRing) -> int:
-        """The fuzzing loop's reset: one vCPU whose ring holds fewer than a loop's worth of new entries.
+    def _reset_few_from_rings(self) -> int:
+        """The fuzzing loop's reset: every vCPU's ring holds fewer than a loop's worth of new entries.
 
         The pages of those entries join the hot pages (see `hot_limit`), which are not write-protected again:
         the guest writes them again without a fault or a ring entry, and every reset copies all of them back,
         through memmove arguments prepared when the set changes. Once the set outgrows `hot_limit` it is
         protected again (KVM_RESET_DIRTY_RINGS) and starts over. Pages vmfork wrote (the input) are copied too."""
         d = self._dirty
-        q, mask = ring.words, ring.mask
-        f = start = ring.fetch
         base = self._slot_base
         hot = self._hot
-        while True:
-            j = (f & mask) << 1
-            w = q[j]
-            if not w & KVM_DIRTY_GFN_F_DIRTY:
-                break
-            hot.add(base[(w >> 32) & 0xFFFF] + q[j + 1])
-            q[j] = w ^ _HARVEST                         # DIRTY -> RESET, slot kept for KVM
-            f += 1
         runs = self._hot_runs
-        if f != start:
-            ring.fetch = f
-            runs = None
+        for ring in self._rings:
+            q, mask = ring.words, ring.mask
+            f = start = ring.fetch
+            while True:
+                j = (f & mask) << 1
+                w = q[j]
+                if not w & KVM_DIRTY_GFN_F_DIRTY:
+                    break
+                hot.add(base[(w >> 32) & 0xFFFF] + q[j + 1])
+                q[j] = w ^ _HARVEST                     # DIRTY -> RESET, slot kept for KVM
+                f += 1
+            if f != start:
+                ring.fetch = f
+                runs = None
         if runs is None:
             d.ever_pages.update(hot)
             runs = self._hot_runs = _page_runs(self.host_addr, self._base_pages_addr, sorted(hot))
