@@ -8,7 +8,7 @@ What is measured (every measurement once per round, rounds interleaved vmfork / 
 
 Boot of the `demo` program to its `vmfork-guest: ready` line.
   - vmfork, whole process: a fresh `python -c` process (import vmfork, VM.create, load_kernel, run) whose UART writes
-    every byte to its stdout pipe (`console_log`); from spawning it to the ready line arriving on the pipe, and to the
+    its output to its stdout pipe (`console_log`); from spawning it to the ready line arriving on the pipe, and to the
     process being gone.
   - vmfork, in-process: from `VM.create` to the ready line (a serial listener) and to the ready-marker stop.
   - QEMU, whole process (`-serial stdio` into a pipe): from spawning it to the ready line arriving, and to the process
@@ -16,9 +16,12 @@ Boot of the `demo` program to its `vmfork-guest: ready` line.
     Two QEMU machines: the default `pc` (SeaBIOS runs first) and `microvm` (qboot, QEMU's minimal-firmware machine).
 
 Exit loop: `det N` prints N lines after the ready marker, one `out` to 0x3f8 (one VM exit) per byte.
-  - vmfork, in-process: from the marker stop to the exit event, exits counted by `vm.exits`.
+  - vmfork, in-process: from the marker stop to the exit event, exits counted by `vm.exits`; with no console log,
+    and with the console log in a file, once with the UART's batched log writes (a write() per line, the default)
+    and once with a write() per byte (`flush_delay = 0`, the old behaviour), side by side in every round.
   - vmfork and QEMU through a pipe, the same method for both: bytes between the end of the first and the end of the
-    last `det` line, divided by the time between their arrivals on the console pipe.
+    last `det` line, divided by the time between their arrivals on the console pipe. vmfork runs batched and per
+    byte, side by side.
 
 All timestamps are CLOCK_MONOTONIC (`time.monotonic()`), in this process and in the vmfork child alike, so a child's
 own timestamps can be compared with the spawn time recorded here.
@@ -75,6 +78,7 @@ from vmfork.fork import VM
 t_import = time.monotonic()
 kernel, mib, cmdline, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 vm = VM.create(memory_mib=mib, name="bench", console_log="/dev/stdout")
+vm.device("serial0").flush_delay = float(sys.argv[5])     # 0: a write() per byte
 t_create = time.monotonic()
 vm.load_kernel(kernel, cmdline=cmdline)
 t_load = time.monotonic()
@@ -238,8 +242,10 @@ def qemu_argv(cfg: Config, machine: str, cmdline: str) -> list[str]:
             "-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-kernel", str(cfg.kernel), "-append", cmdline]
 
 
-def child_argv(cfg: Config, cmdline: str) -> list[str]:
-    return [sys.executable, "-c", CHILD_SCRIPT, str(cfg.kernel), str(cfg.memory_mib), cmdline, str(cfg.timeout)]
+def child_argv(cfg: Config, cmdline: str, *, batched: bool = True) -> list[str]:
+    from vmfork.devices.serial import FLUSH_DELAY
+    return [sys.executable, "-c", CHILD_SCRIPT, str(cfg.kernel), str(cfg.memory_mib), cmdline, str(cfg.timeout),
+            str(FLUSH_DELAY if batched else 0)]
 
 
 def child_env() -> dict[str, str]:
@@ -284,7 +290,7 @@ class Bench:
 
         def listener(b: bytes) -> None:
             seen.extend(b)
-            if b == b"\n" and not ready_at and seen.endswith(READY_LINE):
+            if not ready_at and b.endswith(b"\n") and seen.endswith(READY_LINE):   # batches end at newlines
                 ready_at.append(time.monotonic())
 
         t0 = time.monotonic()
@@ -316,9 +322,14 @@ class Bench:
             self.add("vf.in.destroy", t_destroyed - t_d)
             self.facts["vf.exits_to_marker"] = exits
 
-    def vmfork_inproc_det(self) -> None:
+    def vmfork_inproc_det(self, log: str | None = None) -> None:
+        """`log`: None (no console log), "batched" or "per-byte" (a console log file, flush_delay default or 0)."""
         from vmfork.fork import VM
-        vm = VM.create(memory_mib=self.cfg.memory_mib, name="bench-det")
+        log_dir = tempfile.TemporaryDirectory(prefix="vmfork-bench-") if log else None
+        log_path = os.path.join(log_dir.name, "console.log") if log_dir else None
+        vm = VM.create(memory_mib=self.cfg.memory_mib, name="bench-det", console_log=log_path)
+        if log == "per-byte":
+            vm.device("serial0").flush_delay = 0
         try:
             vm.load_kernel(self.cfg.kernel, cmdline=f"det {self.cfg.lines}")
             ev = vm.run(timeout=self.cfg.timeout)
@@ -336,11 +347,19 @@ class Bench:
             out = vm.device("serial0").output()
         finally:
             vm.destroy()
-        self.check_det(out, "vmfork (in-process)")
-        det_span(out, self.cfg.lines, "vmfork (in-process)")
-        self.add("vf.in.rate", exits / (t1 - t0))
-        self.add("vf.in.user_per_exit", (r1.ru_utime - r0.ru_utime) / exits)
-        self.add("vf.in.sys_per_exit", (r1.ru_stime - r0.ru_stime) / exits)
+            logged = Path(log_path).read_bytes() if log_path else None
+            if log_dir:
+                log_dir.cleanup()
+        what = f"vmfork (in-process{', console log ' + log if log else ''})"
+        if logged is not None and logged != out:
+            raise BenchError(f"{what}: the console log differs from the UART's output ({len(logged)} against "
+                             f"{len(out)} bytes)")
+        self.check_det(out, what)
+        det_span(out, self.cfg.lines, what)
+        key = {None: "vf.in", "batched": "vf.file", "per-byte": "vf.file1"}[log]
+        self.add(f"{key}.rate", exits / (t1 - t0))
+        self.add(f"{key}.user_per_exit", (r1.ru_utime - r0.ru_utime) / exits)
+        self.add(f"{key}.sys_per_exit", (r1.ru_stime - r0.ru_stime) / exits)
         self.facts["vf.det_exits"] = exits
 
     # vmfork, a whole process
@@ -363,19 +382,20 @@ class Bench:
         self.add("vf.proc.user", cap.utime)
         self.add("vf.proc.sys", cap.stime)
 
-    def vmfork_proc_det(self) -> None:
-        what = "vmfork (whole process) det"
-        cap = run_captured(child_argv(self.cfg, f"det {self.cfg.lines}"), what=what,
+    def vmfork_proc_det(self, batched: bool = True) -> None:
+        what = f"vmfork (whole process, {'batched' if batched else 'per-byte'}) det"
+        cap = run_captured(child_argv(self.cfg, f"det {self.cfg.lines}", batched=batched), what=what,
                            timeout=self.cfg.timeout * 2 + 30, env=child_env())
         rep = child_report(cap, what)
         if rep["reason"] != "exit" or rep["status"] != 0:
             raise BenchError(f"{what} ended with {rep['reason']} {rep['status']}; console: {cap.tail()!r}")
         self.check_det(cap.data, what)
         a, b = det_span(cap.data, self.cfg.lines, what)
-        self.add("vf.pipe.rate", (b - a) / (cap.time_at(b) - cap.time_at(a)))
+        key = "vf.pipe" if batched else "vf.pipe1"
+        self.add(f"{key}.rate", (b - a) / (cap.time_at(b) - cap.time_at(a)))
         exits = rep["exits_end"] - rep["exits_marker"]
-        self.add("vf.pipe.user_per_exit", rep["user_after_marker"] / exits)
-        self.add("vf.pipe.sys_per_exit", rep["sys_after_marker"] / exits)
+        self.add(f"{key}.user_per_exit", rep["user_after_marker"] / exits)
+        self.add(f"{key}.sys_per_exit", rep["sys_after_marker"] / exits)
 
     # QEMU
 
@@ -415,9 +435,13 @@ class Bench:
         ms = self.cfg.machines
         boot = _alternate([self.vmfork_inproc_boot, self.vmfork_proc_boot],
                           [functools.partial(self.qemu_boot, m) for m in ms])
-        det = _alternate([self.vmfork_inproc_det, self.vmfork_proc_det],
-                         [functools.partial(self.qemu_det, m) for m in ms])
         for r in range(self.cfg.rounds):
+            # The batched/per-byte pairs run next to each other, their order swapped every round.
+            order = (True, False) if r % 2 == 0 else (False, True)
+            vf: list[Callable[[], None]] = [self.vmfork_inproc_det]
+            vf += [functools.partial(self.vmfork_inproc_det, "batched" if x else "per-byte") for x in order]
+            vf += [functools.partial(self.vmfork_proc_det, x) for x in order]
+            det = _alternate(vf, [functools.partial(self.qemu_det, m) for m in ms])
             t = time.monotonic()
             for step in (*boot, *det):
                 step()
@@ -528,6 +552,17 @@ class Report:
              fmt_rate, True),
             ("exits/s, console pipe both: first → last det line", "vf.pipe.rate", "rate", fmt_rate, True),
         ])
+        batching = [
+            [label, self.cell(old, fmt_rate), self.cell(new, fmt_rate),
+             speedup(self.med(new), self.med(old), higher_is_better=True)]
+            for label, old, new in (
+                ("exits/s, in-process, console log in a file: marker → exit event", "vf.file1.rate", "vf.file.rate"),
+                ("exits/s, whole process, console log to the stdout pipe: first → last det line", "vf.pipe1.rate",
+                 "vf.pipe.rate"))]
+        batching += [[label, *[f"{fmt_us(self.med(f'{k}.user_per_exit'))} / {fmt_us(self.med(f'{k}.sys_per_exit'))}"
+                               for k in keys], ""]
+                     for label, keys in (("CPU per exit (user / system), file", ("vf.file1", "vf.file")),
+                                         ("CPU per exit (user / system), pipe", ("vf.pipe1", "vf.pipe")))]
         per_exit = self.compare_rows([
             ("wall time per exit, in-process (QEMU: console pipe)", "vf.in.rate", "rate", fmt_us, True),
             ("wall time per exit, console pipe both", "vf.pipe.rate", "rate", fmt_us, True),
@@ -562,7 +597,8 @@ class Report:
             ]
         cpu_rows = [["vmfork in-process (getrusage around the run)",
                      f"{fmt_us(self.med('vf.in.user_per_exit'))} / {fmt_us(self.med('vf.in.sys_per_exit'))}"],
-                    ["vmfork whole process, UART output written to the stdout pipe (getrusage in the child)",
+                    ["vmfork whole process, UART output written to the stdout pipe, batched (getrusage in the "
+                     "child)",
                      f"{fmt_us(self.med('vf.pipe.user_per_exit'))} / {fmt_us(self.med('vf.pipe.sys_per_exit'))}"]]
         for m, lab in zip(cfg.machines, labels, strict=True):
             if det_bytes:
@@ -602,6 +638,11 @@ class Report:
                    "exit each)")
         out.append("")
         out.append(self.table(header, exits + per_exit))
+        out.append("")
+        out.append(f"{h3}Exit loop: console log batching, side by side (`det {lines}`)")
+        out.append("")
+        out.append(self.table(["", "a write() per byte (`flush_delay = 0`)", "batched (default)",
+                               "batched vs per byte"], batching))
         out.append("")
         out.append(f"{h3}Where the time goes")
         out.append("")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import random
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from vmfork.devices import (
     standard_devices,
 )
 from vmfork.devices.rtc import cmos_memory_fields
+from vmfork.devices.serial import FLUSH_BYTES
 from vmfork.errors import DeviceStateError, VmforkError
 
 COM1 = 0x3F8
@@ -565,20 +567,133 @@ def test_uart_output_keeps_the_last_n_bytes() -> None:
     assert u.dev.output() == b""
 
 
-def test_uart_log_file_gets_every_byte_at_once(tmp_path: Path) -> None:
+def test_uart_log_file_gets_whole_lines_at_once_and_the_rest_on_close(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     log.write_bytes(b"old\n")
-    u = Uart(log_path=str(log))
-    for ch in b"boot: ok":
+    u = Uart(log_path=str(log), flush_delay=3600)       # no timer flush during this test
+    for ch in b"boot: ok\nlogin: ":
         u.w(THR, ch)
-    assert log.read_bytes() == b"old\nboot: ok"  # appended, and on disk before any newline or close
+    assert log.read_bytes() == b"old\nboot: ok\n"      # appended; the line is on disk at its newline
     u.w(MCR, 0x10)
     u.w(THR, ord("!"))  # loopback bytes are not output
     u.dev.close()
-    assert log.read_bytes() == b"old\nboot: ok"
+    assert log.read_bytes() == b"old\nboot: ok\nlogin: "   # the partial line on close
     u.w(MCR, 0x00)
     u.w(THR, ord("?"))  # still works without the file
-    assert u.dev.output() == b"boot: ok?"
+    assert u.dev.output() == b"boot: ok\nlogin: ?"
+
+
+def test_uart_batches_output_into_lines_and_long_runs(uart: Uart) -> None:
+    got: list[bytes] = []
+    uart.dev.flush_delay = 3600
+    uart.dev.add_listener(got.append)
+    for ch in b"ab\ncd\n":
+        uart.w(THR, ch)
+    assert got == [b"ab\n", b"cd\n"]                     # one call (one write) per line, not per byte
+    got.clear()
+    for _ in range(FLUSH_BYTES + 10):
+        uart.w(THR, ord("x"))
+    assert got == [b"x" * FLUSH_BYTES]                    # a long run without a newline goes out in FLUSH_BYTES
+    uart.dev.flush_output()
+    assert got == [b"x" * FLUSH_BYTES, b"x" * 10]
+    uart.dev.flush_output()                               # nothing left: no empty call
+    assert len(got) == 2
+
+
+def test_uart_flush_delay_zero_writes_every_byte_at_once(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    u = Uart(log_path=str(log), flush_delay=0)
+    got: list[bytes] = []
+    u.dev.add_listener(got.append)
+    for ch in b"ab":
+        u.w(THR, ch)
+    assert got == [b"a", b"b"] and log.read_bytes() == b"ab"
+    u.dev.flush_delay = 3600                              # switching delays on later works too
+    u.w(THR, ord("c"))
+    assert got == [b"a", b"b"]
+    u.dev.flush_delay = 0                                 # and off again writes out what waits
+    assert got == [b"a", b"b", b"c"] and log.read_bytes() == b"abc"
+    with pytest.raises(ValueError, match="negative"):
+        u.dev.flush_delay = -1
+
+
+def test_uart_partial_line_reaches_log_and_listener_within_the_flush_delay(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    delay = 0.05
+    u = Uart(log_path=str(log), flush_delay=delay)
+    arrived = threading.Event()
+    got: list[bytes] = []
+
+    def listener(data: bytes) -> None:
+        got.append(data)
+        arrived.set()
+
+    u.dev.add_listener(listener)
+    t0 = time.monotonic()
+    for ch in b"login: ":
+        u.w(THR, ch)
+    assert got == []                                      # batched: nothing yet
+    assert arrived.wait(5), "the partial line never reached the listener"
+    waited = time.monotonic() - t0
+    assert got == [b"login: "] and log.read_bytes() == b"login: "
+    # Not before the delay (it was batched), and not much after it (a loaded 2-core CI host gets some slack).
+    assert delay * 0.9 <= waited < delay + 0.5, waited
+    # A second prompt, after the timer thread went idle, is written out again (the timer re-arms).
+    arrived.clear()
+    for ch in b"Password: ":
+        u.w(THR, ch)
+    assert arrived.wait(5) and got == [b"login: ", b"Password: "]
+    u.dev.close()
+
+
+def test_uart_shorter_flush_delay_applies_to_the_next_partial_line(uart: Uart) -> None:
+    got: list[bytes] = []
+    arrived = threading.Event()
+    uart.dev.add_listener(lambda data: (got.append(data), arrived.set()))
+    uart.dev.flush_delay = 3600
+    uart.w(THR, ord("a"))                                 # armed for an hour
+    uart.dev.flush_delay = 0.05                           # writes out "a" and forgets the hour
+    assert got == [b"a"]
+    arrived.clear()
+    uart.w(THR, ord("b"))
+    assert arrived.wait(5) and got == [b"a", b"b"]
+
+
+def test_uart_output_from_many_threads_and_the_timer_is_neither_lost_nor_reordered(tmp_path: Path) -> None:
+    """Lines, partial lines that wait past the flush delay (so the timer thread writes them out while the guest
+    side goes on), long runs and stop flushes, all racing: the log and the listener get exactly output()."""
+    log = tmp_path / "console.log"
+    u = Uart(log_path=str(log), flush_delay=0.002, output_limit=1 << 20)
+    got = bytearray()
+    u.dev.add_listener(got.extend)
+    rng = random.Random(7)
+    sent = bytearray()
+    stop = threading.Event()
+
+    def stopper() -> None:                                # the machine stopping now and then, on another thread
+        while not stop.is_set():
+            u.dev.flush_output()
+            time.sleep(0.001)
+
+    t = threading.Thread(target=stopper)
+    t.start()
+    try:
+        for i in range(3000):
+            chunk = bytes(rng.choice(b"abcdef \n") for _ in range(rng.randrange(1, 40)))
+            if i % 500 == 0:
+                chunk += b"y" * (FLUSH_BYTES + 1)
+            for ch in chunk:
+                u.w(THR, ch)
+            sent += chunk
+            if i % 100 == 0:
+                time.sleep(0.005)                         # a partial line waits past the delay
+    finally:
+        stop.set()
+        t.join()
+    u.dev.close()
+    assert u.dev.output() == bytes(sent)
+    assert bytes(got) == bytes(sent)
+    assert log.read_bytes() == bytes(sent)
 
 
 def test_uart_log_file_that_cannot_be_opened_is_a_vmfork_error(tmp_path: Path) -> None:
@@ -595,15 +710,24 @@ def test_uart_listeners_get_bytes_and_a_failing_one_is_detached(uart: Uart) -> N
         calls += 1
         raise OSError("console went away")
 
+    uart.dev.flush_delay = 3600
     uart.dev.add_listener(broken)
     uart.dev.add_listener(got.append)
-    uart.w(THR, ord("a"))
-    uart.w(THR, ord("b"))
-    assert got == [b"a", b"b"]
+    for ch in b"a\nb\n":
+        uart.w(THR, ch)
+    assert got == [b"a\n", b"b\n"]
     assert calls == 1
-    uart.dev.remove_listener(got.append)
     uart.w(THR, ord("c"))
-    assert got == [b"a", b"b"]
+    uart.dev.remove_listener(got.append)                 # it still gets what was sent while it was attached
+    assert got == [b"a\n", b"b\n", b"c"]
+    uart.w(THR, ord("d"))
+    uart.dev.flush_output()
+    assert got == [b"a\n", b"b\n", b"c"]
+    late: list[bytes] = []
+    uart.w(THR, ord("e"))
+    uart.dev.add_listener(late.append)                    # a new listener gets only what is sent from now on
+    uart.w(THR, ord("\n"))
+    assert late == [b"\n"]
 
 
 # -- UART: state ------------------------------------------------------------------------------------------------
@@ -1065,7 +1189,8 @@ def test_standard_devices_names_order_and_ports(tmp_path: Path) -> None:
     for port in (0x61, 0x80, 0xF5, 0x2F8, 0x400):
         assert bus.device_at(port) is None
     bus.io_write(0x3F8, 1, ord("!"))
-    assert log.read_bytes() == b"!"
+    bus.io_write(0x3F8, 1, ord("\n"))
+    assert log.read_bytes() == b"!\n"
     bus.io_write(0x70, 1, 0x35)
     assert bus.io_read(0x71, 1) == (128 - 16) * MIB // 65536 >> 8  # the RTC got ram_size
     bus.io_write(0xF4, 1, 7)

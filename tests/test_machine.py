@@ -4,7 +4,9 @@ restore, crash reports, and the `vmfork run` command."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from guest import boot, console, field, run_to_exit, run_to_ready
+from vmfork.devices.serial import FLUSH_DELAY
 from vmfork.errors import KvmUnavailableError
 from vmfork.fork import VM
 from vmfork.kvm import Kvm
@@ -160,3 +163,120 @@ def test_ram_above_the_pci_hole(pvh_guest, machines) -> None:
         vm.memory.write((3 << 30) + 4096, b"hole")
     run_to_exit(vm)
     assert "ram=3584MiB" in console(vm)
+
+
+# --- the console log: batched, nothing lost ------------------------------------------------------------------------
+
+# The code of one `PRINT 10` of the test guest (jmp over the string "\n\0"; push rsi; lea rsi, [string]; call puts;
+# pop rsi) followed by the instruction after it, so each names one newline: det's line end and the end of pattern's
+# first line (before it writes and sums its memory for about a second).
+PRINT_NEWLINE = rb"\xeb\x02\x0a\x00\x56\x48\x8d\x35\xf6\xff\xff\xff\xe8.{4}\x5e"
+DET_LINE_END = re.compile(PRINT_NEWLINE + rb"\x49\xff\xc5", re.S)                    # inc r13
+PATTERN_LINE_END = re.compile(PRINT_NEWLINE + rb"\x4c\x89\xe0\x48\x85\xc0", re.S)   # mov rax, r12; test rax, rax
+
+
+def _no_newline(vm: VM, code: re.Pattern[bytes]) -> None:
+    """Make one newline the loaded guest prints a space, so its output has a partial line where a line ended."""
+    found = list(code.finditer(vm.memory.read(0, 16 << 20)))
+    assert len(found) == 1, f"{len(found)} matches of {code.pattern!r} in the guest image (the test guest changed?)"
+    vm.memory.write(found[0].start() + 2, b" ")
+
+
+def _logged_vm(machines: list, kernel: Path, cmdline: str, log: Path, *, memory_mib: int = 64) -> VM:  # type: ignore[type-arg]
+    vm = VM.create(memory_mib=memory_mib, name="logged", console_log=str(log))
+    machines.append(vm)
+    vm.load_kernel(kernel, cmdline=cmdline)
+    return vm
+
+
+def test_console_log_gets_every_byte_in_order_a_line_per_write(pvh_guest, machines, tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    vm = _logged_vm(machines, pvh_guest, "det 300", log)
+    calls: list[bytes] = []
+    vm.device("serial0").add_listener(calls.append)
+    run_to_ready(vm)
+    run_to_exit(vm)
+    out = vm.device("serial0").output()
+    assert [int(n) for n in re.findall(rb"\ndet (\d+) ", out)] == list(range(300))
+    assert log.read_bytes() == out and b"".join(calls) == out
+    # Batched: a call per line plus the odd partial line the flush timer wrote out, not a call per byte.
+    assert len(calls) < len(out) // 5, (len(calls), len(out))
+
+
+def test_console_output_is_written_out_when_the_machine_stops(pvh_guest, machines, tmp_path: Path) -> None:
+    """With the flush timer out of the way (an hour's delay), a partial line reaches the log when the guest exits,
+    when the machine is paused and when it is destroyed while running."""
+    log = tmp_path / "exit.log"
+    vm = _logged_vm(machines, pvh_guest, "det 40", log)
+    serial = vm.device("serial0")
+    serial.flush_delay = 3600
+    _no_newline(vm, DET_LINE_END)                 # det's lines become one line, unfinished when the guest exits
+    run_to_ready(vm)
+    run_to_exit(vm)
+    out = serial.output()
+    assert out.count(b" det ") == 39 and not out.endswith(b"\n")
+    assert log.read_bytes() == out
+
+    for how in ("pause", "destroy"):
+        log = tmp_path / f"{how}.log"
+        vm = _logged_vm(machines, pvh_guest, "det 2000", log)
+        serial = vm.device("serial0")
+        serial.flush_delay = 3600
+        _no_newline(vm, DET_LINE_END)
+        run_to_ready(vm)
+        vm.start()
+        deadline = time.monotonic() + 30
+        while len(serial.output()) < 3000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if how == "pause":
+            ev = vm.pause()
+            assert ev.reason == "pause", ev
+        else:
+            vm.destroy()
+        out = serial.output()
+        assert 3000 <= len(out) and out.count(b" det ") < 1999, f"{how}: the guest was not stopped half-way"
+        assert log.read_bytes() == out, f"{how}: {len(out) - log.stat().st_size} bytes missing from the log"
+
+
+def test_partial_line_reaches_log_and_console_clients_while_the_guest_runs(pvh_guest, machines,
+                                                                           tmp_path: Path) -> None:
+    """A prompt without a newline (here: pattern's first line, made unfinished) is in the log and on the live
+    console stream within the flush delay, while the guest goes on computing for about a second."""
+    from vmfork.toolstack.console import ConsoleHub
+    vm = _logged_vm(machines, pvh_guest, "pattern 1 200", tmp_path / "console.log", memory_mib=256)
+    _no_newline(vm, PATTERN_LINE_END)
+    serial = vm.device("serial0")
+    hub = ConsoleHub(str(tmp_path / "domain.log"), lambda: None)       # the domain's side, as in a domain process
+    ours, theirs = socket.socketpair()
+    try:
+        client = hub.add(ours, device_model=True)
+        hub.take(client)                                                # its header
+        serial.add_listener(hub.write)
+        prompt = b"mib=200 "
+        vm.start()
+        deadline = time.monotonic() + 30
+        while prompt not in serial.output() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        sent = time.monotonic()
+        assert prompt in serial.output(), serial.output()
+        while time.monotonic() < deadline:
+            logged_text = (tmp_path / "domain.log").read_bytes()
+            logged = time.monotonic()
+            later = serial.output()                                     # read after the log: the guest's progress
+            if prompt in logged_text or b"checksum" in later:
+                break
+            time.sleep(0.001)
+        assert prompt in logged_text and b"checksum" not in later, \
+            "the partial line was not written out while the guest computed (only when it exited)"
+        assert logged - sent < FLUSH_DELAY + 0.3, logged - sent        # slack for a loaded 2-core host
+        assert (tmp_path / "console.log").read_bytes() == serial.output()
+        assert hub.take(client).endswith(prompt)                        # the live stream has it too
+        ev = vm.wait(60)
+        assert ev.reason == "exit", ev
+        out = serial.output()
+        assert out.endswith(b"\n") and b"checksum=" in out
+        assert (tmp_path / "domain.log").read_bytes() == out == (tmp_path / "console.log").read_bytes()
+    finally:
+        hub.close()
+        ours.close()
+        theirs.close()

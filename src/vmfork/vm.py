@@ -328,6 +328,7 @@ class Machine:
         self.console_log = console_log
         self.devices: list[Any] = []
         self.bus: PortBus = PortBus([])
+        self._flush_on_stop: list[Callable[[], None]] = []
         if with_devices:
             self.attach_devices(standard_devices(self, ram_size=memory.size, console_log=console_log))
         self._stop_lock = threading.Lock()
@@ -396,6 +397,8 @@ class Machine:
     def attach_devices(self, devices: Sequence[Any]) -> None:
         self.devices = list(devices)
         self.bus = PortBus(self.devices)
+        # Devices that batch their output (the UART's console log and listeners) write it out whenever we stop.
+        self._flush_on_stop = [d.flush_output for d in self.devices if hasattr(d, "flush_output")]
 
     def device(self, name: str) -> Any:
         for d in self.devices:
@@ -523,6 +526,8 @@ class Machine:
 
     def _finish(self) -> StopEvent:
         event = self._pending_stop or StopEvent("pause")
+        for flush in self._flush_on_stop:
+            flush()
         self.stop_event = event
         self.state = "crashed" if event.crashed else "paused"
         for cb in self.on_stop:

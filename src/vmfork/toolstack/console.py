@@ -38,7 +38,10 @@ class ConsoleClient:
 
 
 class ConsoleHub:
-    """The domain side: `write()` is the serial device's listener (called on vCPU threads)."""
+    """The domain side: `write()` is the serial device's listener, called on a vCPU thread or the UART's flush
+    timer thread with the guest's output in batches (a line, or a partial line once it has waited the UART's
+    flush_delay; the machine writes out the rest whenever it stops), so the log costs a write() per line, not per
+    byte."""
 
     def __init__(self, log_path: str, wake: Callable[[], None]) -> None:
         self.log_path = log_path
@@ -53,7 +56,7 @@ class ConsoleHub:
         with self._lock:
             if self._log is not None:
                 try:
-                    os.write(self._log, data)
+                    _write_all(self._log, data)     # a write interrupted by the vCPU kick signal may be partial
                 except OSError:
                     pass                    # a full disk must not stop the guest
             self.offset += len(data)
