@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from test_fuzz import AFL_ENV, needs_afl, stop_afl_and_check_nothing_is_left
 from test_fuzz_example import MAX_TOKENS, SEEDS, array_of
 from vmfork.fork import VM
 from vmfork.fuzz import Fuzzer, FuzzError
-from vmfork.fuzz.afl import AUTO_MAP, GuestMap, guest_map
+from vmfork.fuzz.afl import AUTO_MAP, FS_OPT_ENABLED, FS_OPT_MAPSIZE, GuestMap, guest_map, hello
 
 MAP = GuestMap(0x410000, 0x10000)            # guests/README.md: the first 64 KiB boundary after the C code
 
@@ -95,6 +96,36 @@ def test_the_command_line_checks_the_map(afl_image: Path, guest_dir: Path) -> No
         assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_the_hello_announces_the_map_size() -> None:
+    """AFL++'s options word: FS_OPT_ENABLED | FS_OPT_MAPSIZE, size - 1 in bits 1-23 (afl-fuzz reads it back as
+    ((word & 0xfffffe) >> 1) + 1); a size the word cannot carry gives the classic hello, which announces nothing."""
+    for size in (2, 0x10000, 0x20000, 1 << 23):
+        [word] = struct.unpack("<I", hello(size))
+        assert word & FS_OPT_ENABLED == FS_OPT_ENABLED and word & FS_OPT_MAPSIZE, hex(word)
+        assert ((word & 0xFFFFFE) >> 1) + 1 == size
+    assert struct.unpack("<I", hello(0x10000)) == (0xC001FFFF,)
+    assert hello(1) == hello((1 << 23) + 1) == b"\0\0\0\0"
+
+
+def test_a_guest_map_larger_than_afls_is_announced_then_refused(afl_image: Path) -> None:
+    """Without afl-fuzz's own stop (an AFL that ignores the announced size): vmfork sends the hello with the guest
+    map's size, then ends with one line naming AFL_MAP_SIZE and the size, copying nothing past AFL++'s map."""
+    r, w = os.pipe()
+    with os.fdopen(r, "rb") as status:
+        try:    # the fork server's status pipe is fd 199 (bash: dash cannot redirect a descriptor above 9)
+            proc = subprocess.run(["bash", "-c", f'exec 199>&{w} "$@"', "bash",
+                                   *vmfork_fuzz("--afl", "--kernel", str(afl_image), "--cmdline", "jsmn",
+                                                "--afl-map", "auto")],
+                                  env={**os.environ, "AFL_MAP_SIZE": "32768"}, pass_fds=(w,), capture_output=True,
+                                  text=True, timeout=60)
+        finally:
+            os.close(w)
+        assert status.read() == hello(0x10000)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == ("vmfork: error: the guest's edge map (65536 bytes) is larger than AFL++'s "
+                                   "(32768): run afl-fuzz with AFL_MAP_SIZE=65536")
+
+
 def afl_command(tmp_path: Path, image: Path, seconds: int) -> list[str]:
     (tmp_path / "in").mkdir()
     for seed in SEEDS.iterdir():
@@ -132,3 +163,24 @@ def test_sigterm_of_afl_fuzz_leaves_no_vmfork_behind(afl_image: Path, tmp_path: 
     proc = subprocess.Popen(afl_command(tmp_path, afl_image, 60), env={**os.environ, **AFL_ENV},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stop_afl_and_check_nothing_is_left(proc, tmp_path / "out", signal.SIGTERM, start_timeout=30)
+
+
+@needs_afl
+@pytest.mark.parametrize(("afl_map_size", "ends"), [(0x20000, "fuzzing"), (0x8000, "stopped by afl-fuzz")])
+def test_afl_fuzz_sizes_its_map_from_the_handshake(afl_image: Path, tmp_path: Path, afl_map_size: int,
+                                                   ends: str) -> None:
+    """afl-fuzz takes the map size vmfork announces: with AFL_MAP_SIZE larger than the guest map it looks at only
+    the guest's 64 KiB (fuzzer_stats' total_edges); with it smaller, afl-fuzz itself stops at the handshake and
+    says which AFL_MAP_SIZE to set, instead of "Fork server handshake failed"."""
+    env = {**os.environ, **AFL_ENV, "AFL_MAP_SIZE": str(afl_map_size)}
+    proc = subprocess.run(afl_command(tmp_path, afl_image, 4), env=env, capture_output=True, timeout=60)
+    out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    assert "Target map size: 65536" in out, out[-2000:]
+    if ends == "fuzzing":
+        assert proc.returncode == 0, out[-2000:]
+        stats = fuzzer_stats(tmp_path)
+        assert stats["total_edges"] == "65536" and int(stats["execs_done"]) > 0, stats
+    else:
+        assert proc.returncode != 0 and "Fork server handshake failed" not in out, out[-2000:]
+        assert "coverage map size of 65536 is larger than the one this afl++ is set with (32768)" in out.lower()
+        assert "AFL_MAP_SIZE=65536" in out

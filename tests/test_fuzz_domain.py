@@ -8,15 +8,18 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cli_harness import CliHarness
+from test_vmi import guest_map
 from vmfork.toolstack.registry import DomainRecord
 
 NEAR_BUG = b"FUZZB\x00"         # one byte from the `fuzz` program's planted bug (a 'B' record with a nonzero value)
+INBUF = ("--input-addr", "0x800000", "--input-size", "0x10000")    # the `fuzz` program's input buffer
 
 
 @pytest.fixture
@@ -196,3 +199,99 @@ def test_a_fork_made_paused_at_its_parents_marker_can_be_fuzzed(ts: CliHarness, 
     out = ts.ok("fuzz", "--domain", str(fork.domid), "--corpus", str(seeds), "--out", str(tmp_path / "out"),
                 "--seconds", "20", "--stop-on-crash", "--quiet", timeout=90)
     assert json.loads(out)["unique_crashes"] == 1
+
+
+# --- other start markers: the held fork runs from where the domain is paused to the start -------------------------
+
+@pytest.fixture(scope="module")
+def symbol_map(tmp_path_factory: pytest.TempPathFactory, pvh_guest: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("fuzz-domain")
+    path = guest_map(tmp)
+    assert (tmp / "tg.bin").read_bytes() == pvh_guest.read_bytes(), "the map is not of the built guest"
+    return path
+
+
+def _unchanged(ts: CliHarness, domid: int, regs: str, reason: str) -> None:
+    """The domain is paused as before, with the same registers, and no fuzzer entry is left."""
+    assert _fuzz_entries(ts) == []
+    rec = ts.record(domid)
+    assert (rec.state, rec.reason) == ("paused", reason)
+    assert ts.ok("regs", str(domid)) == regs
+
+
+def test_a_domain_paused_before_its_int3_start_is_fuzzed_from_there(ts: CliHarness, seeds: Path) -> None:
+    """`fuzz 1` (int3 markers, no ready marker) created paused before its first instruction: the held fork boots
+    it to the int3 start marker, the buffer comes from RDI/RSI there, and the campaign finds the planted bug, with
+    the code range the fork printed on its way for --cover auto."""
+    target = ts.create(ts.config("target", "fuzz 1"), "-p")
+    regs = ts.ok("regs", "target")
+    r = ts.run("fuzz", "--domain", "target", "--harness", "int3", "--corpus", str(seeds), "--out",
+               str(ts.base / "out"), "--seconds", "30", "--seed", "1", "--stop-on-crash", "--cover", "auto", "--quiet")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "input buffer 0x800000 (65536 bytes)" in r.stderr and "int3 harness" in r.stderr, r.stderr
+    stats = json.loads(r.stdout)
+    assert stats["unique_crashes"] == 1 and stats["ok"] > 0 and stats["blocks_total"] > 0, stats
+    [crash] = stats["crash_files"]
+    assert Path(crash).name.startswith("vector-14-")
+    _unchanged(ts, target, regs, "created paused")
+
+    r = ts.run("fuzz", "--domain", "target", "--harness", "int3", "--replay", str(ts.base / crash))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["vector"] == 14
+    _unchanged(ts, target, regs, "created paused")
+
+
+def test_a_domain_paused_anywhere_is_fuzzed_from_a_start_symbol(ts: CliHarness, seeds: Path,
+                                                                  symbol_map: Path) -> None:
+    """`fuzz 2` (no markers at all) paused wherever `vmfork pause` caught its loop: the held fork runs to a start
+    breakpoint on prog_fuzz.input, inputs end at prog_fuzz.done, and the domain itself never moves."""
+    target = ts.create(ts.config("target", "fuzz 2"))
+    ts.wait_state(target, "running")
+    common = ("--domain", "target", "--symbols", str(symbol_map), "--start", "prog_fuzz.input", "--end",
+              "prog_fuzz.done", *INBUF)
+    ts.fail("fuzz", *common, "--out", str(ts.base / "out"),
+            match=f"target (domain {target}) is running: vmfork fuzz --domain needs it paused somewhere before its "
+                  "start breakpoint at prog_fuzz.input (0x")
+    ts.ok("pause", "target")
+    regs = ts.ok("regs", "target")
+    reason = ts.record(target).reason
+    r = ts.run("fuzz", *common, "--corpus", str(seeds), "--out", str(ts.base / "out"), "--seconds", "30",
+               "--seed", "1", "--stop-on-crash", "--quiet", "--boot-timeout", "20")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "breakpoint harness" in r.stderr, r.stderr
+    stats = json.loads(r.stdout)
+    assert stats["unique_crashes"] == 1 and stats["ok"] > 0, stats
+    _unchanged(ts, target, regs, reason)
+    ts.ok("unpause", "target")                          # free again, and it runs on
+    ts.wait_state(target, "running")
+
+
+def test_a_start_that_is_not_reached_is_one_line_and_leaves_nothing(ts: CliHarness, symbol_map: Path) -> None:
+    out = ts.base / "out"
+    target = _target(ts)                                # port markers only: no int3 marker will ever come
+    regs = ts.ok("regs", "target")
+    t = time.monotonic()
+    ts.fail("fuzz", "--domain", "target", "--harness", "int3", "--boot-timeout", "2", "--out", str(out),
+            match=f"target (domain {target}), run in its fork target-fuzz-1: the target did not reach its int3 "
+                  "start marker within 2 s (--boot-timeout)")
+    assert time.monotonic() - t < 30
+    _unchanged(ts, target, regs, "harness-start")
+    ts.fail("fuzz", "--domain", "target", "--symbols", str(symbol_map), "--start", "fuzz_parse.hang", "--end",
+            "prog_fuzz.done", "--boot-timeout", "1", "--out", str(out),
+            match="did not reach its start breakpoint at fuzz_parse.hang (0x")
+    _unchanged(ts, target, regs, "harness-start")
+
+    hello = ts.create(ts.config("hello", "hello"), "-p")   # prints a line and exits: it never gets to a start
+    regs = ts.ok("regs", "hello")
+    # (it may exit before or after the int3 hook can be set up: "stopped before" or "did not reach" its marker)
+    ts.fail("fuzz", "--domain", "hello", "--harness", "int3", "--out", str(out),
+            match="its int3 start marker: it stopped with exit status 0")
+    _unchanged(ts, hello, regs, "created paused")
+    assert not out.exists()
+
+    for extra, message in ((("--boot-timeout", "5"), "--boot-timeout is for --kernel, or for --domain with "
+                                                       "--harness int3 or --start"),
+                           (("--harness", "int3", "--boot-timeout", "0"), "--boot-timeout 0: must be more than 0")):
+        p = ts.run("fuzz", "--domain", "target", "--out", str(out), *extra)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and message in p.stderr, p.stderr
+    assert [e["name"] for e in ts.list_json()] == ["target", "hello"]

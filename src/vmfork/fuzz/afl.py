@@ -1,12 +1,12 @@
 """Running under AFL++: `afl-fuzz -i in -o out -t 200 -- vmfork fuzz --afl --kernel ... --budget-ms 400`.
 
-vmfork plays AFL++'s fork server (the classic protocol): a 4-byte hello on fd 199, then per input a 4-byte request
-read from fd 198, a 4-byte "child pid" written to 199, the run, and a 4-byte wait status written to 199. There is
-no child process per input (the input runs in the fuzz fork, in this process): the pid given is that of a
-placeholder process that AFL++ may kill on a timeout (it is replaced then; it dies with vmfork by
-PR_SET_PDEATHSIG). Outcomes map to wait statuses: ok = exit 0; a fault vector = SIGSEGV (SIGILL for #UD, SIGFPE for
-#DE); a sink or a triple fault = SIGABRT; a hang = SIGKILL. Give `--budget-ms` above AFL++'s `-t` so that AFL++'s
-own timer sees hangs first.
+vmfork plays AFL++'s fork server (the classic protocol): a 4-byte hello on fd 199 (announcing the map size, below),
+then per input a 4-byte request read from fd 198, a 4-byte "child pid" written to 199, the run, and a 4-byte wait
+status written to 199. There is no child process per input (the input runs in the fuzz fork, in this process): the
+pid given is that of a placeholder process that AFL++ may kill on a timeout (it is replaced then; it dies with
+vmfork by PR_SET_PDEATHSIG). Outcomes map to wait statuses: ok = exit 0; a fault vector = SIGSEGV (SIGILL for #UD,
+SIGFPE for #DE); a sink or a triple fault = SIGABRT; a hang = SIGKILL. Give `--budget-ms` above AFL++'s `-t` so
+that AFL++'s own timer sees hangs first.
 
 Coverage goes into AFL++'s shared-memory map (`__AFL_SHM_ID`, `AFL_MAP_SIZE` or 64 KiB) as AFL-style edges
 (hash(previous block) ^ hash(block)), from persistent block breakpoints of the `--cover` ranges: one exit per block
@@ -21,8 +21,14 @@ jsmn-afl-pvh.elf: gcc's -fsanitize-coverage=trace-pc callback in guests/jsmn/afl
 then brings it back to zero before every input, so there is no clearing pass. Per input vmfork runs the fork
 without any breakpoint (no exit but the markers) and then copies the guest's map into AFL++'s in one go (a read of
 the fork's RAM, no exit). AFL++ zeroes its whole map before each run, so a guest map smaller than AFL++'s fills its
-start; a larger one is refused (run afl-fuzz with AFL_MAP_SIZE set to the guest map's size). The classic fork-server
-hello announces no map size: AFL++ 4.x then uses AFL_MAP_SIZE, or its default of 64 KiB.
+start; a larger one is refused (run afl-fuzz with AFL_MAP_SIZE set to the guest map's size).
+
+The map size: the hello is AFL++'s options word (FS_OPT_ENABLED | FS_OPT_MAPSIZE, the size - 1 in bits 1-23, so up
+to 8 MiB) announcing the size vmfork fills: the guest map's, else the one it hashes breakpoint edges into. afl-fuzz
+then looks at only that much of its map, or, when the announced size is larger than its own (AFL_MAP_SIZE, default
+64 KiB), stops with "Target's coverage map size of N is larger than ... set AFL_MAP_SIZE=N" (afl-fuzz only grows
+its map to a target's in its pre-run map-size probe, which AFL_SKIP_BIN_CHECK skips, and vmfork needs that). vmfork
+itself then ends too, with the same advice on its stderr, rather than write past AFL++'s map.
 
 SIGTERM and SIGKILL leave nothing behind: the machines are this process's own KVM file descriptors and memory, and
 the placeholder process dies with it.
@@ -44,9 +50,13 @@ from typing import Any, NamedTuple
 from ..errors import MemoryAccessError
 from .loop import Fuzzer, FuzzError, Result
 
-__all__ = ["AUTO_MAP", "FORKSRV_FD", "AflMap", "GuestMap", "afl_map_arg", "guest_map", "serve_afl", "wait_status"]
+__all__ = ["AUTO_MAP", "FORKSRV_FD", "AflMap", "GuestMap", "afl_map_arg", "guest_map", "hello", "serve_afl",
+           "wait_status"]
 
 FORKSRV_FD = 198
+FS_OPT_ENABLED = 0x80000001         # AFL++'s fork-server options word: these bits say the hello carries options,
+FS_OPT_MAPSIZE = 0x40000000         # this one that bits 1-23 hold the map size - 1
+FS_OPT_MAX_MAPSIZE = 1 << 23
 PR_SET_PDEATHSIG = 1
 _SIGNAL_FOR_VECTOR = {0: signal.SIGFPE, 6: signal.SIGILL, 16: signal.SIGFPE, 19: signal.SIGFPE}
 
@@ -147,6 +157,14 @@ def guest_map(spec: GuestMap, parent: Any, console: bytes, what: str) -> GuestMa
     return spec
 
 
+def hello(map_size: int) -> bytes:
+    """The fork server's hello: AFL++'s options word announcing `map_size`, or (a size the word cannot carry) the
+    classic four zero bytes, which announce nothing."""
+    if not 2 <= map_size <= FS_OPT_MAX_MAPSIZE:
+        return b"\0\0\0\0"
+    return struct.pack("<I", FS_OPT_ENABLED | FS_OPT_MAPSIZE | (map_size - 1) << 1)
+
+
 def _placeholder() -> subprocess.Popen[bytes]:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -168,14 +186,17 @@ def serve_afl(fz: Fuzzer, amap: AflMap, *, input_path: str | None = None, max_ex
               guest: GuestMap | None = None) -> int:
     """The fork-server loop; returns the number of inputs run when AFL++ closes the control pipe. `guest`: the
     target's own edge map (guest_map()), copied into AFL++'s after every input."""
-    if guest is not None and guest.size > amap.size:
-        raise FuzzError(f"the guest's edge map ({guest.size} bytes) is larger than AFL++'s ({amap.size}): run "
-                        f"afl-fuzz with AFL_MAP_SIZE={guest.size}")
+    filled = guest.size if guest is not None else amap.size
     shm = memoryview(amap.map).cast("B")
     try:
-        os.write(FORKSRV_FD + 1, b"\0\0\0\0")
+        os.write(FORKSRV_FD + 1, hello(filled))
     except OSError as e:
         raise FuzzError(f"not started by afl-fuzz (fd {FORKSRV_FD + 1}: {e.strerror})") from None
+    if filled > amap.size:
+        # afl-fuzz has the announced size by now and stops naming AFL_MAP_SIZE; the guest map must not be copied
+        # past the end of AFL++'s (and an AFL that ignores the announcement learns it from this exit)
+        raise FuzzError(f"the guest's edge map ({filled} bytes) is larger than AFL++'s ({amap.size}): run "
+                        f"afl-fuzz with AFL_MAP_SIZE={filled}")
     child = _placeholder()
     limit = fz.capacity + 1
     execs = 0

@@ -7,6 +7,7 @@
     vmfork fuzz --kernel build/guests/testguest-pvh.elf --cmdline 'fuzz 2' --symbols testguest.map \
         --start prog_fuzz.input --end prog_fuzz.done --input-addr 0x800000 --input-size 0x10000 \
         --corpus seeds/ --out out/
+    vmfork fuzz --domain target --harness int3 --corpus seeds/ --out out/    # a domain paused before its start
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def register_fuzz_commands(sub: Any) -> None:
     target.add_argument("--kernel", help="target kernel (Multiboot, PVH or Linux), booted in-process")
     target.add_argument("--domain", metavar="NAME|DOMID",
                         help="a domain paused at its ready marker (vmfork create): fuzz forks of it in this process, "
-                             "shown as its fork `NAME-fuzz-N` while the fuzzer runs (--cmdline, --memory and "
-                             "--boot-timeout are for --kernel)")
+                             "shown as its fork `NAME-fuzz-N` while the fuzzer runs; with --harness int3 or --start, "
+                             "a domain paused anywhere before that start (its fork runs there, the domain stays "
+                             "paused) (--cmdline and --memory are for --kernel)")
     p.add_argument("--cmdline", default=None, help="with --kernel: its command line (default: the test guest's 'fuzz')")
     p.add_argument("--memory", type=int, default=None, help="with --kernel: guest memory in MiB (default 64)")
     p.add_argument("--corpus", default=None, help="directory of seed inputs (default: one input of 8 zero bytes)")
@@ -113,7 +115,8 @@ def register_fuzz_commands(sub: Any) -> None:
                         "a power of two), copied to AFL++ after each input instead of breakpoint coverage; `auto`: "
                         "the map the target printed before its ready marker as `afl-map=0x... size=0x...`")
     p.add_argument("--boot-timeout", type=float, default=None,
-                   help="with --kernel: seconds to reach the ready marker (default 30)")
+                   help="seconds to reach the start marker (default 30): with --kernel, from boot; with --domain "
+                        "and --harness int3 or --start, from where the domain is paused")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.set_defaults(func=run_fuzz)
 
@@ -130,12 +133,18 @@ def run_fuzz(args: argparse.Namespace) -> int:
         why = "is for --afl" if not args.afl else "and --cover would both fill AFL++'s map: give one"
         print(f"vmfork fuzz: --afl-map {why}", file=sys.stderr)
         return 2
+    if args.boot_timeout is not None and not args.boot_timeout > 0:     # (NaN too)
+        print(f"vmfork fuzz: --boot-timeout {args.boot_timeout:g}: must be more than 0 seconds", file=sys.stderr)
+        return 2
     if args.domain is not None:
-        given = [opt for opt, value in (("--cmdline", args.cmdline), ("--memory", args.memory),
-                                        ("--boot-timeout", args.boot_timeout)) if value is not None]
+        given = [opt for opt, value in (("--cmdline", args.cmdline), ("--memory", args.memory)) if value is not None]
         if given:
             print(f"vmfork fuzz: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for --kernel: a domain "
                   "is already booted (its config sets them)", file=sys.stderr)
+            return 2
+        if args.boot_timeout is not None and args.harness in (None, "port") and args.start is None:
+            print("vmfork fuzz: --boot-timeout is for --kernel, or for --domain with --harness int3 or --start: a "
+                  "domain at its ready marker is fuzzed from there, with no run to a start", file=sys.stderr)
             return 2
     gdb_listen: tuple[str, int] | None = None
     if args.gdb is not None:
@@ -154,7 +163,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"vmfork fuzz: {problem}", file=sys.stderr)
         return 2
-    target = open_target(args)          # the parent, paused at its ready marker: booted here, or a domain's fork
+    target = open_target(args)          # the parent, paused at its start marker: booted here, or a domain's fork
     parent = target.vm
     try:
         if AUTO in args.cover:
@@ -231,9 +240,6 @@ def _check_harness(args: argparse.Namespace, symbols: Any) -> str | None:
         harness = Harness.of(args.harness, start, ends, symbols)
     except FuzzError as e:
         return str(e)
-    if harness.kind != "port" and getattr(args, "domain", None) is not None:
-        return (f"the {harness.kind} harness brings the target to its start marker by booting it (--kernel); a "
-                "--domain is fuzzed from where it is paused (--end works with it)")
     if args.budget_instructions is not None:
         from ..doctor import probe_host
         report = probe_host(cached=True)

@@ -80,6 +80,16 @@ class Harness:
             raise HarnessError(f"--start sets a breakpoint harness; it does not go with --harness {kind}")
         return cls("breakpoint" if start is not None else kind or "port", start, tuple(ends), symbols)
 
+    def start_name(self) -> str:
+        """The start marker in words, for messages: "int3 start marker", "start breakpoint at prog_fuzz.input
+        (0x10a471)"."""
+        if self.kind != "breakpoint":
+            return "ready marker" if self.kind == "port" else f"{self.kind} start marker"
+        assert self.start is not None
+        address = resolve(self.start, self.symbols, "start")
+        name = self.symbols.describe(address) if self.symbols is not None else f"{address:#x}"
+        return f"start breakpoint at {name}" + (f" ({address:#x})" if name != f"{address:#x}" else "")
+
 
 @dataclass(frozen=True)
 class StartPoint:
@@ -114,7 +124,7 @@ def run_to_start(parent: Any, harness: Harness, *, timeout: float) -> StartPoint
         return StartPoint("port", int(regs.rip), int(regs.rdi), int(regs.rsi))
     dbg = _attach(parent, harness, deadline)
     try:
-        ev = _run_until_start(dbg, harness, deadline)
+        ev = _run_until_start(dbg, harness, deadline, timeout)
         regs = dbg.get_regs(ev.vcpu if isinstance(ev.vcpu, int) else 0)
         _settle(dbg)
     except BaseException:
@@ -141,7 +151,8 @@ def resolve(where: int | str, symbols: SymbolTable | None, what: str) -> int:
 
 
 def _stopped(ev: Any) -> str:
-    return f"it stopped with {ev.reason}" + (f" ({ev.detail})" if ev.detail else "")
+    status = f" status {ev.status}" if ev.status is not None else ""
+    return f"it stopped with {ev.reason}{status}" + (f" ({ev.detail})" if ev.detail else "")
 
 
 def _attach(parent: Any, harness: Harness, deadline: float) -> Debugger:
@@ -165,21 +176,22 @@ def _attach(parent: Any, harness: Harness, deadline: float) -> Debugger:
                     from None
         ev = parent.run(timeout=ATTACH_SLICE_S)
         if ev.reason not in _PASSED_OVER:
-            raise HarnessError(f"the target stopped before its start marker: {_stopped(ev)}")
+            raise HarnessError(f"the target stopped before its {harness.start_name()}: {_stopped(ev)}")
 
 
-def _run_until_start(dbg: Debugger, harness: Harness, deadline: float) -> Any:
+def _run_until_start(dbg: Debugger, harness: Harness, deadline: float, timeout: float) -> Any:
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise HarnessError(f"the target did not reach its {harness.kind} start marker in time")
+            raise HarnessError(f"the target did not reach its {harness.start_name()} within {timeout:g} s "
+                               "(--boot-timeout)")
         ev = dbg.run(timeout=left)
         if harness.kind == "int3" and ev.reason == "harness-start" and _at_int3_marker(dbg):
             return ev
         if harness.kind == "breakpoint" and ev.reason == "breakpoint":
             return ev
         if ev.reason not in _PASSED_OVER:
-            raise HarnessError(f"the target did not reach its {harness.kind} start marker: {_stopped(ev)}")
+            raise HarnessError(f"the target did not reach its {harness.start_name()}: {_stopped(ev)}")
 
 
 def _at_int3_marker(dbg: Debugger) -> bool:
