@@ -210,9 +210,13 @@ def test_fork_vm_all_three_device_model_modes(ts: CliHarness) -> None:
     msgs = _socat(sock, seed)
     assert "QMP" in msgs[0] and msgs[1:] == [{"return": {}}, {"return": {}}]
     assert Path(dm1).read_bytes()[:8] == Path(dm2).read_bytes()[:8] == b"VMFKDEVS"
-    # the CLI shortcut does the same
+    # the CLI shortcut does the same, and so does "live": true (or no "live", QEMU's default: true), which only
+    # concerns disk images in QEMU: the same bytes
     ts.ok("save-devices-state", "parent", str(ts.base / "dm-cli.state"))
-    assert (ts.base / "dm-cli.state").exists()
+    for live in ({"live": True}, {}):
+        dm3 = str(ts.base / f"dm-live-{len(live)}.state")
+        assert ts.execute("parent", "xen-save-devices-state", filename=dm3, **live) == {}
+        assert Path(dm3).read_bytes() == (ts.base / "dm-cli.state").read_bytes() == Path(dm2).read_bytes()
 
     # --launch-dm no: a fork without a device model (prints its domid), paused.
     nodm_cfg = ts.fork_config("nodm", on_poweroff="preserve", memory=64)
@@ -537,3 +541,107 @@ def test_the_cli_harness_fails_a_test_that_leaves_an_orphan_domain_process(tmp_p
             assert pid is not None and pid_alive(pid, None)
             h.registry.remove(dom)
     assert not domain_pids(h.run_dir)
+
+
+# --- reset, reboot, shutdown ------------------------------------------------------------------------------------------
+
+def test_reboot_boots_a_created_domain_again(ts: CliHarness) -> None:
+    banner = "vmfork-guest: fuzz parse="
+    dom = ts.create(ts.config("rb", "fuzz 2"))          # prints its banner at boot, then parses forever, no markers
+    ts.wait("the first boot", lambda: ts.log(dom).count(banner) == 1)
+    ts.wait_state(dom, "running")
+    ts.execute(dom, "vmfork-memory-write", gpa=0x2000000, data="abcd", encoding="hex")   # unused RAM
+    ts.ok("reboot", "rb")
+    ts.wait("the second boot", lambda: ts.log(dom).count(banner) == 2)
+    rec = ts.record(dom)
+    assert (rec.domid, rec.name, rec.state) == (dom, "rb", "running")
+    assert ts.execute(dom, "query-status")["status"] == "running"
+    assert ts.execute(dom, "vmfork-memory-read", gpa=0x2000000, length=2, encoding="hex")["data"] == "0000"
+
+    # QMP system_reset on the paused domain: reset, still paused (QEMU's prelaunch), no boot until unpaused.
+    ts.ok("pause", "rb")
+    with ts.qmp(dom) as q:
+        assert q.execute("system_reset") == {}
+        events = q.events
+    assert [(e["event"], e["data"]) for e in events] == [
+        ("RESET", {"guest": False, "reason": "host-qmp-system-reset"})]
+    assert ts.record(dom).state == "paused"
+    assert ts.execute(dom, "query-status")["status"] == "prelaunch"
+    assert ts.log(dom).count(banner) == 2
+    ts.ok("unpause", "rb")
+    ts.wait("the third boot", lambda: ts.log(dom).count(banner) == 3)
+
+    names = {c["name"] for c in ts.execute(dom, "query-commands")}
+    assert {"system_reset", "system_powerdown"} <= names
+    ts.ok("destroy", "rb")
+
+
+def test_system_reset_returns_a_paused_fork_to_its_fork_point(ts: CliHarness) -> None:
+    parent = ts.create(ts.config("p", "det 2"))
+    ts.wait_state(parent, "paused")
+    f = int(ts.ok("fork-vm", "-p", "-C", str(ts.fork_config("f", on_poweroff="preserve")), "p").strip())
+    seed = (12345).to_bytes(8, "little")
+    ts.execute(f, "vmfork-memory-write", gpa=INPUT_BUFFER, data=seed.hex(), encoding="hex")
+    ts.ok("unpause", "f")
+    ts.wait_state(f, "shutdown")
+    seeded = [ln for ln in ts.log(f).splitlines() if ln.startswith("det ")]
+    assert len(seeded) == 2
+
+    ts.fail("unpause", "f", match=f"reset it (vmfork reboot {f})")
+    # From the shut-down state: reset, paused at the fork point (the parent's harness marker), memory back.
+    ts.ok("qmp", "f", "system_reset")
+    rec = ts.record(f)
+    assert (rec.state, rec.reason) == ("paused", "harness-start")
+    assert ts.execute(f, "vmfork-memory-read", gpa=INPUT_BUFFER, length=8, encoding="hex")["data"] == "00" * 8
+    # Written again, then reset while paused: the write is undone and it stays paused.
+    ts.execute(f, "vmfork-memory-write", gpa=INPUT_BUFFER, data=seed.hex(), encoding="hex")
+    with ts.qmp(f) as q:
+        assert q.execute("system_reset") == {}
+        assert [e["event"] for e in q.events] == ["RESET"]
+    assert ts.record(f).state == "paused"
+    assert ts.execute(f, "query-status")["status"] == "paused"
+    assert ts.execute(f, "vmfork-memory-read", gpa=INPUT_BUFFER, length=8, encoding="hex")["data"] == "00" * 8
+    ts.ok("unpause", "f")
+    ts.wait_state(f, "shutdown")
+    lines = [ln for ln in ts.log(f).splitlines() if ln.startswith("det ")]
+    assert len(lines) == 4 and lines[2:] != seeded                    # the default seed: the parent's memory
+    ts.ok("destroy", "--force", "p")
+
+
+def test_reset_refusals_and_shutdown(ts: CliHarness) -> None:
+    parent = ts.create(ts.config("par", "demo"))
+    ts.wait_state(parent, "paused")
+    child = int(ts.ok("fork-vm", "-p", "par").strip())
+    child_name = ts.record(child).name
+    err = ts.fail("reboot", "par", match="has live forks")
+    assert f"{child_name} (domain {child})" in err
+    with pytest.raises(QmpCommandError, match="live forks"):
+        ts.execute("par", "system_reset")
+    assert ts.record(parent).state == "paused" and ts.record(child).state == "paused"
+
+    # shutdown / system_powerdown: nothing to ask the guest with; the domain is untouched.
+    err = ts.fail("shutdown", "par", match="no ACPI power button or PV shutdown channel")
+    assert "vmfork destroy" in err
+    with pytest.raises(QmpCommandError, match="no ACPI power button"):
+        ts.execute(child, "system_powerdown")
+    ts.fail("reboot", "nosuch", match="no domain named 'nosuch'")
+    ts.ok("destroy", str(child))
+    ts.wait("the fork's hold to go", lambda: ts.execute(parent, "vmfork-query")["forks"] == [])
+
+    # A restored domain has no kernel to boot again nor a fork point.
+    path = ts.base / "par.vmfork"
+    ts.ok("save", "par", str(path))
+    copy = int(ts.ok("restore", "-p", "-n", "copy", str(path)).strip())
+    ts.fail("reboot", "copy", match="restored from")
+    assert ts.record(copy).state == "paused"
+    ts.ok("unpause", "copy")                                          # it still works: runs to its exit
+    ts.wait_gone(copy)
+    assert result_line(ts.log(copy)) == "result: len=0 fnv=cbf29ce484222325 primes=904"
+
+    # The parent, free again, resets: back to its kernel's start, then to its ready marker again.
+    ts.ok("reboot", "par")
+    assert ts.execute(parent, "query-status")["status"] == "prelaunch"
+    ts.ok("unpause", "par")
+    ts.wait("the second ready marker", lambda: ts.log(parent).count("vmfork-guest: ready") == 2)
+    ts.wait_state(parent, "paused")
+    ts.ok("destroy", "par")

@@ -389,6 +389,18 @@ def add_toolstack_commands(sub: Any) -> None:
     domain_arg(p)
     p.set_defaults(func=_simple("cont"))
 
+    p = sub.add_parser("reboot", help="reset a domain, as QMP system_reset: a hard reset, since the guests have no "
+                                      "ACPI or PV channel to be asked to reboot (a created domain boots again, a fork "
+                                      "goes back to its fork point, a paused domain stays paused; refused for a "
+                                      "parent with live forks and a restored domain)")
+    domain_arg(p)
+    p.set_defaults(func=_simple("system_reset"))
+
+    p = sub.add_parser("shutdown", help="refused: the guests have no ACPI power button or PV shutdown channel to "
+                                        "be asked to shut down (use destroy)")
+    domain_arg(p)
+    p.set_defaults(func=_simple("system_powerdown"))
+
     p = sub.add_parser("destroy", help="destroy a domain (refused while it has live forks, unless --force)")
     p.add_argument("--force", action="store_true", help="destroy its forks too, leaves first")
     domain_arg(p)

@@ -22,6 +22,15 @@ descriptors with the reply) and its machine state (`MachineState.to_bytes()`, ba
 connection open for as long as it lives: while it is open the parent holds the fork (stays paused, RAM read-only,
 `cont` and `quit` refused); when the fork's process ends for any reason, the kernel closes it and the parent is free.
 The client side (receiving the RAM files and state, building the machine) is in attach.py, shared with held forks.
+
+Resets asked for by the host (QMP `system_reset`, `vmfork reboot`) are QEMU's hard reset, not a request to the guest:
+the machine restarts the way a guest reset with on_reboot = "restart" restarts it (a created domain boots its kernel
+again in a fresh VM, a fork goes back to its fork point), whatever on_reboot says, because on_reboot is the answer to
+the guest's own reset and the host has asked for this one. As in QEMU, a running domain runs again afterwards and a
+paused, shut-down or crashed one is left paused at the restart point; the RESET event says
+`{"guest": false, "reason": "host-qmp-system-reset"}`. Refused: a parent with live forks (they share its RAM), and a
+restored domain (no kernel to boot, no fork point). The guests have no ACPI and no PV shutdown channel, so
+`system_powerdown` has nothing to press and is refused (`quit` ends a domain).
 """
 
 from __future__ import annotations
@@ -438,17 +447,62 @@ class Domain:
         if vm.fork_state is not None:
             vm.reset()
         elif self.kind == "create" and cfg.kernel is not None:
-            from ..fork import VM
-            vm.destroy(tree=True)
-            self.vm = None
-            new = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=self.name)
-            assert isinstance(new, VM)
-            self._adopt(new)
-            new.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
+            self._boot_fresh_machine()
         else:
             self.quit(f"{what}; a restored domain has no kernel to restart")
             return
         self._start()
+
+    def _boot_fresh_machine(self) -> None:
+        """A created domain's reboot: a new VM with the kernel loaded replaces the old one (fresh RAM, the boot path
+        from its start). The new one is built first, so a failure leaves the domain with its old machine."""
+        from ..fork import VM
+        cfg = self.config
+        assert cfg is not None and cfg.kernel is not None
+        new = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=self.name)
+        assert isinstance(new, VM)
+        try:
+            new.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
+        except BaseException:
+            new.destroy(tree=True)
+            raise
+        old, self.vm = self.vm, None
+        if old is not None:
+            old.destroy(tree=True)
+        self._adopt(new)
+
+    def host_reset(self) -> None:
+        """A hard reset asked for by the host (QMP system_reset): see the module docstring for the rules."""
+        vm = self.machine
+        forks = self._forks_text()
+        if forks:
+            raise QmpError(f"cannot reset {self.label()}: it has live forks ({forks}) that share its memory; "
+                           f"destroy them first, or the whole tree (vmfork destroy --force {self.domid})")
+        if vm.fork_state is None and self.kind != "create":
+            raise QmpError(f"cannot reset {self.label()}: it was restored from {self.restored_from}, so it has no "
+                           "kernel to boot again and no fork point to go back to; destroy it and restore the "
+                           "file again")
+        was_running = self.state == "running"
+        # The guest may stop on its own while being paused (and restart, or end): pause whatever machine it has.
+        while self.state == "running" and not self.quitting:
+            self._pause()
+        if self.quitting:
+            raise QmpError(f"cannot reset {self.label()}: it ended first ({self.exit_reason})")
+        if self.console is not None:
+            self.console.note(f"\r\n[vmfork: reset by the host; restarting {self.name}]\r\n")
+        if self.machine.fork_state is not None:
+            self.machine.reset()
+        else:
+            self._boot_fresh_machine()
+        self.broadcast(event("RESET", {"guest": False, "reason": "host-qmp-system-reset"}))
+        if was_running:
+            self._start()
+            return
+        # QEMU leaves a reset machine that was not running in "prelaunch": a created domain before its first
+        # instruction shows so again (query-status); a fork is at its fork point.
+        if self.kind == "create":
+            self.has_run = False
+        self._set_state("paused", self.fork_point_reason or "reset")
 
     # --- forks of this domain ----------------------------------------------------------------------------------
 
@@ -892,11 +946,13 @@ def _cont(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     if forks:
         raise QmpError(f"cannot resume {d.label()}: it has live forks ({forks}); a parent stays paused until "
                        "its forks are destroyed")
+    # A restored domain cannot be reset (see host_reset): only destroy is left to suggest for it.
+    way_out = "destroy it" if vm.fork_state is None and d.kind == "restore" else \
+        f"reset it (vmfork reboot {d.domid}) or destroy it"
     if d.state == "shutdown":
-        raise QmpError(f"cannot resume {d.label()}: the guest has shut down ({d.reason}); fork-reset or "
-                       "destroy it")
+        raise QmpError(f"cannot resume {d.label()}: the guest has shut down ({d.reason}); {way_out}")
     if d.state == "crashed":
-        raise QmpError(f"cannot resume {d.label()}: it has crashed ({d.reason}); fork-reset or destroy it")
+        raise QmpError(f"cannot resume {d.label()}: it has crashed ({d.reason}); {way_out}")
     try:
         d._start()
     except VmforkError as e:
@@ -914,14 +970,30 @@ def _quit(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     return {}
 
 
+@qmp_command("system_reset", help="reset the machine (QEMU's hard reset): a created domain boots again, a fork goes "
+                                  "back to its fork point; a paused domain stays paused")
+def _system_reset(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
+    d.host_reset()
+    return {}
+
+
+@qmp_command("system_powerdown", help="(refused: the guests have no ACPI power button or PV shutdown channel)")
+def _system_powerdown(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
+    # QEMU presses the ACPI power button and leaves the rest to the guest; vmfork's machines have no ACPI and no
+    # paravirtual shutdown channel, so there is no way to ask the guest, and pretending would leave it running.
+    raise QmpError(f"cannot shut down {d.label()}: its machine has no ACPI power button or PV shutdown channel "
+                   f"to ask the guest with; end it with quit (vmfork destroy {d.domid}) or reset it with "
+                   f"system_reset (vmfork reboot {d.domid})")
+
+
 @qmp_command("xen-save-devices-state", filename=ArgSpec(str, True, _absolute), live=ArgSpec(bool),
              help="write the device model's state to a file (QEMU's command for Xen)")
 def _xen_save_devices_state(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     vm = d.machine
     if not vm.devices:
         raise QmpError(f"{d.label()} has no device model (it was forked with --launch-dm no)")
-    if args.get("live"):
-        raise QmpError("live device-state saving is not supported: use \"live\": false")
+    # "live" (QEMU's default: true) only decides whether QEMU hands its disk images' locks over for a migration.
+    # vmfork's device models have no disk images, and the state is written while the domain is paused either way.
     from ..snapshot import save_device_state
     d.paused_for(lambda: save_device_state(vm, args["filename"]))
     return {}
