@@ -645,3 +645,33 @@ def test_reset_refusals_and_shutdown(ts: CliHarness) -> None:
     ts.wait("the second ready marker", lambda: ts.log(parent).count("vmfork-guest: ready") == 2)
     ts.wait_state(parent, "paused")
     ts.ok("destroy", "par")
+
+
+def test_a_guest_reset_follows_on_reboot_and_reports_as_qemu_does(ts: CliHarness) -> None:
+    """The guest resets itself (the i8042 pulse): on_reboot = restart boots it again (QMP RESET, guest: true, each
+    time), preserve leaves it shut down (SHUTDOWN, guest-reset), destroy ends it."""
+    line = "vmfork-guest: reboot"
+    again = ts.create(ts.config("again", "reboot", on_reboot="restart"), "-p")
+    with ts.qmp(again) as q:
+        q.execute("cont")
+        ts.wait("two reboots", lambda: q.execute("query-status") is not None and
+                sum(e["event"] == "RESET" for e in q.events) >= 2)
+        resets = [e["data"] for e in q.events if e["event"] == "RESET"]
+        assert all(r == {"guest": True, "reason": "guest-reset"} for r in resets), q.events
+        assert not [e for e in q.events if e["event"] == "SHUTDOWN"], q.events
+    assert ts.log(again).count(line) >= 2
+    ts.ok("destroy", "again")
+
+    kept = ts.create(ts.config("kept", "reboot", on_reboot="preserve"), "-p")
+    with ts.qmp(kept) as q:
+        q.execute("cont")
+        ts.wait("the reset", lambda: q.execute("query-status")["status"] == "shutdown")
+        assert [(e["event"], e["data"]) for e in q.events if e["event"] in ("RESET", "SHUTDOWN")] == [
+            ("SHUTDOWN", {"guest": True, "reason": "guest-reset"})]
+    rec = ts.record(kept)
+    assert (rec.state, rec.reason) == ("shutdown", "the guest reset itself")
+    assert ts.log(kept).count(line) == 1
+    ts.ok("destroy", "kept")
+
+    gone = ts.create(ts.config("gone", "reboot", on_reboot="destroy"))
+    ts.wait_gone(gone)

@@ -10,6 +10,7 @@ prog_table:
         dq name_fault, prog_fault
         dq name_xrstor, prog_xrstor
         dq name_ud2, prog_ud2
+        dq name_reboot, prog_reboot
         dq name_vmi, prog_vmi
         dq name_fuzz, prog_fuzz
 %ifdef WITH_JSMN
@@ -26,6 +27,7 @@ name_det:       db "det", 0
 name_fault:     db "fault", 0
 name_xrstor:    db "xrstor", 0
 name_ud2:       db "ud2", 0
+name_reboot:    db "reboot", 0
 name_vmi:       db "vmi", 0
 name_fuzz:      db "fuzz", 0
 %ifdef WITH_JSMN
@@ -415,6 +417,16 @@ prog_xrstor:
 prog_ud2:
         PRINT "vmfork-guest: ud2 in CPL3", 10
         ud2
+
+; reboot: the i8042 reset pulse (command 0xfe to port 0x64), as a PC kernel reboots. Ports below 0x400 are open to
+; CPL3 (the TSS I/O bitmap). A machine with no i8042 ignores it: the program then exits with 0x7e.
+prog_reboot:
+        PRINT "vmfork-guest: reboot", 10
+        mov al, 0xfe
+        out 0x64, al
+        PRINT "vmfork-guest: still running after the reset pulse", 10
+        mov al, 0x7e
+        jmp exit
 
 prog_unknown:
         PRINT "vmfork-guest: unknown program: "

@@ -429,7 +429,11 @@ class Domain:
         qmp_reason = {"poweroff": "guest-shutdown", "reboot": "guest-reset", "crash": "guest-panic"}[kind]
         if kind == "crash":
             self.broadcast(event("GUEST_PANICKED", {"action": "poweroff" if "destroy" in action else "pause"}))
-        self.broadcast(event("SHUTDOWN", {"guest": True, "reason": qmp_reason}))
+        restarts = action not in ("destroy", "coredump-destroy", "preserve")
+        # QEMU reports a guest reset it carries out as RESET, and as SHUTDOWN only when it ends the machine instead
+        # (-no-reboot): a QMP client waiting for SHUTDOWN must not take a reboot for the end.
+        self.broadcast(event("RESET" if kind == "reboot" and restarts else "SHUTDOWN",
+                             {"guest": True, "reason": qmp_reason}))
         if action in ("destroy", "coredump-destroy"):
             self.quit(what)
         elif action == "preserve":
