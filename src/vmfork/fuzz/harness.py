@@ -122,7 +122,7 @@ def run_to_start(parent: Any, harness: Harness, *, timeout: float) -> StartPoint
             raise HarnessError(f"the target did not reach its ready marker: {ev.reason} {ev.detail}".strip())
         regs = parent.vcpus[0].get_regs()
         return StartPoint("port", int(regs.rip), int(regs.rdi), int(regs.rsi))
-    dbg = _attach(parent, harness, deadline)
+    dbg = _attach(parent, harness, deadline, timeout)
     try:
         ev = _run_until_start(dbg, harness, deadline, timeout)
         regs = dbg.get_regs(ev.vcpu if isinstance(ev.vcpu, int) else 0)
@@ -155,7 +155,7 @@ def _stopped(ev: Any) -> str:
     return f"it stopped with {ev.reason}{status}" + (f" ({ev.detail})" if ev.detail else "")
 
 
-def _attach(parent: Any, harness: Harness, deadline: float) -> Debugger:
+def _attach(parent: Any, harness: Harness, deadline: float, timeout: float) -> Debugger:
     """A debugger on `parent` with the start breakpoint or the int3 hook in place, running the boot in slices
     until the guest can take them."""
     start = None
@@ -172,8 +172,8 @@ def _attach(parent: Any, harness: Harness, deadline: float) -> Debugger:
         except BreakpointError as e:
             dbg.detach()
             if time.monotonic() >= deadline:
-                raise HarnessError(f"the target never got to where vmfork can catch its start marker: {e}") \
-                    from None
+                raise HarnessError(f"the target never got to where vmfork can catch its {harness.start_name()} "
+                                   f"within {timeout:g} s (--boot-timeout): {e}") from None
         ev = parent.run(timeout=ATTACH_SLICE_S)
         if ev.reason not in _PASSED_OVER:
             raise HarnessError(f"the target stopped before its {harness.start_name()}: {_stopped(ev)}")
