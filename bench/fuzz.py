@@ -3,6 +3,7 @@ for the two example targets.
 
     .venv/bin/python bench/fuzz.py [--target fuzz|jsmn|all] [--seconds 5] [--runs 5] [--afl-seconds 15] [--markdown]
     .venv/bin/python bench/fuzz.py --target jsmn --afl-only [--afl-seconds 15]      # only the afl-fuzz rows
+    .venv/bin/python bench/fuzz.py --target fuzz --jobs-only [--seconds 5]          # only `vmfork fuzz --jobs 1 vs 2`
 
 Targets (guests/README.md):
   fuzz   the test guest's `fuzz` program: a tiny parser in assembly whose "FUZZ" + 'B' record with a nonzero bank
@@ -11,12 +12,14 @@ Targets (guests/README.md):
          an off-by-one in its token allocator that overwrites the stack canary once a document has 25 tokens (#UD
          from __stack_chk_fail), seeds from guests/jsmn/seeds/; under afl-fuzz also the jsmn-afl-pvh.elf build of
          the same code, which keeps its own edge map (`vmfork fuzz --afl-map auto`, no breakpoints)
-One core: the fuzz fork runs inline in this process.
+One core: the fuzz fork runs inline in this process; except the `--jobs` row, `vmfork fuzz` campaigns through the
+CLI with one worker process and with two (fuzz/jobs.py), run alternately.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -121,8 +124,40 @@ def afl_rows(t: Target, args: argparse.Namespace, start: int, end: int) -> list[
     return rows
 
 
+def jobs_row(t: Target, seconds: float, rounds: int = 2) -> tuple[str, str, str]:
+    """Campaign execs/s of `vmfork fuzz --cover auto` through the CLI with --jobs 1 and --jobs 2, side by side
+    (alternating, the best round of each): the summary's execs_per_s, all workers' inputs over the campaign's wall
+    time (from the first worker's start to the last one's end; boots excluded, as in one process)."""
+    best = {1: 0.0, 2: 0.0}
+    per_worker: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        seeds = Path(tmp) / "seeds"
+        seeds.mkdir()
+        for i, seed in enumerate(t.corpora[0][1]):
+            (seeds / f"seed{i}").write_bytes(seed)
+        for r in range(rounds):
+            for jobs in best:
+                out = subprocess.run([sys.executable, "-m", "vmfork.cli", "fuzz", "--kernel", str(t.image),
+                                      "--cmdline", t.cmdline, "--corpus", str(seeds), "--out", f"{tmp}/out{r}-{jobs}",
+                                      "--cover", "auto", "--budget-ms", str(t.budget_s * 1000), "--seconds",
+                                      str(seconds), "--seed", "1", "--quiet", "--jobs", str(jobs)],
+                                     capture_output=True, text=True, check=True, timeout=seconds + 120).stdout
+                summary = json.loads(out)
+                if summary["execs_per_s"] > best[jobs]:
+                    best[jobs] = summary["execs_per_s"]
+                    if jobs == 2:
+                        per_worker = [w["execs_per_s"] for w in summary["workers"]]
+    cpus = len(os.sched_getaffinity(0))
+    return (f"campaign through the CLI (`--cover auto`), `--jobs 2` vs `--jobs 1`, {seconds:g} s",
+            f"{best[2] / best[1]:.2f}x",
+            f"--jobs 1: {best[1]:,.0f} execs/s; --jobs 2: {best[2]:,.0f} execs/s (workers "
+            f"{', '.join(f'{x:,.0f}' for x in per_worker)}); best of {rounds} alternating rounds, {cpus} CPUs")
+
+
 def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
+    if args.jobs_only:
+        return [jobs_row(t, args.seconds)]
     vm, start, end = ready_vm(t)
     if args.afl_only:
         vm.destroy(tree=True)
@@ -166,6 +201,7 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
                          f"{st.execs} inputs, {st.crashes} crashes ({st.unique_crashes} unique), reset "
                          f"{st.reset_share:.0%} of the time" + (f", {st.blocks_hit}/{st.blocks_total} blocks"
                                                               if cov else "")))
+        rows.append(jobs_row(t, args.seconds))
         for label, seeds in t.corpora:
             times, execs, rates = [], [], []
             for rng in range(1, args.runs + 1):
@@ -198,6 +234,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5, help="bug-finding runs per seed corpus (RNG seeds 1..N)")
     ap.add_argument("--afl-seconds", type=int, default=15, help="length of the AFL++ run (0: none)")
     ap.add_argument("--afl-only", action="store_true", help="only the afl-fuzz rows")
+    ap.add_argument("--jobs-only", action="store_true", help="only the `vmfork fuzz --jobs 1` vs `--jobs 2` row")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
 

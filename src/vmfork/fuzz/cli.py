@@ -8,6 +8,7 @@
         --start prog_fuzz.input --end prog_fuzz.done --input-addr 0x800000 --input-size 0x10000 \
         --corpus seeds/ --out out/
     vmfork fuzz --domain target --harness int3 --corpus seeds/ --out out/    # a domain paused before its start
+    vmfork fuzz --kernel build/guests/testguest-pvh.elf --corpus seeds/ --out out/ --cover auto --jobs 2  # fuzz/jobs.py
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .jobs import Worker
 
 __all__ = ["register_fuzz_commands", "run_fuzz"]
 
@@ -117,14 +121,16 @@ def register_fuzz_commands(sub: Any) -> None:
     p.add_argument("--boot-timeout", type=float, default=None,
                    help="seconds to reach the start marker (default 30): with --kernel, from boot; with --domain "
                         "and --harness int3 or --start, from where the domain is paused")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="fuzz in N processes (default 1), one target each, sharing --out: its corpus (each runs "
+                        "what the others found), its crashes (one file per crash) and --seconds, --execs and "
+                        "--stop-on-crash; the summary adds each worker's numbers (fuzz/jobs.py)")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.set_defaults(func=run_fuzz)
 
 
 def run_fuzz(args: argparse.Namespace) -> int:
     from ..vmi.symbols import load_symbols
-    from .loop import Fuzzer, FuzzError
-    from .target import open_target
 
     if args.replay is None and args.out is None and not args.afl:
         print("vmfork fuzz: --out DIR is required (or --replay FILE)", file=sys.stderr)
@@ -158,11 +164,50 @@ def run_fuzz(args: argparse.Namespace) -> int:
         if args.afl or args.replay is not None:
             print("vmfork fuzz: --gdb is for a campaign (not --afl or --replay)", file=sys.stderr)
             return 2
+    problem = _check_jobs(args)
+    if problem is not None:
+        print(f"vmfork fuzz: {problem}", file=sys.stderr)
+        return 2
     symbols = load_symbols(args.symbols) if args.symbols else None
     problem = _check_harness(args, symbols)       # before booting anything: bad input is one line, exit 2
     if problem is not None:
         print(f"vmfork fuzz: {problem}", file=sys.stderr)
         return 2
+    if args.jobs > 1:
+        from .jobs import cpu_count, run_jobs
+        cpus = cpu_count()
+        if args.jobs > cpus:
+            print(f"vmfork fuzz: warning: --jobs {args.jobs} on {cpus} CPU{'s' if cpus != 1 else ''}: the workers "
+                  "will share them", file=sys.stderr)
+        return run_jobs(args, lambda worker: _campaign(args, symbols, gdb_listen, worker))
+    return _campaign(args, symbols, gdb_listen, None)
+
+
+def _check_jobs(args: argparse.Namespace) -> str | None:
+    """--jobs: at least 1, and more only for a campaign whose parts can be shared by processes."""
+    jobs = getattr(args, "jobs", 1)
+    if jobs < 1:
+        return f"--jobs {jobs}: must be at least 1"
+    if jobs == 1:
+        return None
+    alone = [opt for opt, given in (("--afl", args.afl), ("--replay", args.replay is not None),
+                                    ("--keep", args.keep), ("--gdb", args.gdb is not None)) if given]
+    if alone:
+        why = {"--afl": "AFL++ runs one fork server per afl-fuzz (run afl-fuzz -M/-S for more cores)",
+               "--replay": "one input runs in one process",
+               "--keep": "a kept fork lives in the one process that found the crash",
+               "--gdb": "a kept fork lives in the one process that found the crash"}[alone[0]]
+        return f"--jobs {jobs} and {alone[0]}: {why}"
+    return None
+
+
+def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int] | None,
+              worker: Worker | None) -> int:
+    """Boot or take the target and fuzz it in this process: the whole campaign, or (`worker`) one process's part
+    of a campaign of --jobs N (fuzz/jobs.py), which reports to the CLI process instead of printing a summary."""
+    from .loop import Fuzzer, FuzzError
+    from .target import open_target
+    harness = args.harness_spec
     target = open_target(args)          # the parent, paused at its start marker: booted here, or a domain's fork
     parent = target.vm
     try:
@@ -180,7 +225,6 @@ def run_fuzz(args: argparse.Namespace) -> int:
             if args.afl_map is not None:
                 from .afl import guest_map as check_guest_map
                 guest_map = check_guest_map(args.afl_map, parent, target.console(), target.what)
-        harness = args.harness_spec
         fz = Fuzzer(parent, args.input_addr, args.input_size, sinks=args.sink, budget_s=args.budget_ms / 1000,
                     coverage=args.cover or None, oversize=args.oversize, symbols=symbols,
                     block_hook=amap.hook() if amap is not None and args.cover else None, ends=harness.ends,
@@ -195,9 +239,16 @@ def run_fuzz(args: argparse.Namespace) -> int:
                 print(json.dumps(res.to_json(), indent=2))
                 return 0
             seeds = _load_corpus(args.corpus)
-            print(f"vmfork fuzz: input buffer {fz.input_addr:#x} ({fz.input_size} bytes), {len(seeds)} seeds"
-                  + (f", {len(fz.coverage.blocks)} blocks to cover" if fz.coverage else "")
-                  + (f", {harness.kind} harness" if harness.kind != "port" else ""), file=sys.stderr)
+            if worker is None or worker.index == 0:
+                print(f"vmfork fuzz: input buffer {fz.input_addr:#x} ({fz.input_size} bytes), {len(seeds)} seeds"
+                      + (f", {len(fz.coverage.blocks)} blocks to cover" if fz.coverage else "")
+                      + (f", {harness.kind} harness" if harness.kind != "port" else "")
+                      + (f", {worker.jobs} jobs" if worker is not None else ""), file=sys.stderr, flush=True)
+            if worker is not None:          # the campaign's --execs and status line are the CLI process's
+                st = fz.fuzz(seeds, seconds=args.seconds, rng_seed=worker.seed, stop_on_crash=args.stop_on_crash,
+                             out_dir=args.out, max_len=args.max_len, sync=worker)
+                worker.finish(st, sorted(fz.coverage.hit) if fz.coverage is not None else [])
+                return 0
             st = fz.fuzz(seeds, seconds=args.seconds, rng_seed=args.seed, max_execs=args.execs,
                          stop_on_crash=args.stop_on_crash, out_dir=args.out,
                          status=None if args.quiet else sys.stderr, max_len=args.max_len,

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from ..kvm import constants as c
 from ..kvm import structs as s
@@ -46,7 +46,7 @@ from .mutate import Mutator
 from .pmu import InstructionBudget
 from .traps import ForkTraps
 
-__all__ = ["FuzzError", "Fuzzer", "Result", "Stats"]
+__all__ = ["CampaignSync", "FuzzError", "Fuzzer", "Result", "Stats"]
 
 LENGTH_PREFIX = 8           # u64 little-endian length before the bytes, as the test guests expect
 _EXCEPTION = re.compile(rb"EXCEPTION vec=(\d+) rip=0x([0-9a-f]+) err=0x([0-9a-f]+)")
@@ -117,6 +117,28 @@ class Stats:
         cov = f"  cov {self.blocks_hit}/{self.blocks_total}" if self.blocks_total else ""
         return (f"[{self.elapsed_s:7.1f}s] execs {self.execs}  {self.execs_per_s:6.0f}/s  corpus {self.corpus}"
                 f"{cov}  crashes {self.crashes} ({self.unique_crashes} unique)  hangs {self.hangs}")
+
+
+class CampaignSync(Protocol):
+    """How one process of a campaign on several cores (`vmfork fuzz --jobs N`, fuzz/jobs.py) shares it with the
+    others. Without one, `Fuzzer.fuzz` is a campaign of its own, as it always was."""
+
+    def begin(self, start: float, corpus: Sequence[bytes]) -> None:
+        """The loop starts (time.monotonic() `start`) from this corpus (the seeds)."""
+
+    def tick(self, st: Stats, now: float) -> list[bytes] | None:
+        """A look at the clock (every 32 inputs, sooner after an interesting one): publish `st`; None stops this
+        process's loop (the campaign is over), else inputs other processes found, to run next."""
+
+    def add(self, data: bytes) -> None:
+        """`data` joined this process's corpus: share it (unless it came from another process)."""
+
+    def claim(self, signature: tuple[str, str, int | None]) -> bool:
+        """A crash with this signature, new to this process: True if no other process saved it first (then this
+        one saves it)."""
+
+    def crashed(self) -> None:
+        """A crash, with stop_on_crash: stop the whole campaign."""
 
 
 def _registers(regs: s.Regs) -> dict[str, int]:
@@ -398,9 +420,11 @@ class Fuzzer:
     def fuzz(self, seeds: Sequence[bytes] = (), *, seconds: float = 10.0, rng_seed: int | None = None,
              max_execs: int | None = None, stop_on_crash: bool = False, out_dir: str | os.PathLike[str] | None = None,
              status: TextIO | None = None, status_interval: float = 0.5, max_len: int = 4096,
-             dictionary: Sequence[bytes] = (), keep: bool = False) -> Stats:
+             dictionary: Sequence[bytes] = (), keep: bool = False, sync: CampaignSync | None = None) -> Stats:
         """Mutate the corpus for `seconds` (or `max_execs`). Inputs that reach new blocks join the corpus; each
-        distinct crash is saved in OUT/crashes/ with a JSON sidecar; a live status line goes to `status`."""
+        distinct crash is saved in OUT/crashes/ with a JSON sidecar; a live status line goes to `status`. `sync`:
+        this is one process of a campaign on several cores (fuzz/jobs.py), which may stop it early, hand it inputs
+        the others found, share its corpus and decide which process saves a crash."""
         rng = random.Random(rng_seed)
         mutator = Mutator(rng, max_len=min(max_len, self.capacity), dictionary=dictionary)
         corpus: list[bytes] = [bytes(x) for x in seeds] or [b"\0" * 8]
@@ -422,6 +446,8 @@ class Fuzzer:
         pending = corpus[::-1]          # the seeds run first, unchanged, in order
         stop = False
         countdown = 0                   # inputs until the next look at the clock (every 32, and after slow ones)
+        if sync is not None:
+            sync.begin(start, corpus)
         while not stop:
             if pending:
                 data = pending.pop()
@@ -432,6 +458,16 @@ class Fuzzer:
                     now = time.monotonic()
                     if now >= deadline or (max_execs is not None and st.execs >= max_execs):
                         break
+                    if sync is not None:
+                        st.corpus = len(corpus)
+                        if self.coverage is not None:
+                            st.blocks_hit = len(self.coverage.hit)
+                        incoming = sync.tick(st, now)
+                        if incoming is None:
+                            break
+                        if incoming:                # run them first, as they are (AFL++'s sync does the same)
+                            pending = incoming[::-1]
+                            continue
                     if status is not None and now >= next_status:
                         st.elapsed_s = now - start
                         st.corpus = len(corpus)
@@ -449,7 +485,9 @@ class Fuzzer:
             countdown = 0
             if res.new_blocks and res.outcome == "ok" and data not in corpus:
                 corpus.append(data)
-                if out is not None:
+                if sync is not None:
+                    sync.add(data)
+                elif out is not None:
                     (out / "corpus" / hashlib.sha1(data).hexdigest()).write_bytes(data)
             o = res.outcome
             if o == "ok":
@@ -468,14 +506,17 @@ class Fuzzer:
                     st.first_crash_execs = st.execs
                 if res.signature not in seen:
                     seen.add(res.signature)
-                    st.unique_crashes += 1
-                    if out is not None:
-                        st.crash_files.append(str(save_crash(out / "crashes", data, res)))
+                    if sync is None or sync.claim(res.signature):
+                        st.unique_crashes += 1
+                        if out is not None:
+                            st.crash_files.append(str(save_crash(out / "crashes", data, res)))
                 if keep:
                     self.keep_fork()
                     stop = True
                 elif stop_on_crash:
                     stop = True
+                    if sync is not None:
+                        sync.crashed()
         gc.unfreeze()
         st.elapsed_s = time.monotonic() - start
         st.reset_s = self.reset_s

@@ -1,0 +1,444 @@
+"""`vmfork fuzz --jobs N`: one campaign on N cores, as libFuzzer's -jobs, honggfuzz's -n or AFL++'s -M/-S do it.
+
+The CLI process (the supervisor) forks N workers before anything is booted (no VM, no thread yet), and each runs
+the ordinary one-process campaign (fuzz/cli.py) with a seed of its own (--seed + its index): with --kernel it boots
+its own parent (tens of ms: cheaper than sharing one parent's pages across processes), with --domain it holds its
+own fork of the domain (`NAME-fuzz-N`, one per worker). Forking rather than starting `vmfork fuzz` again hands each
+worker the parsed and checked arguments as they are. Each worker fuzzes for --seconds from its own start (they start
+within tens of milliseconds of each other); the summary's `seconds` runs from the first start to the last end.
+
+What the workers share, and why this way:
+  the board      one anonymous shared page: each worker's live counters go up (the supervisor's status line, the
+                 campaign's --execs), a stop word comes down. Workers read it when they look at the clock (every 32
+                 inputs), so --execs, --stop-on-crash (the first crash in any worker) and the end of a failed campaign
+                 reach every worker within a few dozen inputs.
+  OUT/corpus/    the shared corpus, AFL++ -S style: a worker writes an input that reached blocks new to it there
+                 (atomically: a temporary name, then rename), and every SYNC_S runs, unchanged, the inputs the others
+                 added since it last looked; those that reach blocks new to it join its own corpus too.
+  OUT/.jobs/     the campaign's scratch directory, removed at the end: crash claims (a worker saves a crash only if it
+                 creates its signature's claim file first, O_EXCL, so the same bug found by two workers is one file)
+                 and each worker's final report for the supervisor.
+
+Signals: workers ignore SIGINT (a terminal sends Ctrl-C to the whole process group); the supervisor turns Ctrl-C or
+SIGTERM into one SIGTERM per worker, which a worker turns into KeyboardInterrupt once (its cleanup runs: forks
+destroyed, a held domain fork let go), and waits for them (SIGKILL after GRACE_S). PR_SET_PDEATHSIG: a supervisor
+killed outright takes its workers with it the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import signal
+import struct
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+from ..errors import VmforkError
+from .loop import FuzzError, Stats
+
+__all__ = ["Worker", "cpu_count", "run_jobs"]
+
+SYNC_S = 1.0                # how often a worker looks for the others' new inputs
+STATUS_S = 0.5              # the supervisor's status line
+GRACE_S = 15.0              # how long a stopped worker may take to clean up before SIGKILL
+JOBS_DIR = ".jobs"
+
+# The board: a header word (stop), then one slot of signed 64-bit counters per worker.
+FIELDS = ("state", "start_ns", "execs", "ok", "crashes", "unique_crashes", "hangs", "rejected", "corpus",
+          "blocks_hit", "blocks_total", "imported")
+_SLOT = struct.Struct(f"<{len(FIELDS)}q")
+_HEADER = 64
+STARTING, FUZZING = 0, 1
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (what --jobs is compared with)."""
+    return len(os.sched_getaffinity(0))
+
+
+class Board:
+    """The shared page (MAP_SHARED | MAP_ANONYMOUS, so forks of the supervisor see the same memory)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.mem = mmap.mmap(-1, _HEADER + workers * _SLOT.size)
+
+    def stop(self) -> None:
+        struct.pack_into("<q", self.mem, 0, 1)
+
+    def stopped(self) -> bool:
+        return bool(struct.unpack_from("<q", self.mem, 0)[0])
+
+    def put(self, index: int, values: dict[str, int]) -> None:
+        _SLOT.pack_into(self.mem, _HEADER + index * _SLOT.size, *(int(values.get(f, 0)) for f in FIELDS))
+
+    def get(self, index: int) -> dict[str, int]:
+        return dict(zip(FIELDS, _SLOT.unpack_from(self.mem, _HEADER + index * _SLOT.size), strict=True))
+
+    def total_execs(self) -> int:
+        at = FIELDS.index("execs") * 8
+        return sum(struct.unpack_from("<q", self.mem, _HEADER + i * _SLOT.size + at)[0] for i in range(self.workers))
+
+    def close(self) -> None:
+        self.mem.close()
+
+
+def _name(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()      # OUT/corpus/ names, as in a one-process campaign
+
+
+class Worker:
+    """One worker's side of the campaign: the loop's CampaignSync (loop.py), plus what the worker tells the
+    supervisor at the end (`finish`)."""
+
+    def __init__(self, index: int, jobs: int, board: Board, out: Path, known: set[str], *, seed: int | None,
+                 max_execs: int | None) -> None:
+        self.index = index
+        self.jobs = jobs
+        self.seed = seed
+        self.board = board
+        self.corpus_dir = out / "corpus"
+        self.scratch = out / JOBS_DIR
+        self.max_execs = max_execs
+        self.seen = set(known)              # OUT/corpus/ names this worker knows (it wrote, ran, or found there)
+        self.names: set[str] = set()        # its own corpus, by name
+        self.added: list[str] = []          # inputs it found and shared
+        self.from_others: set[str] = set()  # inputs it ran from the others
+        self.imported_new = 0               # of those, inputs that reached blocks new to it
+        self.start = 0.0
+        self.next_sync = 0.0
+
+    # --- loop.CampaignSync ----------------------------------------------------------------------------------------
+
+    def begin(self, start: float, corpus: Sequence[bytes]) -> None:
+        self.start = start
+        self.next_sync = start + SYNC_S
+        self.names.update(_name(d) for d in corpus)
+        self.board.put(self.index, {"state": FUZZING, "start_ns": int(start * 1e9)})
+
+    def tick(self, st: Stats, now: float) -> list[bytes] | None:
+        self.board.put(self.index, {"state": FUZZING, "start_ns": int(self.start * 1e9), "execs": st.execs,
+                                    "ok": st.ok, "crashes": st.crashes, "unique_crashes": st.unique_crashes,
+                                    "hangs": st.hangs, "rejected": st.rejected, "corpus": st.corpus,
+                                    "blocks_hit": st.blocks_hit, "blocks_total": st.blocks_total,
+                                    "imported": len(self.from_others)})
+        if self.board.stopped():
+            return None
+        if self.max_execs is not None and self.board.total_execs() >= self.max_execs:
+            return None
+        if now < self.next_sync:
+            return []
+        self.next_sync = now + SYNC_S
+        incoming: list[bytes] = []
+        for name in sorted(os.listdir(self.corpus_dir)):
+            if name in self.seen or name.startswith("."):       # ".": another worker's file being written
+                continue
+            self.seen.add(name)
+            try:
+                data = (self.corpus_dir / name).read_bytes()
+            except OSError:
+                continue                    # removed meanwhile (by the user): nothing to run
+            self.from_others.add(name)
+            incoming.append(data)
+        return incoming
+
+    def add(self, data: bytes) -> None:
+        name = _name(data)
+        self.names.add(name)
+        if name in self.from_others:
+            self.imported_new += 1
+            return
+        if name in self.seen:
+            return                          # already in OUT/corpus/ (an earlier campaign)
+        self.seen.add(name)
+        self.added.append(name)
+        tmp = self.corpus_dir / f".{name}.{os.getpid()}"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.corpus_dir / name)     # the others never read half an input
+
+    def claim(self, signature: tuple[str, str, int | None]) -> bool:
+        path = self.scratch / f"crash-{hashlib.sha1(repr(signature).encode()).hexdigest()}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        return True
+
+    def crashed(self) -> None:
+        self.board.stop()
+
+    # --- the report -----------------------------------------------------------------------------------------------
+
+    def finish(self, st: Stats, hit: Sequence[int]) -> None:
+        """The worker's final numbers, for the supervisor (atomically: it reads the file once the worker is gone)."""
+        report = {"execs": st.execs, "ok": st.ok, "crashes": st.crashes, "unique_crashes": st.unique_crashes,
+                  "hangs": st.hangs, "rejected": st.rejected, "corpus": st.corpus, "seconds": st.elapsed_s,
+                  "start": self.start, "reset_s": st.reset_s, "first_crash_s": st.first_crash_s,
+                  "crash_files": st.crash_files, "blocks_total": st.blocks_total, "blocks": sorted(hit),
+                  "names": sorted(self.names), "added": len(self.added), "imported": len(self.from_others),
+                  "imported_new": self.imported_new, "seed": self.seed}
+        _write_report(self.scratch, self.index, report)
+
+    def fail(self, line: str) -> None:
+        _write_report(self.scratch, self.index, {"error": line})
+
+
+def _write_report(scratch: Path, index: int, report: dict[str, Any]) -> None:
+    tmp = scratch / f".worker-{index}"
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, scratch / f"worker-{index}.json")
+
+
+# --- the supervisor -----------------------------------------------------------------------------------------------
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_once(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)       # the cleanup that follows is not to be interrupted again
+    raise KeyboardInterrupt
+
+
+def _set_pdeathsig(sig: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, ctypes.c_ulong(sig), 0, 0, 0) != 0:      # PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def _worker_main(index: int, make: Callable[[int], Worker], campaign: Callable[[Worker], int],
+                 supervisor: int, mask: set[int | signal.Signals], scratch: Path) -> NoReturn:
+    """A forked worker: run the campaign, report, and leave with os._exit (never back into the supervisor's
+    callers)."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _interrupt_once)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _set_pdeathsig(signal.SIGTERM)
+        if os.getppid() != supervisor:          # it died before prctl took effect
+            raise KeyboardInterrupt
+        worker = make(index)
+        code = campaign(worker)
+        if code != 0:
+            worker.fail(f"vmfork fuzz: worker {index} ended with exit status {code}")
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as e:      # whatever it is, the supervisor gets its one line
+        code = 1
+        if isinstance(e, VmforkError):
+            line = f"vmfork: error: {e}"
+        elif isinstance(e, FileNotFoundError):
+            line = f"vmfork: error: {e.filename or e}: no such file"
+        else:
+            traceback.print_exc()
+            line = f"vmfork: error: {type(e).__name__}: {e}"
+        with contextlib.suppress(BaseException):
+            _write_report(scratch, index, {"error": line})
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def run_jobs(args: argparse.Namespace, campaign: Callable[[Worker], int]) -> int:
+    """Run `campaign` (one process's campaign, given its Worker) in args.jobs forked workers, show their combined
+    progress, and print the campaign's summary (the one-process summary's keys, plus `jobs` and `workers`)."""
+    jobs = int(args.jobs)
+    out = Path(args.out)
+    created = not out.exists()
+    scratch = out / JOBS_DIR
+    shutil.rmtree(scratch, ignore_errors=True)      # what a campaign killed outright left
+    try:
+        scratch.mkdir(parents=True)
+    except OSError as e:
+        raise FuzzError(f"--out {out}: {e.strerror or e}") from None
+    corpus = out / "corpus"         # the workers' loops make OUT/crashes, corpus and hangs, as in one process
+    known = {p.name for p in corpus.iterdir()} if corpus.is_dir() else set()  # earlier campaigns' inputs
+    board = Board(jobs)
+
+    def make(index: int) -> Worker:
+        return Worker(index, jobs, board, out, known, seed=None if args.seed is None else args.seed + index,
+                      max_execs=args.execs)
+
+    pids: dict[int, int] = {}
+    codes: dict[int, int] = {}
+    shown = False
+    done = False
+    supervisor = os.getpid()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for index in range(jobs):
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    _worker_main(index, make, campaign, supervisor, mask, scratch)
+                pids[index] = pid
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        shown = _supervise(pids, codes, board, None if args.quiet else sys.stderr)
+        done = all(code == 0 for code in codes.values())
+    finally:
+        try:
+            _end(pids, codes)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            reports = _reports(scratch, jobs)
+            shutil.rmtree(scratch, ignore_errors=True)
+            board.close()
+            if created and not done:        # a campaign that failed before it found anything leaves no OUT
+                subdirs = [out / "crashes", out / "corpus", out / "hangs"]
+                with contextlib.suppress(OSError):
+                    if not any(any(d.iterdir()) for d in subdirs if d.is_dir()):
+                        for d in [*subdirs, out]:
+                            with contextlib.suppress(FileNotFoundError):
+                                d.rmdir()
+    failed = [i for i in sorted(codes) if codes[i] != 0]
+    if failed:
+        # The workers' own error lines, each once (all of them fail alike on a missing --corpus, say); the others
+        # were stopped because of them.
+        errors: dict[str, list[int]] = {}
+        for i in failed:
+            error = reports.get(i, {}).get("error")
+            if error:
+                errors.setdefault(str(error), []).append(i)
+        if not errors:
+            errors[f"vmfork fuzz: worker {failed[0]} ended with exit status {codes[failed[0]]}"] = [failed[0]]
+        if shown:
+            print(file=sys.stderr)
+        for line, which in errors.items():
+            print(f"{line} (worker{'s' if len(which) > 1 else ''} {', '.join(map(str, which))} of {jobs})",
+                  file=sys.stderr)
+        first = min(i for which in errors.values() for i in which)
+        return codes[first] if codes[first] > 0 else 1
+    total = summary([reports[i] for i in range(jobs)])
+    if shown:                   # the status line's last word: the workers' final numbers
+        st = Stats(execs=total["execs"], crashes=total["crashes"], unique_crashes=total["unique_crashes"],
+                   hangs=total["hangs"], corpus=total["corpus"], blocks_hit=total["blocks_hit"],
+                   blocks_total=total["blocks_total"], elapsed_s=total["seconds"])
+        print(f"\r{st.line()}  {jobs} jobs", file=sys.stderr, flush=True)
+    print(json.dumps(total, indent=2))
+    return 0
+
+
+def _supervise(pids: dict[int, int], codes: dict[int, int], board: Board, status: Any) -> bool:
+    """Until every worker has ended: reap them and show the combined progress (True if it did); return early when
+    one fails (then _end stops the others)."""
+    next_status = time.monotonic() + STATUS_S
+    line = ""
+    while len(codes) < len(pids):
+        for index, pid in pids.items():
+            if index in codes:
+                continue
+            got, wstatus = os.waitpid(pid, os.WNOHANG)
+            if got:
+                codes[index] = os.waitstatus_to_exitcode(wstatus)
+                if codes[index] != 0:
+                    return bool(line)
+        now = time.monotonic()
+        if status is not None and now >= next_status:
+            line = live_line(board, now)
+            if line:
+                status.write("\r" + line)
+                status.flush()
+            next_status = now + STATUS_S
+        time.sleep(0.05)
+    return bool(line)
+
+
+def _end(pids: dict[int, int], codes: dict[int, int]) -> None:
+    """Stop the workers still running (SIGTERM: their cleanup runs) and wait for them; SIGKILL after GRACE_S."""
+    alive = {i: pid for i, pid in pids.items() if i not in codes}
+    for pid in alive.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    killed = False
+    while alive:
+        for index, pid in list(alive.items()):
+            try:
+                got, wstatus = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                got, wstatus = pid, 0
+            if got:
+                codes.setdefault(index, os.waitstatus_to_exitcode(wstatus))
+                del alive[index]
+        if alive and not killed and time.monotonic() > deadline:
+            for pid in alive.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed = True
+        if alive:
+            try:
+                time.sleep(0.02)
+            except KeyboardInterrupt:
+                continue                # a second Ctrl-C: still wait for them (they are already stopping)
+
+
+def _reports(scratch: Path, jobs: int) -> dict[int, dict[str, Any]]:
+    reports: dict[int, dict[str, Any]] = {}
+    for i in range(jobs):
+        with contextlib.suppress(OSError, ValueError):
+            reports[i] = json.loads((scratch / f"worker-{i}.json").read_text())
+    return reports
+
+
+def live_line(board: Board, now: float) -> str:
+    """The one-process status line, over all workers: counters summed; corpus and coverage the largest worker's
+    (their union is in the summary)."""
+    slots = [board.get(i) for i in range(board.workers)]
+    started = [s for s in slots if s["state"] == FUZZING]
+    if not started:
+        return ""
+    st = Stats(execs=sum(s["execs"] for s in slots), ok=sum(s["ok"] for s in slots),
+               crashes=sum(s["crashes"] for s in slots), hangs=sum(s["hangs"] for s in slots),
+               unique_crashes=sum(s["unique_crashes"] for s in slots), corpus=max(s["corpus"] for s in slots),
+               blocks_hit=max(s["blocks_hit"] for s in slots), blocks_total=max(s["blocks_total"] for s in slots),
+               elapsed_s=max(0.0, now - min(s["start_ns"] for s in started) / 1e9))
+    return f"{st.line()}  {len(started)}/{board.workers} jobs"
+
+
+def summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one-process summary's keys for the whole campaign, then `jobs` and each worker's own numbers. `seconds`
+    runs from the first worker's start to the last one's end; crashes, hangs and inputs are summed; unique crashes
+    and crash files are the workers' saved ones (each signature saved once); corpus and blocks are the union."""
+    start = min(r["start"] for r in reports)
+    end = max(r["start"] + r["seconds"] for r in reports)
+    seconds = max(end - start, 1e-9)
+    execs = sum(r["execs"] for r in reports)
+    busy = sum(r["seconds"] for r in reports)
+    firsts = [r["start"] + r["first_crash_s"] - start for r in reports if r["first_crash_s"] is not None]
+    blocks: set[int] = set()
+    names: set[str] = set()
+    for r in reports:
+        blocks.update(r["blocks"])
+        names.update(r["names"])
+    return {"execs": execs, "execs_per_s": round(execs / seconds, 1), "ok": sum(r["ok"] for r in reports),
+            "crashes": sum(r["crashes"] for r in reports),
+            "unique_crashes": sum(r["unique_crashes"] for r in reports), "hangs": sum(r["hangs"] for r in reports),
+            "rejected": sum(r["rejected"] for r in reports), "corpus": len(names), "blocks_hit": len(blocks),
+            "blocks_total": reports[0]["blocks_total"], "seconds": round(seconds, 3),
+            "reset_share": round(sum(r["reset_s"] for r in reports) / busy, 3) if busy > 0 else 0.0,
+            "first_crash_s": round(min(firsts), 3) if firsts else None,
+            "crash_files": [f for r in reports for f in r["crash_files"]], "jobs": len(reports),
+            "workers": [{"worker": i, "seed": r["seed"], "execs": r["execs"],
+                         "execs_per_s": round(r["execs"] / r["seconds"], 1) if r["seconds"] > 0 else 0.0,
+                         "crashes": r["crashes"], "unique_crashes": r["unique_crashes"], "corpus": r["corpus"],
+                         "added": r["added"], "imported": r["imported"], "imported_new": r["imported_new"]}
+                        for i, r in enumerate(reports)]}
