@@ -1,23 +1,14 @@
-"""`python -m vmfork.fuzz ARGS` = `vmfork fuzz ARGS` (for running under afl-fuzz before the CLI hook is in)."""
+"""`python -m vmfork.fuzz ARGS` = `vmfork fuzz ARGS` (for running under afl-fuzz before the CLI hook is in): the same
+command through the same entry point, so errors, Ctrl-C and a closed pipe end it the same way."""
 
 from __future__ import annotations
 
-import argparse
 import sys
-
-from ..errors import VmforkError
-from .cli import register_fuzz_commands
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vmfork")
-    register_fuzz_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["fuzz", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except VmforkError as e:
-        print(f"vmfork: error: {e}", file=sys.stderr)
-        return 1
+    from ..cli import main as vmfork_main  # an entry point, like the `vmfork` script: the CLI is above fuzz/
+    return vmfork_main(["fuzz", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
