@@ -138,8 +138,11 @@ def main() -> int:
         h.destroy()
     row("fork, process-isolated (pre-started worker)", samples, f"{m} samples")
 
-    # Reset after the fork wrote N pages.
+    # Reset after the fork wrote N pages. The pools refill in the background after the forks above (new VM shells
+    # here, new worker processes); let that finish first, as it has in a fuzzer's steady state, so the timings
+    # below do not share the two cores with it.
     child = parent.fork()
+    time.sleep(3.0)
     reset_meds: dict[int, float] = {}
     for npages in (16, 256, 4096, 65536):
         count = n if npages <= 4096 else max(20, n // 10)
