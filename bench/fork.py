@@ -14,6 +14,7 @@ import platform
 import statistics
 import struct
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,6 +123,21 @@ def main() -> int:
         pool._ready.clear()
     cold_med, _ = row("fork, in-process, no pool", samples, f"{min(n, 50)} samples")
 
+    # Restore of the same paused parent from a save file (vmfork.snapshot; the file is in the page cache), into a
+    # new paused machine: the other way to get a copy of it.
+    from vmfork.snapshot import restore, save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "parent.vmfork"
+        save(parent, path)
+        samples = []
+        for _ in range(10):
+            t = time.perf_counter()
+            copy = restore(path)
+            samples.append(time.perf_counter() - t)
+            copy.destroy()
+    restore_med, _ = row("restore from a save file (new VM, paused)", samples, "10 samples")
+
     # Process-isolated forks: each fork is a pre-started worker process (the pool is filled first).
     from vmfork.procfork import fork_process, worker_pool
 
@@ -219,6 +235,8 @@ def main() -> int:
     print()
     print(f"  fork vs boot: a fork is {ratio_boot:,.0f}x faster than booting the same guest to the same point")
     print(f"  fork without the pool: {cold_med / fork_med:.1f}x the pooled fork")
+    print(f"  fork vs restore from a file: a fork is {restore_med / fork_med:,.0f}x faster than restoring the same "
+          f"paused guest")
     growth = " → ".join(f"{k}: {fmt(v)}" for k, v in reset_meds.items())
     print(f"  reset cost by dirty pages: {growth}")
     print(f"  hot pages: reset {hot_off / hot_on:.2f}x, input run {run_off / run_on:.2f}x, "
