@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,6 +157,85 @@ def test_a_killed_fuzzer_leaves_nothing_after_a_sweep(ts: CliHarness, seeds: Pat
     proc.communicate(timeout=20)
     assert proc.returncode == 130
     assert ts.registry.all() == []
+
+
+def _fuzz_listed(ts: CliHarness) -> dict[str, Any] | None:
+    """The fuzz entry's live numbers as `vmfork list --json` shows them (None: none yet)."""
+    [entry] = [e for e in ts.list_json() if e["kind"] == "fuzz"]
+    stats: dict[str, Any] | None = entry["fuzz"]
+    return stats
+
+
+def test_list_shows_a_fuzzers_live_numbers_until_it_ends(ts: CliHarness, seeds: Path, fuzzers: Fuzzers) -> None:
+    target = _target(ts)
+    args = ("--domain", "target", "--corpus", str(seeds), "--out", str(ts.base / "out"), "--seconds", "60",
+            "--cover", "auto", "--quiet")
+    proc = fuzzers.start(*args)
+    held = _wait_holding(ts, proc)
+    stats_file = ts.run_dir / f"{held.domid}.stats"
+    assert held.parent == target and ts.listed("target")["fuzz"] is None     # only fuzz entries have numbers
+    first: dict[str, Any] = {}
+
+    def counting() -> bool:
+        first.update(_fuzz_listed(ts) or {})
+        return bool(first.get("execs"))
+    ts.wait("the fuzzer's numbers in vmfork list", counting, timeout=30)
+    assert stats_file.exists()
+    # (the seed is one byte from the planted bug: it crashes often, always the same way)
+    assert first["execs_per_s"] > 0 and first["corpus"] >= 1 and first["crashes"] >= first["unique_crashes"] >= 0
+    assert first["blocks_total"] > 0 and 0 < first["blocks_hit"] <= first["blocks_total"]
+    assert 0 <= first["age_s"] < 5
+
+    def grown() -> bool:
+        now = _fuzz_listed(ts)
+        return now is not None and now["execs"] > first["execs"]
+    ts.wait("the fuzzer's execs to grow", grown, timeout=10)
+
+    table = ts.ok("list").splitlines()
+    row = next(i for i, ln in enumerate(table) if ln.startswith("target-fuzz-1 "))
+    line = table[row + 1]
+    assert re.fullmatch(r" +fuzz: execs [1-9]\d*  [\d.]+/s  crashes \d+ \(\d+ unique\)  corpus [1-9]\d*  "
+                        r"cov [1-9]\d*/[1-9]\d*  age [\d.]+s", line), table
+    assert not any("fuzz:" in ln for ln in table[:row] + table[row + 2:]), table    # the target has no numbers
+
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert _fuzz_entries(ts) == [] and not stats_file.exists()
+    assert "fuzz:" not in ts.ok("list")
+
+    # Killed outright, a fuzzer leaves its file behind; the sweep of the next `vmfork list` removes it with the entry.
+    proc = fuzzers.start(*args)
+    held = _wait_holding(ts, proc)
+    stats_file = ts.run_dir / f"{held.domid}.stats"
+    ts.wait("the second fuzzer's numbers", lambda: stats_file.exists(), timeout=30)
+    proc.kill()
+    proc.communicate(timeout=10)
+    assert stats_file.exists()
+    assert [(e["name"], e["fuzz"]) for e in ts.list_json()] == [("target", None)]
+    assert "fuzz:" not in ts.ok("list")
+    assert not list(ts.run_dir.glob("*stats*"))
+
+
+def test_list_shows_each_jobs_workers_own_numbers(ts: CliHarness, seeds: Path, fuzzers: Fuzzers) -> None:
+    """--jobs 2 on a domain: two held forks, each with the numbers of the worker holding it."""
+    _target(ts)
+    proc = fuzzers.start("--domain", "target", "--corpus", str(seeds), "--out", str(ts.base / "out"), "--seconds",
+                         "60", "--jobs", "2", "--quiet")
+    listed: dict[str, Any] = {}
+
+    def both_counting() -> bool:
+        assert proc.poll() is None, proc.communicate()
+        listed.clear()
+        listed.update({e["name"]: e for e in ts.list_json() if e["kind"] == "fuzz"})
+        return len(listed) == 2 and all(e["fuzz"] is not None and e["fuzz"]["execs"] > 0 for e in listed.values())
+    ts.wait("both workers' numbers in vmfork list", both_counting, timeout=30)
+    assert sorted(listed) == ["target-fuzz-1", "target-fuzz-2"]
+    files = {e["domid"]: json.loads((ts.run_dir / f"{e['domid']}.stats").read_text()) for e in listed.values()}
+    assert sorted(f["pid"] for f in files.values()) == sorted(e["pid"] for e in listed.values())  # its own worker's
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert _fuzz_entries(ts) == [] and not list(ts.run_dir.glob("*stats*"))
 
 
 def test_errors_are_one_line(ts: CliHarness, seeds: Path) -> None:

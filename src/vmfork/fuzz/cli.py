@@ -245,13 +245,14 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
                       + (f", {harness.kind} harness" if harness.kind != "port" else "")
                       + (f", {worker.jobs} jobs" if worker is not None else ""), file=sys.stderr, flush=True)
             if worker is not None:          # the campaign's --execs and status line are the CLI process's
+                # (a worker's own numbers go only to its held fork's stats file, if it holds one: target.status)
                 st = fz.fuzz(seeds, seconds=args.seconds, rng_seed=worker.seed, stop_on_crash=args.stop_on_crash,
-                             out_dir=args.out, max_len=args.max_len, sync=worker)
+                             out_dir=args.out, max_len=args.max_len, sync=worker, progress=target.progress())
                 worker.finish(st, sorted(fz.coverage.hit) if fz.coverage is not None else [])
                 return 0
             st = fz.fuzz(seeds, seconds=args.seconds, rng_seed=args.seed, max_execs=args.execs,
                          stop_on_crash=args.stop_on_crash, out_dir=args.out,
-                         status=None if args.quiet else sys.stderr, max_len=args.max_len,
+                         status=None if args.quiet else sys.stderr, progress=target.progress(), max_len=args.max_len,
                          keep=args.keep or gdb_listen is not None)
             print(json.dumps({"execs": st.execs, "execs_per_s": round(st.execs_per_s, 1), "ok": st.ok,
                               "crashes": st.crashes, "unique_crashes": st.unique_crashes, "hangs": st.hangs,

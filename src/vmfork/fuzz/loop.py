@@ -420,11 +420,14 @@ class Fuzzer:
     def fuzz(self, seeds: Sequence[bytes] = (), *, seconds: float = 10.0, rng_seed: int | None = None,
              max_execs: int | None = None, stop_on_crash: bool = False, out_dir: str | os.PathLike[str] | None = None,
              status: TextIO | None = None, status_interval: float = 0.5, max_len: int = 4096,
-             dictionary: Sequence[bytes] = (), keep: bool = False, sync: CampaignSync | None = None) -> Stats:
+             dictionary: Sequence[bytes] = (), keep: bool = False, sync: CampaignSync | None = None,
+             progress: Callable[[Stats], None] | None = None) -> Stats:
         """Mutate the corpus for `seconds` (or `max_execs`). Inputs that reach new blocks join the corpus; each
         distinct crash is saved in OUT/crashes/ with a JSON sidecar; a live status line goes to `status`. `sync`:
         this is one process of a campaign on several cores (fuzz/jobs.py), which may stop it early, hand it inputs
-        the others found, share its corpus and decide which process saves a crash."""
+        the others found, share its corpus and decide which process saves a crash. `progress` is called with the
+        numbers whenever the status line is due (every `status_interval`, never per input), with or without
+        `status`."""
         rng = random.Random(rng_seed)
         mutator = Mutator(rng, max_len=min(max_len, self.capacity), dictionary=dictionary)
         corpus: list[bytes] = [bytes(x) for x in seeds] or [b"\0" * 8]
@@ -468,13 +471,16 @@ class Fuzzer:
                         if incoming:                # run them first, as they are (AFL++'s sync does the same)
                             pending = incoming[::-1]
                             continue
-                    if status is not None and now >= next_status:
+                    if (status is not None or progress is not None) and now >= next_status:
                         st.elapsed_s = now - start
                         st.corpus = len(corpus)
                         if self.coverage is not None:
                             st.blocks_hit = len(self.coverage.hit)
-                        status.write("\r" + st.line())
-                        status.flush()
+                        if status is not None:
+                            status.write("\r" + st.line())
+                            status.flush()
+                        if progress is not None:
+                            progress(st)
                         next_status = now + status_interval
                 data = mutate(corpus[rng.randrange(len(corpus))], corpus)
             res = execute(data)

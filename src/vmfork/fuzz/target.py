@@ -14,18 +14,27 @@ CLI may. The fuzzing engine (loop, coverage, mutate, afl) knows nothing of domai
 A fuzzer holding a domain lets it go when it ends: normally, on Ctrl-C, or on SIGTERM (turned into the same
 KeyboardInterrupt, so the cleanup runs). If it is killed outright, the kernel closes its link to the parent (which
 frees the parent at once) and the next sweep (`vmfork list`, `create`, `fork-vm`, another `fuzz`) removes its entry.
+
+While it fuzzes, a fuzzer holding a domain publishes its live numbers (execs, recent execs/s, crashes, corpus,
+coverage) about once a second in the runtime directory's `<domid>.stats` for `vmfork list` (LiveStats); the file goes
+with its registry entry.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .loop import FuzzError
+from .loop import FuzzError, Stats
 
 if TYPE_CHECKING:
     from ..fork import VM
@@ -38,6 +47,7 @@ __all__ = ["Target", "open_target"]
 HARNESS_READY = "harness-start"         # the pause reason of a domain stopped by its guest's ready marker
 CONSOLE_TAIL = 4 << 20                  # bytes of each console log searched for what the target printed
 START_TIMEOUT = 30.0                    # default seconds to the start marker (--boot-timeout)
+STATS_EVERY = 1.0                       # seconds between writes of a held fork's stats file
 
 
 @dataclass(eq=False)
@@ -49,9 +59,46 @@ class Target:
     console: Callable[[], bytes]
     release: Callable[[], None]
     what: str                           # for messages: "build/guests/testguest-pvh.elf" or "target (domain 1)"
+    stats: tuple[Path, Path] | None = None      # a held fork's stats file and its temporary name (LiveStats)
+
+    def progress(self) -> Callable[[Stats], None] | None:
+        """What Fuzzer.fuzz is to call with its numbers when its status line is due: for a held fork, the writer
+        of its stats file."""
+        return None if self.stats is None else LiveStats(*self.stats)
 
     def close(self) -> None:
         self.release()
+
+
+class LiveStats:
+    """Fuzzer.fuzz's `progress` callback for a held fork (called at its status interval, never per input): about
+    once a second the numbers go to the fork's stats file for `vmfork list`, atomically (the temporary file, then a
+    rename). The registry removes the file with the fork's entry (toolstack/registry.py), so a killed fuzzer's
+    numbers go at the next sweep."""
+
+    def __init__(self, path: Path, temporary: Path) -> None:
+        self.path = path
+        self.temporary = temporary
+        self.last: tuple[float, int] | None = None      # (time.monotonic(), execs) when the file was last written
+
+    def __call__(self, st: Stats) -> None:
+        now = time.monotonic()
+        if self.last is not None and now - self.last[0] < STATS_EVERY:
+            return
+        # Recent: since the last write (about a second); the first one has only the whole run's average.
+        rate = st.execs_per_s if self.last is None else (st.execs - self.last[1]) / (now - self.last[0])
+        self.last = (now, st.execs)
+        cov = st.blocks_total > 0
+        numbers = {"pid": os.getpid(), "updated": time.time(), "seconds": round(st.elapsed_s, 1),
+                   "execs": st.execs, "execs_per_s": round(rate, 1), "crashes": st.crashes,
+                   "unique_crashes": st.unique_crashes, "hangs": st.hangs, "corpus": st.corpus,
+                   "blocks_hit": st.blocks_hit if cov else None, "blocks_total": st.blocks_total if cov else None}
+        # Best effort: numbers for `vmfork list` must never stop the fuzzer.
+        with contextlib.suppress(OSError):
+            fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(numbers))
+            os.replace(self.temporary, self.path)
 
 
 def open_target(args: argparse.Namespace) -> Target:
@@ -180,4 +227,5 @@ def domain_target(domain: str, *, input_given: bool, harness: Harness | None = N
         except BaseException:
             release()
             raise
-    return Target(held.vm, console, release, held.parent.label())
+    stats = (registry.fuzz_stats(held.record.domid), registry.fuzz_stats(held.record.domid, temporary=True))
+    return Target(held.vm, console, release, held.parent.label(), stats)

@@ -114,6 +114,38 @@ def _entry(rec: DomainRecord, now: float) -> dict[str, Any]:
     }
 
 
+FUZZ_NUMBERS = ("execs", "execs_per_s", "crashes", "unique_crashes", "hangs", "corpus", "blocks_hit", "blocks_total")
+
+
+def _fuzz_stats(reg: Registry, rec: DomainRecord, now: float) -> dict[str, Any] | None:
+    """A held fork's live fuzzing numbers from the file its fuzzer writes about once a second (fuzz/target.py),
+    with their age in seconds; None if there are none (not started yet, or unreadable)."""
+    if not rec.held or not rec.alive:
+        return None
+    try:
+        data = json.loads(reg.fuzz_stats(rec.domid).read_text())
+        out: dict[str, Any] = {k: data[k] for k in FUZZ_NUMBERS}
+        if not all(v is None or isinstance(v, int | float) for v in out.values()):
+            return None
+        out["age_s"] = round(max(0.0, now - float(data["updated"])), 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return out
+
+
+def _fuzz_line(stats: dict[str, Any] | None) -> str:
+    """The numbers under a held fork's row of `vmfork list` ("-" for those it does not have)."""
+    s = stats or {}
+
+    def num(key: str) -> str:
+        return "-" if s.get(key) is None else f"{s[key]:g}" if isinstance(s[key], float) else str(s[key])
+    rate = "-" if s.get("execs_per_s") is None else f"{s['execs_per_s']:.0f}/s"
+    cov = "-" if s.get("blocks_total") is None else f"{num('blocks_hit')}/{num('blocks_total')}"
+    age = "-" if s.get("age_s") is None else f"{num('age_s')}s"
+    return (f"    fuzz: execs {num('execs')}  {rate}  crashes {num('crashes')} ({num('unique_crashes')} unique)  "
+            f"corpus {num('corpus')}  cov {cov}  age {age}")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     reg = _registry()
     sweep(reg)
@@ -123,6 +155,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         wanted = [reg.find(d).domid for d in args.domains]
         records = [r for r in records if r.domid in wanted]
     entries = [_entry(r, now) for r in records]
+    for e, r in zip(entries, records, strict=True):
+        e["fuzz"] = _fuzz_stats(reg, r, now)
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
@@ -136,6 +170,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         pages = "-" if e["pages_owned"] is None else str(e["pages_owned"])
         print(f"{e['name']:<24} {e['domid']:>5} {e['memory']:>6} {e['vcpus']:>5} {e['state']:<9} {parent:>6} "
               f"{e['uptime']:>8.1f} {pages:>7}  {e['reason']}")
+        if e["kind"] == "fuzz":
+            print(_fuzz_line(e["fuzz"]))
     return 0
 
 

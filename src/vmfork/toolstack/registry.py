@@ -11,11 +11,13 @@ and two domains never get the same name. A row whose process is gone (killed, cr
 Held forks (kind "fuzz"): a process that is not a domain process can hold a fork of a paused domain in-process
 (`vmfork fuzz --domain`, toolstack/attach.py). It has a row like a fork domain's (its parent, its pid), so the
 parent's rules see it as a live fork, but no control or console socket and no log. Its row goes when it ends, or, if
-it was killed, at the next sweep: there is nothing left to inspect.
+it was killed, at the next sweep: there is nothing left to inspect. A fuzzer's live numbers for `vmfork list` are in
+`<domid>.stats` beside the registry (fuzz/target.py writes it); removing the row removes that file too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -23,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .runtime import RunDir, ToolstackError, pid_alive
@@ -295,3 +298,12 @@ class Registry:
                 self.db.execute("DELETE FROM domains WHERE domid = ?", (domid,))
         except sqlite3.Error as e:
             raise ToolstackError(f"registry: {e}") from None
+        # Whoever removes the row (the fuzzer on its way out, or the sweep after a killed one) removes its stats.
+        for path in (self.fuzz_stats(domid), self.fuzz_stats(domid, temporary=True)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def fuzz_stats(self, domid: int, *, temporary: bool = False) -> Path:
+        """Where the fuzzer holding fork `domid` publishes its live numbers (JSON; written to the temporary name,
+        then renamed over it)."""
+        return self.run_dir.path / (f".{domid}.stats.tmp" if temporary else f"{domid}.stats")
