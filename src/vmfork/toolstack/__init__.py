@@ -7,7 +7,8 @@ No daemon: the registry is an SQLite database every process opens.
 Runtime directory (runtime.py): root uses /run/vmfork/, other users $XDG_RUNTIME_DIR/vmfork (else
 /tmp/vmfork-<uid>); VMFORK_RUN_DIR overrides. Mode 0700, refused if it belongs to someone else or others may write
 to it. Per domain: `<domid>.qmp` (control socket, 0600), `<domid>.console` (console socket, 0600), `<domid>.log`
-(console log, 0600; it stays after the domain ends, like xl's logs), and `registry.db` (WAL).
+(console log, 0600; it stays after the domain ends, like xl's logs), `<domid>.stats` (a fuzzer's live numbers for a
+fork it holds, gone with it), and `registry.db` (WAL).
 
 Permissions: besides the file modes, a domain checks each socket peer's credentials (SO_PEERCRED) and serves only
 its own uid and root (root can ptrace the process anyway); any other peer gets one QMP error and is disconnected.

@@ -10,6 +10,7 @@ directory others can write to would let them plant sockets). Per domain, named b
     <domid>.qmp       the control socket (QMP), mode 0600
     <domid>.console   the console socket (output stream, input), mode 0600
     <domid>.log       the console log (everything the guest wrote to its console), mode 0600
+    <domid>.stats     a fuzzer's live numbers, for a fork it holds (`vmfork fuzz --domain`), mode 0600
     registry.db       the registry of domains (SQLite, WAL)
 
 Also here: process liveness checks that survive pid reuse (a pid plus its start time).
