@@ -197,6 +197,8 @@ def test_list_shows_a_fuzzers_live_numbers_until_it_ends(ts: CliHarness, seeds: 
     assert re.fullmatch(r" +fuzz: execs [1-9]\d*  [\d.]+/s  crashes \d+ \(\d+ unique\)  corpus [1-9]\d*  "
                         r"cov [1-9]\d*/[1-9]\d*  age [\d.]+s", line), table
     assert not any("fuzz:" in ln for ln in table[:row] + table[row + 2:]), table    # the target has no numbers
+    tree = ts.ok("list", "--tree")
+    assert re.search(r"target-fuzz-1 \(\d+\) .*\[fuzz: execs [1-9]\d*  [\d.]+/s  crashes \d+", tree), tree
 
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=20)

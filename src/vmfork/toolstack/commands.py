@@ -190,6 +190,8 @@ def _print_tree(entries: list[dict[str, Any]]) -> None:
             text += f" [{e['pages_owned']} pages owned]"
         if e["parent"] is not None and e["parent"] not in by_id:
             text += f" (parent {e['parent']} is gone)"
+        if e["kind"] == "fuzz":
+            text += " [" + _fuzz_line(e["fuzz"]).strip() + "]"
         return text
 
     def walk(e: dict[str, Any], prefix: str, last: bool, root: bool) -> None:
