@@ -27,7 +27,6 @@ from .vcpu import ResetPlan, VcpuState
 from .vm import Machine, MachineShape, MachineState, Shell, StopEvent, open_kvm
 
 if TYPE_CHECKING:
-    from .devices import DeviceState, PortDevice
     from .procfork import ProcessFork
 
 LaunchDm = Literal["yes", "no", "late"]
@@ -205,8 +204,7 @@ class VM(Machine):
         self.launch_dm: LaunchDm = "yes"
         self._fork_cache: tuple[int, MachineState] | None = None
         self._generation = 0
-        # for fork_state, built at first reset
-        self._reset_plan: tuple[MachineState, ResetPlan, dict[PortDevice, DeviceState]] | None = None
+        self._reset_plan: tuple[MachineState, ResetPlan] | None = None     # for fork_state, built at first reset
         self._fork_count = 0
         self.dm_accesses: dict[int, int] = {}         # port accesses answered as absent hardware before a DM
         self.pause_on_device_access = False             # stop at the first access to each port no device answers
@@ -357,32 +355,23 @@ class VM(Machine):
             st = self.fork_state
             prepared = self._reset_plan
             if prepared is None or prepared[0] is not st:
-                prepared = self._reset_plan = self._prepare_reset(st)
+                prepared = self._reset_plan = (st, ResetPlan(self.vcpus, st.vcpus, self.vm.fd,
+                                                             st.platform.restore_plan()))
             prepared[1].restore()
-            # Devices are restored only when a port access (or console input) may have changed them since the
-            # last restore. Their fork-time states were checked when the fork was made: no check here.
+            # The fork-time device states were checked when the fork was made: restore them directly, and only
+            # when a port access (or console input) may have changed a device since the last restore.
             touched = self.bus.touched
-            if touched:
-                saved = prepared[2]
+            if touched and st.devices is not None:
+                states = st.devices.states
                 for d in touched:
-                    state_of = saved.get(d)
-                    if state_of is None and st.devices is not None:    # a device added to the bus since
-                        state_of = st.devices.states.get(d.name)
-                    if state_of is not None:
-                        d.restore(state_of)
+                    saved = states.get(d.name)
+                    if saved is not None:      # devices outside the device model (e.g. the debug port) have none
+                        d.restore(saved)
                 touched.clear()
             self._generation += 1
             if self.state == "crashed":
                 self.state = "paused"
         return pages
-
-    def _prepare_reset(self, st: MachineState) -> tuple[MachineState, ResetPlan, dict[PortDevice, DeviceState]]:
-        """What every reset to `st` restores, prepared once: the vCPU and platform ioctls, and each device's saved
-        state by device (devices outside the device model, e.g. the debug port, have none)."""
-        plan = ResetPlan(self.vcpus, st.vcpus, self.vm.fd, st.platform.restore_plan())
-        states = st.devices.states if st.devices is not None else {}
-        saved = {d: states[d.name] for d in self.bus.devices if d.name in states}
-        return st, plan, saved
 
     # --- device model -------------------------------------------------------------------------------------------
 

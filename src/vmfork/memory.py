@@ -503,9 +503,9 @@ class GuestMemory:
 
     def _harvest_rings(self) -> tuple[list[int], list[npt.NDArray[np.int64]]]:
         """Read every vCPU's dirty ring and mark the entries harvested (_protect_again re-arms them): the RAM-file
-        pages of the entries, the first few hundred per
-        ring one by one (a plain loop over the mapped ring is the cheapest way to read a handful), the rest with
-        numpy. The caller serialises calls."""
+        pages of the entries, in `small` when a ring has fewer than _RING_LOOP (a plain loop over the mapped ring
+        is the cheapest way to read a handful), else all of that ring's with numpy, in `bulk`. The caller
+        serialises calls."""
         small: list[int] = []
         bulk: list[npt.NDArray[np.int64]] = []
         base = self._slot_base
@@ -555,20 +555,19 @@ class GuestMemory:
         return d.ever_mark
 
     def _reset_from_rings(self) -> int:
-        """reset_to_base() for a VM that logs into dirty rings: no bitmap to fetch or scan."""
-        if not self._guest_any:
-            for ring in self._rings:                    # fewer than a loop's worth of new entries in every ring
-                if ring.words[((ring.fetch + _RING_LOOP) & ring.mask) << 1] & KVM_DIRTY_GFN_F_DIRTY:
-                    break
-            else:
-                return self._reset_few_from_rings()
-        return self._reset_many_from_rings()
+        """reset_to_base() for a VM that logs into dirty rings: no bitmap to fetch or scan. The rings are read once;
+        fewer than a loop's worth of new entries in every ring, and nothing folded in by sync_dirty_log(), is the
+        fuzzing loop's case (hot pages); anything more takes the general path."""
+        small, bulk = self._harvest_rings()
+        if bulk or self._guest_any:
+            return self._reset_many_from_rings(small, bulk)
+        return self._reset_few_from_rings(small)
 
-    def _reset_many_from_rings(self) -> int:
-        """Any number of vCPUs and entries, and pages folded into the bitmap by sync_dirty_log()."""
+    def _reset_many_from_rings(self, small: list[int], bulk: list[npt.NDArray[np.int64]]) -> int:
+        """Any number of harvested entries (`small`, `bulk`: _harvest_rings), and pages folded into the bitmap by
+        sync_dirty_log(); every page is write-protected again, the hot ones included."""
         d = self._dirty
         assert self.base_pages is not None
-        small, bulk = self._harvest_rings()
         small += self._protect_again(bool(small or bulk))
         if self._guest_any:                             # pages folded in by sync_dirty_log() since the last reset
             bulk.append(_bits_to_pages(d.guest))
@@ -601,31 +600,19 @@ class GuestMemory:
         self._frozen = None
         return count
 
-    def _reset_few_from_rings(self) -> int:
-        """The fuzzing loop's reset: every vCPU's ring holds fewer than a loop's worth of new entries.
+    def _reset_few_from_rings(self, new: list[int]) -> int:
+        """The fuzzing loop's reset: `new`, the pages of fewer than a loop's worth of new entries in every ring.
 
-        The pages of those entries join the hot pages (see `hot_limit`), which are not write-protected again:
-        the guest writes them again without a fault or a ring entry, and every reset copies all of them back,
-        through memmove arguments prepared when the set changes. Once the set outgrows `hot_limit` it is
-        protected again (KVM_RESET_DIRTY_RINGS) and starts over. Pages vmfork wrote (the input) are copied too."""
+        They join the hot pages (see `hot_limit`), which are not write-protected again: the guest writes them again
+        without a fault or a ring entry, and every reset copies all of them back, through memmove arguments
+        prepared when the set changes. Once the set outgrows `hot_limit` it is protected again
+        (KVM_RESET_DIRTY_RINGS) and starts over. Pages vmfork wrote (the input) are copied too."""
         d = self._dirty
-        base = self._slot_base
         hot = self._hot
         runs = self._hot_runs
-        for ring in self._rings:
-            q, mask = ring.words, ring.mask
-            f = start = ring.fetch
-            while True:
-                j = (f & mask) << 1
-                w = q[j]
-                if not w & KVM_DIRTY_GFN_F_DIRTY:
-                    break
-                hot.add(base[(w >> 32) & 0xFFFF] + q[j + 1])
-                q[j] = w ^ _HARVEST                     # DIRTY -> RESET, slot kept for KVM
-                f += 1
-            if f != start:
-                ring.fetch = f
-                runs = None
+        if new:
+            hot.update(new)
+            runs = None
         if runs is None:
             d.ever_pages.update(hot)
             runs = self._hot_runs = _page_runs(self.host_addr, self._base_pages_addr, sorted(hot))
