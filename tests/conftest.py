@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from vmfork.vmi.symbols import SymbolTable
+
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS = ROOT / "build" / "guests"
 
@@ -27,6 +29,25 @@ def pvh_guest(guest_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def multiboot_guest(guest_dir: Path) -> Path:
     return guest_dir / "testguest-multiboot.elf"
+
+
+@pytest.fixture(scope="session")
+def symbol_map(tmp_path_factory: pytest.TempPathFactory, pvh_guest: Path) -> Path:
+    """The PVH test guest's nasm symbol map: the same sources assembled again with a map, checked to give the very
+    bytes of build/guests/testguest-pvh.elf."""
+    tmp = tmp_path_factory.mktemp("guest-map")
+    out = tmp / "testguest-pvh.map"
+    src = ROOT / "guests" / "testguest"
+    subprocess.run(["nasm", "-f", "bin", "-DVARIANT_PVH", "-I", f"{src}/", "-o", str(tmp / "tg.bin"),
+                    "--before", f"[map symbols {out}]", str(src / "main.asm")], check=True)
+    assert (tmp / "tg.bin").read_bytes() == pvh_guest.read_bytes(), "the map is not of the built guest"
+    return out
+
+
+@pytest.fixture(scope="session")
+def symbols(symbol_map: Path) -> SymbolTable:
+    """The PVH test guest's symbols (a test module may define its own `symbols`)."""
+    return SymbolTable.load(symbol_map)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from cli_harness import CliHarness
-from test_vmi import guest_map
 from vmfork.toolstack.registry import DomainRecord
 
 NEAR_BUG = b"FUZZB\x00"         # one byte from the `fuzz` program's planted bug (a 'B' record with a nonzero value)
@@ -285,14 +284,6 @@ def test_a_fork_made_paused_at_its_parents_marker_can_be_fuzzed(ts: CliHarness, 
 
 
 # --- other start markers: the held fork runs from where the domain is paused to the start -------------------------
-
-@pytest.fixture(scope="module")
-def symbol_map(tmp_path_factory: pytest.TempPathFactory, pvh_guest: Path) -> Path:
-    tmp = tmp_path_factory.mktemp("fuzz-domain")
-    path = guest_map(tmp)
-    assert (tmp / "tg.bin").read_bytes() == pvh_guest.read_bytes(), "the map is not of the built guest"
-    return path
-
 
 def _unchanged(ts: CliHarness, domid: int, regs: str, reason: str) -> None:
     """The domain is paused as before, with the same registers, and no fuzzer entry is left."""

@@ -20,7 +20,6 @@ import pytest
 
 import hostprobe
 from guest import boot, console, run_to_ready
-from test_vmi import guest_map
 from vmfork.arch.x86 import cpu
 from vmfork.fork import VM
 from vmfork.fuzz import Fuzzer, FuzzError, loop
@@ -36,14 +35,6 @@ SEED = b"FUZZA\x00"
 BUG = b"FUZZB\x01"
 TRIPLE = b"FUZZTF"
 INBUF, INBUF_SIZE = 0x800000, 0x10000
-
-
-@pytest.fixture(scope="module")
-def symbols(tmp_path_factory: pytest.TempPathFactory, pvh_guest: Path) -> SymbolTable:
-    tmp = tmp_path_factory.mktemp("fuzz-harness")
-    table = SymbolTable.load(guest_map(tmp))
-    assert (tmp / "tg.bin").read_bytes() == pvh_guest.read_bytes(), "the map is not of the built guest"
-    return table
 
 
 def _parent(kernel: Path, cmdline: str, harness: Harness) -> Iterator[VM]:

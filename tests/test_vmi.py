@@ -31,24 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 KINFO = 0x101000
 
 
-def guest_map(tmp: Path) -> Path:
-    """The test guest's nasm symbol map (same sources, same bytes as build/guests/testguest-pvh.elf)."""
-    out = tmp / "testguest-pvh.map"
-    if not out.exists():
-        src = ROOT / "guests" / "testguest"
-        subprocess.run(["nasm", "-f", "bin", "-DVARIANT_PVH", "-I", f"{src}/", "-o", str(tmp / "tg.bin"),
-                        "--before", f"[map symbols {out}]", str(src / "main.asm")], check=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def symbols(tmp_path_factory: pytest.TempPathFactory, pvh_guest: Path) -> SymbolTable:
-    tmp = tmp_path_factory.mktemp("vmi")
-    table = SymbolTable.load(guest_map(tmp))
-    assert (tmp / "tg.bin").read_bytes() == pvh_guest.read_bytes(), "the map is not of the built guest"
-    return table
-
-
 @pytest.fixture
 def ready(pvh_guest: Path, machines: list) -> VM:  # type: ignore[type-arg]
     vm = boot(pvh_guest, "vmi 3", machines)

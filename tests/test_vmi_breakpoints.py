@@ -10,18 +10,12 @@ import pytest
 
 import hostprobe
 from guest import boot, console, run_to_ready
-from test_vmi import guest_map
 from vmfork.fork import VM
 from vmfork.vmi import breakpoints as bpmod
 from vmfork.vmi.breakpoints import STUB_GPA, Debugger, Hit, debugger
 from vmfork.vmi.errors import BreakpointError
 from vmfork.vmi.memory import read_phys, read_virt
 from vmfork.vmi.symbols import SymbolTable
-
-
-@pytest.fixture(scope="module")
-def symbols(tmp_path_factory: pytest.TempPathFactory) -> SymbolTable:
-    return SymbolTable.load(guest_map(tmp_path_factory.mktemp("bp")))
 
 
 def ready_vm(pvh_guest: Path, machines: list, n: int = 3) -> VM:  # type: ignore[type-arg]
