@@ -522,13 +522,7 @@ prog_fuzz:
         mov eax, FUZZ_INT3_START
         int3
 .input:
-        mov esi, INBUF_ADDR
-        mov rcx, [rsi]                  ; length
-        cmp rcx, INBUF_SIZE - 8
-        jbe .len_ok
-        mov ecx, INBUF_SIZE - 8
-.len_ok:
-        lea rdi, [rsi + 8]
+        INPUT_ARGS
         call fuzz_parse
 .done:
         cmp r12, 1
@@ -627,13 +621,7 @@ prog_jsmn:
         and rsp, -16                    ; the ABI's alignment at a call; nothing is ever popped from here on
 .iteration:
         READY_MARKER
-        mov esi, INBUF_ADDR
-        mov rcx, [rsi]                  ; length
-        cmp rcx, INBUF_SIZE - 8
-        jbe .len_ok
-        mov ecx, INBUF_SIZE - 8
-.len_ok:
-        lea rdi, [rsi + 8]
+        INPUT_ARGS
         mov rsi, rcx
         call JSMN_TEXT_START            ; fuzz_json(data, length): may clobber every caller-saved register
         END_MARKER

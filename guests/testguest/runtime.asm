@@ -35,6 +35,18 @@
         out PORT_HARNESS, eax
 %endmacro
 
+; INPUT_ARGS -- the input buffer's arguments for a parser: RDI = its bytes, RCX = their count (the buffer's u64
+; length, at most INBUF_SIZE - 8). Clobbers RSI.
+%macro INPUT_ARGS 0
+        mov esi, INBUF_ADDR
+        mov rcx, [rsi]                  ; length
+        cmp rcx, INBUF_SIZE - 8
+        jbe %%len_ok
+        mov ecx, INBUF_SIZE - 8
+%%len_ok:
+        lea rdi, [rsi + 8]
+%endmacro
+
 ; END_MARKER -- harness end marker. Clobbers RAX.
 %macro END_MARKER 0
         mov eax, HARNESS_END
