@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .errors import VmforkError
+from .errors import VmforkError, user_error_line
 
 if TYPE_CHECKING:
     from .fork import VM
@@ -204,11 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except VmforkError as e:
-        print(f"vmfork: error: {e}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as e:
-        print(f"vmfork: error: {e.filename or e}: no such file", file=sys.stderr)
+    except (VmforkError, FileNotFoundError) as e:
+        print(user_error_line(e), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nvmfork: interrupted", file=sys.stderr)

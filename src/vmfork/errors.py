@@ -60,3 +60,13 @@ class SnapshotFormatError(VmforkError):
 
 class SnapshotHostError(VmforkError):
     """A save file is intact, but this host cannot run the machine in it (a CPU feature or vendor it lacks)."""
+
+
+def user_error_line(e: BaseException) -> str | None:
+    """The one line `vmfork` prints for an error the user caused (a VmforkError, a missing file), or None for
+    anything else (a bug, which gets its traceback)."""
+    if isinstance(e, VmforkError):
+        return f"vmfork: error: {e}"
+    if isinstance(e, FileNotFoundError):
+        return f"vmfork: error: {e.filename or e}: no such file"
+    return None

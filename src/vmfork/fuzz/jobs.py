@@ -45,7 +45,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from ..errors import VmforkError
+from ..errors import user_error_line
 from .loop import FuzzError, Stats
 
 __all__ = ["Worker", "cpu_count", "run_jobs"]
@@ -238,11 +238,8 @@ def _worker_main(index: int, make: Callable[[int], Worker], campaign: Callable[[
         code = 130
     except BaseException as e:      # whatever it is, the supervisor gets its one line
         code = 1
-        if isinstance(e, VmforkError):
-            line = f"vmfork: error: {e}"
-        elif isinstance(e, FileNotFoundError):
-            line = f"vmfork: error: {e.filename or e}: no such file"
-        else:
+        line = user_error_line(e)
+        if line is None:
             traceback.print_exc()
             line = f"vmfork: error: {type(e).__name__}: {e}"
         with contextlib.suppress(BaseException):
