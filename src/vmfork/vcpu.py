@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .arch.x86 import cpu
+from .guest_debug import DebugClaims
 from .kvm import FdPlan, IoctlPlan, Kvm, VcpuFd, plan_entry, run_fd_plan, run_plan
 from .kvm import constants as c
 from .kvm import structs as s
@@ -208,6 +209,8 @@ class Vcpu:
         self.sync_apic_base = ctypes.c_uint64.from_address(
             self.sync_addr + s.SyncRegs.sregs.offset + s.Sregs.apic_base.offset)
         self.exit_reason = ctypes.c_uint32.from_address(run_addr + s.Run.exit_reason.offset)
+        # KVM_SET_GUEST_DEBUG, shared by the debugger, host workarounds and the fuzzer (vmfork.guest_debug).
+        self.debug = DebugClaims(fd)
 
     # --- registers ----------------------------------------------------------------------------------------------
 

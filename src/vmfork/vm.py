@@ -23,6 +23,7 @@ from .kvm import constants as c
 from .kvm import structs as s
 from .memory import GuestMemory, Slot, make_slots, release_address_space, reserve_address_space
 from .vcpu import Vcpu, VcpuState
+from .workarounds import ExitHooks
 
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
@@ -339,6 +340,9 @@ class Machine:
         self._live_threads = 0
         self.exits = 0
         self.on_stop: list[Callable[[StopEvent], None]] = []
+        # Exits the loop cannot handle itself (emulation failures, debug exits) go to these first:
+        # the debugger's breakpoints, then host workarounds (vmfork.workarounds).
+        self.exit_hooks = ExitHooks()
 
     # --- construction -------------------------------------------------------------------------------------------
 
@@ -547,6 +551,7 @@ class Machine:
         fd = vcpu.fd
         run_addr = fd.run_addr
         bus = self.bus
+        hooks = self.exit_hooks
         self._kicker.tids[vcpu.index] = threading.get_ident()
         try:
             while True:
@@ -593,10 +598,16 @@ class Machine:
                 elif reason == c.KVM_EXIT_DIRTY_RING_FULL:
                     self.memory.sync_dirty_log()        # empties the rings; then KVM_RUN goes on
                 elif reason == c.KVM_EXIT_DEBUG:
+                    if hooks.debug and hooks.dispatch(hooks.debug, vcpu):
+                        continue
                     # Guest debugging (breakpoints, single-step) pauses the machine; it can be continued.
                     dbg = run.exit.debug
                     self._stop(StopEvent("debug", dbg.exception, vcpu.index,
                                          f"pc={dbg.pc:#x} dr6={dbg.dr6:#x} dr7={dbg.dr7:#x}"))
+                elif (reason == c.KVM_EXIT_INTERNAL_ERROR and hooks.emulation_failure
+                      and run.exit.internal.suberror == c.KVM_INTERNAL_ERROR_EMULATION
+                      and hooks.dispatch(hooks.emulation_failure, vcpu)):
+                    continue
                 else:
                     self._crash(vcpu, self._describe_exit(vcpu))
                     return
