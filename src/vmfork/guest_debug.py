@@ -49,6 +49,8 @@ class DebugClaims:
         self._control: dict[str, int] = {}
         self._bps: dict[str, tuple[HwBreakpoint, ...]] = {}
         self._slots: list[tuple[str, HwBreakpoint] | None] = [None] * SLOTS
+        # step_past in progress: (owner, the lifted breakpoint, the one-shot breakpoint after it)
+        self._stepping: tuple[str, HwBreakpoint, HwBreakpoint] | None = None
 
     def claim(self, owner: str, *, control: int = 0, breakpoints: Sequence[HwBreakpoint] = ()) -> None:
         """Replace `owner`'s wishes: extra control bits (e.g. KVM_GUESTDBG_SINGLESTEP) and hardware breakpoints.
@@ -65,6 +67,8 @@ class DebugClaims:
         else:
             self._control.pop(owner, None)
             self._bps.pop(owner, None)
+        if self._stepping is not None and self._stepping[0] == owner:
+            self._stepping = None
         self.apply()
 
     def release(self, owner: str) -> None:
@@ -76,6 +80,35 @@ class DebugClaims:
     def hit(self, dr6: int) -> list[tuple[str, HwBreakpoint]]:
         """The (owner, breakpoint) pairs whose slot DR6 reports as triggered."""
         return [slot for i, slot in enumerate(self._slots) if slot is not None and dr6 & (1 << i)]
+
+    def step_past(self, owner: str, bp: HwBreakpoint, next_address: int) -> None:
+        """Let the vCPU, stopped at `owner`'s execution breakpoint `bp`, run on past it.
+
+        Neither RFLAGS.RF nor single-step gets past a hardware breakpoint on every host (kvm_pvm repeats the exit),
+        so the breakpoint is lifted and a one-shot breakpoint put on `next_address` (the next instruction, decoded by
+        the caller); at that exit `finish_step_past` (a built-in debug exit hook of every machine) arms `bp` again.
+        One extra exit per pass."""
+        bps = self._bps.get(owner, ())
+        if bp not in bps:
+            raise VmforkError(f"{owner} holds no hardware breakpoint at {bp.address:#x}")
+        one_shot = HwBreakpoint(next_address)
+        self._bps[owner] = tuple(one_shot if b == bp else b for b in bps)
+        self._stepping = (owner, bp, one_shot)
+        self.apply()
+
+    def finish_step_past(self, dr6: int) -> bool:
+        """At a debug exit: True (and `bp` armed again) when it is the one-shot breakpoint of `step_past`."""
+        if self._stepping is None:
+            return False
+        owner, bp, one_shot = self._stepping
+        if not any(o == owner and b == one_shot for o, b in self.hit(dr6)):
+            return False
+        self._stepping = None
+        bps = self._bps.get(owner)
+        if bps is not None:
+            self._bps[owner] = tuple(bp if b == one_shot else b for b in bps)
+        self.apply()
+        return True
 
     def single_stepping(self) -> list[str]:
         return [k for k, v in self._control.items() if v & c.KVM_GUESTDBG_SINGLESTEP]

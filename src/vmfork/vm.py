@@ -304,6 +304,11 @@ def destroy_forks_first(node: Any, *, tree: bool) -> None:
             ch.destroy(tree=True)
 
 
+def _finish_step_past(vcpu: Vcpu) -> bool:
+    """The built-in debug exit hook: the one-shot breakpoint of `vcpu.debug.step_past` (vmfork.guest_debug)."""
+    return vcpu.debug.finish_step_past(vcpu.run.exit.debug.dr6)
+
+
 class Machine:
     """A virtual machine. Create roots with `Machine.create()`; forks come from `vmfork.fork`."""
 
@@ -343,6 +348,7 @@ class Machine:
         # Exits the loop cannot handle itself (emulation failures, debug exits) go to these first:
         # the debugger's breakpoints, then host workarounds (vmfork.workarounds).
         self.exit_hooks = ExitHooks()
+        self.exit_hooks.add("debug", "step-past", _finish_step_past)
 
     # --- construction -------------------------------------------------------------------------------------------
 
