@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -373,8 +374,8 @@ def _cmd_qmp(args: argparse.Namespace) -> int:
     rec = reg.find(args.domain)
     require_control(rec)
     text = args.json
-    if text.strip() and text.strip()[0] not in "{[":
-        text = json.dumps({"execute": text.strip()})        # a bare command name
+    if re.fullmatch(r"[A-Za-z][\w-]*", text.strip()):
+        text = json.dumps({"execute": text.strip()})        # a bare command name; anything else goes as it is
     import socket
     with QmpChannel.connect(rec.qmp_socket, timeout=60.0) as chan:
         chan.send_raw(text.encode() + b"\n")

@@ -165,6 +165,7 @@ class Connection:
     out: bytearray = dataclasses.field(default_factory=bytearray)
     negotiated: bool = False
     closing: bool = False           # close once `out` is flushed
+    draining: float = 0.0           # after an oversized message: input discarded until EOF or this time
     hold: ForkHold | None = None    # this connection is a fork's hold on this domain
 
 
@@ -633,6 +634,12 @@ class Domain:
             if not data:
                 self._close_conn(conn)
             return          # a fork's hold connection carries nothing more
+        if conn.draining:
+            # The error reply is out and our side is shut: read and drop the rest of the oversized message, so
+            # closing does not reset the connection before the client has read the reply.
+            if not data or time.monotonic() > conn.draining:
+                self._close_conn(conn)
+            return
         if data:
             items = conn.splitter.feed(data)
         else:
@@ -727,7 +734,11 @@ class Domain:
             self.sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
                             self.sel.get_key(sock).data)
         else:
-            if conn.closing:
+            if conn.closing and conn.splitter.broken and not conn.draining:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+                conn.draining = time.monotonic() + 10.0
+            elif conn.closing and not conn.draining:
                 self._close_conn(conn)
                 return
             self.sel.modify(sock, selectors.EVENT_READ, self.sel.get_key(sock).data)

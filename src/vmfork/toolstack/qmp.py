@@ -83,7 +83,7 @@ def event(name: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
 _STRING_STOP = re.compile(rb'["\\]')
 _CODE_STOP = re.compile(rb'[{}\[\]"\\]')
 _CONTINUATION = re.compile(rb"\\[ \t\r]*\n")
-_BARE = re.compile(rb"[^\s{\[]+")
+_BARE_STOP = re.compile(rb"[\s{\[]")     # where a bare (non-JSON) token ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +105,7 @@ class JsonSplitter:
         self._start = -1        # start of the message being scanned, -1 between messages
         self._depth = 0
         self._in_string = False
+        self._bare = False      # the message being scanned is a bare token (not an object or array)
         self.broken = False     # an oversized message: the stream cannot be resynchronised
 
     def feed(self, data: bytes) -> list[Framed]:
@@ -122,6 +123,7 @@ class JsonSplitter:
         self.buf.clear()
         self._pos = 0
         self._start = -1
+        self._bare = False
         if rest:
             out.append(Framed(rest))
         return out
@@ -138,17 +140,27 @@ class JsonSplitter:
                     i += 1
                 if i >= n:
                     break
+                self._start = i
                 if buf[i] in b"{[":
-                    self._start = i
                     self._depth = 1
-                    i += 1
-                    continue
-                m = _BARE.match(buf, i)
-                assert m is not None
-                if m.end() == n and not final:
-                    break                    # the token may continue in the next chunk
-                out.append(Framed(bytes(buf[i:m.end()])))
-                i = m.end()
+                else:
+                    self._bare = True
+                i += 1
+                continue
+            if self._bare:
+                # Scanned once: a long garbage line costs one pass, not one per chunk received.
+                m = _BARE_STOP.search(buf, i)
+                if m is None:
+                    i = n
+                    if final:
+                        out.append(Framed(bytes(buf[self._start:n])))
+                        self._start = -1
+                        self._bare = False
+                    break
+                i = m.start()
+                out.append(Framed(bytes(buf[self._start:i])))
+                self._start = -1
+                self._bare = False
                 continue
             if self._in_string:
                 m = _STRING_STOP.search(buf, i)
@@ -206,7 +218,8 @@ class JsonSplitter:
             buf.clear()
             self._pos = 0
             self._start = -1
-            out.append(Framed(b"", f"message larger than {self.limit >> 20} MiB"))
+            self._bare = False
+            out.append(Framed(b"", f"message larger than {self.limit >> 20} MiB: closing the connection"))
         return out
 
 

@@ -66,11 +66,16 @@ def _cmd_mem_read(args: argparse.Namespace) -> int:
         pos, end = addr, addr + length
         while pos < end:
             n = min(CHUNK, end - pos)
-            r = c.execute("vmfork-mem-read", addr=pos, length=n, raw=args.raw, **extra)
+            r = c.execute("vmfork-mem-read", addr=pos, length=n, raw=args.raw, partial=True, **extra)
             if args.raw:
                 out.write(base64.b64decode(r["data"]))
-            else:
+            elif r["text"]:
                 out.write(r["text"].encode() + b"\n")
+            if r.get("stopped_at") is not None:
+                out.flush()
+                # What was readable is printed; the error names where it stopped.
+                stop = int(r["stopped_at"])
+                raise VmiError(f"read {stop - addr} of {length} bytes: {stop:#x} is not readable ({r['error']})")
             pos += n
     out.flush()
     return 0

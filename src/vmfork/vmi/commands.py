@@ -7,8 +7,10 @@ an address outside RAM, an unmapped or non-canonical virtual address, a vCPU tha
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from ..errors import VmforkError
 from .diff import diff
 from .disasm import disassemble, format_disassembly
 from .errors import VmiError
@@ -17,7 +19,8 @@ from .regs import format_regs
 from .symbols import SymbolTable
 from .target import Target, as_target
 
-__all__ = ["diff_report", "disasm_text", "mem_read", "mem_write", "parse_bytes", "regs_text", "translate_text"]
+__all__ = ["PartialRead", "diff_report", "disasm_text", "mem_read", "mem_read_partial", "mem_write", "parse_bytes",
+           "regs_text", "translate_text"]
 
 MAX_READ = 1 << 24
 
@@ -39,6 +42,45 @@ def mem_read(target: Target | object, address: int, length: int, *, virt: bool =
     if raw:
         return data
     return "\n".join(hexdump(data, address))
+
+
+@dataclass(frozen=True, slots=True)
+class PartialRead:
+    """What a read across the end of what is readable got: the bytes up to `stopped_at` (None: all of them), and
+    why it stopped there."""
+
+    data: bytes
+    stopped_at: int | None = None
+    error: str = ""
+
+
+def mem_read_partial(target: Target | object, address: int, length: int, *, virt: bool = False,
+                     vcpu: int = 0) -> PartialRead:
+    """Read like `mem_read(raw=True)`, but a range that runs into unreadable memory (past the end of RAM, an
+    unmapped page) gives the readable part before it and the first unreadable address, not an error for all."""
+    t = as_target(target)
+    if not 0 < length <= MAX_READ:
+        raise VmiError(f"length must be 1..{MAX_READ} bytes, got {length}")
+    _check_vcpu(t, vcpu)
+    space = AddressSpace(t, vcpu) if virt else None
+
+    def read(addr: int, n: int) -> bytes:
+        return space.read(addr, n) if space is not None else t.read_phys(addr, n)
+    try:
+        return PartialRead(read(address, length))
+    except VmforkError:
+        pass
+    # Page by page up to the first page that fails (pages are the unit of both RAM slots and mappings).
+    got = bytearray()
+    pos, end = address, address + length
+    while pos < end:
+        n = min(end - pos, 4096 - (pos & 0xFFF))
+        try:
+            got += read(pos, n)
+        except VmforkError as e:
+            return PartialRead(bytes(got), pos, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        pos += n
+    return PartialRead(bytes(got))
 
 
 def parse_bytes(text: str) -> bytes:

@@ -58,7 +58,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..errors import VmStateError
 from ..toolstack import domain as _domain
 from ..toolstack.qmp import ArgSpec, QmpError
-from .commands import MAX_READ, disasm_text, mem_read, mem_write, regs_text
+from .commands import MAX_READ, disasm_text, mem_read, mem_read_partial, mem_write, regs_text
+from .memory import hexdump
 from .errors import VmiError
 from .target import LocalTarget
 
@@ -270,9 +271,10 @@ def _one_line(e: Exception) -> str:
 # --- memory, registers, translation, disassembly --------------------------------------------------------------------
 
 @qmp_command("vmfork-mem-read", addr=ArgSpec(int, True, _u64), length=ArgSpec(int, True, _non_negative),
-             virt=ArgSpec(bool), vcpu=ArgSpec(int, False, _non_negative), raw=ArgSpec(bool),
+             virt=ArgSpec(bool), vcpu=ArgSpec(int, False, _non_negative), raw=ArgSpec(bool), partial=ArgSpec(bool),
              help="read guest memory (physical, or virtual through a vCPU's page tables): a hexdump, or base64 "
-                  "bytes with raw")
+                  "bytes with raw; with partial, a range running into unreadable memory gives the readable part "
+                  "and stopped_at (the first unreadable address) with the reason")
 def _mem_read(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     raw = args.get("raw", False)
     length = args["length"]
@@ -280,11 +282,19 @@ def _mem_read(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     if not 0 < length <= limit:
         raise QmpError(f"length must be 1..{limit} bytes{'' if raw else ' for a hexdump (raw: up to 16 MiB)'}, "
                        f"got {length}")
-    out = mem_read(_vm(d), args["addr"], length, virt=args.get("virt", False), vcpu=args.get("vcpu", 0),
-                   raw=raw)
-    if isinstance(out, bytes):
-        return {"data": base64.b64encode(out).decode(), "length": len(out)}
-    return {"text": out, "length": length}
+    addr, virt, vcpu = args["addr"], args.get("virt", False), args.get("vcpu", 0)
+    if args.get("partial"):
+        part = mem_read_partial(_vm(d), addr, length, virt=virt, vcpu=vcpu)
+        out: dict[str, Any] = {"length": len(part.data), "stopped_at": part.stopped_at, "error": part.error}
+        if raw:
+            out["data"] = base64.b64encode(part.data).decode()
+        else:
+            out["text"] = "\n".join(hexdump(part.data, addr)) if part.data else ""
+        return out
+    data = mem_read(_vm(d), addr, length, virt=virt, vcpu=vcpu, raw=raw)
+    if isinstance(data, bytes):
+        return {"data": base64.b64encode(data).decode(), "length": len(data)}
+    return {"text": data, "length": length}
 
 
 @qmp_command("vmfork-mem-write", addr=ArgSpec(int, True, _u64), data=ArgSpec(str, True),
