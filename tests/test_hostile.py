@@ -6,7 +6,6 @@ names the problem and changes nothing."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Iterator

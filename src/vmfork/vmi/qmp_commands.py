@@ -59,8 +59,8 @@ from ..errors import VmStateError
 from ..toolstack import domain as _domain
 from ..toolstack.qmp import ArgSpec, QmpError
 from .commands import MAX_READ, disasm_text, mem_read, mem_read_partial, mem_write, regs_text
-from .memory import hexdump
 from .errors import VmiError
+from .memory import hexdump
 from .target import LocalTarget
 
 if TYPE_CHECKING:
