@@ -90,9 +90,13 @@ def test_integer_keys_take_numbers_in_quotes_like_xl() -> None:
     assert (cfg.memory, cfg.vcpus) == (2048, 2)
 
 
-def test_memory_has_no_upper_bound_and_vcpus_range_ends_are_valid() -> None:
-    assert parse(MINIMAL + "memory = 1\nvcpus = 64\n").vcpus == 64
+def test_memory_and_vcpus_range_ends_are_valid() -> None:
+    assert parse(MINIMAL + "memory = 2\nvcpus = 64\n").vcpus == 64
     assert parse(MINIMAL + "memory = 1048576\n").memory == 1 << 20
+    assert parse(MINIMAL + "memory = 67108864\n").memory == 1 << 26
+    # Beyond 64 TiB: refused with the file and line here, not by a late mmap failure (issue 20).
+    with pytest.raises(ConfigError, match=r"vm.cfg:3: memory: must be at most 67108864 MiB, got 99999999999"):
+        parse(MINIMAL + "memory = 99999999999\n")
 
 
 def test_name_limits() -> None:
@@ -156,7 +160,7 @@ def test_config_error_is_a_vmfork_error() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     # values
     ('name = "a"\nkernel = "k"\nmemory = "lots"\n', 'vm.cfg:3: memory: expected an integer number of MiB, got "lots"'),
-    ('name = "a"\nkernel = "k"\nmemory = 0\n', "vm.cfg:3: memory: must be at least 1 MiB, got 0"),
+    ('name = "a"\nkernel = "k"\nmemory = 0\n', "vm.cfg:3: memory: must be at least 2 MiB, got 0"),
     ('name = "a"\nkernel = "k"\nmemory = ["1"]\n', "vm.cfg:3: memory: expected an integer number of MiB, got a list"),
     ('name = "a"\nkernel = "k"\nvcpus = 0\n', "vm.cfg:3: vcpus: must be between 1 and 64, got 0"),
     ('name = "a"\nkernel = "k"\nvcpus = 65\n', "vm.cfg:3: vcpus: must be between 1 and 64, got 65"),
@@ -268,7 +272,7 @@ def test_with_overrides_returns_a_validated_copy() -> None:
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"memroy": 1}, 'override: unknown key "memroy" (did you mean "memory"?)'),
     ({"memory": "512"}, 'override: memory: expected an integer number of MiB, got "512"'),
-    ({"memory": 0}, "override: memory: must be at least 1 MiB, got 0"),
+    ({"memory": 0}, "override: memory: must be at least 2 MiB, got 0"),
     ({"vcpus": True}, "override: vcpus: expected an integer, got True"),
     ({"vcpus": 100}, "override: vcpus: must be between 1 and 64, got 100"),
     ({"name": "no way"}, 'override: name: "no way" contains " "; use letters, digits, "-", "_" and "."'),

@@ -6,6 +6,7 @@ names the problem and changes nothing."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -103,3 +104,66 @@ def test_mem_read_across_the_end_of_ram_returns_the_readable_part(ts: CliHarness
     assert f"read 16 of 64 bytes: {end:#x} is not readable" in err, err
     text = ts.run("mem", "read", "demo", hex(end - 16), "64")
     assert text.returncode == 1 and "11 11 11 11" in text.stdout and f"{end:#x} is not readable" in text.stderr
+
+
+# --- messages that mislead (item 8) --------------------------------------------------------------------------------
+
+def test_config_messages_name_the_problem(ts: CliHarness, tmp_path: Path) -> None:
+    cfg = ts.config("bad", "hello")
+    text = cfg.read_text()
+
+    def with_line(old: str, new: str) -> Path:
+        p = tmp_path / "variant.cfg"
+        p.write_text(text.replace(old, new))
+        return p
+    kernel_line = next(ln for ln in text.splitlines() if ln.startswith("kernel"))
+    err = ts.fail("create", str(with_line(kernel_line, f'kernel = "{tmp_path}"')), match="is a directory")
+    assert str(tmp_path) in err and "kernel" in err
+    ts.fail("create", str(with_line(kernel_line, 'kernel = "/dev/zero"')), match="/dev/zero is a character device")
+    ts.fail("create", str(with_line(kernel_line, 'kernel = "/nonexistent/k"')), match="/nonexistent/k: no such file")
+    huge = ts.fail("create", str(with_line("memory = 64", "memory = 99999999999")), match="at most 67108864 MiB")
+    assert "variant.cfg:2: memory" in huge
+    one = ts.fail("create", str(with_line("memory = 64", "memory = 1")), match="memory: must be at least 2 MiB")
+    zero = ts.fail("create", str(with_line("memory = 64", "memory = 0")), match="memory: must be at least 2 MiB")
+    assert one.replace("got 1", "") == zero.replace("got 0", "")
+    assert ts.list_json() == []
+
+
+def test_memory_above_host_ram_warns_naming_both(ts: CliHarness) -> None:
+    host_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    cfg = ts.config("big", "hello")
+    cfg.write_text(cfg.read_text().replace("memory = 64", f"memory = {host_mib + 1024}"))
+    p = ts.run("create", "-p", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert f"memory = {host_mib + 1024} MiB is more than this host's RAM ({host_mib} MiB)" in p.stderr
+    ts.ok("destroy", "big")
+
+
+def test_console_says_when_the_domain_dies_under_it(ts: CliHarness) -> None:
+    spin = ts.create(ts.config("spin", "timer 60000"))
+    ts.wait_state(spin, "running")
+    pid = ts.record(spin).pid
+    assert pid is not None
+    con = ts.popen("console", "spin")
+    time.sleep(1.0)
+    os.kill(pid, 9)
+    _out, err = con.communicate(timeout=20)
+    assert con.returncode == 1, err
+    assert b"console of spin (domain" in err and b"its process died" in err, err
+    ts.ok("destroy", "spin")
+
+
+def test_a_stopped_domain_is_named_within_seconds(ts: CliHarness) -> None:
+    spin = ts.create(ts.config("spin", "timer 60000"))
+    ts.wait_state(spin, "running")
+    pid = ts.record(spin).pid
+    assert pid is not None
+    os.kill(pid, 19)                    # SIGSTOP
+    try:
+        t0 = time.monotonic()
+        err = ts.fail("pause", "spin", match=f"spin (domain {spin}) does not answer: its process (pid {pid}) is "
+                                              "stopped")
+        assert time.monotonic() - t0 < 15, err
+    finally:
+        os.kill(pid, 18)                # SIGCONT
+    ts.ok("pause", "spin")

@@ -6,48 +6,19 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from .errors import VmforkError, user_error_line
-
-if TYPE_CHECKING:
-    from .fork import VM
-    from .vm import StopEvent
-
-
-def _echo_console(vm: VM) -> None:
-    """Copy the guest's console output to stdout as it comes."""
-    out = sys.stdout.buffer
-
-    def echo(b: bytes) -> None:
-        out.write(b)
-        out.flush()
-
-    vm.device("serial0").add_listener(echo)
-
-
-def _run_foreground(vm: VM, timeout: float | None) -> StopEvent | None:
-    """Run until the machine stops for good (harness markers only matter to forks and fuzzers, so a plain run goes
-    on past them). None: interrupted with Ctrl-C (the machine is paused and the message printed)."""
-    while True:
-        vm.start()
-        try:
-            ev = vm.wait(timeout, pause_on_timeout=True)
-        except KeyboardInterrupt:
-            vm.pause()
-            print("\nvmfork: interrupted, machine destroyed", file=sys.stderr)
-            return None
-        if not ev.reason.startswith("harness"):
-            return ev
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .fork import VM
+    from .toolstack.foreground import _echo_console, _run_foreground, check_config_files
 
     cfg = load_config(args.config)
     if cfg.kernel is None:
         raise VmforkError(f"{args.config}: missing required key \"kernel\"")
+    check_config_files(cfg, args.config)
     while True:
         vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name, console_log=args.console_log)
         try:
@@ -76,83 +47,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 continue
             return 1
         return 0
-
-
-def _boot_to_ready(config: str, timeout: float) -> VM:
-    """Boot a config's domain until its ready marker (the harness port's start marker) pauses it."""
-    from .config import load_config
-    from .fork import VM
-
-    cfg = load_config(config)
-    if cfg.kernel is None:
-        raise VmforkError(f"{config}: missing required key \"kernel\"")
-    vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name)
-    try:
-        vm.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
-        ev = vm.run(timeout=timeout)
-        if ev.reason != "harness-start":
-            what = ev.reason + ("" if ev.status is None else f" (status {ev.status})")
-            what += f": {ev.detail}" if ev.detail else ""
-            raise VmforkError(f"{cfg.name} did not reach its ready marker (port 0xf6 write of 1) within "
-                              f"{timeout:g} s: it stopped with {what}")
-    except BaseException:
-        vm.destroy()
-        raise
-    return vm
-
-
-def _cmd_save(args: argparse.Namespace) -> int:
-    from .snapshot import save
-
-    vm = _boot_to_ready(args.config, args.timeout)
-    try:
-        result = save(vm, args.file)
-    finally:
-        vm.destroy()
-    print(f"vmfork: saved {vm.name} at its ready marker to {args.file}: {result.file_size:,} bytes "
-          f"({result.stored_pages} of {result.ram_pages} RAM pages are not zero)", file=sys.stderr)
-    return 0
-
-
-def _cmd_save_devices_state(args: argparse.Namespace) -> int:
-    from .snapshot import save_device_state
-
-    vm = _boot_to_ready(args.config, args.timeout)
-    try:
-        state = save_device_state(vm, args.file)
-    finally:
-        vm.destroy()
-    print(f"vmfork: saved the state of {', '.join(state.names)} of {vm.name} at its ready marker to {args.file}",
-          file=sys.stderr)
-    return 0
-
-
-def _cmd_restore(args: argparse.Namespace) -> int:
-    """Restore a save file and run it in the foreground, like `run`: console on the terminal, exit status the
-    guest's."""
-    from .snapshot import restore
-
-    vm = restore(args.file, console_log=args.console_log)
-    try:
-        if not vm.devices:
-            print(f"vmfork: {vm.name} has no device model: its console is silent", file=sys.stderr)
-        else:
-            _echo_console(vm)
-        stopped = _run_foreground(vm, args.timeout)
-        if stopped is None:
-            return 130
-        ev = stopped
-    finally:
-        vm.destroy()
-    if ev.reason == "exit":
-        return int(ev.status or 0)
-    if ev.reason == "timeout":
-        print(f"vmfork: {vm.name} still running after {args.timeout} s; stopped", file=sys.stderr)
-        return 124
-    if ev.crashed:
-        print(f"vmfork: {vm.name} crashed: {ev.detail}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -186,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=_cmd_doctor)
 
     # The toolstack commands (create, list, ..., fork-vm). `save`, `restore` and `save-devices-state` are theirs
-    # too; the config-file forms above (_cmd_save, _cmd_save_devices_state) and the foreground restore
-    # (_cmd_restore, `restore --foreground`) are reached through them.
+    # too, with their config-file forms and the foreground restore (toolstack/foreground.py).
     from .toolstack.commands import add_toolstack_commands
     add_toolstack_commands(sub)
     # Introspection of domains (mem, regs, translate, disasm, diff, gdbserver).

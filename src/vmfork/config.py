@@ -14,7 +14,8 @@ do. Each key may be set once.
 
 Keys:
     name            required; letters, digits, "-", "_" and "."; not all digits; at most 64 characters
-    memory          MiB, an integer >= 1, default 256
+    memory          MiB, an integer from 2 to MAX_MEMORY_MIB (64 TiB), default 256 (more than the host's RAM is
+                    accepted: `host_memory_warning` words the warning the commands print)
     vcpus           1..64, default 1
     kernel          the kernel image; required (unless `require_kernel=False`); relative paths are resolved
                     against the directory of the config file
@@ -36,6 +37,7 @@ import difflib
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -49,6 +51,8 @@ __all__ = [
     "Action",
     "BootProtocol",
     "DomainConfig",
+    "check_boot_files",
+    "host_memory_warning",
     "load_config",
     "parse_config",
 ]
@@ -63,6 +67,8 @@ KEYS = ("name", "memory", "vcpus", "kernel", "ramdisk", "cmdline", "extra", "on_
 
 MAX_NAME = 64
 MAX_VCPUS = 64
+MIN_MEMORY_MIB = 2              # what a machine needs (VM.create refuses less)
+MAX_MEMORY_MIB = 1 << 26        # 64 TiB: refused at parse time, with the file and line, rather than by a late mmap
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _KEY_RE = re.compile(r"[a-z][a-z0-9_]*")
 _WORD_RE = re.compile(r"[A-Za-z0-9_.+\-]+")
@@ -125,6 +131,9 @@ def _check_int(what: str, low: int, high: int | None, unit: str = "") -> Validat
             if value < low:
                 raise _Invalid(f"must be at least {low}{unit}, got {value}")
         elif not low <= value <= high:
+            if unit:
+                side = f"at least {low}{unit}" if value < low else f"at most {high}{unit}"
+                raise _Invalid(f"must be {side}, got {value}")
             raise _Invalid(f"must be between {low} and {high}, got {value}")
         return value
     return check
@@ -160,7 +169,7 @@ def _check_choice(choices: tuple[str, ...]) -> Validator:
 
 _VALIDATORS: dict[str, Validator] = {
     "name": _check_name,
-    "memory": _check_int("an integer number of MiB", 1, None, " MiB"),
+    "memory": _check_int("an integer number of MiB", MIN_MEMORY_MIB, MAX_MEMORY_MIB, " MiB"),
     "vcpus": _check_int("an integer", 1, MAX_VCPUS),
     "kernel": _check_path(optional=True),
     "ramdisk": _check_path(optional=True),
@@ -517,3 +526,38 @@ def load_config(path: str | os.PathLike[str], *, require_kernel: bool = True) ->
         line = data[: e.start].count(b"\n") + 1
         raise ConfigError(f"{where}:{line}: the file is not UTF-8 text") from None
     return parse_config(text, path=path, require_kernel=require_kernel)
+
+
+def check_boot_files(cfg: DomainConfig, where: str | os.PathLike[str]) -> None:
+    """Refuse a kernel or ramdisk that is missing, a directory or not a regular file (a device, a FIFO), with one
+    line naming the config, the key and what the path is."""
+    for key in ("kernel", "ramdisk"):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        try:
+            st = os.stat(value)
+        except FileNotFoundError:
+            raise ConfigError(f"{os.fspath(where)}: {key}: {value}: no such file") from None
+        except OSError as e:
+            raise ConfigError(f"{os.fspath(where)}: {key}: {value}: {e.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{os.fspath(where)}: {key}: {value} is a directory, not a {key} image file")
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(
+                st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(
+                st.st_mode) else "not a regular file"
+            raise ConfigError(f"{os.fspath(where)}: {key}: {value} is {kind}, not a {key} image file")
+
+
+def host_memory_warning(cfg: DomainConfig, where: str | os.PathLike[str]) -> str | None:
+    """A warning when the config asks for more memory than the host has (RAM is allocated lazily, so it may work
+    until the guest touches it all), naming both numbers; None otherwise."""
+    try:
+        host_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    except (ValueError, OSError):
+        return None
+    if cfg.memory <= host_mib:
+        return None
+    return (f"warning: {os.fspath(where)}: memory = {cfg.memory} MiB is more than this host's RAM ({host_mib} MiB); "
+            "the guest may be killed when it uses it")

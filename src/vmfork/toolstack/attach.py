@@ -166,7 +166,7 @@ def hold_fork(domain: str | int, *, kind: str = "fuzz", check: ParentCheck | Non
     sweep(reg)
     parent = reg.find(domain)
     require_control(parent)
-    link = QmpChannel.connect(parent.qmp_socket, timeout=60.0)
+    link = QmpChannel.connect(parent.qmp_socket, timeout=60.0, pid=parent.pid, label=parent.label())
     record: DomainRecord | None = None
     fds: list[int] = []
     try:

@@ -46,7 +46,7 @@ class DomainClient:
         self.record = domain if isinstance(domain, DomainRecord) else self.registry.find(domain)
         rec = self.record
         require_control(rec)
-        self.channel = QmpChannel.connect(rec.qmp_socket, timeout=timeout)
+        self.channel = QmpChannel.connect(rec.qmp_socket, timeout=timeout, pid=rec.pid, label=rec.label())
 
     @property
     def domid(self) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 from ..config import DomainConfig, load_config
 from ..errors import ConfigError
 from .client import DomainClient, destroy_domain, open_registry, require_control, start_domain, sweep
+from .foreground import check_config_files
 from .qmp import QmpChannel
 from .registry import DomainRecord, Registry
 from .runtime import ToolstackError
@@ -72,10 +73,7 @@ def _check_max_vcpus(value: int | None, rec: DomainRecord) -> None:
 def _cmd_create(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     assert cfg.kernel is not None
-    if not os.path.isfile(cfg.kernel):
-        raise ConfigError(f"{args.config}: kernel: {cfg.kernel}: no such file")
-    if cfg.ramdisk is not None and not os.path.isfile(cfg.ramdisk):
-        raise ConfigError(f"{args.config}: ramdisk: {cfg.ramdisk}: no such file")
+    check_config_files(cfg, args.config)
     reg = _registry()
     sweep(reg)
     # With -c the domain starts paused and runs once the console is attached, so none of its output is missed.
@@ -259,7 +257,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
     if _config_form(reg, args.domain):
         if args.destroy or args.paused:
             raise ToolstackError(f"--destroy and -p act on a domain after saving it; {args.domain} is a config file")
-        from ..cli import _cmd_save as save_config
+        from .foreground import cmd_save_config as save_config
         args.config = args.domain
         return save_config(args)
     rec = reg.find(args.domain)
@@ -283,7 +281,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     if args.foreground or args.timeout is not None or args.console_log is not None:
         if args.paused or args.name:
             raise ToolstackError("-p and -n are for a restored domain; --foreground runs the save file here")
-        from ..cli import _cmd_restore as restore_foreground
+        from .foreground import cmd_restore_foreground as restore_foreground
         return restore_foreground(args)
     path = os.path.abspath(args.file)
     reg = _registry()
@@ -296,7 +294,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 def _cmd_save_devices_state(args: argparse.Namespace) -> int:
     reg = _registry()
     if _config_form(reg, args.domain):
-        from ..cli import _cmd_save_devices_state as save_config
+        from .foreground import cmd_save_devices_state_config as save_config
         args.config = args.domain
         return save_config(args)
     with DomainClient(args.domain, registry=reg) as c:
@@ -377,7 +375,7 @@ def _cmd_qmp(args: argparse.Namespace) -> int:
     if re.fullmatch(r"[A-Za-z][\w-]*", text.strip()):
         text = json.dumps({"execute": text.strip()})        # a bare command name; anything else goes as it is
     import socket
-    with QmpChannel.connect(rec.qmp_socket, timeout=60.0) as chan:
+    with QmpChannel.connect(rec.qmp_socket, timeout=60.0, pid=rec.pid, label=rec.label()) as chan:
         chan.send_raw(text.encode() + b"\n")
         chan.sock.shutdown(socket.SHUT_WR)
         errors: list[str] = []

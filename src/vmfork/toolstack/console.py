@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import selectors
 import socket
 import sys
@@ -28,6 +29,7 @@ __all__ = ["REPLAY_BYTES", "ConsoleHub", "attach"]
 REPLAY_BYTES = 64 * 1024
 CLIENT_BUFFER = 4 << 20         # a client that falls further behind loses the oldest output
 ESCAPE = 0x1D                   # Ctrl-]
+FAREWELL = re.compile(rb"\[vmfork: [^\r\n]* ended: [^\r\n]*\]\r?\n?$")    # what an ending domain says last
 
 
 @dataclass(eq=False)
@@ -205,6 +207,8 @@ def attach(socket_path: str, *, label: str, stdin_fd: int | None = None, stdout_
         pass            # stdin cannot be polled (e.g. /dev/null on some systems): output only
     ctx = _raw_terminal(in_fd) if is_tty else contextlib.nullcontext()
     status = 0
+    tail = b""                  # the last bytes received: the domain's own farewell line, if it said one
+    closed_by_domain = False
     with ctx:
         try:
             done = False
@@ -213,8 +217,9 @@ def attach(socket_path: str, *, label: str, stdin_fd: int | None = None, stdout_
                     if key.data == "sock":
                         data = sock.recv(65536)
                         if not data:
-                            done = True
+                            done = closed_by_domain = True
                             break
+                        tail = (tail + data)[-4096:]
                         _write_all(out_fd, data)
                     else:
                         data = os.read(in_fd, 4096)
@@ -239,4 +244,9 @@ def attach(socket_path: str, *, label: str, stdin_fd: int | None = None, stdout_
             sock.close()
     if is_tty:
         print(file=sys.stderr)
+    if closed_by_domain and not FAREWELL.search(tail):
+        # An ending domain says why on the stream (Domain._exit); a connection closed without it means its process
+        # died (killed, or crashed) under the console.
+        raise ToolstackError(f"the console of {label} closed without a word from the domain: its process died "
+                             "(vmfork list shows it)")
     return status

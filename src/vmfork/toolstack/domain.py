@@ -325,7 +325,7 @@ class Domain:
                       launch_dm=launch_dm, memory=parent.memory, vcpus=parent.vcpus)
         self.config = cfg.with_overrides(name=self.name)
         self.registry.update(self.domid, config=self.config.to_dict())
-        link = QmpChannel.connect(parent.qmp_socket, timeout=60)
+        link = QmpChannel.connect(parent.qmp_socket, timeout=60, pid=parent.pid, label=parent.label())
         self.parent_link = link
         # The received files stay open for the life of this process (the fork's RAM and its reset source).
         image, state, _fds = receive_fork_source(link, child=self.domid, name=self.name)

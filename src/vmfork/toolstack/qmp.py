@@ -19,6 +19,7 @@ import array
 import json
 import os
 import re
+import select
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -297,6 +298,33 @@ def check_args(spec: Mapping[str, ArgSpec], args: Mapping[str, Any]) -> dict[str
 
 # --- a blocking client ----------------------------------------------------------------------------------------------
 
+STOPPED_GRACE = 3.0             # seconds a stopped domain process gets before a client says so
+
+
+def process_stopped(pid: int) -> bool:
+    """Whether the process is stopped (state T: SIGSTOP; t: a tracer holds it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[-1].split()
+    except OSError:
+        return False
+    return bool(fields) and fields[0] in (b"T", b"t")
+
+
+def _await_greeting(sock: socket.socket, pid: int, label: str, timeout: float | None) -> None:
+    """Wait until the server has something to say; fail early, naming the domain, if its process is stopped."""
+    start = time.monotonic()
+    while True:
+        left = None if timeout is None else timeout - (time.monotonic() - start)
+        if left is not None and left <= 0:
+            return                          # read_message reports the timeout
+        ready, _, _ = select.select([sock], [], [], 0.5 if left is None else min(0.5, left))
+        if ready:
+            return
+        if time.monotonic() - start >= STOPPED_GRACE and process_stopped(pid):
+            raise ToolstackError(f"{label} does not answer: its process (pid {pid}) is stopped (SIGSTOP or a "
+                                 f"tracer); kill -CONT {pid} resumes it")
+
 class QmpChannel:
     """A blocking QMP client over a unix socket, with file descriptor passing (vmfork extensions). Events are kept
     in `events`."""
@@ -311,7 +339,10 @@ class QmpChannel:
         self.greeting: dict[str, Any] = {}
 
     @classmethod
-    def connect(cls, path: str, *, timeout: float | None = 30.0, negotiate: bool = True) -> QmpChannel:
+    def connect(cls, path: str, *, timeout: float | None = 30.0, negotiate: bool = True, pid: int | None = None,
+                label: str | None = None) -> QmpChannel:
+        """Connect and read the greeting (and negotiate). With the domain's `pid`, a process that is stopped
+        (SIGSTOP, or a debugger's) is reported after STOPPED_GRACE seconds instead of waiting out `timeout`."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -321,6 +352,8 @@ class QmpChannel:
             raise ToolstackError(f"cannot connect to the control socket {path}: {e.strerror or e}") from None
         chan = cls(sock, path)
         try:
+            if pid is not None:
+                _await_greeting(sock, pid, label or path, timeout)
             msg = chan.read_message()
             if "QMP" not in msg:
                 if "error" in msg:
