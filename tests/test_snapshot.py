@@ -261,9 +261,8 @@ def test_an_unfinished_file_is_never_taken_for_a_save_file(tmp_path) -> None:
     """What a killed save leaves (its temporary file) has no magic: it is refused, not half-restored."""
     w = ContainerWriter(tmp_path / "x.vmfork", b"VMFKSAVE", "vmfork-save", {}, [SectionSpec("machine", 4)])
     w.write("machine", b"abcd")
-    leftover = next(tmp_path.iterdir())
-    assert leftover.name.startswith(".x.vmfork.") and leftover.name.endswith(".tmp")
-    (tmp_path / "copy").write_bytes(leftover.read_bytes())
+    assert list(tmp_path.iterdir()) == []           # unnamed (O_TMPFILE) until complete: a kill leaves nothing
+    (tmp_path / "copy").write_bytes(Path(f"/proc/self/fd/{w._fd}").read_bytes())
     w.abort()
     assert [p.name for p in tmp_path.iterdir()] == ["copy"]
     expect_refusal(tmp_path / "copy", "not a vmfork save file")

@@ -32,3 +32,18 @@ def mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) ->
 def munmap(addr: int, length: int) -> None:
     if _munmap(addr, length) != 0:
         raise VmforkError(f"munmap failed: {os.strerror(ctypes.get_errno())}")
+
+
+_linkat = libc.linkat
+_linkat.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int)
+_linkat.restype = ctypes.c_int
+AT_FDCWD = -100
+AT_SYMLINK_FOLLOW = 0x400
+
+
+def link_open_file(fd: int, path: str | os.PathLike[str]) -> None:
+    """Give the open (e.g. O_TMPFILE) file `fd` the name `path`: linkat through /proc/self/fd with
+    AT_SYMLINK_FOLLOW (os.link does not follow that link here). Raises OSError."""
+    if _linkat(AT_FDCWD, f"/proc/self/fd/{fd}".encode(), AT_FDCWD, os.fsencode(path), AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fspath(path))

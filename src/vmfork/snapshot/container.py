@@ -18,23 +18,37 @@ The header always holds "format" (the file kind, e.g. "vmfork-save") and "sectio
 rest depends on the kind. Every byte of the file is covered by a check: the magic, the version, the header's
 checksum, each section's checksum, the zero padding, and the file size.
 
-A file is written to a temporary file in the target's directory, and the preamble (with the magic) is the last
-thing written before fsync and rename: an interrupted write leaves neither a file at the target path nor a temporary
-file that passes for a complete one.
+Where a file goes depends on what is at the target path (`save_target`):
+- nothing, or a regular file: the file is written to an unnamed temporary file in the target's directory
+  (O_TMPFILE), linked under a temporary name carrying the writer's pid (`.NAME.PID.RAND.tmp`) only once complete,
+  and renamed over the target. A writer killed before that leaves nothing behind: the kernel frees an unnamed
+  file with its last descriptor. Where the file system has no O_TMPFILE the temporary file is named from the start;
+  such files whose writer is gone are removed by the next write into that directory.
+- a FIFO, a character device, or an open descriptor (`/proc/self/fd/N`, how a domain gets the CLI's stdout for
+  `vmfork save DOM -`): the file is built in an unnamed temporary file and then streamed to the target as it is
+  (`/dev/null` stays a device, a pipe gets the bytes).
+- anything else (a directory, a socket, a block device) is refused with one line, before anything is written.
+The preamble (with the magic) is the last thing written before fsync and rename: an interrupted write leaves
+neither a file at the target path nor a temporary file that passes for a complete one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import secrets
+import stat
 import struct
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from .._libc import link_open_file
 from ..errors import SnapshotFormatError, VmforkError
 
 FORMAT_VERSION = 1
@@ -58,11 +72,76 @@ def _crc_hex(crc: int) -> str:
     return f"{crc & 0xFFFFFFFF:08x}"
 
 
+_PROC_FD = re.compile(r"/proc/self/fd/(\d+)")
+_TEMP_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
+
+
+def save_target(path: str | os.PathLike[str], what: str = "file") -> str:
+    """How a file written to `path` gets there: "replace" (a new path or a regular file: atomic temporary file and
+    rename), "stream" (a FIFO, a character device, an open descriptor: written in place). Anything else raises
+    VmforkError with one line, so a caller can check before it changes anything."""
+    text = os.fspath(path)
+    if _PROC_FD.fullmatch(text):
+        return "stream"
+    try:
+        st = os.stat(text)
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(text))
+        if not os.path.isdir(parent):
+            raise VmforkError(f"cannot write {what} {text}: the directory {parent} does not exist") from None
+        return "replace"
+    except OSError as e:
+        raise VmforkError(f"cannot write {what} {text}: {e.strerror or e}") from None
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return "replace"
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        return "stream"
+    kind = "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+        "a block device" if stat.S_ISBLK(mode) else "not a regular file"
+    raise VmforkError(f"cannot write {what} {text}: it is {kind}; give a new file name, a regular file to replace, "
+                      "a FIFO or a character device")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
+    """Remove temporary files (`.NAME.PID.RAND.tmp`) that writers killed mid-write left in `directory`: those whose
+    pid no longer runs. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for e in entries:
+        m = _TEMP_NAME.fullmatch(e.name)
+        if m is None or not e.is_file(follow_symlinks=False):
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue                    # its writer runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue                    # someone else's live process
+        try:
+            os.unlink(e.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data).cast("B")
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _unnamed_file(directory: str | os.PathLike[str]) -> int:
+    """An unnamed file in `directory` (O_TMPFILE): it disappears with its last descriptor, so a writer killed
+    mid-write leaves nothing behind."""
+    return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +186,23 @@ class ContainerWriter:
         self._current = 0
         self._committed = False
         self._fd = -1
+        self.mode = save_target(self.path, self.what)
         directory = self.path.parent
         self._tmp = directory / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        self._named = False             # whether the temporary file has a name yet (else it is O_TMPFILE)
         try:
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            if self.mode == "stream":
+                self._fd = _unnamed_file(tempfile.gettempdir())
+            else:
+                remove_stale_temporaries(directory)
+                try:
+                    self._fd = _unnamed_file(directory)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT) or \
+                            not os.path.isdir("/proc/self/fd"):
+                        raise
+                    self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    self._named = True
             # The preamble stays zero (not a vmfork file) until commit(); the header gets its checksums then.
             _write_all(self._fd, bytes(PREAMBLE_SIZE))
             _write_all(self._fd, self._render_header())
@@ -191,7 +283,17 @@ class ContainerWriter:
             os.pwrite(self._fd, header, PREAMBLE_SIZE)
             os.pwrite(self._fd, PREAMBLE.pack(self._magic, FORMAT_VERSION, 0, len(header), zlib.crc32(header),
                                               self.file_size), 0)
+            if self.mode == "stream":
+                self._stream_out()
+                os.close(self._fd)
+                self._fd = -1
+                self._committed = True
+                return
             os.fsync(self._fd)
+            if not self._named:
+                # Only a complete file gets a name (linkat through /proc: an unnamed file cannot be renamed).
+                link_open_file(self._fd, self._tmp)
+                self._named = True
             os.close(self._fd)
             self._fd = -1
             os.replace(self._tmp, self.path)
@@ -204,12 +306,27 @@ class ContainerWriter:
         except OSError as e:
             raise VmforkError(f"cannot write {self.what} {self.path}: {e.strerror or e}") from None
 
+    def _stream_out(self) -> None:
+        """Copy the finished file to a FIFO, a character device or an open descriptor, in place."""
+        m = _PROC_FD.fullmatch(os.fspath(self.path))
+        out = os.dup(int(m.group(1))) if m else os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            pos = 0
+            while pos < self.file_size:
+                chunk = os.pread(self._fd, min(1 << 20, self.file_size - pos), pos)
+                if not chunk:
+                    raise OSError(errno.EIO, "the temporary file is shorter than written")
+                _write_all(out, chunk)
+                pos += len(chunk)
+        finally:
+            os.close(out)
+
     def abort(self) -> None:
         """Drop the temporary file (no-op after a commit)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if not self._committed:
+        if not self._committed and self._named:
             try:
                 os.unlink(self._tmp)
             except FileNotFoundError:

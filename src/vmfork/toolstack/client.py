@@ -56,9 +56,9 @@ class DomainClient:
     def name(self) -> str:
         return self.record.name
 
-    def execute(self, command: str, **arguments: Any) -> Any:
+    def execute(self, command: str, *, fds: list[int] | None = None, **arguments: Any) -> Any:
         """Run one QMP command; returns its "return" value (QmpCommandError on an error reply)."""
-        return self.channel.execute(command, arguments)
+        return self.channel.execute(command, arguments, fds=fds)
 
     def close(self) -> None:
         self.channel.close()

@@ -25,9 +25,10 @@ from typing import Any
 
 from ..config import DomainConfig, load_config
 from ..errors import ConfigError
+from ..snapshot.container import save_target
 from .client import DomainClient, destroy_domain, open_registry, require_control, start_domain, sweep
 from .foreground import check_config_files
-from .qmp import QmpChannel
+from .qmp import QmpChannel, QmpCommandError
 from .registry import DomainRecord, Registry
 from .runtime import ToolstackError
 
@@ -240,6 +241,17 @@ def _cmd_destroy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ended(rec: DomainRecord, wait: float) -> bool:
+    """Whether the domain's process is gone, giving it `wait` seconds (a killed process closes its sockets a moment
+    before it is gone from /proc)."""
+    deadline = time.monotonic() + wait
+    while rec.alive:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _config_form(reg: Registry, arg: str) -> bool:
     """Whether a `save`/`save-devices-state` argument names a config file rather than a domain (a domain with that
     name or id wins)."""
@@ -261,7 +273,11 @@ def _cmd_save(args: argparse.Namespace) -> int:
         args.config = args.domain
         return save_config(args)
     rec = reg.find(args.domain)
-    path = os.path.abspath(args.file)
+    to_stdout = args.file == "-"
+    path = "-" if to_stdout else os.path.abspath(args.file)
+    if not to_stdout:
+        save_target(path, "save file")          # a directory, a socket...: refused before anything changes
+    existed = not to_stdout and os.path.lexists(path)
     keep = not args.destroy
     if not keep:
         live = [r for r in reg.subtree(rec.domid) if r.alive]
@@ -269,7 +285,23 @@ def _cmd_save(args: argparse.Namespace) -> int:
             raise ToolstackError(f"cannot save and destroy {rec.label()}: it has live forks "
                                  f"({', '.join(r.label() for r in live)}); without --destroy it is kept")
     with DomainClient(rec, registry=reg) as c:
-        c.execute("vmfork-save", filename=path)
+        try:
+            if to_stdout:
+                # The domain writes to this command's stdout (passed along getfd, as QEMU takes descriptors).
+                sys.stdout.flush()
+                c.execute("getfd", fdname="vmfork-save-out", fds=[sys.stdout.fileno()])
+                c.execute("vmfork-save", fdname="vmfork-save-out")
+            else:
+                c.execute("vmfork-save", filename=path)
+        except QmpCommandError:
+            raise
+        except ToolstackError:
+            if not _ended(rec, 2.0):
+                raise
+            what = "the output is incomplete" if to_stdout else f"{path} is unchanged" if existed else \
+                f"{path} was not written"
+            raise ToolstackError(f"{rec.label()} died during the save (its process, pid {rec.pid}, is gone); "
+                                 f"{what}") from None
         if args.paused:
             c.execute("stop")
     if not keep:
@@ -452,7 +484,8 @@ def add_toolstack_commands(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=60.0,
                    help="config form: seconds to reach the ready marker (default 60)")
     p.add_argument("domain", metavar="DOMAIN_OR_CONFIG", help="domid or name (or a config file)")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="a new file or a regular file (replaced atomically), a FIFO or a "
+                                                "character device (written in place), or - for stdout")
     p.set_defaults(func=_cmd_save)
 
     p = sub.add_parser("restore", help="start a domain from a save file and print its domid (--foreground: run "

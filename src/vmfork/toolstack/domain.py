@@ -89,6 +89,7 @@ if TYPE_CHECKING:
 __all__ = ["COMMANDS", "Domain", "main", "qmp_command"]
 
 MAX_MEMORY_IO = 16 << 20            # bytes one vmfork-memory-read/-write may move
+MAX_FDS_PER_MESSAGE = 8             # descriptors a client may pass (getfd) and keep on one connection
 SO_PEERCRED_FMT = "3i"              # struct ucred: pid, uid, gid
 
 
@@ -166,6 +167,8 @@ class Connection:
     negotiated: bool = False
     closing: bool = False           # close once `out` is flushed
     draining: float = 0.0           # after an oversized message: input discarded until EOF or this time
+    received_fds: list[int] = dataclasses.field(default_factory=list)    # SCM_RIGHTS not yet claimed by getfd
+    named_fds: dict[str, int] = dataclasses.field(default_factory=dict)  # getfd's names (QEMU's fdname)
     hold: ForkHold | None = None    # this connection is a fork's hold on this domain
 
 
@@ -625,11 +628,20 @@ class Domain:
         if not mask & selectors.EVENT_READ or conn.sock.fileno() < 0:
             return
         try:
-            data = conn.sock.recv(1 << 20)
+            data, anc, _flags, _addr = conn.sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * MAX_FDS_PER_MESSAGE),
+                                                          socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
+            data, anc = b"", []
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = [int.from_bytes(cdata[i:i + 4], sys.byteorder, signed=True)
+                       for i in range(0, len(cdata) - len(cdata) % 4, 4)]
+                keep = max(0, MAX_FDS_PER_MESSAGE - len(conn.received_fds) - len(conn.named_fds))
+                conn.received_fds += fds[:keep]
+                for fd in fds[keep:]:
+                    os.close(fd)
         if conn.hold is not None:
             if not data:
                 self._close_conn(conn)
@@ -751,6 +763,11 @@ class Domain:
             self.conns.pop(fd, None)
         if conn.hold is not None:
             self._release_hold(conn)
+        for fd in [*conn.received_fds, *conn.named_fds.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        conn.received_fds.clear()
+        conn.named_fds.clear()
         conn.sock.close()
 
     def broadcast(self, msg: dict[str, Any]) -> None:
@@ -1138,12 +1155,52 @@ def _vmfork_regs_set(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp_command("vmfork-save", filename=ArgSpec(str, True, _absolute),
-             help="save the whole domain (RAM and state) to a file; a running domain is paused for it and resumed")
+@qmp_command("getfd", fdname=ArgSpec(str, True),
+             help="name the file descriptor passed with this command (SCM_RIGHTS), as in QEMU")
+def _getfd(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
+    if not conn.received_fds:
+        raise QmpError("No file descriptor supplied via SCM_RIGHTS")
+    name = args["fdname"]
+    if name and name[0].isdigit():
+        raise QmpError(f"Parameter 'fdname' {name!r} may not start with a digit")
+    old = conn.named_fds.pop(name, None)
+    if old is not None:
+        os.close(old)
+    conn.named_fds[name] = conn.received_fds.pop(0)
+    return {}
+
+
+@qmp_command("closefd", fdname=ArgSpec(str, True), help="close a descriptor named with getfd")
+def _closefd(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
+    fd = conn.named_fds.pop(args["fdname"], None)
+    if fd is None:
+        raise QmpError(f"File descriptor named '{args['fdname']}' not found")
+    os.close(fd)
+    return {}
+
+
+@qmp_command("vmfork-save", filename=ArgSpec(str, False, _absolute), fdname=ArgSpec(str),
+             help="save the whole domain (RAM and state) to a file, or to a descriptor passed with getfd (fdname: "
+                  "streamed, e.g. the CLI's stdout); a running domain is paused for it and resumed")
 def _vmfork_save(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     vm = d.machine
     from ..snapshot import save
-    d.paused_for(lambda: save(vm, args["filename"]))
+    from ..snapshot.container import save_target
+    if ("filename" in args) == ("fdname" in args):
+        raise QmpError("give either 'filename' or 'fdname'")
+    if "fdname" in args:
+        fd = conn.named_fds.get(args["fdname"])
+        if fd is None:
+            raise QmpError(f"File descriptor named '{args['fdname']}' not found")
+        target = f"/proc/self/fd/{fd}"
+    else:
+        target = args["filename"]
+    save_target(target, "save file")        # refused before the domain is paused or anything is written
+    try:
+        d.paused_for(lambda: save(vm, target))
+    finally:
+        if "fdname" in args:
+            os.close(conn.named_fds.pop(args["fdname"]))
     return {}
 
 

@@ -437,14 +437,24 @@ class QmpChannel:
             if msg.get("id") == msg_id or ("error" in msg and "id" not in msg):
                 return msg
 
-    def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
-        """Run one command; its "return" value, or QmpCommandError."""
+    def execute(self, command: str, arguments: Mapping[str, Any] | None = None, *,
+                fds: list[int] | None = None) -> Any:
+        """Run one command (with file descriptors passed along it, e.g. for getfd); its "return" value, or
+        QmpCommandError."""
         self._next_id += 1
         msg_id = f"vmfork-{self._next_id}"
         msg: dict[str, Any] = {"execute": command, "id": msg_id}
         if arguments:
             msg["arguments"] = dict(arguments)
-        self.send_raw(json.dumps(msg).encode() + b"\n")
+        data = json.dumps(msg).encode() + b"\n"
+        if fds:
+            try:
+                sent = socket.send_fds(self.sock, [data], fds)
+            except OSError as e:
+                raise ToolstackError(f"control socket {self.path}: {e.strerror or e}") from None
+            data = data[sent:]
+        if data:
+            self.send_raw(data)
         reply = self.reply_to(msg_id)
         if "error" in reply:
             err = reply["error"]
