@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .domfile import live_domains, remove_stale
 from .qmp import QmpChannel
 from .registry import DomainRecord, Registry
 from .runtime import RunDir, ToolstackError, pid_alive
@@ -153,26 +154,74 @@ def _reap(proc: subprocess.Popen[bytes]) -> int | None:
 
 # --- stale state ------------------------------------------------------------------------------------------------------
 
+DESTROY_ACTIONS = ("destroy", "coredump-destroy")
+
+
 def sweep(registry: Registry) -> None:
-    """Clean up after domains whose process is gone: their sockets are removed (and sockets of domids the registry
-    does not know), and their entries marked crashed (destroy removes them). Entries of held forks whose process is
-    gone are removed: a held fork leaves nothing to inspect."""
-    sockets = registry.run_dir.socket_files()       # listed before the registry is read (see below)
+    """Bring the registry in line with the processes (the truth; see domfile.py):
+    - a live domain without a row (the registry was deleted or damaged and moved away) gets its row back from its
+      domain file;
+    - a domain whose process is gone is handled as its on_crash says: destroy (the default) removes the entry,
+      keeping one line of why in the history (`vmfork list --all`); preserve keeps it, shown as crashed; restart
+      cannot restart a process that is gone, so it is kept as crashed with that said. An entry still "creating"
+      (a start that failed: nothing was made) or "destroying" (an interrupted destroy) is removed. Held forks'
+      entries go (a held fork leaves nothing to inspect);
+    - sockets and domain files of domains with no live process are removed.
+    Every step is a write that may fail (a full disk): the failure is left for the next sweep, nothing is half
+    done, and reading goes on."""
+    rd = registry.run_dir
+    sockets = rd.socket_files()       # listed before the registry is read (see below)
+    live = live_domains(rd.path)
     records = {r.domid: r for r in registry.all()}
+    for domid, data in live.items():
+        if domid not in records:
+            with contextlib.suppress(ToolstackError):
+                rec = registry.adopt(data)
+                if rec is not None:
+                    records[domid] = rec
     # A domain inserts its entry before it creates its sockets, and removes its sockets before its entry, so a
     # socket listed above without an entry read after it belongs to no live domain.
     for domid, paths in sockets.items():
         rec = records.get(domid)
-        if rec is None or not rec.alive:
+        if (rec is None or not rec.alive) and domid not in live:
             for p in paths:
                 with contextlib.suppress(OSError):
                     p.unlink()
     for rec in records.values():
-        if rec.held and not rec.alive:
-            registry.remove(rec.domid)
-        elif not rec.alive and rec.state != "crashed":
-            registry.mark_crashed(rec.domid, f"its process (pid {rec.pid}) ended unexpectedly "
-                                             f"while {rec.state}")
+        if rec.alive or rec.domid in live:
+            continue
+        with contextlib.suppress(ToolstackError):
+            _gone(registry, rec)
+
+
+def _gone(registry: Registry, rec: DomainRecord) -> None:
+    """Apply what happens to a domain whose process has ended without removing its entry."""
+    action = str(rec.config.get("on_crash", "destroy"))
+    was = f"its process (pid {rec.pid}) ended unexpectedly while {rec.state}"
+    if rec.held or rec.state in ("creating", "destroying"):
+        registry.remove(rec.domid, why=None if rec.held or rec.state == "creating" else "destroyed")
+    elif rec.state == "crashed":
+        return                                  # preserved already (by the domain itself, or an earlier sweep)
+    elif action in DESTROY_ACTIONS:
+        registry.remove(rec.domid, why=f"{was}; on_crash = {action}")
+        _remove_files(registry.run_dir, rec)
+        return
+    elif action == "preserve":
+        registry.mark_crashed(rec.domid, was)
+    else:
+        registry.mark_crashed(rec.domid, f"{was}; on_crash = {action} cannot restart a domain whose process is gone")
+    remove_stale(registry.run_dir.path, rec.domid)
+
+
+def _remove_files(rd: RunDir, rec: DomainRecord) -> None:
+    """A dead domain's sockets and domain file, and its console log if the guest never wrote to it."""
+    for path in (rec.qmp_socket, rec.console_socket):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    remove_stale(rd.path, rec.domid)
+    with contextlib.suppress(OSError):
+        if os.path.getsize(rec.console_log) == 0:
+            os.unlink(rec.console_log)
 
 
 # --- destroying ---------------------------------------------------------------------------------------------------
@@ -199,7 +248,13 @@ def _end_holder(rec: DomainRecord, timeout: float) -> None:
 
 
 def destroy_domain(registry: Registry, rec: DomainRecord, *, timeout: float = 10.0) -> None:
-    """End one domain (asking it to quit, killing it if it does not) and remove its sockets and entry."""
+    """End one domain (asking it to quit, killing it if it does not) and remove its sockets and entry.
+
+    It completes or changes nothing: the entry is first marked "destroying" (a write; on a full disk it fails and
+    the domain is left as it was), then the process is ended, then the entry goes (if that write fails, the next
+    sweep removes an entry left "destroying" whose process is gone; it is never shown as crashed)."""
+    if rec.alive or rec.held:
+        registry.update(rec.domid, state="destroying", reason="vmfork destroy")
     if rec.held:
         _end_holder(rec, timeout)
     elif rec.alive:
@@ -209,6 +264,8 @@ def destroy_domain(registry: Registry, rec: DomainRecord, *, timeout: float = 10
         except ToolstackError as e:
             from .qmp import QmpCommandError
             if isinstance(e, QmpCommandError):
+                with contextlib.suppress(ToolstackError):
+                    registry.update(rec.domid, state=rec.state, reason=rec.reason)
                 raise
             # unreachable (hung, or its socket is gone): it is killed below
         if not _wait_gone(rec, timeout):
@@ -217,7 +274,5 @@ def destroy_domain(registry: Registry, rec: DomainRecord, *, timeout: float = 10
                     os.kill(rec.pid, signal.SIGKILL)
             if not _wait_gone(rec, 5.0):
                 raise ToolstackError(f"{rec.label()}: its process (pid {rec.pid}) does not end")
-    for path in (rec.qmp_socket, rec.console_socket):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    _remove_files(registry.run_dir, rec)
     registry.remove(rec.domid)

@@ -16,6 +16,7 @@ Fork configs (`fork-vm -C FILE`, xl.cfg syntax): a fork is a copy of its parent,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -27,10 +28,11 @@ from ..config import DomainConfig, load_config
 from ..errors import ConfigError
 from ..snapshot.container import save_target
 from .client import DomainClient, destroy_domain, open_registry, require_control, start_domain, sweep
+from .domfile import live_domains
 from .foreground import check_config_files
 from .qmp import QmpChannel, QmpCommandError
-from .registry import DomainRecord, Registry
-from .runtime import ToolstackError
+from .registry import DomainRecord, Registry, record_from_file
+from .runtime import RunDir, ToolstackError
 
 __all__ = ["add_toolstack_commands"]
 
@@ -104,9 +106,19 @@ def _pages_owned(rec: DomainRecord) -> int | None:
         return None
 
 
+def _shown_reason(rec: DomainRecord) -> str:
+    """The reason column: the row's, plus who holds a paused domain paused (like Xen's pause count)."""
+    reason = rec.shown_reason
+    if rec.alive and rec.holders and rec.state == "paused":
+        held = f"paused by {rec.holders.replace(',', ' and ')}"
+        reason = f"{reason}; {held}" if reason else held
+    return reason
+
+
 def _entry(rec: DomainRecord, now: float) -> dict[str, Any]:
     return {
-        "domid": rec.domid, "name": rec.name, "state": rec.shown_state, "reason": rec.shown_reason,
+        "domid": rec.domid, "name": rec.name, "state": rec.shown_state, "reason": _shown_reason(rec),
+        "pause_holders": [h for h in rec.holders.split(",") if h] if rec.alive else [],
         "parent": rec.parent, "kind": rec.kind, "memory": rec.memory, "vcpus": rec.vcpus,
         "uptime": round(now - rec.created, 1), "pages_owned": _pages_owned(rec), "launch_dm": rec.launch_dm,
         "pid": rec.pid, "alive": rec.alive, "console_log": rec.console_log, "qmp_socket": rec.qmp_socket,
@@ -146,19 +158,58 @@ def _fuzz_line(stats: dict[str, Any] | None) -> str:
             f"corpus {num('corpus')}  cov {cov}  age {age}")
 
 
+def _list_records() -> tuple[Registry | None, list[DomainRecord]]:
+    """The domains to list: the registry's, swept (see client.sweep), plus live domains it lacks. A registry that
+    cannot be opened or read (damaged, or a full disk) is reported in one line on stderr, and the live domains are
+    listed from their domain files."""
+    rd = RunDir.open()
+    try:
+        reg = Registry(rd)
+    except ToolstackError as e:
+        print(f"vmfork: warning: {e}", file=sys.stderr)
+        reg = None
+    records: dict[int, DomainRecord] = {}
+    if reg is not None:
+        with contextlib.suppress(ToolstackError):
+            sweep(reg)
+        try:
+            records = {r.domid: r for r in reg.all()}
+        except ToolstackError as e:
+            print(f"vmfork: warning: {e}", file=sys.stderr)
+    for domid, data in live_domains(rd.path).items():
+        if domid not in records:
+            rec = record_from_file(data)
+            if rec is not None:
+                records[domid] = rec
+    return reg, [records[d] for d in sorted(records)]
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
-    reg = _registry()
-    sweep(reg)
+    reg, records = _list_records()
     now = time.time()
-    records = reg.all()
     if args.domains:
-        wanted = [reg.find(d).domid for d in args.domains]
+        by_name = {r.name: r.domid for r in records}
+        wanted = []
+        for d in args.domains:
+            if d.isdigit() and any(r.domid == int(d) for r in records):
+                wanted.append(int(d))
+            elif d in by_name:
+                wanted.append(by_name[d])
+            else:
+                raise ToolstackError(f"no domain {'with id ' if d.isdigit() else 'named '}"
+                                     f"{d if d.isdigit() else repr(d)} (vmfork list shows the domains)")
         records = [r for r in records if r.domid in wanted]
     entries = [_entry(r, now) for r in records]
     for e, r in zip(entries, records, strict=True):
-        e["fuzz"] = _fuzz_stats(reg, r, now)
+        e["fuzz"] = _fuzz_stats(reg, r, now) if reg is not None else None
+    history: list[dict[str, Any]] = []
+    if args.all and reg is not None:
+        with contextlib.suppress(ToolstackError):
+            history = reg.history()
     if args.json:
-        print(json.dumps(entries, indent=2))
+        ended = [{"domid": h["domid"], "name": h["name"], "state": "ended", "reason": h["why"],
+                  "ended": h["ended"]} for h in history]
+        print(json.dumps(entries + ended, indent=2))
         return 0
     if args.tree:
         _print_tree(entries)
@@ -172,6 +223,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
               f"{e['uptime']:>8.1f} {pages:>7}  {e['reason']}")
         if e["kind"] == "fuzz":
             print(_fuzz_line(e["fuzz"]))
+    if history:
+        print("Ended:")
+        for h in history:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["ended"]))
+            print(f"  {h['name']} ({h['domid']}) {when}: {h['why']}")
     return 0
 
 
@@ -444,6 +500,7 @@ def add_toolstack_commands(sub: Any) -> None:
     p.add_argument("domains", nargs="*", metavar="DOMAIN")
     p.add_argument("--json", action="store_true", help="machine-readable, with log and socket paths")
     p.add_argument("--tree", action="store_true", help="draw the fork tree")
+    p.add_argument("--all", action="store_true", help="also the domains that ended, with why (the last 200)")
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("console", help="attach to a domain's console (Ctrl-] detaches)")

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import DomainConfig
 from ..errors import VmforkError
 from .console import ConsoleClient, ConsoleHub
+from .domfile import DomainFile
 from .qmp import (
     ArgSpec,
     Framed,
@@ -206,10 +207,12 @@ class Domain:
         self.kind: str = spec["kind"]
         self.registry = Registry(run_dir)
         self.record: DomainRecord | None = None
+        self.domfile: DomainFile | None = None      # held (locked) for the life of the process: see domfile.py
         self.vm: VM | None = None
         self.config: DomainConfig | None = None
         self.state = "creating"     # creating | prelaunch | running | paused | shutdown | crashed
         self.reason = ""
+        self.pause_holders: set[str] = set()    # who holds the domain paused ("toolstack", "debugger"): see hold_pause
         self.fork_point_reason = ""     # a fork's parent's pause reason when it is the harness ready marker
         self.parent_link: QmpChannel | None = None
         self.parent_domid: int | None = None
@@ -280,9 +283,13 @@ class Domain:
 
     def _reserve(self, *, name: str | None, auto_name: str | None = None, config: dict[str, Any], launch_dm: str,
                  memory: int, vcpus: int, parent: int | None = None) -> None:
+        def claim(record: DomainRecord) -> None:
+            data = {**dataclasses.asdict(record), "spec": self.spec}
+            self.domfile = DomainFile(self.rd.domain_file(record.domid), data)
         self.record = self.registry.reserve(name=name, auto_name=auto_name, parent=parent, kind=self.kind,
                                             config=config, launch_dm=launch_dm, pid=os.getpid(),
-                                            pid_start=pid_start_time(os.getpid()), memory=memory, vcpus=vcpus)
+                                            pid_start=pid_start_time(os.getpid()), memory=memory, vcpus=vcpus,
+                                            claim=claim)
         self.console = ConsoleHub(self.record.console_log, self.wake)
         self.qmp_listener = self._listen(self.record.qmp_socket, self._on_qmp_accept)
         self.console_listener = self._listen(self.record.console_socket, self._on_console_accept)
@@ -327,7 +334,7 @@ class Domain:
         self._reserve(name=spec.get("name"), auto_name=parent.name, parent=parent.domid, config=cfg.to_dict(),
                       launch_dm=launch_dm, memory=parent.memory, vcpus=parent.vcpus)
         self.config = cfg.with_overrides(name=self.name)
-        self.registry.update(self.domid, config=self.config.to_dict())
+        self.update_record(config=self.config.to_dict())
         link = QmpChannel.connect(parent.qmp_socket, timeout=60, pid=parent.pid, label=parent.label())
         self.parent_link = link
         # The received files stay open for the life of this process (the fork's RAM and its reset source).
@@ -372,6 +379,42 @@ class Domain:
                 self.registry.update(self.domid, state=state, reason=reason)
             except VmforkError:
                 pass
+        if self.domfile is not None:
+            self.domfile.update(state=state, reason=reason)
+
+    def update_record(self, **values: Any) -> None:
+        """Change the registry row and the domain file alike (config, name, launch_dm...)."""
+        self.registry.update(self.domid, **values)
+        if self.domfile is not None:
+            self.domfile.update(**values)
+
+    # --- pause holders (Xen's pause count, by name) ---------------------------------------------------------------
+
+    def hold_pause(self, holder: str) -> None:
+        """`holder` ("toolstack" for vmfork pause / QMP stop, "debugger" for a GDB session) holds the domain paused
+        (pausing it if it runs). It runs again only when no holder is left (release_pause): a debugger detaching
+        does not resume a domain the toolstack paused, nor does the toolstack's unpause run a domain under a
+        debugger's stop."""
+        self.pause_holders.add(holder)
+        self._publish_holders()
+        while self.state == "running" and not self.quitting:
+            self._pause()
+
+    def release_pause(self, holder: str) -> bool:
+        """`holder` lets go; the domain runs again if it is paused and no other holder is left. Returns whether it
+        was started."""
+        self.pause_holders.discard(holder)
+        self._publish_holders()
+        if self.pause_holders or self.state != "paused" or self.quitting:
+            return False
+        self._start()
+        return True
+
+    def _publish_holders(self) -> None:
+        holders = ",".join(sorted(self.pause_holders))
+        if self.record is not None:
+            with contextlib.suppress(VmforkError):
+                self.update_record(holders=holders)
 
     def _start(self) -> None:
         vm = self.machine
@@ -884,6 +927,8 @@ class Domain:
                     os.unlink(path)
             with contextlib.suppress(VmforkError):
                 self.registry.remove(self.domid)
+            if self.domfile is not None:
+                self.domfile.remove()
             if failed_start:
                 if self.console is not None:
                     self.console.close()
@@ -916,6 +961,7 @@ class Domain:
         return {
             "domid": self.domid, "name": self.name, "kind": self.kind, "parent": self.parent_domid,
             "state": self.state, "reason": self.reason, "pid": os.getpid(),
+            "pause_holders": sorted(self.pause_holders),
             "memory": self.record.memory if self.record else None, "vcpus": self.record.vcpus if self.record else None,
             "launch_dm": "yes" if vm is not None and vm.devices else "no",
             "irqs_blocked": bool(vm is not None and vm.irqs_blocked),
@@ -965,7 +1011,7 @@ def _query_commands(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
 def _stop(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     if d.vm is None:
         raise QmpError(f"{d.label()} has no machine")
-    d._pause()
+    d.hold_pause("toolstack")
     return {}
 
 
@@ -973,6 +1019,13 @@ def _stop(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
 def _cont(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     vm = d.machine
     if d.state == "running":
+        d.pause_holders.discard("toolstack")
+        d._publish_holders()
+        return {}
+    if d.pause_holders - {"toolstack"}:
+        # Xen's unpause: the toolstack lets go of its pause; another holder (a debugger) keeps the domain paused.
+        d.pause_holders.discard("toolstack")
+        d._publish_holders()
         return {}
     forks = d._forks_text()
     if forks:
@@ -989,6 +1042,8 @@ def _cont(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
         d._start()
     except VmforkError as e:
         raise QmpError(f"cannot resume {vm.name}: {e}") from None
+    d.pause_holders.discard("toolstack")
+    d._publish_holders()
     return {}
 
 
@@ -1216,25 +1271,39 @@ def _vmfork_attach_dm(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     if bad:
         raise QmpError(f"Parameter 'actions' may only hold on_poweroff, on_reboot and on_crash, not {bad[0]}")
     assert d.config is not None and d.record is not None
+    # Everything is checked before anything changes (issue 14): the device-state file is read and checked, the
+    # name and actions are validated, and only then is the machine given devices and renamed, together.
     config = d.config.with_overrides(**actions)
-    if "name" in args and args["name"] != d.name:
+    rename = "name" in args and args["name"] != d.name
+    if rename:
         config = config.with_overrides(name=args["name"])
-        d.registry.update(d.domid, name=config.name)
-        d.record = dataclasses.replace(d.record, name=config.name)
-        vm.name = config.name
+        other = d.registry.by_name(config.name)
+        if other is not None and other.domid != d.domid:
+            raise QmpError(f"name {config.name!r} is already used by domain {other.domid}")
     device_state: DeviceSetState | None
     if "filename" in args:
         from ..snapshot import load_device_state
         device_state = load_device_state(args["filename"])
     else:
         device_state = vm.fork_state.devices if vm.fork_state is not None else None
+    if rename:
+        d.update_record(name=config.name)       # the last check: a name a racing command took is refused here
 
     def attach() -> None:
         vm.attach_device_model(device_state)
         d._adopt(vm)
-    d.paused_for(attach)
+    try:
+        d.paused_for(attach)
+    except BaseException:
+        if rename:
+            with contextlib.suppress(VmforkError):
+                d.update_record(name=d.name)
+        raise
+    if rename:
+        d.record = dataclasses.replace(d.record, name=config.name)
+        vm.name = config.name
     d.config = config
-    d.registry.update(d.domid, launch_dm="yes", config=config.to_dict())
+    d.update_record(launch_dm="yes", config=config.to_dict())
     return {}
 
 

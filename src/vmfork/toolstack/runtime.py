@@ -11,7 +11,9 @@ directory others can write to would let them plant sockets). Per domain, named b
     <domid>.console   the console socket (output stream, input), mode 0600
     <domid>.log       the console log (everything the guest wrote to its console), mode 0600
     <domid>.stats     a fuzzer's live numbers, for a fork it holds (`vmfork fuzz --domain`), mode 0600
-    registry.db       the registry of domains (SQLite, WAL)
+    <domid>.dom       the domain file: its process holds a lock on it while it lives (domfile.py), mode 0600
+    registry.db       the registry of domains (SQLite, WAL), an index of the domain files
+    alloc.lock        serialises the allocation of domids and names
 
 Also here: process liveness checks that survive pid reuse (a pid plus its start time).
 """
@@ -78,6 +80,9 @@ class RunDir:
 
     def console_log(self, domid: int) -> Path:
         return self.path / f"{domid}.log"
+
+    def domain_file(self, domid: int) -> Path:
+        return self.path / f"{domid}.dom"
 
     @property
     def registry(self) -> Path:

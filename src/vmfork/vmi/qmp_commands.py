@@ -31,7 +31,9 @@ GDB server: `vmfork-gdbserver-start` starts `GdbServer` in a thread of the domai
 the server stops when the QMP connection that started it closes (what `vmfork gdbserver` uses, so a killed command
 leaves no listening port behind); without it the server runs until `vmfork-gdbserver-stop` or the domain's end.
 A client that detaches or drops its connection leaves the domain without breakpoints, running again if it was
-running when GDB attached (or GDB ran it since).
+running when GDB attached (or GDB ran it since), unless the toolstack holds it paused (`vmfork pause` before or
+during the session): the debugger's and the toolstack's pauses are kept apart, like Xen's pause count, and
+`vmfork list` shows who holds a paused domain (DomainTarget.debugger_attached / debugger_detached).
 
 Run control from the GDB thread goes through the domain's main thread (which owns every change to the machine):
 `DomainTarget` is a `LocalTarget` whose start/pause/wait/run are carried out by the domain loop, so the domain's
@@ -75,6 +77,7 @@ MAX_TEXT_READ = 1 << 20         # bytes one hexdump read may cover (its text is 
 MAX_DISASM = 1000
 GDB_DEFAULT_PORT = 1234
 GDB_PORT_TRIES = 100            # without an explicit port: 1234..1333
+DEBUGGER = "debugger"           # the GDB server's name among a domain's pause holders
 U64 = 1 << 64
 
 T = TypeVar("T")
@@ -179,7 +182,35 @@ class DomainTarget(LocalTarget):
         if d.vm is self.machine and self.machine.state != "running":
             d._collect_stops(block=True)
 
+    # Pause holders (issue 14): while a GDB client is attached, the debugger's stops hold the domain paused under
+    # the name "debugger", apart from the toolstack's ("vmfork pause"). The debugger runs the guest when GDB says
+    # so; when it lets go (detach), the domain runs again only if no other holder is left. The GDB server may say
+    # so explicitly (debugger_attached / debugger_detached); until it does, a client connection tells.
+
+    def debugger_attached(self) -> None:
+        """(any thread) A debugger takes hold: the domain is paused, and held paused for it."""
+        self.calls.call(lambda: self.domain.hold_pause(DEBUGGER))
+
+    def debugger_detached(self, resume: bool = True) -> None:
+        """(any thread) The debugger lets go; with `resume`, the domain runs again unless another holder (the
+        toolstack) still holds it paused."""
+        def release() -> None:
+            self._settle()
+            d = self.domain
+            if resume and d.state == "paused":
+                d.release_pause(DEBUGGER)
+            else:
+                d.pause_holders.discard(DEBUGGER)
+                d._publish_holders()
+        self.calls.call(release)
+
+    def _client_attached(self) -> bool:
+        server = _gdb.server
+        return server is not None and server.target is self and server._conn is not None
+
     def start(self) -> None:
+        attached = self._client_attached()
+
         def start() -> None:
             d = self.domain
             self._settle()
@@ -189,6 +220,9 @@ class DomainTarget(LocalTarget):
                 return
             if d.state in ("shutdown", "crashed"):
                 raise VmStateError(f"cannot resume {d.label()}: {d.reason}")
+            if not attached:
+                d.release_pause(DEBUGGER)       # the GDB server resuming after its client left
+                return
             d._start()
         self.calls.call(start)
 
@@ -207,10 +241,15 @@ class DomainTarget(LocalTarget):
     def pause(self) -> StopEvent:
         from ..vm import StopEvent
 
+        attached = self._client_attached()
+
         def pause() -> None:
             self._settle()
             if self.domain.vm is self.machine:
-                self.domain._pause()
+                if attached:
+                    self.domain.hold_pause(DEBUGGER)
+                else:
+                    self.domain._pause()
         self.calls.call(pause)
         if self.machine.state == "destroyed":
             raise VmStateError(f"{self.machine.name} is destroyed")
