@@ -282,3 +282,248 @@ def _dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+# --- the processes are the truth (items 3, 4, 5) ---------------------------------------------------------------------
+
+def test_a_dead_domain_follows_on_crash(ts: CliHarness) -> None:
+    """kill -9 used to keep the name taken ("already used by domain 1") until a destroy, whatever on_crash said."""
+    cfg = ts.config("rel", "demo")                    # on_crash defaults to destroy
+    dom = ts.create(cfg)
+    ts.wait_state(dom, "paused")
+    pid = ts.record(dom).pid
+    assert pid is not None
+    os.kill(pid, 9)
+    ts.wait("the process to die", lambda: not ts.record(dom).alive)
+    again = ts.create(cfg)                            # the name is free again: on_crash = destroy applied
+    assert again > dom
+    ended = [e for e in json.loads(ts.ok("list", "--all", "--json")) if e["state"] == "ended"]
+    assert [(e["domid"], e["name"]) for e in ended] == [(dom, "rel")]
+    assert f"pid {pid}" in ended[0]["reason"] and "on_crash = destroy" in ended[0]["reason"]
+    assert "on_crash = destroy" in ts.ok("list", "--all")
+    assert not (ts.run_dir / f"{dom}.qmp").exists() and not (ts.run_dir / f"{dom}.dom").exists()
+
+    kept = ts.create(ts.config("kept", "demo", on_crash="preserve"))
+    ts.wait_state(kept, "paused")
+    kpid = ts.record(kept).pid
+    assert kpid is not None
+    os.kill(kpid, 9)
+    ts.wait("the process to die", lambda: not ts.record(kept).alive)
+    assert ts.listed("kept")["state"] == "crashed"
+    ts.fail("create", str(ts.config("kept", "demo")), match="name 'kept' is already used")
+
+
+def test_a_fork_killed_while_starting_leaves_no_entry(ts: CliHarness) -> None:
+    parent = ts.create(ts.config("p8", "demo"))
+    ts.wait_state(parent, "paused")
+    proc = ts.popen("fork-vm", "p8")
+    # Kill the fork's domain process as soon as its entry says "creating".
+    deadline = time.monotonic() + 30
+    victim = None
+    while time.monotonic() < deadline and victim is None:
+        for r in ts.registry.all():
+            if r.parent == parent and r.state == "creating" and r.pid:
+                victim = r.pid
+        time.sleep(0.001)
+    if victim is None:
+        pytest.skip("the fork started before it could be caught while creating")
+    os.kill(victim, 9)
+    proc.communicate(timeout=30)
+    names = [e["name"] for e in ts.list_json()]
+    assert names == ["p8"], names
+
+
+def test_a_deleted_registry_loses_no_domain(ts: CliHarness) -> None:
+    """After registry.db was deleted, list showed nothing and create reused domid 1, its name and its socket: the
+    old domains became unreachable ghosts."""
+    a = ts.create(ts.config("alpha", "demo"))
+    b = ts.create(ts.config("beta", "timer 60000"))
+    ts.wait_state(a, "paused")
+    ts.wait_state(b, "running")
+    before = {e["name"]: e for e in ts.list_json()}
+    ts.registry.close()
+    ts._registry = None
+    for suffix in ("", "-wal", "-shm"):
+        with_suffix = ts.run_dir / f"registry.db{suffix}"
+        if with_suffix.exists():
+            with_suffix.unlink()
+    after = {e["name"]: e for e in ts.list_json()}
+    assert set(after) == {"alpha", "beta"}
+    for name in after:
+        for key in ("domid", "pid", "qmp_socket", "state", "parent", "config"):
+            assert after[name][key] == before[name][key], (name, key)
+    ts.fail("create", str(ts.config("alpha", "demo")), match=f"name 'alpha' is already used by domain {a}")
+    c = ts.create(ts.config("gamma", "demo"))
+    assert c > b
+    ts.ok("pause", "beta")
+    ts.ok("destroy", "alpha")
+    ts.ok("destroy", "beta")
+    ts.ok("destroy", "gamma")
+    assert ts.list_json() == []
+
+
+def test_a_damaged_registry_is_named_and_list_still_lists(ts: CliHarness) -> None:
+    a = ts.create(ts.config("alpha", "demo"))
+    ts.wait_state(a, "paused")
+    ts.registry.close()
+    ts._registry = None
+    db = ts.run_dir / "registry.db"
+    for suffix in ("-wal", "-shm"):
+        p = ts.run_dir / f"registry.db{suffix}"
+        if p.exists():
+            p.unlink()
+    db.write_bytes(b"this is not an SQLite database" * 100)
+    p = ts.run("list")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("\n") == 1 and f"registry {db} is damaged" in p.stderr and "mv " in p.stderr
+    assert any(ln.split()[:2] == ["alpha", str(a)] for ln in p.stdout.splitlines()), p.stdout
+    db.rename(ts.run_dir / "registry.db.bad")
+    assert ts.listed("alpha")["domid"] == a
+    ts.ok("destroy", "alpha")
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs to fill up (needs root)."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=700", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_never_hides_the_domains(ts: CliHarness, small_fs: Path) -> None:
+    """With the run directory's file system full, destroy --force killed the fork and then failed with "database or
+    disk is full", and every list failed after that."""
+    ts.run_dir = small_fs / "run"
+    ts.env["VMFORK_RUN_DIR"] = str(ts.run_dir)
+    par = ts.create(ts.config("par", "demo"))
+    ts.wait_state(par, "paused")
+    fork = int(ts.ok("fork-vm", "-p", "par").strip())
+    before = ts.list_json()
+    filler = small_fs / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    try:
+        assert [e["domid"] for e in ts.list_json()] == [par, fork]
+        p = ts.run("destroy", "--force", "par")
+        if p.returncode != 0:
+            # refused: nothing changed, every process still runs
+            assert p.stderr.startswith("vmfork: error: ") and p.stderr.count("\n") == 1, p.stderr
+            _same_listing(before, ts.list_json())
+            assert all(e["alive"] for e in ts.list_json())
+        else:
+            assert ts.list_json() == []
+    finally:
+        filler.unlink()
+    ts.ok("list")
+    if ts.list_json():
+        ts.ok("destroy", "--force", "par")
+    assert ts.list_json() == []
+
+
+# --- commands are atomic (issue 14, item 5) ---------------------------------------------------------------------------
+
+def _snapshot(ts: CliHarness, *domains: str) -> tuple[list[dict[str, Any]], dict[str, Any], set[str]]:
+    """Everything a refused command must leave alone: the listing, the domains' registers, the run directory."""
+    regs = {d: ts.execute(d, "vmfork-regs-get") for d in domains}
+    return ts.list_json(), regs, set(os.listdir(ts.run_dir))
+
+
+def _unchanged(ts: CliHarness, snap: tuple[list[dict[str, Any]], dict[str, Any], set[str]]) -> None:
+    before, regs, files = snap
+    _same_listing(before, ts.list_json())
+    assert {d: ts.execute(d, "vmfork-regs-get") for d in regs} == regs
+    assert set(os.listdir(ts.run_dir)) == files
+
+
+@pytest.fixture
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\x00garbage" * 512)
+    text = tmp_path / "text.txt"
+    text.write_text("not a vmfork file\n")
+    return {"garbage": garbage, "text": text}
+
+
+def test_late_dm_with_a_bad_state_file_renames_nothing(ts: CliHarness, bad_files: dict[str, Path],
+                                                       multiboot_guest: Path) -> None:
+    """The fork used to be renamed to the config's name before the device-state file was read. The parent is the
+    Multiboot guest (its own conventions only), booted by its kernel."""
+    cfg = ts.config("mb", "demo")
+    cfg.write_text(cfg.read_text().replace(str(ts.kernel), str(multiboot_guest)))
+    par = ts.create(cfg, "-p")
+    fork = int(ts.ok("fork-vm", "--launch-dm", "no", "-p", "mb").strip())
+    fork_name = ts.record(fork).name
+    snap = _snapshot(ts, "mb", fork_name)
+    renamed = ts.fork_config("renamed", on_crash="preserve")
+    for bad in bad_files.values():
+        err = ts.fail("fork-vm", "--launch-dm", "late", "-C", str(renamed), "-Q", str(bad), fork_name,
+                      match=str(bad))
+        assert "device-state file" in err
+        _unchanged(ts, snap)
+    # The QMP command behind it refuses the same way, renaming nothing.
+    from vmfork.toolstack.qmp import QmpCommandError
+    with pytest.raises(QmpCommandError, match="device-state file"):
+        ts.execute(fork_name, "vmfork-attach-dm", filename=str(bad_files["garbage"]), name="renamed")
+    with pytest.raises(QmpCommandError, match="already used"):
+        ts.execute(fork_name, "vmfork-attach-dm", name="mb")
+    _unchanged(ts, snap)
+    assert ts.record(par).name == "mb"
+
+
+def test_fork_vm_with_config_and_bad_state_file_creates_nothing(ts: CliHarness, bad_files: dict[str, Path]) -> None:
+    par = ts.create(ts.config("par", "demo"))
+    ts.wait_state(par, "paused")
+    snap = _snapshot(ts, "par")
+    cfg = ts.fork_config("child")
+    for bad in bad_files.values():
+        ts.fail("fork-vm", "-C", str(cfg), "-Q", str(bad), "par", match=str(bad))
+        _unchanged(ts, snap)
+    ts.fail("fork-vm", "-C", str(ts.fork_config("par")), "par", match="a fork needs a name of its own")
+    ts.fail("fork-vm", "-C", str(cfg), "-m", "4", "par", match="-m 4")
+    _unchanged(ts, snap)
+    child = int(ts.ok("fork-vm", "-C", str(cfg), "-p", "par").strip())     # a good one still works, and takes
+    assert ts.record(child).name == "child"                                 # the next domid
+    assert child == par + 1
+
+
+def test_restore_of_a_bad_file_or_name_changes_nothing(ts: CliHarness, bad_files: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    par = ts.create(ts.config("par", "demo"))
+    ts.wait_state(par, "paused")
+    good = tmp_path / "par.sav"
+    ts.ok("save", "par", str(good))
+    snap = _snapshot(ts, "par")
+    for bad in bad_files.values():
+        ts.fail("restore", str(bad), match=str(bad))
+        _unchanged(ts, snap)
+    ts.fail("restore", "-n", "par", str(good), match="name 'par' is already used")
+    ts.fail("restore", "-n", "bad/name", str(good), match="name")
+    from vmfork.toolstack.qmp import QmpCommandError
+    with pytest.raises(QmpCommandError):
+        ts.execute("par", "vmfork-save", filename=str(tmp_path))
+    _unchanged(ts, snap)
+    new = int(ts.ok("restore", "-p", "-n", "copy", str(good)).strip())
+    assert new == par + 1
+
+
+def test_save_to_a_bad_target_changes_nothing(ts: CliHarness, tmp_path: Path) -> None:
+    spin = ts.create(ts.config("spin", "timer 60000"))
+    ts.wait_state(spin, "running")
+    ts.ok("pause", "spin")
+    snap = _snapshot(ts, "spin")
+    ts.fail("save", "spin", str(tmp_path), match="it is a directory")
+    ts.fail("save", "-p", "spin", ts.record(spin).qmp_socket, match="it is a socket")
+    ts.fail("save", "--destroy", "spin", str(tmp_path / "no" / "where.sav"), match="does not exist")
+    _unchanged(ts, snap)

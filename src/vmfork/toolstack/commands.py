@@ -372,8 +372,16 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         from .foreground import cmd_restore_foreground as restore_foreground
         return restore_foreground(args)
     path = os.path.abspath(args.file)
+    from ..snapshot import info
+    info(path)                      # a damaged or foreign file is refused before a domain process starts
     reg = _registry()
     sweep(reg)
+    if args.name is not None:
+        from ..config import DomainConfig
+        DomainConfig(name=args.name)        # the name's rules, checked here
+        used = reg.by_name(args.name)
+        if used is not None:
+            raise ToolstackError(f"name {args.name!r} is already used by domain {used.domid}")
     domid = start_domain(reg.run_dir, {"kind": "restore", "file": path, "name": args.name, "paused": args.paused})
     print(domid, flush=True)
     return 0
@@ -396,6 +404,10 @@ def _cmd_fork_vm(args: argparse.Namespace) -> int:
     dm_file = os.path.abspath(args.dm_state) if args.dm_state else None
     if dm_file is not None and not os.path.isfile(dm_file):
         raise ToolstackError(f"-Q {args.dm_state}: no such file")
+    if dm_file is not None:
+        # Checked here, before a domain process is started or anything renamed (the domain reads it again).
+        from ..snapshot import load_device_state
+        load_device_state(dm_file)
     if rec.held:
         require_control(rec)
     if args.launch_dm == "late":
