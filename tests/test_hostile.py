@@ -527,3 +527,64 @@ def test_save_to_a_bad_target_changes_nothing(ts: CliHarness, tmp_path: Path) ->
     ts.fail("save", "-p", "spin", ts.record(spin).qmp_socket, match="it is a socket")
     ts.fail("save", "--destroy", "spin", str(tmp_path / "no" / "where.sav"), match="does not exist")
     _unchanged(ts, snap)
+
+
+# --- pause holders (issue 14, item 4) ---------------------------------------------------------------------------------
+
+GDB = __import__("shutil").which("gdb")
+
+
+def _gdb_session(ts: CliHarness, port: int, *commands: str) -> str:
+    """Real gdb: attach, run the commands (a `continue` is interrupted after a second, as Ctrl-C would), detach."""
+    import subprocess
+    import sys
+    assert GDB is not None
+    cmds = ["set pagination off", "set confirm off", f"target remote 127.0.0.1:{port}"]
+    for c in commands:
+        if c == "continue":
+            cmds += ["shell (sleep 1; kill -INT $PPID) &", "continue"]
+        elif c.startswith("vmfork "):
+            cmds.append(f"shell {sys.executable} -m vmfork.cli {c[len('vmfork '):]}")
+        else:
+            cmds.append(c)
+    cmds.append("detach")
+    r = subprocess.run([GDB, "-nx", "-batch", *[a for c in cmds for a in ("-ex", c)]], capture_output=True,
+                       text=True, timeout=90, env=ts.env, cwd=ts.base)
+    assert "detached" in r.stdout, r.stdout + r.stderr + ts.debug()
+    return r.stdout
+
+
+@pytest.mark.skipif(GDB is None, reason="needs gdb (Debian package gdb)")
+def test_a_domain_paused_by_the_toolstack_stays_paused_when_gdb_detaches(ts: CliHarness, tmp_path: Path) -> None:
+    """It used to run again after a gdb session that ran it. Xen and QEMU keep the toolstack's pause apart from the
+    debugger's; `vmfork list` shows both."""
+    import re
+    spin = ts.create(ts.config("spin", "timer 60000"))
+    ts.wait_state(spin, "running")
+    ts.ok("pause", "spin")
+    assert ts.listed("spin")["pause_holders"] == ["toolstack"]
+    server = ts.popen("gdbserver", "spin", "--listen", "127.0.0.1:0")
+    assert server.stdout is not None
+    m = re.fullmatch(r"gdb: target remote 127\.0\.0\.1:(\d+)\n", server.stdout.readline().decode())
+    assert m, ts.debug()
+    port = int(m.group(1))
+
+    during = tmp_path / "during.json"
+    out = _gdb_session(ts, port, "continue", "info registers rip", f"vmfork list --json spin > {during}")
+    assert re.search(r"^rip\s+0x", out, re.M), out
+    row = json.loads(during.read_text())[0]
+    assert row["state"] == "paused" and row["pause_holders"] == ["debugger", "toolstack"], row
+    assert "paused by debugger and toolstack" in row["reason"]
+    time.sleep(0.5)
+    after = ts.listed("spin")
+    assert after["state"] == "paused" and after["pause_holders"] == ["toolstack"], after
+    assert ts.execute("spin", "query-status")["status"] == "paused"
+
+    # The toolstack's unpause under the debugger's stop lets go of its own pause only; the debugger's detach then
+    # resumes the domain, since no holder is left.
+    mid = tmp_path / "mid.json"
+    _gdb_session(ts, port, "continue", "vmfork unpause spin", f"vmfork list --json spin > {mid}")
+    row = json.loads(mid.read_text())[0]
+    assert row["state"] == "paused" and row["pause_holders"] == ["debugger"], row
+    ts.wait_state(spin, "running")
+    assert ts.listed("spin")["pause_holders"] == []

@@ -234,8 +234,15 @@ class DomainTarget(LocalTarget):
             if self.machine.state == "running":
                 return StopEvent("timeout")
         ev = self.machine.stop_event or StopEvent("pause")
+        attached = self._client_attached()
+
+        def settle() -> None:
+            self._settle()
+            # A stop the attached debugger waited for (a breakpoint, a step, its interrupt) is the debugger's.
+            if attached and self.domain.state == "paused" and self.domain.vm is self.machine:
+                self.domain.hold_pause(DEBUGGER)
         with contextlib.suppress(VmStateError):
-            self.calls.call(self._settle)
+            self.calls.call(settle)
         return ev
 
     def pause(self) -> StopEvent:
