@@ -588,3 +588,43 @@ def test_a_domain_paused_by_the_toolstack_stays_paused_when_gdb_detaches(ts: Cli
     assert row["state"] == "paused" and row["pause_holders"] == ["debugger"], row
     ts.wait_state(spin, "running")
     assert ts.listed("spin")["pause_holders"] == []
+
+
+# --- logs without end (item 7) -----------------------------------------------------------------------------------------
+
+def test_console_log_is_capped_by_rotation_and_empty_logs_go(ts: CliHarness) -> None:
+    dom = ts.create(ts.config("chatty", "det 4000", console_log_max=64))    # about 150 KB of output, 64 KiB cap
+    log = ts.run_dir / f"{dom}.log"
+    ts.wait_state(dom, "paused")                        # at its ready marker
+    ts.ok("unpause", "chatty")
+    ts.wait_gone(dom, timeout=120)                      # prints, exits; on_poweroff = destroy
+    old = Path(f"{log}.1")
+    assert old.exists() and old.stat().st_size <= 64 << 10 and log.stat().st_size <= 64 << 10
+    assert "det 3999 " in log.read_text()               # the newest output is kept
+    ts.fail("create", str(ts.config("tiny", "hello", console_log_max=1)), match="console_log_max: must be at "
+                                                                               "least 64 KiB")
+    quiet = ts.create(ts.config("quiet", "hello"), "-p")
+    assert (ts.run_dir / f"{quiet}.log").exists()
+    ts.ok("destroy", "quiet")
+    assert not (ts.run_dir / f"{quiet}.log").exists()   # the guest never wrote to it
+
+
+def test_console_clients_that_never_read_share_one_cap() -> None:
+    import socket as socketlib
+    import tempfile
+
+    from vmfork.toolstack.console import CLIENTS_BUFFER, ConsoleHub
+    with tempfile.TemporaryDirectory() as d:
+        hub = ConsoleHub(f"{d}/1.log", lambda: None, log_max=1 << 20)
+        pairs = [socketlib.socketpair() for _ in range(65)]
+        for a, _b in pairs:
+            hub.add(a, device_model=True)
+        for _ in range(64):
+            hub.write(b"x" * (64 << 10))               # 4 MiB of output nobody reads
+        total = sum(len(c.out) for c in hub.clients.values())
+        assert total <= CLIENTS_BUFFER + 65 * 1024, total
+        assert os.path.getsize(f"{d}/1.log") <= 1 << 20 and os.path.getsize(f"{d}/1.log.1") <= 1 << 20
+        hub.close()
+        for a, b in pairs:
+            a.close()
+            b.close()

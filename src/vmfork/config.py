@@ -26,6 +26,8 @@ Keys:
     on_crash        ... crashes, default "destroy"
                     (each one of destroy, restart, preserve, coredump-destroy, coredump-restart, rename-restart)
     boot_protocol   auto | multiboot | pvh | linux, default auto (a vmfork extension)
+    console_log_max KiB a domain's console log may reach before it is rotated (`<domid>.log` becomes
+                    `<domid>.log.1`, replacing an older one): at most twice this is kept; 64..4194304, default 16384
 
 Every error is a `ConfigError` whose message starts with "FILE:LINE: KEY: ..." (or "FILE: ..." for a missing key).
 """
@@ -63,7 +65,7 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 BOOT_PROTOCOLS: tuple[str, ...] = get_args(BootProtocol)
 
 KEYS = ("name", "memory", "vcpus", "kernel", "ramdisk", "cmdline", "extra", "on_poweroff", "on_reboot", "on_crash",
-        "boot_protocol")
+        "boot_protocol", "console_log_max")
 
 MAX_NAME = 64
 MAX_VCPUS = 64
@@ -178,8 +180,9 @@ _VALIDATORS: dict[str, Validator] = {
     "on_reboot": _check_choice(ACTIONS),
     "on_crash": _check_choice(ACTIONS),
     "boot_protocol": _check_choice(BOOT_PROTOCOLS),
+    "console_log_max": _check_int("an integer number of KiB", 64, 4 << 20, " KiB"),
 }
-_INT_KEYS = ("memory", "vcpus")
+_INT_KEYS = ("memory", "vcpus", "console_log_max")
 _PATH_KEYS = ("kernel", "ramdisk")
 
 
@@ -202,6 +205,7 @@ class DomainConfig:
     on_reboot: Action = "restart"
     on_crash: Action = "destroy"
     boot_protocol: BootProtocol = "auto"
+    console_log_max: int = 16384        # KiB
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

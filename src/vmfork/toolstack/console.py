@@ -1,7 +1,11 @@
 """Consoles: the domain side (log file + live stream to console clients) and the client side (`vmfork console`).
 
 A domain appends everything its guest writes to the serial console to `<domid>.log` and streams it to every client
-connected to `<domid>.console`. A client first receives one JSON header line,
+connected to `<domid>.console`. The log is capped: past the config's `console_log_max` (KiB, default 16 MiB) it is
+renamed `<domid>.log.1` (replacing an older one) and a new log starts, so at most twice that is kept, the newest
+output always. Logs stay after the domain ends (the guest's last words); a log the guest never wrote to is removed
+with its domain. Clients that do not read lose their oldest output: each keeps at most 4 MiB, and all of a
+domain's clients together 16 MiB. A client first receives one JSON header line,
 `{"log": PATH, "offset": N, "device_model": BOOL}`, where N is how many bytes of the log precede the live stream:
 the client replays the log up to N (the last 64 KiB of it) and then prints the stream, so nothing is lost or shown
 twice. Bytes a client sends are the guest's console input.
@@ -28,6 +32,7 @@ __all__ = ["REPLAY_BYTES", "ConsoleHub", "attach"]
 
 REPLAY_BYTES = 64 * 1024
 CLIENT_BUFFER = 4 << 20         # a client that falls further behind loses the oldest output
+CLIENTS_BUFFER = 16 << 20       # all clients of a domain together: many clients that never read share this
 ESCAPE = 0x1D                   # Ctrl-]
 FAREWELL = re.compile(rb"\[vmfork: [^\r\n]* ended: [^\r\n]*\]\r?\n?$")    # what an ending domain says last
 
@@ -45,9 +50,10 @@ class ConsoleHub:
     flush_delay; the machine writes out the rest whenever it stops), so the log costs a write() per line, not per
     byte."""
 
-    def __init__(self, log_path: str, wake: Callable[[], None]) -> None:
+    def __init__(self, log_path: str, wake: Callable[[], None], *, log_max: int = 16 << 20) -> None:
         self.log_path = log_path
-        self._log: int | None = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.log_max = log_max          # bytes before the log is rotated to `<log>.1`
+        self._log: int | None = self._open_log()
         self.offset = os.fstat(self._log).st_size
         self._lock = threading.Lock()
         self.clients: dict[int, ConsoleClient] = {}
@@ -57,21 +63,40 @@ class ConsoleHub:
         wake = False
         with self._lock:
             if self._log is not None:
+                if self.offset + len(data) > self.log_max and self.offset > 0:
+                    self._rotate()
                 try:
                     _write_all(self._log, data)     # a write interrupted by the vCPU kick signal may be partial
                 except OSError:
                     pass                    # a full disk must not stop the guest
             self.offset += len(data)
+            limit = min(CLIENT_BUFFER, CLIENTS_BUFFER // max(1, len(self.clients)))
             for c in self.clients.values():
                 if not c.out:
                     wake = True
                 c.out += data
-                if len(c.out) > CLIENT_BUFFER:
-                    extra = len(c.out) - CLIENT_BUFFER
+                if len(c.out) > limit:
+                    extra = len(c.out) - limit
                     del c.out[:extra]
                     c.dropped += extra
         if wake:
             self._wake()
+
+    def _open_log(self) -> int:
+        return os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _rotate(self) -> None:
+        """(lock held) The log is full: it becomes `<log>.1` (replacing an older one) and a new log starts, so at
+        most twice log_max is kept, the newest output always. A failure keeps appending to the old one."""
+        try:
+            os.replace(self.log_path, self.log_path + ".1")
+            new = self._open_log()
+        except OSError:
+            return
+        if self._log is not None:
+            os.close(self._log)
+        self._log = new
+        self.offset = 0
 
     def add(self, sock: socket.socket, *, device_model: bool) -> ConsoleClient:
         """Register a client and queue its header (the log offset where its live stream starts)."""

@@ -290,7 +290,8 @@ class Domain:
                                             config=config, launch_dm=launch_dm, pid=os.getpid(),
                                             pid_start=pid_start_time(os.getpid()), memory=memory, vcpus=vcpus,
                                             claim=claim)
-        self.console = ConsoleHub(self.record.console_log, self.wake)
+        log_max = int(config.get("console_log_max", DomainConfig.__dataclass_fields__["console_log_max"].default))
+        self.console = ConsoleHub(self.record.console_log, self.wake, log_max=log_max << 10)
         self.qmp_listener = self._listen(self.record.qmp_socket, self._on_qmp_accept)
         self.console_listener = self._listen(self.record.console_socket, self._on_console_accept)
 
@@ -916,8 +917,8 @@ class Domain:
         return 0
 
     def cleanup(self, *, failed_start: bool = False) -> None:
-        """Remove this domain's sockets and registry entry (also after a failed start, which also removes the
-        console log if the guest never wrote to it)."""
+        """Remove this domain's sockets, registry entry and domain file, and its console log if the guest never
+        wrote to it (also after a failed start)."""
         for listener in (self.qmp_listener, self.console_listener):
             if listener is not None:
                 listener.close()
@@ -929,12 +930,12 @@ class Domain:
                 self.registry.remove(self.domid)
             if self.domfile is not None:
                 self.domfile.remove()
-            if failed_start:
-                if self.console is not None:
-                    self.console.close()
-                with contextlib.suppress(OSError):
-                    if os.path.getsize(self.record.console_log) == 0:
-                        os.unlink(self.record.console_log)
+            # The log stays (the guest's last words) unless the guest never wrote to it.
+            if self.console is not None:
+                self.console.close()
+            with contextlib.suppress(OSError):
+                if os.path.getsize(self.record.console_log) == 0:
+                    os.unlink(self.record.console_log)
 
     # --- helpers for commands ------------------------------------------------------------------------------------
 
