@@ -590,7 +590,7 @@ def test_a_domain_paused_by_the_toolstack_stays_paused_when_gdb_detaches(ts: Cli
     assert ts.listed("spin")["pause_holders"] == []
 
 
-# --- logs without end (item 7) -----------------------------------------------------------------------------------------
+# --- logs without end (item 7) ------------------------------------------------------------------------------------
 
 def test_console_log_is_capped_by_rotation_and_empty_logs_go(ts: CliHarness) -> None:
     dom = ts.create(ts.config("chatty", "det 4000", console_log_max=64))    # about 150 KB of output, 64 KiB cap
