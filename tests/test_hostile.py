@@ -6,6 +6,7 @@ names the problem and changes nothing."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -146,7 +147,15 @@ def test_console_says_when_the_domain_dies_under_it(ts: CliHarness) -> None:
     pid = ts.record(spin).pid
     assert pid is not None
     con = ts.popen("console", "spin")
-    time.sleep(1.0)
+
+    def connected() -> bool:                            # the console command holds a socket: it is attached
+        fds = []
+        for fd in os.listdir(f"/proc/{con.pid}/fd"):
+            with contextlib.suppress(OSError):
+                fds.append(os.readlink(f"/proc/{con.pid}/fd/{fd}"))
+        return any(f.startswith("socket:") for f in fds)
+    ts.wait("the console to attach", connected)
+    time.sleep(0.5)
     os.kill(pid, 9)
     _out, err = con.communicate(timeout=20)
     assert con.returncode == 1, err

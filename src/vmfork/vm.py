@@ -425,11 +425,11 @@ class Machine:
     def request_stop(self, reason: str, status: int | None) -> None:
         self._stop(StopEvent(reason, status))
 
-    def feed_console(self, data: bytes) -> None:
-        """Input for the guest's serial console."""
+    def feed_console(self, data: bytes) -> int:
+        """Input for the guest's serial console; returns how many bytes it took (the rest is dropped)."""
         serial = self.device("serial0")
         self.bus.touched.add(serial)
-        serial.feed(data)
+        return int(serial.feed(data))
 
     # --- run control --------------------------------------------------------------------------------------------
 

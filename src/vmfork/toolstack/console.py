@@ -41,7 +41,9 @@ FAREWELL = re.compile(rb"\[vmfork: [^\r\n]* ended: [^\r\n]*\]\r?\n?$")    # what
 class ConsoleClient:
     sock: socket.socket
     out: bytearray = field(default_factory=bytearray)
-    dropped: int = 0
+    dropped: int = 0                # output bytes it lost by not reading
+    dropped_input: int = 0          # input bytes the guest's UART could not take
+    told_dropped: bool = False      # it has been told that its input is being dropped
 
 
 class ConsoleHub:
@@ -117,6 +119,11 @@ class ConsoleHub:
             for c in self.clients.values():
                 c.out += text.encode()
         self._wake()
+
+    def note_to(self, c: ConsoleClient, text: str) -> None:
+        """A line from vmfork to one client (not in the log)."""
+        with self._lock:
+            c.out += text.encode()
 
     def take(self, c: ConsoleClient) -> bytes:
         with self._lock:

@@ -850,8 +850,20 @@ class Domain:
             return
         vm = self.vm
         if vm is not None and vm.devices and vm.state != "destroyed":
-            vm.feed_console(data)
-            self.console_rx += len(data)
+            taken = vm.feed_console(data)
+            self.console_rx += taken
+            if taken < len(data):
+                # The UART's input queue is full (the guest reads slower than this): the rest is dropped, once
+                # scanned, and the client is told rather than left guessing.
+                c.dropped_input += len(data) - taken
+                if not c.told_dropped:
+                    c.told_dropped = True
+                    assert self.console is not None
+                    self.console.note_to(c, "\r\n[vmfork: console input dropped: the guest reads slower than it "
+                                            "arrives (its UART queue is full)]\r\n")
+                    self._flush_console()
+            else:
+                c.told_dropped = False
 
     def _flush_console(self) -> None:
         hub = self.console
