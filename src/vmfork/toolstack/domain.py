@@ -1095,6 +1095,8 @@ def _xen_save_devices_state(d: Domain, conn: Connection, args: dict[str, Any]) -
     # "live" (QEMU's default: true) only decides whether QEMU hands its disk images' locks over for a migration.
     # vmfork's device models have no disk images, and the state is written while the domain is paused either way.
     from ..snapshot import save_device_state
+    from ..snapshot.container import save_target
+    save_target(args["filename"], "device-state file")     # refused before the domain is paused
     d.paused_for(lambda: save_device_state(vm, args["filename"]))
     return {}
 
