@@ -243,7 +243,8 @@ def test_errors_are_one_line(ts: CliHarness, seeds: Path) -> None:
     out = str(ts.base / "out")
     ts.fail("fuzz", "--domain", "nosuch", "--out", out, match="no domain named 'nosuch'")
 
-    spin = ts.create(ts.config("spin", "timer 60000"))          # busy in CPL3, never at a marker
+    # busy in CPL3, never at a marker; kept as crashed when killed below (on_crash = destroy would remove it)
+    spin = ts.create(ts.config("spin", "timer 60000", on_crash="preserve"))
     ts.wait_state(spin, "running")
     ts.fail("fuzz", "--domain", "spin", "--out", out, match="spin (domain 1) is running: vmfork fuzz --domain needs "
                                                             "it paused at its harness ready marker")
