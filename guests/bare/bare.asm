@@ -84,7 +84,11 @@ gdtr:
         align 16, db 0
 tss:
         dd 0
-        dq kstack_top                   ; RSP0: the kernel stack, for the #BP handler (bare-bp only)
+%ifdef WITH_BP_HANDLER
+        dq kstack_top                   ; RSP0: the kernel stack, for the #BP handler
+%else
+        dq 0                            ; RSP0: none (the guest never enters kernel mode from user mode)
+%endif
         times 11 dq 0                   ; RSP1, RSP2, reserved, IST1-7, reserved
         dw 0
         dw iomap - tss                  ; I/O map base
