@@ -16,6 +16,7 @@ from ..workarounds.bp_stub import (
 from .debug import Breakpoint, Debugger, GuestInt3Hook, Hit, debugger
 
 __all__ = [
-    "ANSWER_ABSENT", "ANSWER_PASS", "ANSWER_RESUME", "INT3", "STUB_AFTER_IN", "STUB_CODE", "STUB_GPA", "STUB_ORIG", "STUB_TABLE",
+    "ANSWER_ABSENT", "ANSWER_PASS", "ANSWER_RESUME", "INT3", "STUB_AFTER_IN", "STUB_CODE", "STUB_GPA", "STUB_ORIG",
+    "STUB_TABLE",
     "Breakpoint", "Debugger", "GuestInt3Hook", "Hit", "debugger", "stub_code",
 ]

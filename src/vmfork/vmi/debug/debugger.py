@@ -89,7 +89,7 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
                  stub_gpa: int = STUB_GPA, stub_va: int | None = None) -> None:
         self.target: Target = as_target(target)
         self.symbols = symbols
-        self.stub_gpa = stub_gpa
+        self.stub_gpa = self._valid_stub_gpa(stub_gpa)
         self.stub_va = stub_va
         self.mechanism = self._choose(mechanism)
         self.breakpoints: dict[int, Breakpoint] = {}         # by gpa
@@ -113,7 +113,18 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
         self._detached = False
         self._guest_int3: GuestInt3Hook | None = None    # see watch_guest_int3()
         self._hooked: object | None = None
+        self._settling = 0
         self._lent_selector = 0
+
+    def _valid_stub_gpa(self, gpa: int) -> int:
+        """A stub address is page-aligned guest RAM with room for the whole debug area (checked before any use; that
+        the guest leaves it alone is checked when the stub is installed)."""
+        from ...workarounds.bp_stub import LENT_AREA_SIZE
+        if not isinstance(gpa, int) or gpa < 0 or gpa & 0xFFF:
+            raise BreakpointError(f"the breakpoint stub's address {gpa!r} is not page-aligned")
+        if not any(start <= gpa and gpa + LENT_AREA_SIZE <= start + size for start, size in self.target.ram_ranges()):
+            raise BreakpointError(f"the breakpoint stub's area {gpa:#x}-{gpa + LENT_AREA_SIZE - 1:#x} is not guest RAM")
+        return gpa
 
     def resolve(self, where: int | str) -> int:
         if isinstance(where, int):
@@ -139,14 +150,16 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
                 t = space.translate(address)
             except TranslationError as e:
                 raise BreakpointError(f"cannot set a breakpoint at {address:#x}: {e}") from None
-            user = t.user
+            user: bool | None = t.user
             if self.mechanism == "stub":
                 sregs = self.target.get_sregs(vcpu)
                 if not sregs.cr0 & 1:
                     raise BreakpointError(f"vCPU {vcpu} runs in real mode: vmfork's breakpoints cannot work there on "
                                           f"this host ({self._probe_reason('sw_breakpoints')})")
                 if not space.mode.long and cpu_mode(sregs).cpl == 0:
-                    user = False            # a 32-bit kernel: its int3s are kernel-mode exits (kernel.py)
+                    # Not known yet: until the guest runs in long mode this int3 can only be hit in kernel mode (an
+                    # exit, kernel.py); once it does, the page decides at the next resume (`_settle_modes`).
+                    user = None
                 if not user and not self._cpl0_int3_is_exit() and probe_status("int3_cpl0") != "works":
                     raise BreakpointError(
                         f"{address:#x} is in a supervisor-only page (guest kernel code): an int3 there cannot work "
@@ -169,7 +182,7 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
             self.breakpoints[t.paddr] = bp
             self._known[t.paddr] = original
             try:
-                self._arm(user=user)
+                self._arm(user=bool(user))
                 self._poke(t.paddr, INT3)
                 self._write_table()
             except BaseException:
@@ -241,11 +254,27 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
         inserted = self._inserted()
         if not self._cpl0_int3_is_exit():
             return bool(inserted)
+        self._settle_modes()
         for gpa in inserted:
             temp = self._temps.get(gpa)
             if temp.user if temp is not None else self.breakpoints[gpa].user:
                 return True
         return False
+
+    def _settle_modes(self) -> None:
+        """Breakpoints set before the guest ran in long mode: once it does, their page tells whether user mode may
+        run them (and so whether they need the #BP stub)."""
+        unknown = [bp for bp in self.breakpoints.values() if bp.user is None]
+        if not unknown or not self.target.get_sregs(0).efer & (1 << 10):
+            return
+        space = AddressSpace(self.target, 0)
+        for bp in unknown:
+            try:
+                t = space.translate(bp.address)
+            except TranslationError:
+                continue
+            if t.paddr == bp.gpa:
+                bp.user = t.user
 
     def _arm(self, user: bool = True) -> None:
         """Make vmfork's int3s reach the debugger: KVM guest debugging ("kvm"), or the kernel-mode exit hooks and,
@@ -467,6 +496,7 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
         if step_vcpu is not None:
             self._begin_step(step_vcpu, "step")
         self._parked.clear()
+        self._begin_settle()
 
     def _next_unreported(self) -> StopEvent | None:
         for vcpu, parked in sorted(self._parked.items()):
@@ -479,6 +509,7 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
         """Turn the machine's stop into the debugger's: which vCPU stopped where; clean up interrupted steps."""
         with self._lock:
             self._descriptors.clear()
+            self._end_settle()
             try:
                 return self._classify(ev)
             finally:
@@ -572,6 +603,8 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
             if self.target.state == "running" and not self._in_exit():
                 raise BreakpointError(f"cannot detach from {self.target.name} while it runs: pause it first")
             if self.target.state != "destroyed":
+                for vcpu in list(self._parked_in_stub()):
+                    self._leave_stub(vcpu)
                 for vcpu in list(self._steps):
                     self._finish_step(vcpu)
                 for gpa, bp in list(self.breakpoints.items()):
@@ -621,6 +654,11 @@ def debugger(machine: Target | object, *, mechanism: str = "auto", symbols: Symb
     if found is not None:
         if symbols is not None:
             found.symbols = symbols
+        if stub_gpa is not None and stub_gpa != found.stub_gpa:
+            if found._stub is not None:
+                raise BreakpointError(f"the debugger of {found.target.name} already has its stub at "
+                                      f"{found.stub_gpa:#x}: detach it first")
+            found.stub_gpa = found._valid_stub_gpa(stub_gpa)
         return found
     parent_dbg = None
     ancestor = getattr(key, "parent", None)

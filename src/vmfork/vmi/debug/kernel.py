@@ -3,6 +3,12 @@ the VM with an emulation failure at its address, and that stop is the breakpoint
 host workaround vmfork.workarounds.cpl0_breakpoints; the guest's own int3s go on to the int3-cpl0 workaround); KVM
 single-step, which such hosts run in kernel mode, steps there (claimed as owner "debugger" in `vcpu.debug`).
 
+Breakpoints set before the guest runs in 64-bit mode (at a Multiboot or PVH entry, say) cannot yet tell whether
+user mode will run them, and on such hosts user mode reaches them only through the #BP stub, which needs the guest's
+final IDT and page tables. So the debugger single-steps the guest's kernel mode from there ("settling", at most
+SETTLE_LIMIT instructions, one exit each) until it is in 64-bit mode and about to enter user mode (an `iretq`,
+`sysretq`), and arms the stub right then.
+
 Both hooks sit first in the machine's `exit_hooks` while the debugger is attached. A vCPU stopped at such a
 breakpoint is stopped *at* the address (nothing of the guest's changed), as under KVM's own guest debugging.
 """
@@ -17,6 +23,7 @@ from ...workarounds.cpl0_breakpoints import HOOK_NAME, cpl0_int3_hook
 from ..errors import TranslationError
 from ..memory import AddressSpace
 from .base import DebuggerBase
+from .stepping import _leaves_kernel
 from .values import Hit, _Parked, _Step
 
 if TYPE_CHECKING:
@@ -26,6 +33,8 @@ __all__ = ["OWNER", "STEP_HOOK_NAME", "KernelMixin"]
 
 OWNER = "debugger"                  # the debugger's name in vcpu.debug (KVM_SET_GUEST_DEBUG claims)
 STEP_HOOK_NAME = "debugger-single-step"
+SETTLE_LIMIT = 200_000
+EFER_LMA = 1 << 10
 
 
 class KernelMixin(DebuggerBase):
@@ -130,7 +139,45 @@ class KernelMixin(DebuggerBase):
     def _end_single_step(self, vcpu: int) -> None:
         self.target.set_guest_debug(vcpu, 0)
 
+    # --- settling: breakpoints set before 64-bit mode --------------------------------------------------------------
+
+    def _begin_settle(self) -> None:
+        if self._settling or 0 in self._steps or not any(bp.user is None for bp in self.breakpoints.values()):
+            return
+        if not self._kernel_single_step() or not self._cpl0_int3_is_exit():
+            return
+        sregs = self.target.get_sregs(0)
+        if sregs.cr0 & 1 and sregs.cs.dpl != 0:
+            return
+        self._install_kernel_hooks()
+        self._settling = SETTLE_LIMIT
+        self.target.set_guest_debug(0, c.KVM_GUESTDBG_ENABLE | c.KVM_GUESTDBG_SINGLESTEP)
+
+    def _end_settle(self) -> None:
+        if self._settling:
+            self._settling = 0
+            if 0 not in self._steps:
+                self.target.set_guest_debug(0, 0)
+
+    def _settle_step(self) -> bool:
+        self._settling -= 1
+        sregs = self.target.get_sregs(0)
+        done = self._settling <= 0
+        if sregs.efer & EFER_LMA and sregs.cs.l:
+            rip = self.target.get_regs(0).rip
+            try:
+                code = AddressSpace(self.target, 0, sregs=sregs).read(rip, 16)
+            except Exception:
+                code = b""
+            done = done or _leaves_kernel(code, 64)
+        if done:
+            self._end_settle()
+            self.sync()             # the modes settle, the stub is armed with the IDT the guest uses from now on
+        return True
+
     def _on_debug_exit(self, vcpu: Vcpu) -> bool:
+        if self._settling and vcpu.index == 0 and 0 not in self._steps:
+            return self._in_exit_of(0, self._settle_step)
         step = self._steps.get(vcpu.index)
         if step is None or not step.single:
             return False

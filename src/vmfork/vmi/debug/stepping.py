@@ -20,6 +20,8 @@ __all__ = ["StepMixin"]
 
 # instructions after which the vCPU may run in user mode, where this kind of host cannot single-step
 _MODE_CHANGES = ("iret", "sysret", "sysexit")
+# instructions whose guest handler returns right after them: stepping over one ends there
+_TRAPS_AND_RETURNS = ("int3", "int", "into", "int1")
 
 
 def _leaves_kernel(code: bytes, bits: int) -> bool:
@@ -63,8 +65,13 @@ class StepMixin(DebuggerBase):
         def read_mem(addr: int, size: int) -> bytes:
             return self._shadow(space.read(addr, size), space, addr)
 
-        _insn, targets = successors(code, rip, mode.bits, names, read_mem, fs_base=sregs.fs.base,
-                                    gs_base=sregs.gs.base)
+        first = next(iter(decoder(mode.bits).disasm(code, rip, 1)), None)
+        if first is not None and first.mnemonic in _TRAPS_AND_RETURNS and self.mechanism == "stub":
+            # the guest's own handler runs (its int3s still reach it) and returns after the instruction
+            targets = [(rip + first.size) & ((1 << mode.bits) - 1)]
+        else:
+            _insn, targets = successors(code, rip, mode.bits, names, read_mem, fs_base=sregs.fs.base,
+                                        gs_base=sregs.gs.base)
         origin_gpa = space.resolve(rip)[0]
         if rip in targets:
             raise SteppingError(f"the instruction at {rip:#x} jumps to itself: stepping over it would never end")

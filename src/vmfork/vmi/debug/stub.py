@@ -418,6 +418,21 @@ class StubMixin(DebuggerBase):
             segment.limit = (limit << 12) | 0xFFF if segment.g else limit
         return r, sr
 
+    def _leave_stub(self, vcpu: int) -> None:
+        """Do what the rest of the stub would (`pop rax; iretq`) for a vCPU parked in it, so that it stands at the
+        interrupted instruction with the interrupted code's registers (a detach leaves nothing of vmfork's behind)."""
+        frame = self._parked_frame(vcpu)
+        if not frame:
+            return
+        regs, sregs = self.target.get_regs(vcpu), self.target.get_sregs(vcpu)
+        space = AddressSpace(self.target, vcpu, sregs=sregs)
+        ctx_regs, ctx_sregs = self._frame_view(regs, sregs, space, frame)
+        new = copy_struct(sregs)
+        new.cs, new.ss = ctx_sregs.cs, ctx_sregs.ss
+        self.target.set_regs(vcpu, ctx_regs)
+        self.target.set_sregs(vcpu, new)
+        del self._parked[vcpu]
+
     def _parked_frame(self, vcpu: int) -> int:
         """The frame address of a vCPU parked in the stub, or 0 (also dropping a park the machine left)."""
         parked = self._parked.get(vcpu)

@@ -37,7 +37,8 @@ class Breakpoint:
     callback: Callable[[Hit], object] | None = None
     owner: str = ""
     hits: int = 0
-    user: bool = True                   # in a user-accessible page: may be hit in guest user mode (the #BP stub)
+    user: bool | None = True            # in a user-accessible page: may be hit in guest user mode (the #BP stub);
+                                        # None: set before the guest ran in long mode, not known yet
 
     def describe(self) -> str:
         name = f" <{self.label}>" if self.label else ""
