@@ -83,7 +83,7 @@ class DebuggerBase:
     def _probe_reason(name: str) -> str:
         from ...doctor import probe_host
         try:
-            return f"vmfork doctor, probe {name}: {probe_host(cached=True).reason(name)}"
+            return probe_host(cached=True).reason(name)
         except (KeyError, VmforkError) as e:
             return str(e)
 
