@@ -163,6 +163,10 @@ kernel_tick:                            ; a kernel-mode instruction the tests br
         inc ebx
         cmp ebx, 5
         jb kernel_loop
+        mov ecx, 2000                   ; a silent kernel-mode loop (bench/vmi.py: kernel breakpoint round trips)
+kernel_spin:
+        dec ecx
+        jnz kernel_spin
         push SEL_UDATA                  ; to user mode
         lea rax, [ustack_top]
         push rax

@@ -27,13 +27,21 @@ if TYPE_CHECKING:
 __all__ = ["DebuggerBase"]
 
 
+_statuses: dict[str, str] = {}
+
+
 def probe_status(name: str) -> str:
-    """The status of host probe `name` (`vmfork doctor`), "unknown" if there is no such probe."""
-    from ...doctor import probe_host
-    try:
-        return probe_host(cached=True).item(name).status
-    except KeyError:
-        return "unknown"
+    """The status of host probe `name` (`vmfork doctor`), "unknown" if there is no such probe. Kept for the
+    process's life: the debugger asks at every step."""
+    found = _statuses.get(name)
+    if found is None:
+        from ...doctor import probe_host
+        try:
+            found = probe_host(cached=True).item(name).status
+        except KeyError:
+            found = "unknown"
+        _statuses[name] = found
+    return found
 
 
 class DebuggerBase:

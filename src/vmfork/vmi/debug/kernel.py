@@ -59,6 +59,9 @@ class KernelMixin(DebuggerBase):
         def on_int3(vcpu: int, rip: int) -> bool:
             return self._in_exit_of(vcpu, lambda: self._on_kernel_int3(vcpu, rip))
 
+        for v in getattr(machine, "vcpus", ()):
+            if v.index not in self._steps:
+                v.debug.release(OWNER)          # a claim a previous user of a recycled (pooled) vCPU left
         machine.exit_hooks.add("emulation_failure", HOOK_NAME, cpl0_int3_hook(read_byte, on_int3), first=True)
         machine.exit_hooks.add("debug", STEP_HOOK_NAME, self._on_debug_exit, first=True)
         self._hooked = machine

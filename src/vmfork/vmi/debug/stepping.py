@@ -6,6 +6,9 @@ reached. Continuing over a breakpoint is the same without the stop. On every sto
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from ...errors import MemoryAccessError
 from ...kvm import structs as s
 from ...workarounds.bp_stub import INT3
@@ -24,8 +27,13 @@ _MODE_CHANGES = ("iret", "sysret", "sysexit")
 _TRAPS_AND_RETURNS = ("int3", "int", "into", "int1")
 
 
+@functools.cache
+def _decoder(bits: int) -> Any:
+    return decoder(bits)
+
+
 def _leaves_kernel(code: bytes, bits: int) -> bool:
-    for insn in decoder(bits).disasm(code, 0, 1):
+    for insn in _decoder(bits).disasm(code, 0, 1):
         return insn.mnemonic.startswith(_MODE_CHANGES)
     return False
 
@@ -65,29 +73,32 @@ class StepMixin(DebuggerBase):
         def read_mem(addr: int, size: int) -> bytes:
             return self._shadow(space.read(addr, size), space, addr)
 
-        first = next(iter(decoder(mode.bits).disasm(code, rip, 1)), None)
-        if first is not None and first.mnemonic in _TRAPS_AND_RETURNS and self.mechanism == "stub":
-            # the guest's own handler runs (its int3s still reach it) and returns after the instruction
-            targets = [(rip + first.size) & ((1 << mode.bits) - 1)]
-        else:
+        try:
             _insn, targets = successors(code, rip, mode.bits, names, read_mem, fs_base=sregs.fs.base,
                                         gs_base=sregs.gs.base)
+        except SteppingError:
+            first = next(iter(_decoder(mode.bits).disasm(code, rip, 1)), None)
+            if first is None or first.mnemonic not in _TRAPS_AND_RETURNS or self.mechanism != "stub":
+                raise
+            # the guest's own handler runs (its int3s still reach it) and returns after the instruction
+            targets = [(rip + first.size) & ((1 << mode.bits) - 1)]
         origin_gpa = space.resolve(rip)[0]
         if rip in targets:
             raise SteppingError(f"the instruction at {rip:#x} jumps to itself: stepping over it would never end")
         users: dict[int, bool] = {}
-        for target_va in targets:
-            try:
-                users[target_va] = space.translate(target_va).user
-            except TranslationError:
-                pass
-        if self.mechanism == "stub" and (mode.cpl == 3 or any(users.values()) or not self._cpl0_int3_is_exit()):
-            try:
-                self._arm(user=True)        # the stub sees temporaries in user mode, breakpoints or not
-            except BreakpointError as e:
-                raise SteppingError(f"cannot step vCPU {vcpu} at {rip:#x}: {e}") from None
-        elif self.mechanism == "stub":
-            self._arm(user=False)
+        if self.mechanism == "stub" and self._stub is None:     # (an armed stub is kept up to date at resume)
+            for target_va in targets:
+                try:
+                    users[target_va] = space.translate(target_va).user
+                except TranslationError:
+                    pass
+            if mode.cpl == 3 or any(users.values()) or not self._cpl0_int3_is_exit():
+                try:
+                    self._arm(user=True)    # the stub sees temporaries in user mode, breakpoints or not
+                except BreakpointError as e:
+                    raise SteppingError(f"cannot step vCPU {vcpu} at {rip:#x}: {e}") from None
+            else:
+                self._arm(user=False)
         lifted = origin_gpa if origin_gpa in self.breakpoints else None
         temps: list[int] = []
         planted: list[int] = []
