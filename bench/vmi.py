@@ -176,7 +176,7 @@ def main() -> int:
     rows += bare_rows(args.samples)
     # side by side: every debugger row as a multiple of the user-mode breakpoint round trip of this same run
     base = next(us(v) for n, v, _ in rows if n.startswith("breakpoint round trip (") and "callback" in n)
-    rows = [(n, v, f"{note}; {us(v) / base:.2f}× the user-mode round trip") if ("step" in n or "breakpoint" in n)
+    rows = [(n, v, f"{note}; {us(v) / base:.2f}x the user-mode round trip") if ("step" in n or "breakpoint" in n)
             and not n.startswith("breakpoint round trip (") else (n, v, note) for n, v, note in rows]
 
     host = f"{platform.node()}, Python {platform.python_version()}"
