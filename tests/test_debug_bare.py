@@ -277,3 +277,22 @@ def test_detach_leaves_a_machine_the_toolstack_paused_paused(guest_dir: Path, ma
     assert "detached" in out, out
     assert vm.state == "paused" and vm.vcpus[0].get_regs().rip == sym["user_tick"]
     assert read_phys(vm, sym["user_tick"], 1) == b"\x4d"
+
+
+@needs_gdb
+def test_gdb_shows_why_real_mode_cannot_be_debugged_here(machines: list) -> None:  # type: ignore[type-arg]
+    """A machine at its reset vector (real mode): on a host that ignores software breakpoints, gdb prints the
+    reason for `break` + `continue` and for `stepi`, and the machine does not move."""
+    if probe_host(cached=True).supports("sw_breakpoints"):
+        pytest.skip("KVM intercepts breakpoints on this host (sw_breakpoints works): real mode is debuggable")
+    vm = VM.create(memory_mib=16, name="realmode")
+    machines.append(vm)
+    rip = vm.vcpus[0].get_regs().rip
+    server, thread = serve(vm)
+    out = gdb(server.port, "break *0x1000", "continue", "stepi", "detach")
+    thread.join(20)
+    server.close()
+    assert out.count("vmfork: vCPU 0 runs in real mode") == 2, out
+    assert "Remote failure reply: E.vCPU 0 runs in real mode" in out, out
+    assert "Cannot access memory" not in out, out
+    assert vm.state == "paused" and vm.vcpus[0].get_regs().rip == rip and read_phys(vm, 0x1000, 1) == b"\0"
