@@ -6,9 +6,9 @@
 What GDB gets: an x86-64 target description (general registers, rip, eflags, segment selectors, x87 and SSE
 registers, fs_base/gs_base); one thread per vCPU; `g/G/p/P` registers (those of the interrupted code when a vCPU
 is stopped at a breakpoint), `m/M/X` memory at virtual addresses through the selected vCPU's page tables (original
-bytes under breakpoints), software breakpoints `Z0/z0` (vmfork.vmi.debug: KVM, the #BP stub or the kernel-mode exit, per host and mode),
-`c`, `s`, `vCont`, Ctrl-C (pauses the machine), `D` (detach), `k`. Hardware breakpoints and watchpoints are
-answered as unsupported, so GDB falls back to software ones.
+bytes under breakpoints), software breakpoints `Z0/z0` (vmfork.vmi.debug: KVM, the #BP stub or the kernel-mode
+exit, per host and mode), `c`, `s`, `vCont`, Ctrl-C (pauses the machine), `D` (detach), `k`. Hardware breakpoints
+and watchpoints are answered as unsupported, so GDB falls back to software ones.
 
 When a client connects, a running machine is paused (GDB expects a stopped target). When it detaches, or its
 connection drops, every breakpoint it set is removed and the machine runs on if it was running when GDB attached or
