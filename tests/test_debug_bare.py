@@ -296,3 +296,24 @@ def test_gdb_shows_why_real_mode_cannot_be_debugged_here(machines: list) -> None
     assert "Remote failure reply: E.vCPU 0 runs in real mode" in out, out
     assert "Cannot access memory" not in out, out
     assert vm.state == "paused" and vm.vcpus[0].get_regs().rip == rip and read_phys(vm, 0x1000, 1) == b"\0"
+
+
+@pytest.mark.parametrize("name", ["bare-noidt", "bare-bp"])
+def test_a_user_mode_breakpoint_set_at_the_32_bit_entry(guest_dir: Path, machines: list,  # type: ignore[type-arg]
+                                                        name: str) -> None:
+    """Set before the guest has 64-bit paging or its IDT: the debugger steps its kernel mode until it is about to
+    enter user mode, then arms the #BP route; the breakpoint is hit in user mode and nothing reaches the guest."""
+    kernel_path()
+    sym = labels(guest_dir, name)
+    twin = twin_output(guest_dir, name, machines)
+    vm = boot(guest_dir, name, machines)
+    dbg = debugger(vm)
+    bp = dbg.add_breakpoint(sym["user_tick"])
+    assert vm.vcpus[0].get_sregs().efer & (1 << 10) == 0           # 32-bit protected mode, paging off
+    for turn in range(3):
+        ev = dbg.run(timeout=60)
+        assert ev.reason == "breakpoint" and dbg.get_regs(0).rip == sym["user_tick"], ev
+        assert dbg.get_regs(0).r12 == turn and dbg.get_sregs(0).cs.selector == 0x1B
+    assert bp.hits == 3 and bp.user is True
+    dbg.detach()
+    assert vm.run(timeout=30).reason == "exit" and output(vm) == twin

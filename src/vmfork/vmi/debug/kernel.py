@@ -167,6 +167,10 @@ class KernelMixin(DebuggerBase):
         sregs = self.target.get_sregs(0)
         done = self._settling <= 0
         if sregs.efer & EFER_LMA and sregs.cs.l:
+            self._settle_modes()
+            if not any(bp.user is None or bp.user for bp in self.breakpoints.values()):
+                self._end_settle()  # kernel-only breakpoints (e.g. Linux's text): nothing for user mode to wait for
+                return True
             rip = self.target.get_regs(0).rip
             try:
                 code = AddressSpace(self.target, 0, sregs=sregs).read(rip, 16)
