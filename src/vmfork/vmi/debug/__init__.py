@@ -8,8 +8,8 @@
     kernel.py     kernel-mode breakpoints through the emulation-failure exit, single-step in kernel mode
     kvm.py        KVM's own guest debugging (VT-x/AMD-V)
 
-The host-specific pieces (the stub's code and assembler, the lent IDT's layout, the recognition of vmfork's int3 at
-an emulation failure) are host workarounds in vmfork.workarounds (bp_stub, cpl0_breakpoints).
+The host-specific pieces (the stub's code and assembler, the lent IDT and TSS, the recognition of vmfork's int3 at
+an emulation failure) are host workarounds in vmfork.workarounds (bp_stub, lent_idt, cpl0_breakpoints).
 """
 
 from ...workarounds.bp_stub import STUB_GPA, stub_code

@@ -29,11 +29,21 @@ from ...workarounds.bp_stub import (
     STUB_TABLE,
     idt_gate,
 )
+from ...workarounds.lent_idt import (
+    TSS_MIN,
+    give_back,
+    is_lent,
+    kernel_code_selector,
+    lend,
+    lent_idt,
+    lent_tss,
+    own_view,
+)
 from ..errors import BreakpointError, TranslationError
 from ..memory import AddressSpace, find_virtual
 from ..regs import cpu_mode
 from .base import DebuggerBase
-from .values import Breakpoint, Hit, Lent, _Parked, _Stub, copy_struct
+from .values import Breakpoint, Hit, _Parked, _Stub, copy_struct
 
 __all__ = ["StubMixin"]
 
@@ -104,7 +114,7 @@ class StubMixin(DebuggerBase):
                 raise BreakpointError(self._not_long_mode(v))
             lent = stub.lent.get(v)
             if lent is not None:
-                if sregs.idt.base == stub.va + LENT_IDT:
+                if is_lent(sregs, stub.va):
                     self._write_lent_gate(sregs)    # a reset to a state before the lending took the gate back
                     continue
                 del stub.lent[v]                    # the guest loaded an IDT of its own meanwhile
@@ -165,14 +175,15 @@ class StubMixin(DebuggerBase):
     def _kernel_code_selector(self, vcpu: int, sregs: s.Sregs, space: AddressSpace) -> int:
         if sregs.cs.l and cpu_mode(sregs).cpl == 0:
             return int(sregs.cs.selector)
-        for sel in range(8, min(sregs.gdt.limit + 1, 0x400), 8):
-            try:
-                d = space.read_u64(sregs.gdt.base + sel)
-            except (TranslationError, BreakpointError):
-                break
-            if (d >> 47) & 1 and (d >> 43) & 3 == 3 and (d >> 53) & 1 and not (d >> 45) & 3:
-                return sel
-        raise BreakpointError(f"vCPU {vcpu}'s GDT has no 64-bit kernel code segment for the #BP gate vmfork lends")
+        try:
+            gdt = space.read(sregs.gdt.base, min(sregs.gdt.limit + 1, 0x400))
+        except VmforkError:
+            gdt = b""
+        found = kernel_code_selector(gdt)
+        if found is None:
+            raise BreakpointError(f"vCPU {vcpu}'s GDT has no 64-bit kernel code segment for the #BP gate vmfork "
+                                  "lends")
+        return found
 
     def _write_lent_gate(self, sregs: s.Sregs) -> None:
         stub = self._stub
@@ -207,30 +218,22 @@ class StubMixin(DebuggerBase):
         if sregs.idt.limit:
             try:
                 own = space.read(sregs.idt.base, min(sregs.idt.limit + 1, 0x1000))
-            except (TranslationError, BreakpointError):
+            except VmforkError:
                 own = b""
-        table = bytearray(own.ljust(0x1000, b"\0"))
-        table[GATE_3:GATE_3 + 16] = idt_gate(stub.va, self._lent_selector)
-        t.write_phys(stub.gpa + LENT_IDT, bytes(table))
-        new = copy_struct(sregs)
-        new.idt.base, new.idt.limit = idt_va, 0xFFF
-        tr_base: int | None = None
+        t.write_phys(stub.gpa + LENT_IDT, lent_idt(own, stub.va, self._lent_selector))
+        tss: bytes | None = None
         if not self._kernel_stack_ok(space, sregs):
-            tss = b""
-            if sregs.tr.limit >= 0x67:
+            own = b""
+            if sregs.tr.limit >= TSS_MIN - 1:
                 try:
-                    tss = space.read(sregs.tr.base, min(sregs.tr.limit + 1, LENT_TSS_MAX))
-                except (TranslationError, BreakpointError):
-                    tss = b""
-            copy = bytearray(tss.ljust(0x68, b"\0"))
-            if not tss:
-                struct.pack_into("<H", copy, 0x66, 0x68)    # no I/O bitmap
-            struct.pack_into("<Q", copy, 4, stack_top)     # RSP0: the lent stack
-            t.write_phys(stub.gpa + LENT_TSS, bytes(copy))
-            tr_base = sregs.tr.base
-            new.tr.base, new.tr.limit = tss_va, max(len(copy) - 1, 0x67)
-            new.tr.type, new.tr.present, new.tr.s = 11, 1, 0
-        stub.lent[vcpu] = Lent(sregs.idt.base, sregs.idt.limit, tr_base, sregs.tr.limit)
+                    own = space.read(sregs.tr.base, min(sregs.tr.limit + 1, LENT_TSS_MAX))
+                except VmforkError:
+                    own = b""
+            tss = lent_tss(own, stack_top)
+            t.write_phys(stub.gpa + LENT_TSS, tss)
+        new = copy_struct(sregs)
+        stub.lent[vcpu] = lend(sregs, new, stub.va, tss)
+        assert new.idt.base == idt_va and (tss is None or new.tr.base == tss_va)
         if not stub.handler:
             stub.handler = stub.va + STUB_NO_HANDLER
         t.set_sregs(vcpu, new)
@@ -243,7 +246,7 @@ class StubMixin(DebuggerBase):
         try:
             rsp0 = struct.unpack("<Q", space.read(sregs.tr.base + 4, 8))[0]
             return rsp0 != 0 and space.translate(rsp0 - 8).writable
-        except (TranslationError, BreakpointError):
+        except VmforkError:
             return False
 
     def _unlend(self) -> None:
@@ -253,10 +256,8 @@ class StubMixin(DebuggerBase):
             return
         for vcpu, lent in list(stub.lent.items()):
             sregs = self.target.get_sregs(vcpu)
-            if sregs.idt.base == stub.va + LENT_IDT:
-                sregs.idt.base, sregs.idt.limit = lent.idt_base, lent.idt_limit
-                if lent.tr_base is not None and sregs.tr.base == stub.va + LENT_TSS:
-                    sregs.tr.base, sregs.tr.limit = lent.tr_base, lent.tr_limit
+            if is_lent(sregs, stub.va):
+                give_back(sregs, lent, stub.va)
                 self.target.set_sregs(vcpu, sregs)
         stub.lent.clear()
 
@@ -264,12 +265,10 @@ class StubMixin(DebuggerBase):
         """The vCPU's system registers as the guest set them (its own IDTR and TR while it runs on lent ones)."""
         stub = self._stub
         lent = stub.lent.get(vcpu) if stub is not None else None
-        if lent is None or stub is None or sregs.idt.base != stub.va + LENT_IDT:
+        if lent is None or stub is None or not is_lent(sregs, stub.va):
             return sregs
         view = copy_struct(sregs)
-        view.idt.base, view.idt.limit = lent.idt_base, lent.idt_limit
-        if lent.tr_base is not None:
-            view.tr.base, view.tr.limit = lent.tr_base, lent.tr_limit
+        own_view(view, lent, stub.va)
         return view  # type: ignore[no-any-return]
 
     def _write_table(self) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...kvm import structs as s
+from ...workarounds.lent_idt import Lent
 
 if TYPE_CHECKING:
     from .debugger import Debugger
@@ -101,12 +102,3 @@ class _Stub:
     gates: dict[int, bytes] = field(default_factory=dict)      # gate gpa -> the guest's own 16 bytes
     lent: dict[int, Lent] = field(default_factory=dict)        # vCPU -> what it was lent (stub.py)
 
-
-@dataclass(frozen=True)
-class Lent:
-    """A vCPU's own IDTR and TR while it runs on the IDT (and TSS) vmfork lent it."""
-
-    idt_base: int
-    idt_limit: int
-    tr_base: int | None                 # None: the TR was not lent
-    tr_limit: int
