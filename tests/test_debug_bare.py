@@ -317,3 +317,22 @@ def test_a_user_mode_breakpoint_set_at_the_32_bit_entry(guest_dir: Path, machine
     assert bp.hits == 3 and bp.user is True
     dbg.detach()
     assert vm.run(timeout=30).reason == "exit" and output(vm) == twin
+
+
+@pytest.mark.parametrize("ram_mib", [2, 64, 4096 + 512])
+def test_the_debug_area_is_reserved_in_every_memory_map(ram_mib: int) -> None:
+    """e820, Multiboot and PVH maps are all built from layout.e820_map: vmfork's area is inside a reserved entry."""
+    from vmfork.arch.x86 import layout
+    entries = layout.e820_map(ram_mib << 20)
+    assert any(kind == layout.E820_RESERVED and start <= layout.VMFORK_AREA_START
+               and layout.VMFORK_AREA_END <= start + size for start, size, kind in entries), entries
+    assert layout.is_vmfork_reserved(layout.DEBUG_AREA_ADDR, layout.DEBUG_AREA_SIZE)
+    from vmfork.workarounds.bp_stub import LENT_AREA_SIZE, STUB_GPA
+    assert (STUB_GPA, LENT_AREA_SIZE) == (layout.DEBUG_AREA_ADDR, layout.DEBUG_AREA_SIZE)
+
+
+def test_the_host_specific_pieces_are_workarounds_doctor_can_list() -> None:
+    import vmfork.vmi.debug  # noqa: F401  (imports them)
+    from vmfork.workarounds import CATALOG
+    assert {"bp-stub", "lent-idt", "cpl0-breakpoints"} <= set(CATALOG)
+    assert CATALOG["cpl0-breakpoints"].probe == "int3_cpl0" and CATALOG["bp-stub"].probe == "sw_breakpoints"
