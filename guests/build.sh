@@ -53,6 +53,30 @@ build() {
 build testguest-multiboot VARIANT_MULTIBOOT
 build testguest-pvh VARIANT_PVH
 
+# The bare debugger-test guests (guests/bare/): Multiboot, one without any IDT, one with only a #BP handler; each
+# with a .map of its labels beside it
+bare() {
+    local name="$1"
+    shift
+    local target="$out/$name.elf"
+    if [[ $force == 0 && -f "$target" && -f "$out/$name.map" &&
+          -z "$(find "$here/bare" "$here/build.sh" -newer "$target" -print -quit)" ]]; then
+        return 0
+    fi
+    local tmp
+    tmp="$(mktemp "$out/.$name.XXXXXX")"
+    if ! nasm -f bin -DMAPFILE="$out/$name.map" "$@" -o "$tmp" "$here/bare/bare.asm"; then
+        rm -f "$tmp"
+        echo "guests/build.sh: nasm failed for $name" >&2
+        exit 1
+    fi
+    chmod 644 "$tmp"
+    mv -f "$tmp" "$target"
+    echo "built $target"
+}
+bare bare-noidt
+bare bare-bp -DWITH_BP_HANDLER
+
 # The jsmn example: its C part first (guests/jsmn/build.sh; says what is missing and fails without gcc, binutils or
 # libjsmn-dev), under a lock so that a concurrent build never pairs one build's jsmn.bin with another's jsmn.inc.
 exec 9>"$out/.jsmn.lock"

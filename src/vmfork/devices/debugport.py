@@ -1,11 +1,11 @@
 """The debug port (0xf5): how vmfork's breakpoint stub in guest memory asks vmfork what to do.
 
-On hosts whose KVM cannot intercept software breakpoints, `vmfork.vmi.breakpoints` routes the guest's #BP vector
-through a small kernel-mode stub that reads this port (`in al, 0xf5`). Reading the port calls the handler the
+On hosts whose KVM cannot intercept software breakpoints, the debugger (`vmfork.vmi.debug`) routes the guest's
+#BP vector through a small kernel-mode stub that reads this port (`in al, 0xf5`). Reading the port calls the handler the
 debugger installed, in the vCPU's exit, and the byte it returns is what the stub does next (1: return to the
 interrupted code, whose frame vmfork has rewritten; 0: continue into the guest's own #BP handler). A machine without
 the device answers 0xff, like any absent port, and the stub then handles vmfork's breakpoints it inherited by
-itself (see the stub's description in vmfork/vmi/breakpoints.py). Writes are ignored.
+itself (see the stub's description in vmfork/workarounds/bp_stub.py). Writes are ignored.
 
 The device is not one of the standard devices: a debugger adds it to a machine's port bus when it arms the stub
 and sets its `handler` to None when it detaches (the port then reads 0xff, as if absent). It keeps no state, and it

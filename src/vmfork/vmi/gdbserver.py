@@ -6,13 +6,22 @@
 What GDB gets: an x86-64 target description (general registers, rip, eflags, segment selectors, x87 and SSE
 registers, fs_base/gs_base); one thread per vCPU; `g/G/p/P` registers (those of the interrupted code when a vCPU
 is stopped at a breakpoint), `m/M/X` memory at virtual addresses through the selected vCPU's page tables (original
-bytes under breakpoints), software breakpoints `Z0/z0` (vmfork.vmi.breakpoints: the stub or KVM, per the host),
-`c`, `s`, `vCont`, Ctrl-C (pauses the machine), `D` (detach), `k`. Hardware breakpoints and watchpoints are
-answered as unsupported, so GDB falls back to software ones.
+bytes under breakpoints), software breakpoints `Z0/z0` (vmfork.vmi.debug: KVM, the #BP stub or the kernel-mode
+exit, per host and mode), `c`, `s`, `vCont`, Ctrl-C (pauses the machine), `D` (detach), `k`. Hardware breakpoints
+and watchpoints are answered as unsupported, so GDB falls back to software ones.
 
 When a client connects, a running machine is paused (GDB expects a stopped target). When it detaches, or its
 connection drops, every breakpoint it set is removed and the machine runs on if it was running when GDB attached or
-GDB ran it since; `k` leaves it paused (the toolstack may pass `on_kill` to destroy it instead).
+GDB ran it since, unless the toolstack paused it meanwhile (`paused_by_toolstack`, a callable the domain process
+passes: the toolstack's pause and the debugger's are kept apart, as in Xen and QEMU); `k` leaves it paused (the
+toolstack may pass `on_kill` to destroy it instead).
+
+Errors reach GDB as text it shows, never as a bare error number that GDB would explain as "Cannot access memory":
+a breakpoint, step or continue vmfork cannot do (a guest in real mode on a host that ignores software breakpoints,
+a stub address the guest uses, ...) is answered with the reason in a console `O` packet and an `E.errtext` reply.
+GDB inserts breakpoints lazily, right before it resumes, and shows only "Cannot access memory" for a refused `Z0`, so
+a `Z0` that fails for a reason other than unreadable memory is accepted, and the resume that follows fails with the
+reason instead (the machine does not move).
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import VmforkError
 from ..kvm import structs as s
-from .breakpoints import Debugger, debugger
+from .debug import Debugger, debugger
+from .errors import BreakpointError, TranslationError
 from .memory import AddressSpace
 from .target import Target, as_target
 
@@ -136,9 +146,12 @@ class GdbServer:
     """Serves one GDB client at a time. `port=0` picks a free port (see `.port`)."""
 
     def __init__(self, target: Target | object, host: str = "127.0.0.1", port: int = 1234, *,
-                 on_kill: Callable[[], None] | None = None, log: Callable[[str], None] | None = None) -> None:
+                 on_kill: Callable[[], None] | None = None, log: Callable[[str], None] | None = None,
+                 paused_by_toolstack: Callable[[], bool] | None = None, stub_gpa: int | None = None) -> None:
         self.target = as_target(target)
-        self.dbg: Debugger = debugger(self.target)
+        self.stub_gpa = stub_gpa
+        self.dbg: Debugger = debugger(self.target, stub_gpa=stub_gpa)
+        self.paused_by_toolstack = paused_by_toolstack
         self.on_kill = on_kill
         self.log = log
         self._listener = socket.create_server((host, port), reuse_port=False)
@@ -151,6 +164,7 @@ class GdbServer:
         self._resume_on_detach = False
         self.last_stop: StopEvent | None = None
         self.packets = 0
+        self._deferred: list[str] = []      # errors of accepted Z0 packets, reported at the next resume
 
     # --- serving --------------------------------------------------------------------------------------------------
 
@@ -194,7 +208,8 @@ class GdbServer:
             self.log(text)
 
     def _attach(self) -> None:
-        self.dbg = debugger(self.target)
+        self.dbg = debugger(self.target, stub_gpa=self.stub_gpa)
+        self._deferred = []
         self._resume_on_detach = False
         if self.target.state == "running":
             self._resume_on_detach = True
@@ -220,7 +235,7 @@ class GdbServer:
                 return
             last = self.last_stop
             if self._resume_on_detach and not (last is not None and last.reason in TERMINAL) \
-                    and self.target.state == "paused":
+                    and self.target.state == "paused" and not self._toolstack_holds():
                 dbg = debugger(self.target)
                 if dbg.breakpoints:
                     dbg.resume()
@@ -228,6 +243,16 @@ class GdbServer:
                     self.target.start()
         except VmforkError as e:
             self._say(f"gdbserver: cleaning up after the client failed: {e}")
+
+    def _toolstack_holds(self) -> bool:
+        """The toolstack paused the machine (e.g. `vmfork pause` while GDB had it stopped): detaching keeps it so."""
+        return self.paused_by_toolstack is not None and bool(self.paused_by_toolstack())
+
+    def _error(self, text: str) -> None:
+        """An error GDB shows: the reason on its console (`O`), then `E.errtext`."""
+        line = f"vmfork: {text}\n"
+        self._send("O" + line.encode().hex())
+        self._send("E." + text.replace("#", " ").replace("$", " ").replace("}", ")").replace("*", " "))
 
     # --- packets --------------------------------------------------------------------------------------------------
 
@@ -365,7 +390,10 @@ class GdbServer:
                 self._send("")
         except (VmforkError, ValueError, IndexError, struct.error) as e:
             self._say(f"gdbserver: {p[:40]!r}: {e}")
-            self._send("E14" if cmd in (b"m", b"M", b"X") else "E01")
+            if cmd in (b"m", b"M", b"X"):
+                self._send("E14")
+            else:
+                self._error(str(e))
         return None
 
     def _thread(self, text: bytes) -> int | None:
@@ -475,7 +503,12 @@ class GdbServer:
             return
         addr = int(addr_text, 16)
         if p[:1] == b"Z":
-            self.dbg.add_breakpoint(addr, owner="gdb", vcpu=self._g_thread)
+            try:
+                self.dbg.add_breakpoint(addr, owner="gdb", vcpu=self._g_thread)
+            except BreakpointError as e:
+                if isinstance(e.__cause__, TranslationError) or "cannot set a breakpoint at" in str(e):
+                    raise           # unmapped: GDB's "Cannot access memory" is the truth
+                self._deferred.append(str(e))
         else:
             bp = self.dbg.find(addr, vcpu=self._g_thread)
             if bp is not None:
@@ -496,13 +529,19 @@ class GdbServer:
         return self._resume(step)
 
     def _resume(self, step: int | None) -> str | None:
-        self._resume_on_detach = True
+        if self._deferred:
+            text = "; ".join(dict.fromkeys(self._deferred))
+            self._deferred = []
+            self._say(f"gdbserver: cannot resume: {text}")
+            self._error(text)
+            return None
         try:
             self.dbg.resume(step_vcpu=step)
         except VmforkError as e:
             self._say(f"gdbserver: cannot resume: {e}")
-            self._send("E01")
+            self._error(str(e))
             return None
+        self._resume_on_detach = True
         ev = self._wait_running()
         self.last_stop = ev
         self._send(self._stop_reply(ev))
@@ -581,9 +620,11 @@ def _full_tag(fpu: s.Fpu) -> int:
 
 
 def serve_gdb(target: Target | object, host: str = "127.0.0.1", port: int = 1234, *, once: bool = False,
-              on_kill: Callable[[], None] | None = None) -> None:
+              on_kill: Callable[[], None] | None = None, paused_by_toolstack: Callable[[], bool] | None = None,
+              stub_gpa: int | None = None) -> None:
     """Serve GDB clients on host:port (loopback by default) until interrupted (or after one client, `once`)."""
-    server = GdbServer(target, host, port, on_kill=on_kill)
+    server = GdbServer(target, host, port, on_kill=on_kill, paused_by_toolstack=paused_by_toolstack,
+                       stub_gpa=stub_gpa)
     try:
         if once:
             server.serve_one()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..errors import VmStateError
+from ..kvm import constants as c
 from ..kvm import structs as s
 from .errors import BreakpointError, VcpuIndexError
 
@@ -90,7 +91,7 @@ class Target(Protocol):
         ...
 
     def set_guest_debug(self, vcpu: int, control: int, debugregs: Sequence[int] = ()) -> None:
-        """KVM_SET_GUEST_DEBUG on one vCPU."""
+        """KVM_SET_GUEST_DEBUG on one vCPU, as the debugger's claim (owner "debugger"; 0 releases it)."""
         ...
 
     def touch(self) -> None:
@@ -259,12 +260,12 @@ class LocalTarget:
             self._exit.vcpu = None
 
     def set_guest_debug(self, vcpu: int, control: int, debugregs: Sequence[int] = ()) -> None:
+        """The debugger's KVM_SET_GUEST_DEBUG wishes, as the claim of owner "debugger" in the vCPU's shared guest-debug
+        state (vmfork.guest_debug: other owners' hardware breakpoints and single-steps stay). 0 releases it."""
         i = self._vcpu_index(vcpu)
-        dbg = s.GuestDebug()
-        dbg.control = control
-        for k, value in enumerate(debugregs):
-            dbg.debugreg[k] = value
-        self.machine.vcpus[i].fd.set_guest_debug(dbg)
+        if debugregs:
+            raise BreakpointError("the debugger claims no hardware breakpoints through set_guest_debug")
+        self.machine.vcpus[i].debug.claim("debugger", control=control & ~c.KVM_GUESTDBG_ENABLE)
 
     def __repr__(self) -> str:
         return f"<LocalTarget {self.machine.name}>"

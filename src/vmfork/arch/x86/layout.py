@@ -14,6 +14,18 @@ Low memory, as the loaders use it (every structure is below 0x20000, far from th
     0x0e000-0x0ffff   boot stack (RSP = 0x10000 at entry)
     0x10000-0x1ffff   kernel command line, then other strings (module names, boot loader name)
     0x20000-0x9fbff   free for the guest
+
+Reserved, up to 1 MiB (one E820_RESERVED entry in the e820, Multiboot and PVH maps alike: a guest allocates none of
+it): the EBDA at 0x9fc00, the legacy VGA window 0xa0000-0xbffff, option and BIOS ROM space 0xc0000-0xfffff. vmfork
+has RAM there, and the VGA window is **vmfork's own area**: what vmfork must place in the guest lives there and
+nowhere else (no guest page is taken behind the user's back):
+
+    0xae000-0xaefff   the fuzzer's instruction-budget stub (vmfork.fuzz.pmu)
+    0xaf000-0xb4fff   the debug area (vmfork.workarounds.bp_stub): the #BP stub and its table, and the IDT, TSS and
+                      stack vmfork lends a vCPU whose guest has no #BP gate of its own
+
+A user may point the debug area elsewhere (`stub_gpa=`, `--stub-addr`) in memory the guest does not use; vmfork
+checks, before it writes there, that the guest has not used it (an error otherwise, not a silent corruption).
 """
 
 from __future__ import annotations
@@ -31,6 +43,12 @@ PCI_HOLE_START = 3 << 30            # [PCI_HOLE_START, HIGH_RAM_START) holds no 
 HIGH_RAM_START = 4 << 30            # RAM beyond the first 3 GiB continues here
 EBDA_START = 0x9FC00                # reserved: EBDA, VGA hole, option and BIOS ROMs, up to 1 MiB
 HIGH_MEMORY_START = 0x100000        # 1 MiB, where "upper memory" (Multiboot mem_upper) starts
+
+VMFORK_AREA_START = 0xA0000         # the legacy VGA window: vmfork's own reserved area (see the module docstring)
+VMFORK_AREA_END = 0xC0000
+BUDGET_STUB_ADDR = 0xAE000          # vmfork.fuzz.pmu
+DEBUG_AREA_ADDR = 0xAF000           # vmfork.workarounds.bp_stub: stub page, lent IDT, lent TSS, lent stack
+DEBUG_AREA_SIZE = 0x6000
 
 E820_RAM = 1
 E820_RESERVED = 2
@@ -97,7 +115,8 @@ def e820_map(ram_size: int) -> list[tuple[int, int, int]]:
     """The memory map given to guests, as (addr, size, type) sorted by address.
 
     Usable [0, 0x9fc00), reserved [0x9fc00, 1 MiB), usable [1 MiB, low RAM end) and [4 GiB, ...) for RAM above 3 GiB.
-    Only RAM is described: the PCI hole is absent from the map.
+    Only RAM is described: the PCI hole is absent from the map. The reserved entry covers vmfork's own area
+    [VMFORK_AREA_START, VMFORK_AREA_END) (see the module docstring).
     """
     out: list[tuple[int, int, int]] = []
     for start, size in ram_regions(ram_size):
@@ -111,3 +130,12 @@ def e820_map(ram_size: int) -> list[tuple[int, int, int]]:
         else:
             out.append((start, size, E820_RAM))
     return out
+
+
+def is_vmfork_reserved(gpa: int, size: int = 1) -> bool:
+    """Whether [gpa, gpa + size) lies in vmfork's own area, which every memory map vmfork gives a guest reserves."""
+    return VMFORK_AREA_START <= gpa and gpa + size <= VMFORK_AREA_END
+
+
+assert EBDA_START <= VMFORK_AREA_START and VMFORK_AREA_END <= HIGH_MEMORY_START   # inside the reserved e820 entry
+assert is_vmfork_reserved(DEBUG_AREA_ADDR, DEBUG_AREA_SIZE) and is_vmfork_reserved(BUDGET_STUB_ADDR, PAGE_SIZE)
