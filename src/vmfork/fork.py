@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import mmap
+import resource
 import threading
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Literal, overload
 
 from .devices import DeviceSetState
-from .errors import ForkError, VmforkError
+from .errors import ForkError, KvmError, VmforkError
 from .kvm import Kvm
 from .kvm import constants as c
 from .kvm import structs as s
@@ -31,28 +34,60 @@ if TYPE_CHECKING:
 
 LaunchDm = Literal["yes", "no", "late"]
 LAPIC_TPR = 0x80
+FDS_PER_SHELL = 2           # the VM and its vCPU (one more per extra vCPU)
+SHELL_WAIT_S = 0.05         # how long a fork waits for a shell in flight before making its own
 
 
 class ShellPool:
-    """Pre-created VM shells of one shape."""
+    """Pre-created VM shells of one shape, made ahead of demand by background threads.
 
-    def __init__(self, kvm: Kvm, shape: MachineShape, *, target: int = 2) -> None:
+    A shell takes about 8-10 ms to make here, but almost all of it is waiting in the kernel (registering the memory
+    slot waits for an SRCU grace period, KVM_CREATE_PIT2 for a new kernel thread), with the GIL released and well
+    under 1 ms of CPU. So up to `makers` threads make shells at once, and the pool sizes itself by demand: it keeps
+    `target` shells ready when idle; a take that finds the pool empty doubles the refill goal (up to `max_ready`),
+    which halves again after a second without takes. A fork that finds the pool empty waits for a shell in flight
+    rather than making one itself. Shells beyond the pool (destroyed forks' shells when it is full) are closed on a
+    background thread too: closing a VM also waits in the kernel (about 10 ms)."""
+
+    IDLE_DECAY_S = 1.0
+
+    def __init__(self, kvm: Kvm, shape: MachineShape, *, target: int = 2, makers: int = 16,
+                 max_ready: int = 64) -> None:
         self.kvm = kvm
         self.shape = shape
         self.target = target
+        self.makers = makers
+        self.max_ready = max_ready
         self._ready: deque[Shell] = deque()
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
+        self._wake = threading.Condition(self._lock)        # shell wanted, shell arrived, closing
+        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None        # the first maker (kept for callers that poll it)
         self._closed = False
+        self._want = target             # the refill goal now: target, raised by demand
+        self._in_flight = 0             # shells being made
+        self._last_take = 0.0
+        self._to_close: deque[Shell] = deque()
+        self._closer: threading.Thread | None = None
         self.created = 0
         self.recycled = 0
+        self.misses = 0                 # takes that found no shell ready
         # A root parent's RAM file that new and recycled shells are mapped to ahead of time (see prefer()).
         self._preferred: MemoryImage | None = None
 
     def _new_shell(self) -> Shell:
-        self.created += 1
-        shell = Shell(self.kvm, self.shape, dirty_logging=True)
+        try:
+            shell = Shell(self.kvm, self.shape, dirty_logging=True)
+        except KvmError as e:
+            if e.errno == errno.EMFILE:
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                raise ForkError(f"cannot make a VM shell for a fork: this process has all {soft} file descriptors "
+                                f"it may open (RLIMIT_NOFILE, hard limit {hard}) in use; each fork holds "
+                                f"{FDS_PER_SHELL} plus its devices': destroy forks or raise the hard limit "
+                                "(ulimit -Hn)") from None
+            raise
+        with self._lock:
+            self.created += 1
         self._premap(shell, self._preferred)
         return shell
 
@@ -86,11 +121,28 @@ class ShellPool:
             sh.premapped = None
 
     def take(self) -> Shell:
-        """A ready shell: from the pool if one is there, else made now. Wakes the refiller."""
+        """A ready shell: from the pool, else the next one in flight, else made now. Raises the refill goal when
+        the pool ran dry (demand outgrew it) and wakes the makers."""
         with self._lock:
+            self._last_take = time.monotonic()
             shell = self._ready.popleft() if self._ready else None
-            self._wake.notify()
-        self._ensure_refiller()
+            if shell is None:
+                self.misses += 1
+                self._want = min(self.max_ready, max(self._want * 2, self.target, 1))
+            if len(self._ready) + self._in_flight < self._want:
+                self._wake.notify_all()
+        if self.target > 0 and len(self._threads) < self.makers:
+            self._start_makers()
+        if shell is not None:
+            return shell
+        with self._lock:
+            deadline = time.monotonic() + SHELL_WAIT_S
+            while not self._ready and self._in_flight and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            shell = self._ready.popleft() if self._ready else None
         return shell if shell is not None else self._new_shell()
 
     def prefill(self, n: int) -> None:
@@ -106,6 +158,11 @@ class ShellPool:
     def give_back(self, shell: Shell) -> None:
         """Recycle a destroyed fork's shell: its RAM view is replaced by fresh reserved address space and its
         dirty log cleared; the next fork overwrites every piece of vCPU and platform state."""
+        with self._lock:
+            keep = len(self._ready) < max(self.target, self.max_ready, self._want) and not self._closed
+        if not keep:
+            self._close_later(shell)
+            return
         preferred = self._preferred
         if preferred is not None and not preferred.layers:
             self._premap(shell, preferred)          # replaces the old view in place
@@ -117,35 +174,74 @@ class ShellPool:
             v.forget_runs()
         self.recycled += 1
         with self._lock:
-            if len(self._ready) < max(self.target, 64) and not self._closed:
-                self._ready.append(shell)
-                return
-        shell.close()
+            self._ready.append(shell)
+            self._wake.notify_all()
 
     def ready(self) -> int:
         return len(self._ready)
 
-    def _ensure_refiller(self) -> None:
-        if self._thread is None and self.target > 0:
-            self._thread = threading.Thread(target=self._refill, name="vmfork-shell-pool", daemon=True)
-            self._thread.start()
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until no shell is being made or closed (e.g. before counting file descriptors)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while (self._in_flight or self._to_close) and time.monotonic() < deadline:
+                self._wake.wait(0.01)
 
-    def _refill(self) -> None:
+    def _start_makers(self) -> None:
+        with self._lock:
+            missing = self.makers - len(self._threads)
+            for _ in range(missing):
+                t = threading.Thread(target=self._make_loop, name="vmfork-shell-pool", daemon=True)
+                self._threads.append(t)
+                t.start()
+            if self._thread is None and self._threads:
+                self._thread = self._threads[0]
+
+    def _make_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and len(self._ready) >= self.target:
-                    self._wake.wait()
+                while not self._closed and len(self._ready) + self._in_flight >= self._want:
+                    if not self._wake.wait(self.IDLE_DECAY_S) and self._want > self.target \
+                            and time.monotonic() - self._last_take >= self.IDLE_DECAY_S:
+                        self._want = max(self.target, self._want // 2)
                 if self._closed:
                     return
+                self._in_flight += 1
+            shell: Shell | None
             try:
                 shell = self._new_shell()
             except VmforkError:
-                return
+                with self._lock:
+                    self._in_flight -= 1
+                    self._wake.notify_all()
+                return                                  # take() makes its shell itself and reports the error
             with self._lock:
-                if self._closed:
-                    shell.close()
-                    return
-                self._ready.append(shell)
+                self._in_flight -= 1
+                if not self._closed:
+                    self._ready.append(shell)
+                    shell = None
+                self._wake.notify_all()
+            if shell is not None:
+                shell.close()
+
+    def _close_later(self, shell: Shell) -> None:
+        with self._lock:
+            self._to_close.append(shell)
+            if self._closer is None:
+                self._closer = threading.Thread(target=self._close_loop, name="vmfork-shell-closer", daemon=True)
+                self._closer.start()
+            self._wake.notify_all()
+
+    def _close_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._to_close:
+                    self._wake.wait()
+                shell = self._to_close[0]
+            shell.close()
+            with self._lock:
+                self._to_close.popleft()
+                self._wake.notify_all()
 
     def close(self) -> None:
         with self._lock:
@@ -163,8 +259,22 @@ _pools: dict[MachineShape, ShellPool] = {}
 def shell_pool(shape: MachineShape) -> ShellPool:
     pool = _pools.get(shape)
     if pool is None:
+        raise_fd_limit()
         pool = _pools[shape] = ShellPool(open_kvm(), shape)
     return pool
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (each live fork holds a few descriptors: 1,000 forks
+    pass the usual soft limit of 1,024); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def _blocked(st: VcpuState) -> VcpuState:
@@ -206,6 +316,7 @@ class VM(Machine):
         self._generation = 0
         self._reset_plan: tuple[MachineState, ResetPlan] | None = None     # for fork_state, built at first reset
         self._fork_count = 0
+        self._checked_devices: DeviceSetState | None = None     # fork device states known to fit the device set
         self.dm_accesses: dict[int, int] = {}         # port accesses answered as absent hardware before a DM
         self.pause_on_device_access = False             # stop at the first access to each port no device answers
         self._dm_pending: _DeviceAccess | None = None   # the access that stopped it, for a device model attached late
@@ -325,7 +436,7 @@ class VM(Machine):
             child.irqs_blocked = block_interrupts
             child.launch_dm = launch_dm
             child.fork_state = state
-            Machine.restore(child, state, devices=launch_dm == "yes")
+            self._load_fork_state(child, state, devices=launch_dm == "yes")
         except BaseException:
             memory.close(unmap_view=False)
             pool.give_back(shell)
@@ -334,6 +445,24 @@ class VM(Machine):
         self.children.append(child)
         self.memory.readonly = f"{self.name} has live forks"
         return child
+
+    def _load_fork_state(self, child: VM, state: MachineState, *, devices: bool) -> None:
+        """Machine.restore for a new fork: the shell's vCPUs and VM get every piece of state. The device states
+        are checked against the device set once per state value (every fork of it gets the same standard device
+        set), then restored directly, as a reset does."""
+        for v, vs in zip(child.vcpus, state.vcpus, strict=True):
+            v.restore(vs)
+        child.restore_platform(state.platform)
+        saved = state.devices
+        if devices and saved is not None and child.devices:
+            if self._checked_devices is saved:
+                states = saved.states
+                for d in child.devices:
+                    d.restore(states[d.name])
+            else:
+                DeviceSetState.restore_all(child.devices, saved)
+                self._checked_devices = saved
+            child.bus.touched.clear()
 
     # --- reset --------------------------------------------------------------------------------------------------
 
