@@ -74,6 +74,7 @@ class ShellPool:
         self.misses = 0                 # takes that found no shell ready
         # A root parent's RAM file that new and recycled shells are mapped to ahead of time (see prefer()).
         self._preferred: MemoryImage | None = None
+        self._preferred_state: MachineState | None = None   # ... and its fork state, preloaded into shells
 
     def _new_shell(self) -> Shell:
         try:
@@ -89,7 +90,19 @@ class ShellPool:
         with self._lock:
             self.created += 1
         self._premap(shell, self._preferred)
+        self._preload(shell, self._preferred_state)
         return shell
+
+    @staticmethod
+    def _preload(shell: Shell, state: MachineState | None) -> None:
+        """Load the clock-free parts of a parent's fork state into the shell's vCPUs (Vcpu.preload), so the fork
+        itself issues only the few ioctls that must happen at fork time."""
+        shell.preloaded = None
+        if state is None or state.shape != shell.shape:
+            return
+        for v, vs in zip(shell.vcpus, state.vcpus, strict=True):
+            v.preload(vs)
+        shell.preloaded = state
 
     @staticmethod
     def _premap(shell: Shell, image: MemoryImage | None) -> None:
@@ -103,8 +116,10 @@ class ShellPool:
         else:
             shell.premapped = None
 
-    def prefer(self, image: MemoryImage) -> None:
-        """Prepare future shells for forks of this root image."""
+    def prefer(self, image: MemoryImage, state: MachineState | None = None) -> None:
+        """Prepare future shells for forks of this root image (and, given, of this fork state)."""
+        if state is not None and not image.layers:
+            self._preferred_state = state
         if image.layers or (self._preferred is not None and self._preferred.base_fd == image.base_fd):
             return
         with self._lock:
@@ -115,6 +130,7 @@ class ShellPool:
         with self._lock:
             if self._preferred is not None and self._preferred.base_fd == fd:
                 self._preferred = None
+                self._preferred_state = None
             shells = [sh for sh in self._ready if sh.premapped == fd]
         for sh in shells:
             clear_address_space(sh.host_addr, sh.size)
@@ -172,6 +188,7 @@ class ShellPool:
         shell.clear_dirty_log()
         for v in shell.vcpus:
             v.forget_runs()
+        self._preload(shell, self._preferred_state if preferred is not None else None)
         self.recycled += 1
         with self._lock:
             self._ready.append(shell)
@@ -213,6 +230,7 @@ class ShellPool:
             except VmforkError:
                 with self._lock:
                     self._in_flight -= 1
+                    self._threads.remove(threading.current_thread())   # a later take() starts another
                     self._wake.notify_all()
                 return                                  # take() makes its shell itself and reports the error
             with self._lock:
@@ -358,7 +376,7 @@ class VM(Machine):
         """Have n VM shells ready for forks of this machine (made now, a few ms each), so forks skip creating a
         KVM VM and, for a root machine, mapping its RAM file."""
         pool = shell_pool(self.shape)
-        pool.prefer(self.memory.freeze())
+        pool.prefer(self.memory.freeze(), self._state_for_forks() if self.state == "paused" else None)
         pool.prefill(n)
 
     @overload
@@ -421,8 +439,10 @@ class VM(Machine):
     def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
                block_interrupts: bool, console_log: str | None) -> VM:
         pool = shell_pool(self.shape)
-        pool.prefer(image)
+        pool.prefer(image, self._fork_cache[1] if self._fork_cache is not None else None)
         shell = pool.take()
+        preloaded = shell.preloaded is state
+        shell.preloaded = None
         try:
             premapped = shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
             memory = GuestMemory.fork_of(image, shell.host_addr, base=self.memory, premapped=premapped)
@@ -436,7 +456,7 @@ class VM(Machine):
             child.irqs_blocked = block_interrupts
             child.launch_dm = launch_dm
             child.fork_state = state
-            self._load_fork_state(child, state, devices=launch_dm == "yes")
+            self._load_fork_state(child, state, devices=launch_dm == "yes", preloaded=preloaded)
         except BaseException:
             memory.close(unmap_view=False)
             pool.give_back(shell)
@@ -446,12 +466,16 @@ class VM(Machine):
         self.memory.readonly = f"{self.name} has live forks"
         return child
 
-    def _load_fork_state(self, child: VM, state: MachineState, *, devices: bool) -> None:
-        """Machine.restore for a new fork: the shell's vCPUs and VM get every piece of state. The device states
-        are checked against the device set once per state value (every fork of it gets the same standard device
-        set), then restored directly, as a reset does."""
+    def _load_fork_state(self, child: VM, state: MachineState, *, devices: bool, preloaded: bool) -> None:
+        """Machine.restore for a new fork: the shell's vCPUs and VM get every piece of state (`preloaded`: the
+        pool loaded the clock-free parts of this very state already, see ShellPool). The device states are checked
+        against the device set once per state value (every fork of it gets the same standard device set), then
+        restored directly, as a reset does."""
         for v, vs in zip(child.vcpus, state.vcpus, strict=True):
-            v.restore(vs)
+            if preloaded:
+                v.finish_preload(vs)
+            else:
+                v.restore(vs)
         child.restore_platform(state.platform)
         saved = state.devices
         if devices and saved is not None and child.devices:
