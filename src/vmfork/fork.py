@@ -18,7 +18,8 @@ import resource
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Literal, overload
+from collections.abc import Callable
+from typing import Any, Literal, overload
 
 from .devices import DeviceSetState
 from .errors import ForkError, KvmError, VmforkError
@@ -29,13 +30,21 @@ from .memory import GuestMemory, MemoryImage, clear_address_space, map_image
 from .vcpu import ResetPlan, VcpuState
 from .vm import Machine, MachineShape, MachineState, Shell, StopEvent, open_kvm
 
-if TYPE_CHECKING:
-    from .procfork import ProcessFork
-
 LaunchDm = Literal["yes", "no", "late"]
 LAPIC_TPR = 0x80
 FDS_PER_SHELL = 2           # the VM and its vCPU (one more per extra vCPU)
 SHELL_WAIT_S = 0.05         # how long a fork waits for a shell in flight before making its own
+
+# Process forks are made one layer up, by vmfork.procfork (which imports this module): it registers its fork
+# function here when it is imported, and `vmfork.VM` imports it, so this module never imports procfork.
+_process_forker: Callable[..., Any] | None = None
+
+
+def register_process_forker(maker: Callable[..., Any]) -> None:
+    """Called by vmfork.procfork: `maker(parent, name=, block_interrupts=, launch_dm=, device_state=,
+    console_log=, memory_limit_mib=)` makes a process fork (VM.fork(isolation="process"))."""
+    global _process_forker
+    _process_forker = maker
 
 
 class ShellPool:
@@ -66,6 +75,7 @@ class ShellPool:
         self._closed = False
         self._want = target             # the refill goal now: target, raised by demand
         self._in_flight = 0             # shells being made
+        self._idle = 0                  # maker threads waiting for work
         self._last_take = 0.0
         self._to_close: deque[Shell] = deque()
         self._closer: threading.Thread | None = None
@@ -148,7 +158,7 @@ class ShellPool:
             if len(self._ready) + self._in_flight < self._want:
                 self._wake.notify_all()
         if self.target > 0 and len(self._threads) < self.makers:
-            self._start_makers()
+            self._start_makers()        # as many as the refill goal needs beyond the idle ones
         if shell is not None:
             return shell
         with self._lock:
@@ -162,14 +172,51 @@ class ShellPool:
         return shell if shell is not None else self._new_shell()
 
     def prefill(self, n: int) -> None:
-        """Make sure at least n shells are ready (synchronously)."""
+        """Make sure at least n shells are ready (synchronously; up to `makers` threads make them at once)."""
+        errors: list[BaseException] = []
+
+        def make() -> None:
+            while not errors:
+                with self._lock:
+                    if len(self._ready) + self._in_flight >= n or self._closed:
+                        return
+                    self._in_flight += 1
+                try:
+                    shell = self._new_shell()
+                except BaseException as e:
+                    errors.append(e)
+                    shell = None
+                with self._lock:
+                    self._in_flight -= 1
+                    if shell is not None:
+                        self._ready.append(shell)
+                    self._wake.notify_all()
+
         while True:
             with self._lock:
-                if len(self._ready) >= n:
-                    return
-            shell = self._new_shell()
-            with self._lock:
-                self._ready.append(shell)
+                while len(self._ready) < n and self._in_flight and len(self._ready) + self._in_flight >= n:
+                    self._wake.wait(0.05)          # the background makers' shells count too
+                missing = n - len(self._ready) - self._in_flight
+            if len(self._ready) >= n or self._closed:
+                return
+            helpers = [threading.Thread(target=make, name="vmfork-shell-prefill", daemon=True)
+                       for _ in range(min(self.makers, missing) - 1)]
+            for t in helpers:
+                t.start()
+            make()
+            for t in helpers:
+                t.join()
+            if errors:
+                raise errors[0]
+
+    def drain(self) -> None:
+        """Close every ready shell (in the background): the next forks find the pool empty."""
+        with self._lock:
+            shells = list(self._ready)
+            self._ready.clear()
+            self._want = self.target
+        for sh in shells:
+            self._close_later(sh)
 
     def give_back(self, shell: Shell) -> None:
         """Recycle a destroyed fork's shell: its RAM view is replaced by fresh reserved address space and its
@@ -206,7 +253,8 @@ class ShellPool:
 
     def _start_makers(self) -> None:
         with self._lock:
-            missing = self.makers - len(self._threads)
+            need = self._want - len(self._ready) - self._in_flight - self._idle
+            missing = min(self.makers - len(self._threads), need)
             for _ in range(missing):
                 t = threading.Thread(target=self._make_loop, name="vmfork-shell-pool", daemon=True)
                 self._threads.append(t)
@@ -218,7 +266,10 @@ class ShellPool:
         while True:
             with self._lock:
                 while not self._closed and len(self._ready) + self._in_flight >= self._want:
-                    if not self._wake.wait(self.IDLE_DECAY_S) and self._want > self.target \
+                    self._idle += 1
+                    woken = self._wake.wait(self.IDLE_DECAY_S)
+                    self._idle -= 1
+                    if not woken and self._want > self.target \
                             and time.monotonic() - self._last_take >= self.IDLE_DECAY_S:
                         self._want = max(self.target, self._want // 2)
                 if self._closed:
@@ -389,13 +440,13 @@ class VM(Machine):
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["process"],
-             memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...) -> ProcessFork: ...
+             memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...) -> Any: ...
 
     def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
              device_state: DeviceSetState | None = None, console_log: str | None = None,
              memory_mib: int | None = None, vcpus: int | None = None,
              isolation: Literal["thread", "process"] = "thread",
-             memory_limit_mib: int | None = None, pause_on_device_access: bool = False) -> VM | ProcessFork:
+             memory_limit_mib: int | None = None, pause_on_device_access: bool = False) -> Any:
         """A new machine identical to this paused one, sharing its RAM copy-on-write.
 
         `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
@@ -414,10 +465,11 @@ class VM(Machine):
         if isolation == "process":
             if pause_on_device_access:
                 raise ForkError("pause_on_device_access is not available for process forks yet")
-            from .procfork import fork_process
-            return fork_process(self, name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
-                                device_state=device_state, console_log=console_log,
-                                memory_limit_mib=memory_limit_mib)
+            if _process_forker is None:
+                raise ForkError("process forks need vmfork.procfork: import it first (vmfork.VM does)")
+            return _process_forker(self, name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
+                                   device_state=device_state, console_log=console_log,
+                                   memory_limit_mib=memory_limit_mib)
         if isolation != "thread":
             raise ForkError(f"isolation must be thread or process, not {isolation!r}")
         if memory_limit_mib is not None:

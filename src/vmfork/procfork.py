@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from . import errors
 from .devices import DeviceSetState
 from .errors import ForkError, VmforkError, VmStateError
+from .fork import register_process_forker
 from .kvm.structs import GPR_NAMES
 from .memlimit import MemoryCgroup
 from .memory import Layer, MemoryImage, Slot
@@ -990,6 +991,8 @@ def _worker_main(argv: list[str]) -> int:
     chan.send({"ready": os.getpid()})
     return server.serve()
 
+
+register_process_forker(fork_process)      # VM.fork(isolation="process")
 
 if __name__ == "__main__":
     code = _worker_main(sys.argv[1:])
