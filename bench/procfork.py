@@ -59,6 +59,22 @@ def main() -> None:
             worker_side.append(h.spawn_us / 1e3)
             forks.append(h)
         done += n
+    # Prepared workers (WorkerPool.prefer: the image mapped and the clock-free state loaded ahead) against
+    # unprepared ones, alternating, each round from freshly prefilled idle workers.
+    from vmfork import procfork
+    side: dict[bool, list[float]] = {True: [], False: []}
+    side_worker: dict[bool, list[float]] = {True: [], False: []}
+    for round_ in range(args.forks // 2):
+        for prepared in (True, False) if round_ % 2 == 0 else (False, True):
+            procfork.PREPARE_WORKERS = prepared
+            pool.prefill(1)
+            time.sleep(0.3)             # the preparer gets the idle worker ready meanwhile
+            t0 = time.perf_counter()
+            h = fork_process(parent)
+            side[prepared].append((time.perf_counter() - t0) * 1e3)
+            side_worker[prepared].append(h.spawn_us / 1e3)
+            forks.append(h)
+    procfork.PREPARE_WORKERS = True
     # a warm fork is runnable: check one
     h = forks[0]
     h.memory_write(addr, struct.pack("<QQ", 4, 7))
@@ -116,6 +132,11 @@ def main() -> None:
     print(f"memory {args.memory} MiB, 1 vCPU, guest 'loop'")
     print(f"fork, pre-started worker (ms)      {med(warm)}")
     print(f"  of which in the worker (ms)      {med(worker_side)}")
+    print(f"fork, prepared worker (ms)         {med(side[True])}   (alternating with the next row)")
+    print(f"  of which in the worker (ms)      {med(side_worker[True])}")
+    print(f"fork, unprepared worker (ms)       {med(side[False])}")
+    print(f"  of which in the worker (ms)      {med(side_worker[False])}")
+    print(f"  prepared vs unprepared: {statistics.median(side[False]) / statistics.median(side[True]):.2f}x faster")
     print(f"fork, cold (ms)                    {med(cold)}")
     print(f"request round trip, ping (us)      {med(ping)}")
     print(f"reset via RPC, 4-page loop (us)    {med(reset)}")

@@ -23,7 +23,7 @@ from typing import Any, Literal, overload
 
 from .devices import DeviceSetState
 from .errors import ForkError, KvmError, VmforkError
-from .kvm import Kvm
+from .kvm import Kvm, PackedPlan
 from .kvm import constants as c
 from .kvm import structs as s
 from .memory import GuestMemory, MemoryImage, clear_address_space, map_image
@@ -208,6 +208,26 @@ class ShellPool:
                 t.join()
             if errors:
                 raise errors[0]
+
+    def refresh(self, n: int) -> None:
+        """Point up to n ready shells made for another parent (or another state of it) at the preferred image and
+        state: prepare_forks() promises shells ready for *its* machine."""
+        image, state = self._preferred, self._preferred_state
+        if image is None or image.layers:
+            return
+        with self._lock:
+            stale = [sh for sh in list(self._ready)[:n]
+                     if sh.premapped != image.base_fd or (state is not None and sh.preloaded is not state)]
+            for sh in stale:
+                self._ready.remove(sh)
+        try:
+            for sh in stale:
+                if sh.premapped != image.base_fd:
+                    self._premap(sh, image)
+                self._preload(sh, state)
+        finally:
+            with self._lock:
+                self._ready.extendleft(reversed(stale))
 
     def drain(self) -> None:
         """Close every ready shell (in the background): the next forks find the pool empty."""
@@ -428,6 +448,7 @@ class VM(Machine):
         KVM VM and, for a root machine, mapping its RAM file."""
         pool = shell_pool(self.shape)
         pool.prefer(self.memory.freeze(), self._state_for_forks() if self.state == "paused" else None)
+        pool.refresh(n)
         pool.prefill(n)
 
     @overload
@@ -523,12 +544,22 @@ class VM(Machine):
         pool loaded the clock-free parts of this very state already, see ShellPool). The device states are checked
         against the device set once per state value (every fork of it gets the same standard device set), then
         restored directly, as a reset does."""
-        for v, vs in zip(child.vcpus, state.vcpus, strict=True):
-            if preloaded:
-                v.finish_preload(vs)
-            else:
+        if preloaded:
+            # The fork-time ioctls of every vCPU and the platform's, packed once per (shell, state): one C call.
+            shell = child.shell
+            cached = shell.fork_plan
+            if cached is None or cached[0] is not state:
+                steps = [(v.fd.fd, request, ptr) for v, vs in zip(child.vcpus, state.vcpus, strict=True)
+                         for request, ptr in vs.preload_plans()[1]]
+                steps += [(child.vm.fd, request, ptr) for request, ptr in state.platform.restore_plan()]
+                cached = shell.fork_plan = (state, PackedPlan(steps))
+            for v, vs in zip(child.vcpus, state.vcpus, strict=True):
+                v.finish_preload(vs, ioctls=False)
+            cached[1].run()
+        else:
+            for v, vs in zip(child.vcpus, state.vcpus, strict=True):
                 v.restore(vs)
-        child.restore_platform(state.platform)
+            child.restore_platform(state.platform)
         saved = state.devices
         if devices and saved is not None and child.devices:
             if self._checked_devices is saved:

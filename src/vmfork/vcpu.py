@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from .arch.x86 import cpu
 from .guest_debug import DebugClaims
-from .kvm import FdPlan, IoctlPlan, Kvm, VcpuFd, plan_entry, run_fd_plan, run_plan
+from .kvm import FdPlan, IoctlPlan, Kvm, PackedPlan, VcpuFd, plan_entry, run_plan
 from .kvm import constants as c
 from .kvm import structs as s
 
@@ -377,9 +377,10 @@ class Vcpu:
         run_plan(self.fd.fd, st.preload_plans()[0])
         self.sync_valid = False
 
-    def finish_preload(self, st: VcpuState) -> None:
+    def finish_preload(self, st: VcpuState, *, ioctls: bool = True) -> None:
         """The fork-time half of a preloaded restore: registers, sregs and events through the sync area, then the
-        LAPIC and the clock-following MSRs (and the MP state of a vCPU that is not RUNNABLE)."""
+        LAPIC and the clock-following MSRs (and the MP state of a vCPU that is not RUNNABLE): `preload_plans()[1]`,
+        which the caller issues itself when `ioctls` is False."""
         if self._sync:
             _memmove(self.sync_addr, _addressof(st.restore_plan()[2]), _SYNC_SIZE)
             self.run.kvm_dirty_regs = SYNC_ALL
@@ -387,7 +388,8 @@ class Vcpu:
         else:
             self.fd.set_regs(st.regs)
             self.fd.set_vcpu_events(st.events)
-        run_plan(self.fd.fd, st.preload_plans()[1])
+        if ioctls:
+            run_plan(self.fd.fd, st.preload_plans()[1])
         if not st.runnable:
             self.exit_reason.value = c.KVM_EXIT_UNKNOWN
 
@@ -410,7 +412,7 @@ class ResetPlan:
     area does not hold its registers, or whose APIC base would change, goes through Vcpu.restore instead."""
 
     def __init__(self, vcpus: Sequence[Vcpu], states: Sequence[VcpuState], vm_fd: int,
-                 platform: IoctlPlan) -> None:
+                 platform: IoctlPlan, *, compiled: bool = True) -> None:
         self.vcpus = list(vcpus)
         self.states = list(states)
         self.vm_fd = vm_fd
@@ -419,11 +421,12 @@ class ResetPlan:
         self._sync = [(v, v.sync_addr, _addressof(image), vs.sregs.apic_base)
                       for v, vs, (_, _, image) in zip(self.vcpus, self.states, plans, strict=True)]
         tail: FdPlan = [(vm_fd, request, ptr) for request, ptr in platform]
-        self._full: FdPlan = [(v.fd.fd, request, ptr) for v, (full, _, _) in zip(self.vcpus, plans, strict=True)
-                              for request, ptr in full] + tail
-        self._without_mp_state: FdPlan = [(v.fd.fd, request, ptr)
-                                          for v, (_, part, _) in zip(self.vcpus, plans, strict=True)
-                                          for request, ptr in part] + tail
+        # Each list is one call into vmfork._fastpath when it is built (`compiled`), else a Python loop.
+        self._full = PackedPlan([(v.fd.fd, request, ptr) for v, (full, _, _) in zip(self.vcpus, plans, strict=True)
+                                 for request, ptr in full] + tail, compiled=compiled)
+        self._without_mp_state = PackedPlan([(v.fd.fd, request, ptr)
+                                             for v, (_, part, _) in zip(self.vcpus, plans, strict=True)
+                                             for request, ptr in part] + tail, compiled=compiled)
         self._runnable = all(vs.runnable for vs in self.states)
         self._stopped = [v for v, vs in zip(self.vcpus, self.states, strict=True) if not vs.runnable]
         self._fast = all(v._sync for v in self.vcpus)
@@ -444,7 +447,7 @@ class ResetPlan:
             _memmove(dst, src, _SYNC_SIZE)
             v.run.kvm_dirty_regs = SYNC_ALL
         # MP state: see Vcpu.restore.
-        run_fd_plan(self._without_mp_state if running else self._full)
+        (self._without_mp_state if running else self._full).run()
         for v in self._stopped:
             v.exit_reason.value = c.KVM_EXIT_UNKNOWN
 

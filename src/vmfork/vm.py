@@ -205,6 +205,7 @@ class Shell:
         self.vcpus: list[Vcpu] = []
         self.premapped: int | None = None     # fd of the RAM file mapped at host_addr ahead of time, if any
         self.preloaded: MachineState | None = None    # the state whose clock-free parts the vCPUs hold already
+        self.fork_plan: tuple[MachineState, Any] | None = None  # fork-time ioctls for a state (vmfork.fork)
         self.owns_addr = host_addr is None
         self.host_addr = reserve_address_space(self.size) if host_addr is None else host_addr
         try:
