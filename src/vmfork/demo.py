@@ -58,7 +58,9 @@ def sustained_forks(parent: VM, n: int) -> tuple[float, float, float]:
     """n forks in a row with no shells prepared (the pool emptied first): (forks/s, p50 of the first 20, p50 of
     the last 20). The forks are destroyed afterwards."""
     from .fork import shell_pool
-    shell_pool(parent.shape).drain()
+    pool = shell_pool(parent.shape)
+    pool.drain()
+    pool.settle(120.0)          # shells of destroyed forks still closing would compete with the ones made now
     times: list[float] = []
     kids: list[VM] = []
     progress = _Progress("forks without prepare", n)

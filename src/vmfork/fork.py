@@ -34,6 +34,7 @@ LaunchDm = Literal["yes", "no", "late"]
 LAPIC_TPR = 0x80
 FDS_PER_SHELL = 2           # the VM and its vCPU (one more per extra vCPU)
 SHELL_WAIT_S = 0.05         # how long a fork waits for a shell in flight before making its own
+CLOSERS = 4                 # threads closing surplus shells (closing a VM waits in the kernel, ~10 ms)
 
 # Process forks are made one layer up, by vmfork.procfork (which imports this module): it registers its fork
 # function here when it is imported, and `vmfork.VM` imports it, so this module never imports procfork.
@@ -78,7 +79,8 @@ class ShellPool:
         self._idle = 0                  # maker threads waiting for work
         self._last_take = 0.0
         self._to_close: deque[Shell] = deque()
-        self._closer: threading.Thread | None = None
+        self._closing = 0               # shells being closed now
+        self._closers: list[threading.Thread] = []
         self.created = 0
         self.recycled = 0
         self.misses = 0                 # takes that found no shell ready
@@ -268,7 +270,7 @@ class ShellPool:
         """Wait until no shell is being made or closed (e.g. before counting file descriptors)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while (self._in_flight or self._to_close) and time.monotonic() < deadline:
+            while (self._in_flight or self._to_close or self._closing) and time.monotonic() < deadline:
                 self._wake.wait(0.01)
 
     def _start_makers(self) -> None:
@@ -316,9 +318,10 @@ class ShellPool:
     def _close_later(self, shell: Shell) -> None:
         with self._lock:
             self._to_close.append(shell)
-            if self._closer is None:
-                self._closer = threading.Thread(target=self._close_loop, name="vmfork-shell-closer", daemon=True)
-                self._closer.start()
+            if len(self._closers) < CLOSERS and len(self._to_close) > self._closing:
+                t = threading.Thread(target=self._close_loop, name="vmfork-shell-closer", daemon=True)
+                self._closers.append(t)
+                t.start()
             self._wake.notify_all()
 
     def _close_loop(self) -> None:
@@ -326,11 +329,14 @@ class ShellPool:
             with self._lock:
                 while not self._to_close:
                     self._wake.wait()
-                shell = self._to_close[0]
-            shell.close()
-            with self._lock:
-                self._to_close.popleft()
-                self._wake.notify_all()
+                shell = self._to_close.popleft()
+                self._closing += 1
+            try:
+                shell.close()
+            finally:
+                with self._lock:
+                    self._closing -= 1
+                    self._wake.notify_all()
 
     def close(self) -> None:
         with self._lock:
