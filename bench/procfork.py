@@ -68,7 +68,7 @@ def main() -> None:
         for prepared in (True, False) if round_ % 2 == 0 else (False, True):
             procfork.PREPARE_WORKERS = prepared
             pool.prefill(1)
-            time.sleep(0.3)             # the preparer gets the idle worker ready meanwhile
+            time.sleep(0.5)             # the preparer gets the idle worker ready meanwhile
             t0 = time.perf_counter()
             h = fork_process(parent)
             side[prepared].append((time.perf_counter() - t0) * 1e3)
