@@ -1,6 +1,9 @@
 """Fork and reset costs, measured side by side in one run (issue: the fork engine).
 
-    .venv/bin/python bench/fork.py [--samples 200] [--markdown]
+    .venv/bin/python bench/fork.py [--samples 200] [--markdown] [--check]
+
+`--check` compares this run's medians with the "Fork and reset" table of docs/benchmarks.md, row by row (a ratio per
+metric; timings here drift by ±30%, so it is a guard to read before landing hot-path changes, not a test).
 
 Everything uses the `loop` test guest (guests/README.md): at its ready marker the parent is paused; a fork writes
 one qword into each of N pages of a scratch area and stops at its end marker.
@@ -21,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vmfork.demo import pss_kib  # noqa: E402
+from vmfork.demo import pss_kib, sustained_forks  # noqa: E402
 from vmfork.fork import VM, shell_pool  # noqa: E402
 from vmfork.vm import Shell  # noqa: E402
 
@@ -79,6 +82,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--memory", type=int, default=256)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--burst", type=int, default=1000, help="forks in a row without prepare_forks (0: skip)")
+    ap.add_argument("--check", action="store_true", help="compare the medians with docs/benchmarks.md")
     args = ap.parse_args()
     n = args.samples
     rows: list[tuple[str, str, str, str]] = []
@@ -207,6 +212,16 @@ def main() -> int:
         row("reset after 16 pages, memory only, bitmap dirty log", reset_samples(bitmap_child, addr, n, state=False))
         bitmap_child.destroy()
 
+    # Forks beyond the pool: `--burst` forks in a row with the pool emptied first and no prepare_forks, all kept
+    # alive: the shells are made by the pool's background threads as the forks use them.
+    burst_note = ""
+    if args.burst:
+        rate, first, last = sustained_forks(parent, args.burst)
+        rows.append((f"{args.burst} forks in a row, no prepare_forks", f"{rate:,.0f}/s", "",
+                     f"p50 of the first 20 {fmt(first)}, of the last 20 {fmt(last)}"))
+        burst_note = f"{args.burst} forks in a row without prepare_forks: {rate:,.0f} forks/s, last-20 p50 " \
+                     f"{last / first:.2f}x the first 20"
+
     # Memory: 100 live forks, each having written 1 MiB (256 pages).
     parent.prepare_forks(100)
     before = pss_kib()
@@ -243,7 +258,49 @@ def main() -> int:
           f"run + reset {(hot_off + run_off) / (hot_on + run_on):.2f}x faster than without")
     print(f"  100 live forks, each wrote 1 MiB: {used_mib:,.1f} MiB PSS beyond the parent "
           f"(budget 100 x 2 MiB = 200 MiB)")
+    if burst_note:
+        print(f"  {burst_note}")
+    if args.check:
+        check_against_docs(rows)
     return 0
+
+
+def parse_duration(text: str) -> float | None:
+    """'396 µs' / '7.9 ms' / '1,234 µs' -> seconds; None for anything else."""
+    parts = text.replace(",", "").split()
+    if len(parts) != 2:
+        return None
+    try:
+        value = float(parts[0])
+    except ValueError:
+        return None
+    return {"µs": 1e-6, "ms": 1e-3, "s": 1.0}.get(parts[1], 0.0) * value or None
+
+
+def check_against_docs(rows: list[tuple[str, str, str, str]]) -> None:
+    """Print now/docs per row of the "Fork and reset" table in docs/benchmarks.md (> 1: slower than documented)."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = text.split("## Fork and reset", 1)[-1].split("\n## ", 1)[0]
+    documented: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and line.startswith("|"):
+            documented.setdefault(cells[0], cells[1])
+    print()
+    print("  check against docs/benchmarks.md (now / documented median; > 1 is slower):")
+    for name, median, _, _ in rows:
+        doc = documented.get(name)
+        if doc is None:
+            print(f"    {name:<52} {median:>10}  (not documented)")
+            continue
+        now_v, doc_v = parse_duration(median), parse_duration(doc)
+        if median.endswith("/s") and doc.endswith("/s"):
+            now_r, doc_r = float(median[:-2].replace(",", "")), float(doc[:-2].replace(",", ""))
+            print(f"    {name:<52} {median:>10} vs {doc:>10}  {doc_r / now_r:5.2f}x")
+        elif now_v is not None and doc_v is not None:
+            print(f"    {name:<52} {median:>10} vs {doc:>10}  {now_v / doc_v:5.2f}x")
+        else:
+            print(f"    {name:<52} {median:>10} vs {doc:>10}")
 
 
 

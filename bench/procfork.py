@@ -1,8 +1,9 @@
 """Process-isolated forks: creation with a pre-started worker and without (cold), and requests (reset, a no-op).
 
-    .venv/bin/python bench/procfork.py [--forks 20] [--cold 5] [--resets 300] [--memory 128]
+    .venv/bin/python bench/procfork.py [--forks 20] [--cold 5] [--resets 300] [--memory 128] [--check]
 
-Prints medians (and p90) in milliseconds / microseconds. Not a test.
+Prints medians (and p90) in milliseconds / microseconds. Not a test. `--check` also prints each median's ratio to
+the "Process-isolated forks" table of docs/benchmarks.md (> 1: slower than documented).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=5)
     ap.add_argument("--resets", type=int, default=300)
     ap.add_argument("--memory", type=int, default=128)
+    ap.add_argument("--check", action="store_true", help="compare the medians with docs/benchmarks.md")
     args = ap.parse_args()
 
     parent = VM.create(memory_mib=args.memory, name="bench")
@@ -59,6 +61,22 @@ def main() -> None:
             worker_side.append(h.spawn_us / 1e3)
             forks.append(h)
         done += n
+    # Prepared workers (WorkerPool.prefer: the image mapped and the clock-free state loaded ahead) against
+    # unprepared ones, alternating, each round from freshly prefilled idle workers.
+    from vmfork import procfork
+    side: dict[bool, list[float]] = {True: [], False: []}
+    side_worker: dict[bool, list[float]] = {True: [], False: []}
+    for round_ in range(args.forks // 2):
+        for prepared in (True, False) if round_ % 2 == 0 else (False, True):
+            procfork.PREPARE_WORKERS = prepared
+            pool.prefill(1)
+            time.sleep(0.5)             # the preparer gets the idle worker ready meanwhile
+            t0 = time.perf_counter()
+            h = fork_process(parent)
+            side[prepared].append((time.perf_counter() - t0) * 1e3)
+            side_worker[prepared].append(h.spawn_us / 1e3)
+            forks.append(h)
+    procfork.PREPARE_WORKERS = True
     # a warm fork is runnable: check one
     h = forks[0]
     h.memory_write(addr, struct.pack("<QQ", 4, 7))
@@ -116,6 +134,11 @@ def main() -> None:
     print(f"memory {args.memory} MiB, 1 vCPU, guest 'loop'")
     print(f"fork, pre-started worker (ms)      {med(warm)}")
     print(f"  of which in the worker (ms)      {med(worker_side)}")
+    print(f"fork, prepared worker (ms)         {med(side[True])}   (alternating with the next row)")
+    print(f"  of which in the worker (ms)      {med(side_worker[True])}")
+    print(f"fork, unprepared worker (ms)       {med(side[False])}")
+    print(f"  of which in the worker (ms)      {med(side_worker[False])}")
+    print(f"  prepared vs unprepared: {statistics.median(side[False]) / statistics.median(side[True]):.2f}x faster")
     print(f"fork, cold (ms)                    {med(cold)}")
     print(f"request round trip, ping (us)      {med(ping)}")
     print(f"reset via RPC, 4-page loop (us)    {med(reset)}")
@@ -123,6 +146,35 @@ def main() -> None:
     print(f"write+run+reset via RPC (us)       {med(iteration)}")
     print(f"reset in-process, same work (us)   {med(inproc)}")
     parent.destroy()
+    if args.check:
+        # (row of the docs table, this run's median in seconds)
+        check([("fork, pre-started worker", statistics.median(warm) / 1e3),
+               ("… of which inside the worker", statistics.median(worker_side) / 1e3),
+               ("fork, cold (starts the worker process: Python start-up and imports)", statistics.median(cold) / 1e3),
+               ("request round trip (ping)", statistics.median(ping) / 1e6),
+               ("reset through the worker, 4-page loop", statistics.median(reset) / 1e6),
+               ("reset in-process, same work", statistics.median(inproc) / 1e6)])
+
+
+def check(now: list[tuple[str, float]]) -> None:
+    """Print now/documented for each row of docs/benchmarks.md's "Process-isolated forks" table."""
+    section = (ROOT / "docs" / "benchmarks.md").read_text().split("## Process-isolated forks", 1)[-1]
+    documented: dict[str, float] = {}
+    for line in section.split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 2 and len(cells[1].split()) == 2:
+            value, unit = cells[1].split()
+            scale = {"µs": 1e-6, "ms": 1e-3, "s": 1.0}.get(unit)
+            try:
+                if scale:
+                    documented[cells[0]] = float(value.replace(",", "")) * scale
+            except ValueError:
+                pass
+    print("check against docs/benchmarks.md (now / documented median; > 1 is slower):")
+    for name, seconds in now:
+        doc = documented.get(name)
+        ratio = f"{seconds / doc:5.2f}x" if doc else "(not documented)"
+        print(f"  {name:<70} {ratio}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from guest import boot, console, field, run_to_exit, run_to_ready, write_input
 from vmfork.demo import fnv1a64
 from vmfork.errors import ForkError, VmStateError
 from vmfork.fork import shell_pool
+from vmfork.procfork import ProcessFork
 
 SCRATCH = 64 << 20          # where the `loop` program writes its pages
 MIB = 1 << 20
@@ -219,6 +220,7 @@ def test_fork_isolation_levels(pvh_guest, machines) -> None:
         parent.fork(isolation="vm")  # type: ignore[call-overload]
     thread_fork = parent.fork()
     process_fork = parent.fork(isolation="process")
+    assert isinstance(process_fork, ProcessFork)
     assert process_fork.pid != thread_fork.memory.fd and process_fork.alive()
     assert run_to_exit(thread_fork).status == 0
     assert process_fork.run(timeout=20).reason == "exit"

@@ -26,7 +26,7 @@ def __getattr__(name: str) -> Any:
     # The machine layers import numpy (about 0.15 s here): load them on first use, so that CLI commands which only
     # talk to domains (list, console, destroy, ...) start without them.
     if name in ("VM", "create"):
-        from . import fork
+        from . import fork, procfork  # noqa: F401  (procfork registers VM.fork(isolation="process"))
         return getattr(fork, name)
     if name == "StopEvent":
         from .vm import StopEvent

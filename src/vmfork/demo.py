@@ -31,6 +31,53 @@ def pss_kib() -> int:
     return 0
 
 
+KERNEL_FIELDS = ("Slab", "PageTables", "SecPageTables", "VmallocUsed", "KernelStack")
+
+
+def kernel_memory_kib() -> dict[str, int]:
+    """The host's kernel memory by kind (/proc/meminfo, KiB): what VMs cost beyond their processes' PSS."""
+    out = dict.fromkeys(KERNEL_FIELDS, 0)
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in out:
+                out[name] = int(rest.split()[0])
+    return out
+
+
+def scaling_line(fork_times: list[float]) -> str:
+    """Fork p50 around 1, 10, 100 and 1,000 live forks (the 10 forks up to each count)."""
+    parts = []
+    for k in (1, 10, 100, 1000):
+        if k <= len(fork_times):
+            parts.append(f"{k:,}: {_fmt_us(statistics.median(fork_times[max(0, k - 10):k]))}")
+    return ", ".join(parts)
+
+
+def sustained_forks(parent: VM, n: int) -> tuple[float, float, float]:
+    """n forks in a row with no shells prepared (the pool emptied first): (forks/s, p50 of the first 20, p50 of
+    the last 20). The forks are destroyed afterwards."""
+    from .fork import shell_pool
+    pool = shell_pool(parent.shape)
+    pool.drain()
+    pool.settle(120.0)          # shells of destroyed forks still closing would compete with the ones made now
+    times: list[float] = []
+    kids: list[VM] = []
+    progress = _Progress("forks without prepare", n)
+    t0 = time.perf_counter()
+    try:
+        for i in range(n):
+            t = time.perf_counter()
+            kids.append(parent.fork())
+            times.append(time.perf_counter() - t)
+            progress.update(i + 1)
+        elapsed = time.perf_counter() - t0
+    finally:
+        for k in kids:
+            k.destroy()
+    return n / elapsed, statistics.median(times[:20]), statistics.median(times[-20:])
+
+
 def fnv1a64(data: bytes) -> int:
     h = 0xCBF29CE484222325
     for b in data:
@@ -85,11 +132,13 @@ def run_demo(*, forks: int = 100, memory_mib: int = 256, kernel: str | None = No
             print(f"    | {line}")
         print(f"  input buffer at guest-physical {buf_addr:#x}, {buf_size} bytes\n")
 
+        kernel_before = kernel_memory_kib()
         progress = _Progress("preparing VM shells", forks)
         t = time.perf_counter()
-        for i in range(forks):
-            parent.prepare_forks(i + 1)
-            progress.update(i + 1)
+        step = max(1, min(16, forks // 10))
+        for i in range(step, forks + step, step):
+            parent.prepare_forks(min(i, forks))
+            progress.update(min(i, forks))
         shells_s = time.perf_counter() - t
 
         pss_before = pss_kib()
@@ -116,6 +165,7 @@ def run_demo(*, forks: int = 100, memory_mib: int = 256, kernel: str | None = No
             progress.update(i + 1)
         run_s = time.perf_counter() - t_run
         pss_after = pss_kib()
+        kernel_after = kernel_memory_kib()
 
         reset_times: list[float] = []
         for child in children:
@@ -147,9 +197,18 @@ def run_demo(*, forks: int = 100, memory_mib: int = 256, kernel: str | None = No
         print(f"  running all {forks} forks       {run_s:>9.2f} s")
         print(f"  memory per fork (PSS)       {(pss_after - pss_before) / forks:>7.0f} KiB "
               f"of a {memory_mib} MiB guest")
+        kmem = {k: (kernel_after[k] - kernel_before[k]) / forks for k in kernel_after}
+        print(f"  kernel memory per fork      {sum(kmem.values()):>7.0f} KiB "
+              f"(slab {kmem['Slab']:.0f}, page tables {kmem['PageTables']:.0f}, "
+              f"KVM page tables {kmem['SecPageTables']:.0f}, vmalloc {kmem['VmallocUsed']:.0f}, "
+              f"kernel stacks {kmem['KernelStack']:.0f}; whole host, so other work adds noise)")
         print(f"  correct results             {ok}/{forks}")
+        print(f"  fork p50 by live forks      {scaling_line(fork_times)}")
         for child in children:
             child.destroy()
+        rate, first, last = sustained_forks(parent, min(forks, 1000))
+        print(f"  {min(forks, 1000)} forks in a row, no prepare_forks: {rate:,.0f} forks/s; p50 of the first 20 "
+              f"{_fmt_us(first)}, of the last 20 {_fmt_us(last)}")
         return 0 if ok == forks else 1
     finally:
         parent.destroy(tree=True)

@@ -12,49 +12,109 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import mmap
+import resource
 import threading
+import time
 from collections import deque
-from typing import TYPE_CHECKING, Literal, overload
+from collections.abc import Callable
+from typing import Any, Literal, overload
 
 from .devices import DeviceSetState
-from .errors import ForkError, VmforkError
-from .kvm import Kvm
+from .errors import ForkError, KvmError, VmforkError
+from .kvm import Kvm, PackedPlan
 from .kvm import constants as c
 from .kvm import structs as s
 from .memory import GuestMemory, MemoryImage, clear_address_space, map_image
 from .vcpu import ResetPlan, VcpuState
 from .vm import Machine, MachineShape, MachineState, Shell, StopEvent, open_kvm
 
-if TYPE_CHECKING:
-    from .procfork import ProcessFork
-
 LaunchDm = Literal["yes", "no", "late"]
 LAPIC_TPR = 0x80
+FDS_PER_SHELL = 2           # the VM and its vCPU (one more per extra vCPU)
+SHELL_WAIT_S = 0.05         # how long a fork waits for a shell in flight before making its own
+CLOSERS = 4                 # threads closing surplus shells (closing a VM waits in the kernel, ~10 ms)
+
+# Process forks are made one layer up, by vmfork.procfork (which imports this module): it registers its fork
+# function here when it is imported, and `vmfork.VM` imports it, so this module never imports procfork.
+_process_forker: Callable[..., Any] | None = None
+
+
+def register_process_forker(maker: Callable[..., Any]) -> None:
+    """Called by vmfork.procfork: `maker(parent, name=, block_interrupts=, launch_dm=, device_state=,
+    console_log=, memory_limit_mib=)` makes a process fork (VM.fork(isolation="process"))."""
+    global _process_forker
+    _process_forker = maker
 
 
 class ShellPool:
-    """Pre-created VM shells of one shape."""
+    """Pre-created VM shells of one shape, made ahead of demand by background threads.
 
-    def __init__(self, kvm: Kvm, shape: MachineShape, *, target: int = 2) -> None:
+    A shell takes about 8-10 ms to make here, but almost all of it is waiting in the kernel (registering the memory
+    slot waits for an SRCU grace period, KVM_CREATE_PIT2 for a new kernel thread), with the GIL released and well
+    under 1 ms of CPU. So up to `makers` threads make shells at once, and the pool sizes itself by demand: it keeps
+    `target` shells ready when idle; a take that finds the pool empty doubles the refill goal (up to `max_ready`),
+    which halves again after a second without takes. A fork that finds the pool empty waits for a shell in flight
+    rather than making one itself. Shells beyond the pool (destroyed forks' shells when it is full) are closed on a
+    background thread too: closing a VM also waits in the kernel (about 10 ms)."""
+
+    IDLE_DECAY_S = 1.0
+
+    def __init__(self, kvm: Kvm, shape: MachineShape, *, target: int = 2, makers: int = 16,
+                 max_ready: int = 64) -> None:
         self.kvm = kvm
         self.shape = shape
         self.target = target
+        self.makers = makers
+        self.max_ready = max_ready
         self._ready: deque[Shell] = deque()
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
+        self._wake = threading.Condition(self._lock)        # shell wanted, shell arrived, closing
+        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None        # the first maker (kept for callers that poll it)
         self._closed = False
+        self._want = target             # the refill goal now: target, raised by demand
+        self._in_flight = 0             # shells being made
+        self._idle = 0                  # maker threads waiting for work
+        self._last_take = 0.0
+        self._to_close: deque[Shell] = deque()
+        self._closing = 0               # shells being closed now
+        self._closers: list[threading.Thread] = []
         self.created = 0
         self.recycled = 0
+        self.misses = 0                 # takes that found no shell ready
         # A root parent's RAM file that new and recycled shells are mapped to ahead of time (see prefer()).
         self._preferred: MemoryImage | None = None
+        self._preferred_state: MachineState | None = None   # ... and its fork state, preloaded into shells
 
     def _new_shell(self) -> Shell:
-        self.created += 1
-        shell = Shell(self.kvm, self.shape, dirty_logging=True)
+        try:
+            shell = Shell(self.kvm, self.shape, dirty_logging=True)
+        except KvmError as e:
+            if e.errno == errno.EMFILE:
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                raise ForkError(f"cannot make a VM shell for a fork: this process has all {soft} file descriptors "
+                                f"it may open (RLIMIT_NOFILE, hard limit {hard}) in use; each fork holds "
+                                f"{FDS_PER_SHELL} plus its devices': destroy forks or raise the hard limit "
+                                "(ulimit -Hn)") from None
+            raise
+        with self._lock:
+            self.created += 1
         self._premap(shell, self._preferred)
+        self._preload(shell, self._preferred_state)
         return shell
+
+    @staticmethod
+    def _preload(shell: Shell, state: MachineState | None) -> None:
+        """Load the clock-free parts of a parent's fork state into the shell's vCPUs (Vcpu.preload), so the fork
+        itself issues only the few ioctls that must happen at fork time."""
+        shell.preloaded = None
+        if state is None or state.shape != shell.shape:
+            return
+        for v, vs in zip(shell.vcpus, state.vcpus, strict=True):
+            v.preload(vs)
+        shell.preloaded = state
 
     @staticmethod
     def _premap(shell: Shell, image: MemoryImage | None) -> None:
@@ -68,8 +128,10 @@ class ShellPool:
         else:
             shell.premapped = None
 
-    def prefer(self, image: MemoryImage) -> None:
-        """Prepare future shells for forks of this root image."""
+    def prefer(self, image: MemoryImage, state: MachineState | None = None) -> None:
+        """Prepare future shells for forks of this root image (and, given, of this fork state)."""
+        if state is not None and not image.layers:
+            self._preferred_state = state
         if image.layers or (self._preferred is not None and self._preferred.base_fd == image.base_fd):
             return
         with self._lock:
@@ -80,32 +142,112 @@ class ShellPool:
         with self._lock:
             if self._preferred is not None and self._preferred.base_fd == fd:
                 self._preferred = None
+                self._preferred_state = None
             shells = [sh for sh in self._ready if sh.premapped == fd]
         for sh in shells:
             clear_address_space(sh.host_addr, sh.size)
             sh.premapped = None
 
     def take(self) -> Shell:
-        """A ready shell: from the pool if one is there, else made now. Wakes the refiller."""
+        """A ready shell: from the pool, else the next one in flight, else made now. Raises the refill goal when
+        the pool ran dry (demand outgrew it) and wakes the makers."""
         with self._lock:
+            self._last_take = time.monotonic()
             shell = self._ready.popleft() if self._ready else None
-            self._wake.notify()
-        self._ensure_refiller()
+            if shell is None:
+                self.misses += 1
+                self._want = min(self.max_ready, max(self._want * 2, self.target, 1))
+            if len(self._ready) + self._in_flight < self._want:
+                self._wake.notify_all()
+        if self.target > 0 and len(self._threads) < self.makers:
+            self._start_makers()        # as many as the refill goal needs beyond the idle ones
+        if shell is not None:
+            return shell
+        with self._lock:
+            deadline = time.monotonic() + SHELL_WAIT_S
+            while not self._ready and self._in_flight and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            shell = self._ready.popleft() if self._ready else None
         return shell if shell is not None else self._new_shell()
 
     def prefill(self, n: int) -> None:
-        """Make sure at least n shells are ready (synchronously)."""
+        """Make sure at least n shells are ready (synchronously; up to `makers` threads make them at once)."""
+        errors: list[BaseException] = []
+
+        def make() -> None:
+            while not errors:
+                with self._lock:
+                    if len(self._ready) + self._in_flight >= n or self._closed:
+                        return
+                    self._in_flight += 1
+                try:
+                    shell = self._new_shell()
+                except BaseException as e:
+                    errors.append(e)
+                    shell = None
+                with self._lock:
+                    self._in_flight -= 1
+                    if shell is not None:
+                        self._ready.append(shell)
+                    self._wake.notify_all()
+
         while True:
             with self._lock:
-                if len(self._ready) >= n:
-                    return
-            shell = self._new_shell()
+                while len(self._ready) < n and self._in_flight and len(self._ready) + self._in_flight >= n:
+                    self._wake.wait(0.05)          # the background makers' shells count too
+                missing = n - len(self._ready) - self._in_flight
+            if len(self._ready) >= n or self._closed:
+                return
+            helpers = [threading.Thread(target=make, name="vmfork-shell-prefill", daemon=True)
+                       for _ in range(min(self.makers, missing) - 1)]
+            for t in helpers:
+                t.start()
+            make()
+            for t in helpers:
+                t.join()
+            if errors:
+                raise errors[0]
+
+    def refresh(self, n: int) -> None:
+        """Point up to n ready shells made for another parent (or another state of it) at the preferred image and
+        state: prepare_forks() promises shells ready for *its* machine."""
+        image, state = self._preferred, self._preferred_state
+        if image is None or image.layers:
+            return
+        with self._lock:
+            stale = [sh for sh in list(self._ready)[:n]
+                     if sh.premapped != image.base_fd or (state is not None and sh.preloaded is not state)]
+            for sh in stale:
+                self._ready.remove(sh)
+        try:
+            for sh in stale:
+                if sh.premapped != image.base_fd:
+                    self._premap(sh, image)
+                self._preload(sh, state)
+        finally:
             with self._lock:
-                self._ready.append(shell)
+                self._ready.extendleft(reversed(stale))
+
+    def drain(self) -> None:
+        """Close every ready shell (in the background): the next forks find the pool empty."""
+        with self._lock:
+            shells = list(self._ready)
+            self._ready.clear()
+            self._want = self.target
+        for sh in shells:
+            self._close_later(sh)
 
     def give_back(self, shell: Shell) -> None:
         """Recycle a destroyed fork's shell: its RAM view is replaced by fresh reserved address space and its
         dirty log cleared; the next fork overwrites every piece of vCPU and platform state."""
+        with self._lock:
+            keep = len(self._ready) < max(self.target, self.max_ready, self._want) and not self._closed
+        if not keep:
+            self._close_later(shell)
+            return
         preferred = self._preferred
         if preferred is not None and not preferred.layers:
             self._premap(shell, preferred)          # replaces the old view in place
@@ -115,37 +257,86 @@ class ShellPool:
         shell.clear_dirty_log()
         for v in shell.vcpus:
             v.forget_runs()
+        self._preload(shell, self._preferred_state if preferred is not None else None)
         self.recycled += 1
         with self._lock:
-            if len(self._ready) < max(self.target, 64) and not self._closed:
-                self._ready.append(shell)
-                return
-        shell.close()
+            self._ready.append(shell)
+            self._wake.notify_all()
 
     def ready(self) -> int:
         return len(self._ready)
 
-    def _ensure_refiller(self) -> None:
-        if self._thread is None and self.target > 0:
-            self._thread = threading.Thread(target=self._refill, name="vmfork-shell-pool", daemon=True)
-            self._thread.start()
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until no shell is being made or closed (e.g. before counting file descriptors)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while (self._in_flight or self._to_close or self._closing) and time.monotonic() < deadline:
+                self._wake.wait(0.01)
 
-    def _refill(self) -> None:
+    def _start_makers(self) -> None:
+        with self._lock:
+            need = self._want - len(self._ready) - self._in_flight - self._idle
+            missing = min(self.makers - len(self._threads), need)
+            for _ in range(missing):
+                t = threading.Thread(target=self._make_loop, name="vmfork-shell-pool", daemon=True)
+                self._threads.append(t)
+                t.start()
+            if self._thread is None and self._threads:
+                self._thread = self._threads[0]
+
+    def _make_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and len(self._ready) >= self.target:
-                    self._wake.wait()
+                while not self._closed and len(self._ready) + self._in_flight >= self._want:
+                    self._idle += 1
+                    woken = self._wake.wait(self.IDLE_DECAY_S)
+                    self._idle -= 1
+                    if not woken and self._want > self.target \
+                            and time.monotonic() - self._last_take >= self.IDLE_DECAY_S:
+                        self._want = max(self.target, self._want // 2)
                 if self._closed:
                     return
+                self._in_flight += 1
+            shell: Shell | None
             try:
                 shell = self._new_shell()
             except VmforkError:
-                return
+                with self._lock:
+                    self._in_flight -= 1
+                    self._threads.remove(threading.current_thread())   # a later take() starts another
+                    self._wake.notify_all()
+                return                                  # take() makes its shell itself and reports the error
             with self._lock:
-                if self._closed:
-                    shell.close()
-                    return
-                self._ready.append(shell)
+                self._in_flight -= 1
+                if not self._closed:
+                    self._ready.append(shell)
+                    shell = None
+                self._wake.notify_all()
+            if shell is not None:
+                shell.close()
+
+    def _close_later(self, shell: Shell) -> None:
+        with self._lock:
+            self._to_close.append(shell)
+            if len(self._closers) < CLOSERS and len(self._to_close) > self._closing:
+                t = threading.Thread(target=self._close_loop, name="vmfork-shell-closer", daemon=True)
+                self._closers.append(t)
+                t.start()
+            self._wake.notify_all()
+
+    def _close_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._to_close:
+                    self._wake.wait()
+                shell = self._to_close.popleft()
+                self._closing += 1
+            try:
+                shell.close()
+            finally:
+                with self._lock:
+                    self._closing -= 1
+                    self._wake.notify_all()
 
     def close(self) -> None:
         with self._lock:
@@ -163,8 +354,22 @@ _pools: dict[MachineShape, ShellPool] = {}
 def shell_pool(shape: MachineShape) -> ShellPool:
     pool = _pools.get(shape)
     if pool is None:
+        raise_fd_limit()
         pool = _pools[shape] = ShellPool(open_kvm(), shape)
     return pool
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (each live fork holds a few descriptors: 1,000 forks
+    pass the usual soft limit of 1,024); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def _blocked(st: VcpuState) -> VcpuState:
@@ -206,6 +411,7 @@ class VM(Machine):
         self._generation = 0
         self._reset_plan: tuple[MachineState, ResetPlan] | None = None     # for fork_state, built at first reset
         self._fork_count = 0
+        self._checked_devices: DeviceSetState | None = None     # fork device states known to fit the device set
         self.dm_accesses: dict[int, int] = {}         # port accesses answered as absent hardware before a DM
         self.pause_on_device_access = False             # stop at the first access to each port no device answers
         self._dm_pending: _DeviceAccess | None = None   # the access that stopped it, for a device model attached late
@@ -247,7 +453,8 @@ class VM(Machine):
         """Have n VM shells ready for forks of this machine (made now, a few ms each), so forks skip creating a
         KVM VM and, for a root machine, mapping its RAM file."""
         pool = shell_pool(self.shape)
-        pool.prefer(self.memory.freeze())
+        pool.prefer(self.memory.freeze(), self._state_for_forks() if self.state == "paused" else None)
+        pool.refresh(n)
         pool.prefill(n)
 
     @overload
@@ -260,13 +467,13 @@ class VM(Machine):
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["process"],
-             memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...) -> ProcessFork: ...
+             memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...) -> Any: ...
 
     def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
              device_state: DeviceSetState | None = None, console_log: str | None = None,
              memory_mib: int | None = None, vcpus: int | None = None,
              isolation: Literal["thread", "process"] = "thread",
-             memory_limit_mib: int | None = None, pause_on_device_access: bool = False) -> VM | ProcessFork:
+             memory_limit_mib: int | None = None, pause_on_device_access: bool = False) -> Any:
         """A new machine identical to this paused one, sharing its RAM copy-on-write.
 
         `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
@@ -285,10 +492,11 @@ class VM(Machine):
         if isolation == "process":
             if pause_on_device_access:
                 raise ForkError("pause_on_device_access is not available for process forks yet")
-            from .procfork import fork_process
-            return fork_process(self, name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
-                                device_state=device_state, console_log=console_log,
-                                memory_limit_mib=memory_limit_mib)
+            if _process_forker is None:
+                raise ForkError("process forks need vmfork.procfork: import it first (vmfork.VM does)")
+            return _process_forker(self, name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
+                                   device_state=device_state, console_log=console_log,
+                                   memory_limit_mib=memory_limit_mib)
         if isolation != "thread":
             raise ForkError(f"isolation must be thread or process, not {isolation!r}")
         if memory_limit_mib is not None:
@@ -310,8 +518,10 @@ class VM(Machine):
     def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
                block_interrupts: bool, console_log: str | None) -> VM:
         pool = shell_pool(self.shape)
-        pool.prefer(image)
+        pool.prefer(image, self._fork_cache[1] if self._fork_cache is not None else None)
         shell = pool.take()
+        preloaded = shell.preloaded is state
+        shell.preloaded = None
         try:
             premapped = shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
             memory = GuestMemory.fork_of(image, shell.host_addr, base=self.memory, premapped=premapped)
@@ -325,7 +535,7 @@ class VM(Machine):
             child.irqs_blocked = block_interrupts
             child.launch_dm = launch_dm
             child.fork_state = state
-            Machine.restore(child, state, devices=launch_dm == "yes")
+            self._load_fork_state(child, state, devices=launch_dm == "yes", preloaded=preloaded)
         except BaseException:
             memory.close(unmap_view=False)
             pool.give_back(shell)
@@ -334,6 +544,38 @@ class VM(Machine):
         self.children.append(child)
         self.memory.readonly = f"{self.name} has live forks"
         return child
+
+    def _load_fork_state(self, child: VM, state: MachineState, *, devices: bool, preloaded: bool) -> None:
+        """Machine.restore for a new fork: the shell's vCPUs and VM get every piece of state (`preloaded`: the
+        pool loaded the clock-free parts of this very state already, see ShellPool). The device states are checked
+        against the device set once per state value (every fork of it gets the same standard device set), then
+        restored directly, as a reset does."""
+        if preloaded:
+            # The fork-time ioctls of every vCPU and the platform's, packed once per (shell, state): one C call.
+            shell = child.shell
+            cached = shell.fork_plan
+            if cached is None or cached[0] is not state:
+                steps = [(v.fd.fd, request, ptr) for v, vs in zip(child.vcpus, state.vcpus, strict=True)
+                         for request, ptr in vs.preload_plans()[1]]
+                steps += [(child.vm.fd, request, ptr) for request, ptr in state.platform.restore_plan()]
+                cached = shell.fork_plan = (state, PackedPlan(steps))
+            for v, vs in zip(child.vcpus, state.vcpus, strict=True):
+                v.finish_preload(vs, ioctls=False)
+            cached[1].run()
+        else:
+            for v, vs in zip(child.vcpus, state.vcpus, strict=True):
+                v.restore(vs)
+            child.restore_platform(state.platform)
+        saved = state.devices
+        if devices and saved is not None and child.devices:
+            if self._checked_devices is saved:
+                states = saved.states
+                for d in child.devices:
+                    d.restore(states[d.name])
+            else:
+                DeviceSetState.restore_all(child.devices, saved)
+                self._checked_devices = saved
+            child.bus.touched.clear()
 
     # --- reset --------------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import mmap
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -109,31 +109,55 @@ def map_image(image: MemoryImage, addr: int, prot: int) -> None:
             _sys_mmap(addr + off, length << PAGE_SHIFT, prot, mmap.MAP_PRIVATE | MAP_FIXED, layer.fd, off)
 
 
-@dataclass(slots=True)
 class _DirtyTracker:
     """Pages written since the last reset: KVM's dirty log (guest writes) plus pages vmfork itself wrote.
 
     Guest writes live in bitmaps (KVM's format, one bit per page); host writes, which are few and frequent (a
-    fuzzer writes its input every iteration), in sets of page numbers."""
+    fuzzer writes its input every iteration), in sets of page numbers. The three bitmaps are made on first use, in
+    one allocation: a fork whose resets take the dirty rings' few-pages path never needs them, and fresh memory
+    costs a page fault per 4 KiB on first touch here (about 8 µs each, several per fork otherwise)."""
 
-    npages: int
-    words: int = 0
-    scratch: npt.NDArray[np.uint64] = field(init=False)
-    guest: npt.NDArray[np.uint64] = field(init=False)
-    ever: npt.NDArray[np.uint64] = field(init=False)
-    host: set[int] = field(init=False)
-    host_ever: set[int] = field(init=False)
-    ever_pages: set[int] = field(init=False)         # guest-dirty pages read by resets of a few pages
-    ever_mark: npt.NDArray[np.uint8] | None = None   # the same, from ring resets of many pages: a byte per page
+    __slots__ = ("_bitmaps", "_words_view", "ever_mark", "ever_pages", "host", "host_ever", "npages", "words")
 
-    def __post_init__(self) -> None:
-        self.words = (self.npages + 63) // 64
-        self.scratch = np.zeros(self.words, np.uint64)
-        self.guest = np.zeros(self.words, np.uint64)
-        self.ever = np.zeros(self.words, np.uint64)
-        self.host = set()
-        self.host_ever = set()
-        self.ever_pages = set()
+    def __init__(self, npages: int) -> None:
+        self.npages = npages
+        self.words = (npages + 63) // 64
+        self._bitmaps: npt.NDArray[np.uint64] | None = None
+        self._words_view: memoryview | None = None
+        self.host: set[int] = set()
+        self.host_ever: set[int] = set()
+        self.ever_pages: set[int] = set()               # guest-dirty pages read by resets of a few pages
+        self.ever_mark: npt.NDArray[np.uint8] | None = None   # the same, from ring resets of many pages: a byte each
+
+    def _all(self) -> npt.NDArray[np.uint64]:
+        if self._bitmaps is None:
+            self._bitmaps = np.zeros((3, self.words), np.uint64)
+        return self._bitmaps
+
+    @property
+    def scratch(self) -> npt.NDArray[np.uint64]:
+        """KVM_GET_DIRTY_LOG's target, and the few-words scan's input."""
+        return self._all()[0]
+
+    @property
+    def guest(self) -> npt.NDArray[np.uint64]:
+        """Guest-written pages accumulated since the last reset."""
+        return self._all()[1]
+
+    @property
+    def ever(self) -> npt.NDArray[np.uint64]:
+        """Guest-written pages since the fork was made."""
+        return self._all()[2]
+
+    @property
+    def scratch_addr(self) -> int:
+        return int(self._all()[0].ctypes.data)
+
+    @property
+    def scratch_words(self) -> memoryview:
+        if self._words_view is None:
+            self._words_view = self.scratch.data.cast("B").cast("Q")
+        return self._words_view
 
 
 def _bits_to_pages(bitmap: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
@@ -261,8 +285,6 @@ class GuestMemory:
             self.base_pages = np.ctypeslib.as_array(base_buf).reshape(self.npages, PAGE_SIZE)
         self._dirty = _DirtyTracker(self.npages)
         self._guest_any = False     # d.guest has bits set (saves a bitmap pass on the reset path)
-        self._scratch_addr = int(self._dirty.scratch.ctypes.data)
-        self._scratch_words = self._dirty.scratch.data.cast("B").cast("Q")
         self._vm: VmFd | None = None
         self._dirty_logging = False
         self._rings: list[DirtyRing] = []     # the VM's dirty rings, when it logs into rings instead of bitmaps
@@ -460,7 +482,7 @@ class GuestMemory:
         d = self._dirty
         scratch = d.scratch
         if self._vm is not None and self._dirty_logging:
-            addr = self._scratch_addr
+            addr = d.scratch_addr
             for s in self.slots:
                 self._vm.get_dirty_log(s.index, addr + (s.offset >> (PAGE_SHIFT + 6)) * 8)
         if self._guest_any:
@@ -481,7 +503,7 @@ class GuestMemory:
         else:
             pages: list[int] = []
             if nz.size:
-                words = self._scratch_words
+                words = d.scratch_words
                 for wi in nz.tolist():
                     w = words[wi]
                     base = wi << 6

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from . import errors
 from .devices import DeviceSetState
 from .errors import ForkError, VmforkError, VmStateError
+from .fork import register_process_forker
 from .kvm.structs import GPR_NAMES
 from .memlimit import MemoryCgroup
 from .memory import Layer, MemoryImage, Slot
@@ -229,6 +230,8 @@ class _Worker:
         self.shape = shape
         self.ready = False
         self._ready_lock = threading.Lock()     # prefill() and take() may both wait for the same worker
+        self.busy = threading.Lock()            # held for a request in flight (a spawn, or a prepare ahead of one)
+        self.prepared: str | None = None        # the WorkerPool.prefer() key this worker got ready for
 
     def wait_ready(self) -> None:
         """Block until the worker has built its VM shell."""
@@ -297,14 +300,80 @@ class WorkerPool:
         self._closed = False
         self.started = 0
         self.cold = 0
+        self._prefer: tuple[str, dict[str, Any], list[int], bytes] | None = None
+        self._prepare_queue: SimpleQueue[_Worker | None] = SimpleQueue()
+        self._preparer: threading.Thread | None = None
+        self._prefer_parent: Callable[[], VM | None] = lambda: None
 
-    def take(self) -> _Worker:
-        """A worker whose shell is built: the oldest idle one, else one started now (cold, hundreds of ms)."""
+    def prefer(self, key: str, image: dict[str, Any], fds: list[int], state_bytes: bytes, parent: VM) -> None:
+        """Have idle workers get ready, in the background, to become forks of this image and state (`key` names
+        the pair): each maps the image and loads the state's clock-free parts, as fork.ShellPool does for
+        in-process forks, so a spawn that names `key` only finishes the machine."""
+        with self._lock:
+            if self._prefer is not None and self._prefer[0] == key:
+                return
+            self._prefer = (key, image, list(fds), state_bytes)
+            self._prefer_parent = weakref.ref(parent)       # its files are only valid while it lives
+            todo = [w for w in self._idle if w.prepared != key]
+        for w in todo:
+            self._prepare_queue.put(w)
+        self._ensure_preparer()
+
+    def _ensure_preparer(self) -> None:
+        with self._lock:
+            if self._preparer is None and not self._closed:
+                self._preparer = threading.Thread(target=self._prepare_loop, name="vmfork-procfork-preparer",
+                                                  daemon=True)
+                self._preparer.start()
+
+    def _prepare_loop(self) -> None:
+        while True:
+            worker = self._prepare_queue.get()
+            if worker is None:
+                return
+            with worker.busy:
+                with self._lock:
+                    prefer = self._prefer
+                    idle = worker in self._idle
+                    parent = self._prefer_parent()
+                if parent is None or parent.state == "destroyed":
+                    with self._lock:
+                        self._prefer = None
+                    continue
+                if not idle or prefer is None or worker.prepared == prefer[0]:
+                    continue
+                key, image, fds, state_bytes = prefer
+                try:
+                    worker.wait_ready()
+                    worker.chan.send({"op": "prepare", "key": key, "image": image, "state_bytes": state_bytes}, fds)
+                    reply, rfds = worker.chan.recv()
+                    for fd in rfds:
+                        os.close(fd)
+                    ok = "error" not in reply
+                except (OSError, EOFError, VmforkError):
+                    ok = False
+                if ok:
+                    worker.prepared = key
+                    continue
+                with self._lock:
+                    mine = worker in self._idle
+                    if mine:
+                        self._idle.remove(worker)
+            if mine:
+                worker.discard()
+
+    def take(self, key: str | None = None) -> _Worker:
+        """A worker whose shell is built: one prepared for `key` if there is one, else the oldest idle one, else
+        one started now (cold, hundreds of ms)."""
         while True:
             with self._lock:
                 if self._closed:
                     raise ForkError("the worker pool is closed")
-                worker = self._idle.popleft() if self._idle else None
+                worker = next((w for w in self._idle if key is not None and w.prepared == key), None)
+                if worker is not None:
+                    self._idle.remove(worker)
+                else:
+                    worker = self._idle.popleft() if self._idle else None
             cold = worker is None
             if worker is None:
                 self.cold += 1
@@ -341,8 +410,14 @@ class WorkerPool:
         with self._lock:
             if not self._closed:
                 self._idle.append(worker)
-                return
-        worker.discard()
+                prepare: bool | None = self._prefer is not None
+            else:
+                prepare = None
+        if prepare is None:
+            worker.discard()
+        elif prepare:
+            self._prepare_queue.put(worker)
+            self._ensure_preparer()
 
     def prefill(self, n: int) -> None:
         """Make sure at least n idle workers exist and have built their shells (synchronously)."""
@@ -378,8 +453,10 @@ class WorkerPool:
             self._closed = True
             idle = list(self._idle)
             self._idle.clear()
+        self._prepare_queue.put(None)
         for w in idle:
-            w.discard()
+            with w.busy:
+                w.discard()
 
 
 _pools: dict[MachineShape, WorkerPool] = {}
@@ -670,14 +747,21 @@ def _check_launch_dm(launch_dm: str) -> None:
 
 def _spawn(shape: MachineShape, name: str, image: dict[str, Any], fds: list[int], state_bytes: bytes, *,
            parent: VM | ProcessFork, launch_dm: LaunchDm, block_interrupts: bool,
-           console_log: str | None) -> ProcessFork:
-    """Turn an idle worker into a fork of `image` + `state_bytes`."""
-    worker = worker_pool(shape).take()
-    request = {"op": "spawn", "name": name, "image": image, "state_bytes": state_bytes, "launch_dm": launch_dm,
-               "block_interrupts": block_interrupts, "console_log": console_log}
+           console_log: str | None, key: str | None = None) -> ProcessFork:
+    """Turn an idle worker into a fork of `image` + `state_bytes` (`key`: the pair's WorkerPool.prefer() key; a
+    worker prepared for it gets only the fork's name and options)."""
+    worker = worker_pool(shape).take(key)
+    request: dict[str, Any] = {"op": "spawn", "name": name, "launch_dm": launch_dm,
+                               "block_interrupts": block_interrupts, "console_log": console_log}
     try:
-        worker.chan.send(request, fds)
-        reply, rfds = worker.chan.recv()
+        with worker.busy:
+            if key is not None and worker.prepared == key:
+                request["prepared"] = key
+                worker.chan.send(request)
+            else:
+                request.update(image=image, state_bytes=state_bytes)
+                worker.chan.send(request, fds)
+            reply, rfds = worker.chan.recv()
     except (OSError, EOFError):
         rc = worker._reap(2.0)
         worker.discard()
@@ -695,6 +779,26 @@ def _spawn(shape: MachineShape, name: str, image: dict[str, Any], fds: list[int]
 
 # A parent's state in binary form, cached while it is the state its forks start from.
 _state_cache: weakref.WeakKeyDictionary[VM, tuple[MachineState, bytes]] = weakref.WeakKeyDictionary()
+
+
+# Idle workers get ready for the forks of the parent last forked (WorkerPool.prefer); False: every spawn sends the
+# image and state and the worker builds everything then (the way to compare the two, bench/procfork.py).
+PREPARE_WORKERS = True
+
+_prepare_keys: weakref.WeakKeyDictionary[VM, tuple[MachineState, str]] = weakref.WeakKeyDictionary()
+_key_count = 0
+
+
+def _prepare_key(parent: VM, state: MachineState) -> str:
+    """A name for (this parent's RAM, this fork state) that workers prepare for (WorkerPool.prefer)."""
+    global _key_count
+    cached = _prepare_keys.get(parent)
+    if cached is not None and cached[0] is state:
+        return cached[1]
+    _key_count += 1
+    key = f"{os.getpid()}-{parent.id}-{_key_count}"
+    _prepare_keys[parent] = (state, key)
+    return key
 
 
 def _state_bytes(parent: VM, state: MachineState) -> bytes:
@@ -727,8 +831,12 @@ def fork_process(parent: VM | ProcessFork, *, name: str | None = None, block_int
     parent._fork_count += 1
     child_name = name or f"{parent.name}-fork-{parent._fork_count}"
     desc, fds = _image_payload(image)
+    key = None
+    if device_state is None and PREPARE_WORKERS:
+        key = _prepare_key(parent, state)
+        worker_pool(parent.shape).prefer(key, desc, fds, state_bytes, parent)
     handle = _spawn(parent.shape, child_name, desc, fds, state_bytes, parent=parent, launch_dm=launch_dm,
-                    block_interrupts=block_interrupts, console_log=console_log)
+                    block_interrupts=block_interrupts, console_log=console_log, key=key)
     if memory_limit_mib is not None:
         try:
             handle.cgroup = MemoryCgroup.create(f"{child_name}-{handle.pid}", memory_limit_mib)
@@ -775,6 +883,7 @@ class _Server:
         self.shape = shape
         self.vm: VM | None = None
         self.fds: list[int] = []        # the image files the machine maps: kept open for freeze()
+        self.prepared: tuple[str, Any, MachineState, list[int]] | None = None    # op_prepare's (key, memory, ...)
         self.shell = Shell(open_kvm(), shape, dirty_logging=True)
         self._warm_up()
 
@@ -820,9 +929,9 @@ class _Server:
                 handler = getattr(self, f"op_{op}", None)
                 if handler is None:
                     raise ForkError(f"unknown request {op!r}")
-                if self.vm is None and op != "spawn":
+                if self.vm is None and op not in ("spawn", "prepare"):
                     raise ForkError(f"request {op!r} before the fork exists")
-                if op == "spawn":
+                if op in ("spawn", "prepare"):
                     reply = handler(msg, fds)
                 else:
                     for fd in fds:
@@ -838,33 +947,82 @@ class _Server:
                 chan.send(reply, rfds)
             except OSError:
                 return 0
-            if self.vm is None:
-                return 1        # the spawn failed: this worker's shell is in an unknown state
+            if self.vm is None and (op != "prepare" or "error" in reply):
+                return 1        # the spawn (or prepare) failed: this worker's shell is in an unknown state
 
     # --- requests -----------------------------------------------------------------------------------------------
 
+    def op_prepare(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Get ready to become a fork of this image and state (sent by the pool ahead of a spawn): map the image
+        (the fork's view and the reset's source), parse the state and load its clock-free parts into the vCPUs
+        (fork.ShellPool does the same for in-process forks). A later spawn naming msg["key"] only finishes."""
+        from .memory import GuestMemory
+        self._drop_prepared()
+        try:
+            image = _image_from_payload(msg["image"], fds)
+            if image.slots != self.shell.slots or image.size != self.shell.size:
+                raise ForkError(f"memory image does not fit a {self.shape.memory_mib} MiB machine")
+            state = MachineState.from_bytes(msg["state_bytes"])
+            memory = GuestMemory.fork_of(image, self.shell.host_addr)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        memory.bind(self.shell.vm, dirty_logging=True)
+        for v, vs in zip(self.shell.vcpus, state.vcpus, strict=True):
+            v.preload(vs)
+        self.prepared = (msg["key"], memory, state, fds)
+        return {}
+
+    def _drop_prepared(self) -> None:
+        if self.prepared is not None:
+            _, memory, _, fds = self.prepared
+            memory.close(unmap_view=False)
+            for fd in fds:
+                os.close(fd)
+            self.prepared = None
+
     def op_spawn(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        """Become a fork: map the image, build the machine as fork.VM._spawn does, load the state."""
+        """Become a fork: map the image, build the machine as fork.VM._spawn does, load the state (or finish what
+        op_prepare loaded, when the request names its key)."""
         from .fork import VM, _blocked
         from .memory import GuestMemory
         from .vm import Machine
         t0 = time.perf_counter()
-        self.fds = fds
-        image = _image_from_payload(msg["image"], fds)
-        if image.slots != self.shell.slots or image.size != self.shell.size:
-            raise ForkError(f"memory image does not fit a {self.shape.memory_mib} MiB machine")
-        state = MachineState.from_bytes(msg["state_bytes"])
+        shell = self.shell
+        launch_dm = msg["launch_dm"]
+        prepared = self.prepared
+        if msg.get("prepared") is not None:
+            if prepared is None or prepared[0] != msg["prepared"]:
+                raise ForkError("this worker is not prepared for that fork")
+            _, memory, state, self.fds = prepared
+            self.prepared = None
+            preloaded = not msg["block_interrupts"]
+        else:
+            self._drop_prepared()
+            self.fds = fds
+            image = _image_from_payload(msg["image"], fds)
+            if image.slots != self.shell.slots or image.size != self.shell.size:
+                raise ForkError(f"memory image does not fit a {self.shape.memory_mib} MiB machine")
+            state = MachineState.from_bytes(msg["state_bytes"])
+            memory = GuestMemory.fork_of(image, shell.host_addr)
+            memory.bind(shell.vm, dirty_logging=True)
+            preloaded = False
         if msg["block_interrupts"]:
             state = dataclasses.replace(state, vcpus=tuple(_blocked(v) for v in state.vcpus))
-        launch_dm = msg["launch_dm"]
-        shell = self.shell
-        memory = GuestMemory.fork_of(image, shell.host_addr)
-        memory.bind(shell.vm, dirty_logging=True)
         vm = VM(shell, memory, name=msg["name"], console_log=msg["console_log"], with_devices=launch_dm == "yes")
         vm.irqs_blocked = msg["block_interrupts"]
         vm.launch_dm = launch_dm
         vm.fork_state = state
-        Machine.restore(vm, state, devices=launch_dm == "yes")
+        if preloaded:
+            for v, vs in zip(vm.vcpus, state.vcpus, strict=True):
+                v.finish_preload(vs)
+            vm.restore_platform(state.platform)
+            if launch_dm == "yes" and state.devices is not None and vm.devices:
+                DeviceSetState.restore_all(vm.devices, state.devices)
+                vm.bus.touched.clear()
+        else:
+            Machine.restore(vm, state, devices=launch_dm == "yes")
         self.vm = vm
         signal.signal(PAUSE_SIGNAL, self._on_pause_signal)
         return {"us": (time.perf_counter() - t0) * 1e6}
@@ -990,6 +1148,8 @@ def _worker_main(argv: list[str]) -> int:
     chan.send({"ready": os.getpid()})
     return server.serve()
 
+
+register_process_forker(fork_process)      # VM.fork(isolation="process")
 
 if __name__ == "__main__":
     code = _worker_main(sys.argv[1:])

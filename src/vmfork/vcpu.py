@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from .arch.x86 import cpu
 from .guest_debug import DebugClaims
-from .kvm import FdPlan, IoctlPlan, Kvm, VcpuFd, plan_entry, run_fd_plan, run_plan
+from .kvm import FdPlan, IoctlPlan, Kvm, PackedPlan, VcpuFd, plan_entry, run_plan
 from .kvm import constants as c
 from .kvm import structs as s
 
@@ -22,6 +22,20 @@ _SYNC_SIZE = ctypes.sizeof(s.SyncRegs)
 _RUNNING_EXITS = frozenset((c.KVM_EXIT_IO, c.KVM_EXIT_MMIO))
 _memmove = ctypes.memmove
 _addressof = ctypes.addressof
+
+
+# The MSRs whose value follows the clock (see VcpuState.preload_plans): IA32_TSC, IA32_TSC_ADJUST,
+# IA32_TSC_DEADLINE.
+TIMED_MSRS = frozenset((0x10, 0x3B, 0x6E0))
+
+
+def _msr_list(entries: list[Any]) -> Any:
+    """A kvm_msrs holding copies of `entries`."""
+    out: Any = s.msrs_type(len(entries))()
+    out.nmsrs = len(entries)
+    for dst, src in zip(out.entries, entries, strict=False):
+        dst.index, dst.data = src.index, src.data
+    return out
 
 
 def _copy(struct: ctypes.Structure) -> Any:
@@ -48,6 +62,9 @@ class VcpuState:
     # Built on first restore (a state is restored many times): the restore ioctls with pointers into this state,
     # the same without KVM_SET_MP_STATE, and regs/sregs/events laid out as kvm_run's sync area.
     _plan: tuple[IoctlPlan, IoctlPlan, s.SyncRegs] | None = field(default=None, compare=False, repr=False)
+    # Built on first preload: (the time-independent ioctls a pooled shell gets ahead of a fork, the ones left for
+    # fork time). See Vcpu.preload.
+    _split: tuple[IoctlPlan, IoctlPlan, tuple[Any, ...]] | None = field(default=None, compare=False, repr=False)
 
     def restore_plan(self) -> tuple[IoctlPlan, IoctlPlan, s.SyncRegs]:
         """(all restore ioctls, the same without KVM_SET_MP_STATE, the sync-area image)."""
@@ -60,6 +77,35 @@ class VcpuState:
             object.__setattr__(self, "_plan", plan)
             return plan
         return self._plan
+
+    def preload_plans(self) -> tuple[IoctlPlan, IoctlPlan]:
+        """(ioctls a pooled shell can take ahead of the fork, the ones that must wait for fork time).
+
+        Ahead: xsave, XCRs, the MSRs that do not follow the clock, the MP state, the debug registers: nothing
+        changes them in a vCPU that does not run. At fork time: the LAPIC (its timer counts from when it is set,
+        and a shell's in-kernel PIT may raise interrupts into it meanwhile), the TSC, TSC_ADJUST and TSC deadline
+        MSRs (KVM sets the TSC offset from the time of the write; and KVM treats a second host write of a TSC value
+        within a second of the expected one as an attempt to synchronise, keeping the old offset: so the TSC is
+        not written ahead at all), and the MP state again when it is not RUNNABLE (it decides how a halted vCPU
+        wakes)."""
+        if self._split is None:
+            msrs: Any = self.msrs
+            entries = [msrs.entries[i] for i in range(msrs.nmsrs)]
+            timed = [e for e in entries if e.index in TIMED_MSRS]
+            fixed = [e for e in entries if e.index not in TIMED_MSRS]
+            fixed_msrs, timed_msrs = _msr_list(fixed), _msr_list(timed)
+            ahead = [plan_entry(c.KVM_SET_XSAVE, self.xsave), plan_entry(c.KVM_SET_XCRS, self.xcrs)]
+            if fixed:
+                ahead.append(plan_entry(c.KVM_SET_MSRS, fixed_msrs))
+            ahead += [plan_entry(c.KVM_SET_MP_STATE, self.mp_state), plan_entry(c.KVM_SET_DEBUGREGS, self.debugregs)]
+            later = [plan_entry(c.KVM_SET_LAPIC, self.lapic)]
+            if timed:
+                later.append(plan_entry(c.KVM_SET_MSRS, timed_msrs))
+            if not self.runnable:
+                later.append(plan_entry(c.KVM_SET_MP_STATE, self.mp_state))
+            object.__setattr__(self, "_split", (ahead, later, (fixed_msrs, timed_msrs)))
+            return ahead, later
+        return self._split[0], self._split[1]
 
     @property
     def runnable(self) -> bool:
@@ -323,6 +369,30 @@ class Vcpu:
                 # KVM rewrites it at the next exit), so the next restore sets the MP state.
                 self.exit_reason.value = c.KVM_EXIT_UNKNOWN
 
+    def preload(self, st: VcpuState) -> None:
+        """Load the parts of `st` that do not follow the clock into this vCPU of a pooled shell, ahead of a fork:
+        sregs first (the MSRs and, at fork time, the LAPIC are read in its APIC mode), then
+        `VcpuState.preload_plans()[0]`. `finish_preload()` does the rest at fork time."""
+        self.fd.set_sregs(st.sregs)
+        run_plan(self.fd.fd, st.preload_plans()[0])
+        self.sync_valid = False
+
+    def finish_preload(self, st: VcpuState, *, ioctls: bool = True) -> None:
+        """The fork-time half of a preloaded restore: registers, sregs and events through the sync area, then the
+        LAPIC and the clock-following MSRs (and the MP state of a vCPU that is not RUNNABLE): `preload_plans()[1]`,
+        which the caller issues itself when `ioctls` is False."""
+        if self._sync:
+            _memmove(self.sync_addr, _addressof(st.restore_plan()[2]), _SYNC_SIZE)
+            self.run.kvm_dirty_regs = SYNC_ALL
+            self.sync_valid = True
+        else:
+            self.fd.set_regs(st.regs)
+            self.fd.set_vcpu_events(st.events)
+        if ioctls:
+            run_plan(self.fd.fd, st.preload_plans()[1])
+        if not st.runnable:
+            self.exit_reason.value = c.KVM_EXIT_UNKNOWN
+
     def flush_sync(self) -> None:
         """Push pending sync-area writes into KVM now (KVM_RUN with immediate_exit), e.g. before closing."""
         if self._sync and self.run.kvm_dirty_regs:
@@ -342,7 +412,7 @@ class ResetPlan:
     area does not hold its registers, or whose APIC base would change, goes through Vcpu.restore instead."""
 
     def __init__(self, vcpus: Sequence[Vcpu], states: Sequence[VcpuState], vm_fd: int,
-                 platform: IoctlPlan) -> None:
+                 platform: IoctlPlan, *, compiled: bool = True) -> None:
         self.vcpus = list(vcpus)
         self.states = list(states)
         self.vm_fd = vm_fd
@@ -351,11 +421,12 @@ class ResetPlan:
         self._sync = [(v, v.sync_addr, _addressof(image), vs.sregs.apic_base)
                       for v, vs, (_, _, image) in zip(self.vcpus, self.states, plans, strict=True)]
         tail: FdPlan = [(vm_fd, request, ptr) for request, ptr in platform]
-        self._full: FdPlan = [(v.fd.fd, request, ptr) for v, (full, _, _) in zip(self.vcpus, plans, strict=True)
-                              for request, ptr in full] + tail
-        self._without_mp_state: FdPlan = [(v.fd.fd, request, ptr)
-                                          for v, (_, part, _) in zip(self.vcpus, plans, strict=True)
-                                          for request, ptr in part] + tail
+        # Each list is one call into vmfork._fastpath when it is built (`compiled`), else a Python loop.
+        self._full = PackedPlan([(v.fd.fd, request, ptr) for v, (full, _, _) in zip(self.vcpus, plans, strict=True)
+                                 for request, ptr in full] + tail, compiled=compiled)
+        self._without_mp_state = PackedPlan([(v.fd.fd, request, ptr)
+                                             for v, (_, part, _) in zip(self.vcpus, plans, strict=True)
+                                             for request, ptr in part] + tail, compiled=compiled)
         self._runnable = all(vs.runnable for vs in self.states)
         self._stopped = [v for v, vs in zip(self.vcpus, self.states, strict=True) if not vs.runnable]
         self._fast = all(v._sync for v in self.vcpus)
@@ -376,7 +447,7 @@ class ResetPlan:
             _memmove(dst, src, _SYNC_SIZE)
             v.run.kvm_dirty_regs = SYNC_ALL
         # MP state: see Vcpu.restore.
-        run_fd_plan(self._without_mp_state if running else self._full)
+        (self._without_mp_state if running else self._full).run()
         for v in self._stopped:
             v.exit_reason.value = c.KVM_EXIT_UNKNOWN
 

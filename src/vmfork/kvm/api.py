@@ -72,6 +72,55 @@ def run_fd_plan(plan: FdPlan) -> None:
             raise KvmError(_NAMES.get(request, hex(request)), ctypes.get_errno())
 
 
+class Step(ctypes.Structure):
+    """One ioctl of a PackedPlan (the layout vmfork._fastpath reads)."""
+
+    _fields_ = [("fd", ctypes.c_int64), ("request", ctypes.c_uint64), ("arg", ctypes.c_uint64)]
+
+
+# VMFORK_FASTPATH=0 uses the Python loop even when the extension is built (for comparisons).
+try:
+    from .._fastpath import run_steps as _c_run_steps
+except ImportError:         # not built (e.g. a source tree without `pip install`): the Python loop below
+    _c_run_steps = None
+if os.environ.get("VMFORK_FASTPATH", "1") == "0":
+    _c_run_steps = None
+
+
+class PackedPlan:
+    """An FdPlan packed into an array of Steps, issued by one C call (vmfork._fastpath) when that module is built,
+    else by the same loop as run_fd_plan. The structures the pointers point to must outlive the plan."""
+
+    __slots__ = ("_addr", "_array", "_count", "_plan", "compiled")
+
+    def __init__(self, plan: FdPlan, *, compiled: bool = True) -> None:
+        self._plan = list(plan)
+        self._count = len(self._plan)
+        self._array = (Step * max(1, self._count))()
+        for step, (fd, request, ptr) in zip(self._array, self._plan, strict=False):
+            step.fd, step.request = fd, request
+            step.arg = ctypes.cast(ptr, ctypes.c_void_p).value or 0  # type: ignore[call-overload, arg-type]
+        self._addr = ctypes.addressof(self._array)
+        self.compiled = compiled and _c_run_steps is not None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def run(self) -> None:
+        if self.compiled:
+            failed = _c_run_steps(self._addr, self._count)  # type: ignore[misc]
+            if failed is not None:
+                request = self._plan[failed[0]][1]
+                raise KvmError(_NAMES.get(request, hex(request)), failed[1])
+        else:
+            run_fd_plan(self._plan)
+
+
+def fastpath_built() -> bool:
+    """Whether vmfork._fastpath (the compiled ioctl loop) is available."""
+    return _c_run_steps is not None
+
+
 class Kvm:
     """/dev/kvm: capability queries and VM creation."""
 
