@@ -10,7 +10,7 @@ and reads one line from the report pipe: `ready <domid>` once the domain is regi
     {"kind": "create", "config": {DomainConfig fields}, "paused": bool}
     {"kind": "fork", "parent": DOMID, "name": str | null, "overrides": {on_* keys}, "launch_dm": "yes" | "no",
      "device_state": PATH | null, "paused": bool, "block_interrupts": bool}
-    {"kind": "restore", "file": PATH, "name": str | null, "paused": bool}
+    {"kind": "restore", "file": PATH, "name": str | null, "paused": bool, "template": bool | null}
 
 Threads: the main thread owns everything (registry writes, sockets, every change to the machine) and waits in a
 selector; the vCPUs run in the machine's own threads (`VM.start()`); a waiter thread per run turns "the machine
@@ -342,11 +342,12 @@ class Domain:
         from ..snapshot import restore
         path = self.spec["file"]
         self.restored_from = path
-        vm = restore(path, paused=True, name=self.spec.get("name"))
+        vm = restore(path, paused=True, name=self.spec.get("name"), template=self.spec.get("template"))
         try:
             cfg = DomainConfig(name=vm.name, memory=vm.shape.memory_mib, vcpus=vm.shape.vcpus)
             self.config = cfg
-            self._reserve(name=vm.name, config={**cfg.to_dict(), "restored_from": path},
+            extra = {"template": path} if vm.template is not None else {}
+            self._reserve(name=vm.name, config={**cfg.to_dict(), "restored_from": path, **extra},
                           launch_dm="yes" if vm.devices else "no", memory=vm.shape.memory_mib, vcpus=vm.shape.vcpus)
         except BaseException:
             vm.destroy(tree=True)
@@ -1025,9 +1026,8 @@ def _vmfork_fork_source(d: Domain, conn: Connection, args: dict[str, Any]) -> An
     d.holds.append(conn)
     vm.children.append(hold)  # type: ignore[arg-type]
     vm.memory.readonly = f"{d.label()} has live forks"
-    desc = {"size": image.size, "slots": [[s.index, s.gpa, s.size, s.offset] for s in image.slots],
-            "layers": [[list(r) for r in layer.runs] for layer in image.layers]}
-    fds = [image.base_fd, *(layer.fd for layer in image.layers)]
+    from ..memory import describe_image
+    desc, fds = describe_image(image)
     return {"image": desc, "state": base64.b64encode(state.to_bytes()).decode(), "parent": d.domid}, fds
 
 
@@ -1127,12 +1127,13 @@ def _vmfork_regs_set(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp_command("vmfork-save", filename=ArgSpec(str, True, _absolute),
-             help="save the whole domain (RAM and state) to a file; a running domain is paused for it and resumed")
+@qmp_command("vmfork-save", filename=ArgSpec(str, True, _absolute), template=ArgSpec(bool),
+             help="save the whole domain (RAM and state) to a file; a running domain is paused for it and resumed; "
+                  "template: RAM as a sparse image that restores map copy-on-write")
 def _vmfork_save(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     vm = d.machine
     from ..snapshot import save
-    d.paused_for(lambda: save(vm, args["filename"]))
+    d.paused_for(lambda: save(vm, args["filename"], template=bool(args.get("template", False))))
     return {}
 
 
