@@ -351,6 +351,39 @@ class ShellPool:
 _pools: dict[MachineShape, ShellPool] = {}
 
 
+def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, launch_dm: LaunchDm = "yes",
+                       console_log: str | None = None, base: GuestMemory | None = None,
+                       block_interrupts: bool = False) -> VM:
+    """A machine over `image` (mapped copy-on-write) in `state`, resettable to both: a fork when `image` is a
+    parent's frozen RAM (`base`: that parent's in-process RAM, which saves mapping the image twice), a fork of a file
+    when it is a template save file's RAM image. The shell comes from the pool of its shape."""
+    pool = shell_pool(state.shape)
+    pool.prefer(image)
+    shell = pool.take()
+    shell.preloaded = None                  # a shell prepared for another parent's forks: everything is set below
+    try:
+        if image.slots != shell.slots or image.size != shell.size:
+            raise ForkError(f"the memory image does not fit a {state.shape.memory_mib} MiB machine")
+        premapped = shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
+        memory = GuestMemory.fork_of(image, shell.host_addr, base=base, premapped=premapped)
+        shell.premapped = None
+    except BaseException:
+        pool.give_back(shell)
+        raise
+    memory.bind(shell.vm, dirty_logging=True)
+    try:
+        vm = VM(shell, memory, name=name, console_log=console_log, with_devices=launch_dm == "yes")
+        vm.irqs_blocked = block_interrupts
+        vm.launch_dm = launch_dm
+        vm.fork_state = state
+        Machine.restore(vm, state, devices=launch_dm == "yes")
+    except BaseException:
+        memory.close(unmap_view=False)
+        pool.give_back(shell)
+        raise
+    return vm
+
+
 def shell_pool(shape: MachineShape) -> ShellPool:
     pool = _pools.get(shape)
     if pool is None:
@@ -585,6 +618,8 @@ class VM(Machine):
         Returns the number of pages restored."""
         if self.fork_state is None:
             raise ForkError(f"{self.name} is not a fork: only forks can be reset")
+        if self.broken is not None:
+            raise ForkError(f"cannot reset {self.name}: {self.broken}")
         if self.state == "running":
             raise ForkError(f"cannot reset {self.name} while it runs: pause it first")
         if self.state == "destroyed":

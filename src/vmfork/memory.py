@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -82,12 +83,37 @@ class Layer:
 
 @dataclass(frozen=True, slots=True)
 class MemoryImage:
-    """The frozen content of a machine's RAM as a fork sees it: a base memfd plus layers on top, oldest first."""
+    """The frozen content of a machine's RAM as a fork sees it: a base file plus layers on top, oldest first.
+
+    The base is a root machine's RAM memfd, or a template save file whose RAM image starts at `base_offset`."""
 
     size: int
     slots: tuple[Slot, ...]
     base_fd: int
     layers: tuple[Layer, ...] = ()
+    base_offset: int = 0
+
+
+def describe_image(image: MemoryImage) -> tuple[dict[str, Any], list[int]]:
+    """An image as JSON-able data plus the files it maps, to send to another process (with SCM_RIGHTS)."""
+    desc = {"size": image.size, "slots": [[s.index, s.gpa, s.size, s.offset] for s in image.slots],
+            "layers": [[list(r) for r in layer.runs] for layer in image.layers], "base_offset": image.base_offset}
+    return desc, [image.base_fd, *(layer.fd for layer in image.layers)]
+
+
+def image_from_description(desc: dict[str, Any], fds: Sequence[int]) -> MemoryImage:
+    """The inverse of `describe_image`, with the received files (the caller owns them; the image refers to them)."""
+    try:
+        layers = desc["layers"]
+        if len(fds) != 1 + len(layers):
+            raise VmforkError(f"a memory image with {len(layers)} layers needs {1 + len(layers)} files, "
+                              f"got {len(fds)}")
+        return MemoryImage(int(desc["size"]), tuple(Slot(*map(int, sl)) for sl in desc["slots"]), fds[0],
+                           tuple(Layer(fd, tuple((int(a), int(b)) for a, b in runs))
+                                 for fd, runs in zip(fds[1:], layers, strict=True)),
+                           int(desc.get("base_offset", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise VmforkError(f"malformed memory image description: {e}") from None
 
 
 def _runs(pages: npt.NDArray[np.int64]) -> tuple[tuple[int, int], ...]:
@@ -102,7 +128,7 @@ def _runs(pages: npt.NDArray[np.int64]) -> tuple[tuple[int, int], ...]:
 
 def map_image(image: MemoryImage, addr: int, prot: int) -> None:
     """Map `image` copy-on-write at `addr` (which must already be reserved for image.size bytes)."""
-    _sys_mmap(addr, image.size, prot, mmap.MAP_PRIVATE | MAP_FIXED, image.base_fd, 0)
+    _sys_mmap(addr, image.size, prot, mmap.MAP_PRIVATE | MAP_FIXED, image.base_fd, image.base_offset)
     for layer in image.layers:
         for start, length in layer.runs:
             off = start << PAGE_SHIFT
@@ -217,6 +243,8 @@ def _harvest_ring_bulk(ring: DirtyRing, f: int,
             f += k
         if k < len(window):
             break
+    if not parts:                   # nothing pending at `f` (a loop that ended right at its full count)
+        return f, np.empty(0, np.int64)
     return f, parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -296,6 +324,12 @@ class GuestMemory:
         # at every reset; more than `hot_limit` pages restored in one reset write-protects them all again.
         self.hot_limit = HOT_LIMIT
         self._hot: set[int] = set()
+        # A dirty ring that filled up to its last entry may have overflowed (a guest whose kernel mode the host
+        # emulates logs a ring entry per emulated store, and can push past the soft limit within one exit): ring
+        # entries are then lost, and the next reset restores every page the fork owns according to the kernel's
+        # page tables instead (`_private_pages`). `_ever_lost` keeps owned_pages() honest for the fork's life.
+        self._lost = False
+        self._ever_lost = False
         self._hot_runs: list[tuple[int, int, int]] | None = []   # memmove arguments for _hot; None: rebuild
         self._frozen: MemoryImage | None = None
         self._layer_fds: list[int] = []
@@ -342,7 +376,8 @@ class GuestMemory:
                 release_address_space(base_addr, image.size)
                 raise
         else:
-            base_addr = _sys_mmap(0, image.size, mmap.PROT_READ, mmap.MAP_PRIVATE | MAP_NORESERVE, image.base_fd, 0)
+            base_addr = _sys_mmap(0, image.size, mmap.PROT_READ, mmap.MAP_PRIVATE | MAP_NORESERVE, image.base_fd,
+                                  image.base_offset)
         return cls(image.size, image.slots, host_addr, fd=None, base=image, base_addr=base_addr, owns_fd=False)
 
     def attach(self, vm: VmFd, *, dirty_logging: bool) -> None:
@@ -430,7 +465,12 @@ class GuestMemory:
         d = self._dirty
         if self._rings:
             with self._ring_lock:
+                before = [r.fetch for r in self._rings]
                 small, bulk = self._harvest_rings()
+                if self._ring_trouble(before):
+                    more_small, more_bulk = self._harvest_rings()
+                    small += more_small
+                    bulk += more_bulk
                 small += self._protect_again(bool(small or bulk))
             if small or bulk:
                 _set_bits(d.scratch, np.concatenate([np.array(small, np.int64), *bulk]))
@@ -462,7 +502,10 @@ class GuestMemory:
             d.ever_pages.clear()
         if d.ever_mark is not None:
             _set_bits(d.ever, np.flatnonzero(d.ever_mark))
-        return np.union1d(_bits_to_pages(d.ever), np.fromiter(d.host_ever, np.int64, len(d.host_ever)))
+        owned = np.union1d(_bits_to_pages(d.ever), np.fromiter(d.host_ever, np.int64, len(d.host_ever)))
+        if self._ever_lost:
+            owned = np.union1d(owned, self._private_pages())
+        return owned
 
     @property
     def dirty_logging(self) -> bool:
@@ -478,6 +521,8 @@ class GuestMemory:
         if self.base_pages is None:
             raise VmforkError("only a fork's memory can be reset")
         if self._rings:
+            if self._lost:
+                return self._reset_after_loss()
             return self._reset_from_rings()
         d = self._dirty
         scratch = d.scratch
@@ -522,6 +567,52 @@ class GuestMemory:
         if count:
             self._frozen = None
         return count
+
+    def _ring_trouble(self, before: list[int]) -> bool:
+        """After a harvest (rings were at `before`): note a ring that held entries up to its last one (it may have
+        overflowed: entries lost), and put a ring whose pending entries do not start at its fetch index (the
+        overflow moved KVM's index on) back in step with KVM. True when a ring was resynchronised: harvest again."""
+        resync = False
+        for ring, was in zip(self._rings, before, strict=True):
+            if ring.fetch - was >= ring.entries:
+                self._lost = self._ever_lost = True
+            flags = np.frombuffer(ring.words, np.int64).reshape(ring.entries, 2)[:, 0]
+            dirty = (flags & KVM_DIRTY_GFN_F_DIRTY) != 0
+            if not dirty.any():
+                continue
+            # Still pending entries after a harvest: they are one circular run; its start is where KVM wrote first.
+            starts = np.flatnonzero(dirty & ~np.roll(dirty, 1))
+            first = int(starts[0]) if starts.size else 0
+            ring.fetch += (first - (ring.fetch & ring.mask)) & ring.mask
+            self._lost = self._ever_lost = True
+            resync = True
+        return resync
+
+    def _private_pages(self) -> npt.NDArray[np.int64]:
+        """RAM-file pages this fork's mapping holds as private copies, from /proc/self/pagemap (present or swapped,
+        and not a file or shared page): every page the fork ever wrote, whatever its dirty log says."""
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            raw = os.pread(f.fileno(), self.npages * 8, (self.host_addr >> PAGE_SHIFT) * 8)
+        entries = np.frombuffer(raw, np.uint64)
+        in_memory = (entries >> np.uint64(62)) != 0                        # bit 63 present, bit 62 swapped
+        private = ((entries >> np.uint64(61)) & np.uint64(1)) == 0         # bit 61: file page or shared anon
+        return np.flatnonzero(in_memory & private).astype(np.int64)
+
+    def _reset_after_loss(self) -> int:
+        """reset_to_base() after a dirty ring overflowed: every privately held page is copied back."""
+        assert self.base_pages is not None
+        with self._ring_lock:
+            self._harvest_rings()
+            self._protect_again(True)
+        d = self._dirty
+        d.guest.fill(0)
+        self._guest_any = False
+        d.host.clear()
+        pages = self._private_pages()
+        _copy_page_array(self.host_addr, self._base_pages_addr, self.pages, self.base_pages, pages)
+        self._lost = False
+        self._frozen = None
+        return int(pages.size)
 
     def _harvest_rings(self) -> tuple[list[int], list[npt.NDArray[np.int64]]]:
         """Read every vCPU's dirty ring and mark the entries harvested (_protect_again re-arms them): the RAM-file
@@ -677,7 +768,7 @@ class GuestMemory:
                 off = start << PAGE_SHIFT
                 os.pwrite(fd, flat[off:off + (length << PAGE_SHIFT)], off)
             layers = (*layers, Layer(fd, runs))
-        self._frozen = MemoryImage(self.size, self.slots, self.base.base_fd, layers)
+        self._frozen = MemoryImage(self.size, self.slots, self.base.base_fd, layers, self.base.base_offset)
         return self._frozen
 
     # --- teardown -----------------------------------------------------------------------------------------------

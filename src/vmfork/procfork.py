@@ -59,7 +59,7 @@ from .errors import ForkError, VmforkError, VmStateError
 from .fork import register_process_forker
 from .kvm.structs import GPR_NAMES
 from .memlimit import MemoryCgroup
-from .memory import Layer, MemoryImage, Slot
+from .memory import MemoryImage, describe_image, image_from_description
 from .vm import MachineShape, MachineState, StopEvent, destroy_forks_first
 
 if TYPE_CHECKING:
@@ -168,17 +168,14 @@ def _event_payload(ev: StopEvent) -> tuple[str, int | None, int | None, str]:
 
 
 def _image_payload(image: MemoryImage) -> tuple[dict[str, Any], list[int]]:
-    desc = {"size": image.size, "slots": [(sl.index, sl.gpa, sl.size, sl.offset) for sl in image.slots],
-            "layers": [layer.runs for layer in image.layers]}
-    return desc, [image.base_fd, *(layer.fd for layer in image.layers)]
+    return describe_image(image)
 
 
 def _image_from_payload(desc: dict[str, Any], fds: list[int]) -> MemoryImage:
-    layers = desc["layers"]
-    if len(fds) != 1 + len(layers):
-        raise ForkError(f"a memory image with {len(layers)} layers needs {1 + len(layers)} files, got {len(fds)}")
-    return MemoryImage(desc["size"], tuple(Slot(*sl) for sl in desc["slots"]), fds[0],
-                       tuple(Layer(fd, tuple(map(tuple, runs))) for fd, runs in zip(fds[1:], layers, strict=True)))
+    try:
+        return image_from_description(desc, fds)
+    except VmforkError as e:
+        raise ForkError(str(e)) from None
 
 
 def _describe_status(returncode: int) -> str:

@@ -361,6 +361,8 @@ class Machine:
         # the debugger's breakpoints, then host workarounds (vmfork.workarounds).
         self.exit_hooks = ExitHooks()
         self.exit_hooks.add("debug", "step-past", _finish_step_past)
+        self.template: str | None = None      # the template save file this machine's RAM maps, if any
+        self.broken: str | None = None        # why this machine can never run again (its memory is untrustworthy)
 
     # --- construction -------------------------------------------------------------------------------------------
 
@@ -445,7 +447,19 @@ class Machine:
 
     # --- run control --------------------------------------------------------------------------------------------
 
+    def mark_broken(self, why: str) -> None:
+        """This machine's memory can no longer be trusted (its template file changed): stop it for good; it can only
+        be destroyed. Safe from any thread."""
+        self.broken = why
+        if self.state == "running":
+            self._stop(StopEvent("crash", None, None, why))
+        elif self.state != "destroyed":
+            self.state = "crashed"
+            self.stop_event = StopEvent("crash", None, None, why)
+
     def _check_runnable(self) -> None:
+        if self.broken is not None:
+            raise VmStateError(f"{self.name} cannot run: {self.broken}")
         if self.state == "destroyed":
             raise VmStateError(f"{self.name} is destroyed")
         if self.state == "crashed":

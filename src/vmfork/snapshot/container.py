@@ -131,6 +131,21 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
     return removed
 
 
+_ZERO_CHUNK = 1 << 21
+_zero_chunk: bytes | None = None
+
+
+def crc32_zeros(n: int, crc: int = 0) -> int:
+    """zlib.crc32 continued over `n` zero bytes."""
+    global _zero_chunk
+    if _zero_chunk is None:
+        _zero_chunk = bytes(_ZERO_CHUNK)
+    while n >= _ZERO_CHUNK:
+        crc = zlib.crc32(_zero_chunk, crc)
+        n -= _ZERO_CHUNK
+    return zlib.crc32(memoryview(_zero_chunk)[:n], crc)
+
+
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -263,6 +278,21 @@ class ContainerWriter:
         p.crc = zlib.crc32(view, p.crc)
         p.written += len(view)
 
+    def skip(self, name: str, n: int) -> None:
+        """Append `n` zero bytes to section `name` as a hole (nothing written; the file stays sparse there)."""
+        if n <= 0:
+            return
+        self.write(name, b"")
+        p = self._placed[self._current]
+        if p.written + n > p.size:
+            raise ValueError(f"section {name!r}: {p.written + n} bytes written, {p.size} declared")
+        try:
+            os.lseek(self._fd, n, os.SEEK_CUR)
+        except OSError as e:
+            raise VmforkError(f"cannot write {self.what} {self.path}: {e.strerror or e}") from None
+        p.crc = crc32_zeros(n, p.crc)
+        p.written += n
+
     def _pad_to(self, offset: int) -> None:
         here = os.lseek(self._fd, 0, os.SEEK_CUR)
         while here < offset:
@@ -279,6 +309,8 @@ class ContainerWriter:
         try:
             if not self._placed or self._placed[-1].size == 0:
                 self._pad_to(self.file_size)
+            if os.fstat(self._fd).st_size < self.file_size:        # the last section ends in a hole (skip())
+                os.ftruncate(self._fd, self.file_size)
             header = self._render_header()
             os.pwrite(self._fd, header, PREAMBLE_SIZE)
             os.pwrite(self._fd, PREAMBLE.pack(self._magic, FORMAT_VERSION, 0, len(header), zlib.crc32(header),

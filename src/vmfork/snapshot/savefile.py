@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from .. import __version__
 from ..arch.x86 import cpu
-from ..errors import DeviceStateError, SnapshotHostError, VmStateError
+from ..errors import DeviceStateError, SnapshotFormatError, SnapshotHostError, VmStateError
 from ..memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, make_slots
 from ..vm import Machine, MachineShape, MachineState, open_kvm
 from . import cpufeatures
@@ -64,14 +64,17 @@ class SaveInfo:
 
 # --- save ---------------------------------------------------------------------------------------------------------
 
-def save(vm: Machine, path: str | os.PathLike[str]) -> SaveInfo:
+def save(vm: Machine, path: str | os.PathLike[str], *, template: bool = False) -> SaveInfo:
     """Write the whole machine to `path` (atomically: the file appears complete or not at all).
 
     The machine is not changed. A paused machine stays paused. A running one (started with `start()`; not one
     running inside `run()` in another thread) is paused for the save and resumed afterwards, whether the save
     succeeded or not (unless it stopped by itself meanwhile, e.g. at a harness marker: then it stays stopped, as it
     would have). A machine with live forks can be saved (it is paused and its RAM frozen anyway); forks can be
-    saved too."""
+    saved too.
+
+    `template=True` writes RAM as a page-aligned image with zero pages as holes, which a restore maps copy-on-write
+    instead of reading (see template.py); the file is made read-only."""
     if vm.state == "destroyed":
         raise VmStateError(f"cannot save {vm.name}: it is destroyed")
     resume = False
@@ -81,10 +84,28 @@ def save(vm: Machine, path: str | os.PathLike[str]) -> SaveInfo:
         if vm.state == "crashed":
             detail = vm.stop_event.detail if vm.stop_event else ""
             raise VmStateError(f"cannot save {vm.name}: it has crashed ({detail})")
+        if template:
+            from .template import save_template
+            return save_template(vm, Path(path))
         return _save_paused(vm, Path(path))
     finally:
         if resume and vm.state == "paused":
             vm.unpause()
+
+
+def header_for(vm: Machine, state: MachineState, stored: int, *, layout: str = "compact") -> dict[str, Any]:
+    """The header of a save file of `vm` in `state` with `stored` non-zero pages, RAM in `layout` (LAYOUTS)."""
+    mem = vm.memory
+    return {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "vmfork": __version__,
+        "machine": {"name": vm.name, "memory_mib": vm.shape.memory_mib, "vcpus": vm.shape.vcpus,
+                    "devices": None if state.devices is None else list(state.devices.names),
+                    "block_interrupts": vm.irqs_blocked},
+        "memory": {"size": mem.size, "page_size": PAGE_SIZE, "pages": mem.npages, "stored_pages": stored,
+                   "slots": [[s.gpa, s.size, s.offset] for s in mem.slots], "layout": layout},
+        "cpu": cpufeatures.describe(cpu.vcpu_cpuid(vm.kvm, 0)),
+    }
 
 
 def _save_paused(vm: Machine, path: Path) -> SaveInfo:
@@ -94,16 +115,7 @@ def _save_paused(vm: Machine, path: Path) -> SaveInfo:
     bits = nonzero_pages(mem)
     stored = int(np.count_nonzero(bits))
     bitmap = np.packbits(bits, bitorder="little").tobytes()
-    header = {
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "vmfork": __version__,
-        "machine": {"name": vm.name, "memory_mib": vm.shape.memory_mib, "vcpus": vm.shape.vcpus,
-                    "devices": None if state.devices is None else list(state.devices.names),
-                    "block_interrupts": vm.irqs_blocked},
-        "memory": {"size": mem.size, "page_size": PAGE_SIZE, "pages": mem.npages, "stored_pages": stored,
-                   "slots": [[s.gpa, s.size, s.offset] for s in mem.slots]},
-        "cpu": cpufeatures.describe(cpu.vcpu_cpuid(vm.kvm, 0)),
-    }
+    header = header_for(vm, state, stored)
     specs = [SectionSpec("machine", len(machine)), SectionSpec("ram-map", len(bitmap)),
              SectionSpec("ram", stored << PAGE_SHIFT, PAGE_SIZE)]
     with ContainerWriter(path, MAGIC, FORMAT, header, specs) as w:
@@ -190,6 +202,9 @@ def write_ram(w: ContainerWriter, mem: GuestMemory, bits: Bits) -> None:
 
 # --- restore ------------------------------------------------------------------------------------------------------
 
+LAYOUTS = ("compact", "image")     # RAM as stored non-zero pages + a map, or as a sparse page-aligned image
+
+
 @dataclass(frozen=True, slots=True)
 class _Plan:
     name: str
@@ -199,8 +214,16 @@ class _Plan:
     block_interrupts: bool
 
 
-def _read_plan(f: ContainerFile) -> _Plan:
-    """Everything but RAM, checked, before any machine exists."""
+def layout_of(f: ContainerFile) -> str:
+    memory = f.header.get("memory")
+    layout = memory.get("layout", "compact") if isinstance(memory, dict) else "compact"
+    if layout not in LAYOUTS:
+        raise f.fail(f"the header's RAM layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    return str(layout)
+
+
+def read_machine(f: ContainerFile) -> tuple[str, MachineShape, MachineState, bool]:
+    """The saved machine's name, shape, state and block_interrupts flag, checked (RAM aside), and this host's CPU."""
     h = f.header
     m, memory = h.get("machine"), h.get("memory")
     if not isinstance(m, dict) or not isinstance(memory, dict):
@@ -227,6 +250,14 @@ def _read_plan(f: ContainerFile) -> _Plan:
     if state.shape != shape:
         raise f.fail(f"section 'machine' is the state of a {state.shape.memory_mib} MiB / {state.shape.vcpus}-vCPU "
                      f"machine, the header says {mib} MiB / {nvcpus}")
+    check_host(f)
+    return name, shape, state, blocked
+
+
+def _read_plan(f: ContainerFile) -> _Plan:
+    """Everything but RAM, checked, before any machine exists."""
+    name, shape, state, blocked = read_machine(f)
+    npages = sum(s.size for s in make_slots(shape.regions())) >> PAGE_SHIFT
     raw = f.read("ram-map")
     if len(raw) != (npages + 7) // 8:
         raise f.fail(f"section 'ram-map' is {len(raw)} bytes, {npages} pages need {(npages + 7) // 8}")
@@ -239,7 +270,6 @@ def _read_plan(f: ContainerFile) -> _Plan:
     if ram.size != stored << PAGE_SHIFT:
         raise f.fail(f"section 'ram' holds {ram.size} bytes, section 'ram-map' lists {stored} pages "
                      f"({stored << PAGE_SHIFT} bytes)")
-    check_host(f)
     return _Plan(name, shape, state, bits, blocked)
 
 
@@ -306,26 +336,42 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def restore(path: str | os.PathLike[str], *, paused: bool = True, name: str | None = None,
-            console_log: str | None = None) -> VM:
+            console_log: str | None = None, template: bool | None = None) -> VM:
     """A new machine exactly as saved in `path`: paused (or started, `paused=False`), named as saved unless `name`.
 
     Everything but RAM is read and checked first (format, checksums, state sizes, this host's CPU); only then is a
     machine created, and if anything fails after that (RAM checksum, a KVM ioctl) it is destroyed before the error
-    propagates: a failed restore leaves nothing behind."""
+    propagates: a failed restore leaves nothing behind.
+
+    `template`: a file saved with `template=True` is mapped copy-on-write (None or True: the machine is then a fork
+    of the file, resettable to it, and needs the file unchanged while it lives: see template.py) or read into fresh
+    RAM like any other (False). True for a compact file is refused."""
     from ..fork import VM
     with ContainerFile.open(path, MAGIC, FORMAT) as f:
-        plan = _read_plan(f)
-        vm = VM.create(memory_mib=plan.shape.memory_mib, vcpus=plan.shape.vcpus, name=name or plan.name,
-                       console_log=console_log, with_devices=plan.state.devices is not None)
-        try:
-            read_ram(f, vm.memory, plan.bits)
-            vm.restore(plan.state)
-            vm.irqs_blocked = plan.block_interrupts
-            if plan.state.devices is None:
-                vm.launch_dm = "no"
-        except BaseException:
-            vm.destroy()
-            raise
+        layout = layout_of(f)
+        if layout == "image" and template is not False:
+            from .template import restore_template
+            return restore_template(f, paused=paused, name=name, console_log=console_log)
+        if layout == "compact" and template:
+            raise SnapshotFormatError(f"{f.path} is a compact save file: only a file saved as a template "
+                                      "(`vmfork save --template`) can be mapped")
+        plan = _read_plan(f) if layout == "compact" else None
+        vm: VM
+        if plan is None:
+            from .template import read_image_copy
+            vm = read_image_copy(f, name=name, console_log=console_log)
+        else:
+            vm = VM.create(memory_mib=plan.shape.memory_mib, vcpus=plan.shape.vcpus, name=name or plan.name,
+                           console_log=console_log, with_devices=plan.state.devices is not None)
+            try:
+                read_ram(f, vm.memory, plan.bits)
+                vm.restore(plan.state)
+                vm.irqs_blocked = plan.block_interrupts
+                if plan.state.devices is None:
+                    vm.launch_dm = "no"
+            except BaseException:
+                vm.destroy()
+                raise
     if not paused:
         vm.start()
     return vm
@@ -337,4 +383,5 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
         return dict(f.header)
 
 
-__all__ = ["FORMAT", "MAGIC", "SaveInfo", "check_host", "info", "nonzero_pages", "restore", "save"]
+__all__ = ["FORMAT", "LAYOUTS", "MAGIC", "SaveInfo", "check_host", "header_for", "info", "layout_of",
+           "nonzero_pages", "read_machine", "restore", "save"]

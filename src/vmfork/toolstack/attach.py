@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..fork import VM, shell_pool
-from ..memory import GuestMemory, Layer, MemoryImage, Slot
+from ..memory import GuestMemory, MemoryImage, image_from_description
 from ..vm import Machine, MachineState, Shell, open_kvm
 from .client import open_registry, require_control, sweep
 from .qmp import QmpChannel
@@ -54,13 +54,7 @@ def receive_fork_source(link: QmpChannel, *, child: int, name: str) -> tuple[Mem
     src = link.execute("vmfork-fork-source", {"child": child, "name": name})
     fds = link.take_fds()
     try:
-        desc = src["image"]
-        layers = desc["layers"]
-        if len(fds) != 1 + len(layers):
-            raise ToolstackError(f"the parent sent {len(fds)} memory files for an image of {1 + len(layers)}")
-        image = MemoryImage(int(desc["size"]), tuple(Slot(*sl) for sl in desc["slots"]), fds[0],
-                            tuple(Layer(fd, tuple((int(a), int(b)) for a, b in runs))
-                                  for fd, runs in zip(fds[1:], layers, strict=True)))
+        image = image_from_description(src["image"], fds)
         state = MachineState.from_bytes(base64.b64decode(src["state"]))
     except BaseException:
         _close_fds(fds)

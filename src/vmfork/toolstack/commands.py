@@ -234,8 +234,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _print_tree(entries: list[dict[str, Any]]) -> None:
     by_id = {e["domid"]: e for e in entries}
     kids: dict[int | None, list[dict[str, Any]]] = {}
+    templates: dict[str, list[dict[str, Any]]] = {}
     for e in entries:
         parent = e["parent"] if e["parent"] in by_id else None
+        template = (e.get("config") or {}).get("template")
+        if parent is None and template:
+            templates.setdefault(template, []).append(e)     # a fork of a template file: under the file
+            continue
         kids.setdefault(parent, []).append(e)
 
     def line(e: dict[str, Any]) -> str:
@@ -263,6 +268,10 @@ def _print_tree(entries: list[dict[str, Any]]) -> None:
 
     for e in kids.get(None, []):
         walk(e, "", True, True)
+    for path, forks in templates.items():
+        print(f"{path} (template file)")
+        for i, e in enumerate(forks):
+            walk(e, "", i == len(forks) - 1, False)
 
 
 def _cmd_console(args: argparse.Namespace) -> int:
@@ -341,14 +350,15 @@ def _cmd_save(args: argparse.Namespace) -> int:
             raise ToolstackError(f"cannot save and destroy {rec.label()}: it has live forks "
                                  f"({', '.join(r.label() for r in live)}); without --destroy it is kept")
     with DomainClient(rec, registry=reg) as c:
+        template: dict[str, Any] = {"template": True} if args.template else {}
         try:
             if to_stdout:
                 # The domain writes to this command's stdout (passed along getfd, as QEMU takes descriptors).
                 sys.stdout.flush()
                 c.execute("getfd", fdname="vmfork-save-out", fds=[sys.stdout.fileno()])
-                c.execute("vmfork-save", fdname="vmfork-save-out")
+                c.execute("vmfork-save", fdname="vmfork-save-out", **template)
             else:
-                c.execute("vmfork-save", filename=path)
+                c.execute("vmfork-save", filename=path, **template)
         except QmpCommandError:
             raise
         except ToolstackError:
@@ -382,7 +392,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         used = reg.by_name(args.name)
         if used is not None:
             raise ToolstackError(f"name {args.name!r} is already used by domain {used.domid}")
-    domid = start_domain(reg.run_dir, {"kind": "restore", "file": path, "name": args.name, "paused": args.paused})
+    domid = start_domain(reg.run_dir, {"kind": "restore", "file": path, "name": args.name, "paused": args.paused,
+                                       "template": args.template})
     print(domid, flush=True)
     return 0
 
@@ -398,7 +409,41 @@ def _cmd_save_devices_state(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fork_from_template(args: argparse.Namespace) -> int:
+    """`fork-vm --from FILE`: a fork domain whose parent is a template save file, not a domain."""
+    if args.domain is not None:
+        raise ToolstackError(f"fork-vm --from {args.template_file} forks the file: give no parent domain "
+                             f"(got {args.domain})")
+    if args.launch_dm != "yes" or args.dm_state or args.block_interrupts or args.max_vcpus is not None:
+        raise ToolstackError("fork-vm --from takes -C (name) and -p only")
+    path = os.path.abspath(args.template_file)
+    from ..snapshot.template import is_template
+    if not is_template(path):
+        raise ToolstackError(f"{args.template_file} is not a template save file (write one with "
+                             "`vmfork save --template DOMAIN FILE`)")
+    name = None
+    if args.config:
+        name = load_config(args.config, require_kernel=False).name
+    reg = _registry()
+    sweep(reg)
+    if name is None:
+        used = {r.name for r in reg.all()}
+        stem = os.path.basename(path).rsplit(".", 1)[0] or "template"
+        n = 1
+        while f"{stem}-fork-{n}" in used:
+            n += 1
+        name = f"{stem}-fork-{n}"
+    domid = start_domain(reg.run_dir, {"kind": "restore", "file": path, "name": name, "paused": args.paused,
+                                       "template": True})
+    print(domid, flush=True)
+    return 0
+
+
 def _cmd_fork_vm(args: argparse.Namespace) -> int:
+    if args.template_file is not None:
+        return _fork_from_template(args)
+    if args.domain is None:
+        raise ToolstackError("fork-vm needs the parent domain (or --from TEMPLATE_FILE)")
     reg = _registry()
     rec = reg.find(args.domain)
     dm_file = os.path.abspath(args.dm_state) if args.dm_state else None
@@ -550,6 +595,8 @@ def add_toolstack_commands(sub: Any) -> None:
                    help="leave the domain as it was (the default; accepted for xl compatibility)")
     p.add_argument("-p", dest="paused", action="store_true", help="leave the domain paused")
     p.add_argument("--destroy", action="store_true", help="destroy the domain after saving it (as plain xl save)")
+    p.add_argument("--template", action="store_true",
+                   help="write a template: RAM as a sparse image that restores map copy-on-write (read-only file)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="config form: seconds to reach the ready marker (default 60)")
     p.add_argument("domain", metavar="DOMAIN_OR_CONFIG", help="domid or name (or a config file)")
@@ -564,6 +611,11 @@ def add_toolstack_commands(sub: Any) -> None:
     p.add_argument("--foreground", action="store_true", help="run it in this process until it stops")
     p.add_argument("--timeout", type=float, default=None, help="foreground: stop after this many seconds")
     p.add_argument("--console-log", default=None, help="foreground: also append the console output to this file")
+    mapping = p.add_mutually_exclusive_group()
+    mapping.add_argument("--template", dest="template", action="store_const", const=True, default=None,
+                         help="map the file copy-on-write (the default for a template; refused for other files)")
+    mapping.add_argument("--copy", dest="template", action="store_const", const=False,
+                         help="read a template into RAM of its own instead of mapping it")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=_cmd_restore)
 
@@ -588,8 +640,10 @@ def add_toolstack_commands(sub: Any) -> None:
     p.add_argument("--launch-dm", choices=("yes", "no", "late"), default="yes",
                    help="yes: a fork with its device model (default); no: none; late: give the fork named by "
                         "DOMAIN its device model")
-    p.add_argument("domain", metavar="PARENT_OR_FORK", help="the parent (domid or name); with --launch-dm late, "
-                                                            "the fork")
+    p.add_argument("--from", dest="template_file", default=None, metavar="TEMPLATE_FILE",
+                   help="fork a template save file instead of a domain (no parent domain needed)")
+    p.add_argument("domain", metavar="PARENT_OR_FORK", nargs="?", default=None,
+                   help="the parent (domid or name); with --launch-dm late, the fork")
     p.set_defaults(func=_cmd_fork_vm)
 
     p = sub.add_parser("fork-reset", help="reset a fork to its parent's state")

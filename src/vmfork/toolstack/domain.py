@@ -10,7 +10,7 @@ and reads one line from the report pipe: `ready <domid>` once the domain is regi
     {"kind": "create", "config": {DomainConfig fields}, "paused": bool}
     {"kind": "fork", "parent": DOMID, "name": str | null, "overrides": {on_* keys}, "launch_dm": "yes" | "no",
      "device_state": PATH | null, "paused": bool, "block_interrupts": bool}
-    {"kind": "restore", "file": PATH, "name": str | null, "paused": bool}
+    {"kind": "restore", "file": PATH, "name": str | null, "paused": bool, "template": bool | null}
 
 Threads: the main thread owns everything (registry writes, sockets, every change to the machine) and waits in a
 selector; the vCPUs run in the machine's own threads (`VM.start()`); a waiter thread per run turns "the machine
@@ -354,11 +354,12 @@ class Domain:
         from ..snapshot import restore
         path = self.spec["file"]
         self.restored_from = path
-        vm = restore(path, paused=True, name=self.spec.get("name"))
+        vm = restore(path, paused=True, name=self.spec.get("name"), template=self.spec.get("template"))
         try:
             cfg = DomainConfig(name=vm.name, memory=vm.shape.memory_mib, vcpus=vm.shape.vcpus)
             self.config = cfg
-            self._reserve(name=vm.name, config={**cfg.to_dict(), "restored_from": path},
+            extra = {"template": path} if vm.template is not None else {}
+            self._reserve(name=vm.name, config={**cfg.to_dict(), "restored_from": path, **extra},
                           launch_dm="yes" if vm.devices else "no", memory=vm.shape.memory_mib, vcpus=vm.shape.vcpus)
         except BaseException:
             vm.destroy(tree=True)
@@ -1123,9 +1124,8 @@ def _vmfork_fork_source(d: Domain, conn: Connection, args: dict[str, Any]) -> An
     d.holds.append(conn)
     vm.children.append(hold)  # type: ignore[arg-type]
     vm.memory.readonly = f"{d.label()} has live forks"
-    desc = {"size": image.size, "slots": [[s.index, s.gpa, s.size, s.offset] for s in image.slots],
-            "layers": [[list(r) for r in layer.runs] for layer in image.layers]}
-    fds = [image.base_fd, *(layer.fd for layer in image.layers)]
+    from ..memory import describe_image
+    desc, fds = describe_image(image)
     return {"image": desc, "state": base64.b64encode(state.to_bytes()).decode(), "parent": d.domid}, fds
 
 
@@ -1249,9 +1249,10 @@ def _closefd(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     return {}
 
 
-@qmp_command("vmfork-save", filename=ArgSpec(str, False, _absolute), fdname=ArgSpec(str),
+@qmp_command("vmfork-save", filename=ArgSpec(str, False, _absolute), fdname=ArgSpec(str), template=ArgSpec(bool),
              help="save the whole domain (RAM and state) to a file, or to a descriptor passed with getfd (fdname: "
-                  "streamed, e.g. the CLI's stdout); a running domain is paused for it and resumed")
+                  "streamed, e.g. the CLI's stdout); a running domain is paused for it and resumed; template: RAM "
+                  "as a sparse image that restores map copy-on-write")
 def _vmfork_save(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     vm = d.machine
     from ..snapshot import save
@@ -1267,7 +1268,7 @@ def _vmfork_save(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
         target = args["filename"]
     save_target(target, "save file")        # refused before the domain is paused or anything is written
     try:
-        d.paused_for(lambda: save(vm, target))
+        d.paused_for(lambda: save(vm, target, template=bool(args.get("template", False))))
     finally:
         if "fdname" in args:
             os.close(conn.named_fds.pop(args["fdname"]))
