@@ -219,3 +219,14 @@ def test_a_state_for_another_policy_is_refused() -> None:
     finally:
         a.destroy()
         b.destroy()
+
+
+def test_doctor_reports_the_cpl0_instructions_and_the_default_policy() -> None:
+    from vmfork.doctor import probe_cpl0_instructions, probe_cpuid_default
+    item = probe_cpl0_instructions(True)
+    report = emulator_probe.report(open_kvm())
+    assert item.supported == (not report.failing)
+    for r in report.failing:
+        assert r.name in item.detail
+    policy = probe_cpuid_default(True)
+    assert str(report.default_policy()) in policy.detail
