@@ -404,11 +404,15 @@ class Machine:
             v.fd.set_msrs(msrs)
 
     def load_kernel(self, path: str | os.PathLike[str], *, cmdline: str = "", initrd: str | None = None,
-                    protocol: str = "auto") -> str:
+                    protocol: str = "auto", acpi: bool = True) -> str:
         """Load a kernel through a standard boot protocol and point the boot vCPU at its entry; returns the
-        protocol used."""
+        protocol used. `acpi`: also write ACPI tables describing this machine (its vCPUs, IOAPIC and ISA
+        devices; see arch/x86/acpi) and pass the kernel their address."""
+        from .arch.x86 import acpi as acpi_tables
         from .arch.x86.boot import load_kernel
-        entry = load_kernel(path, self.memory, cmdline=cmdline, initrd=initrd, protocol=protocol)  # type: ignore[arg-type]
+        tables = acpi_tables.build(self.shape.vcpus) if acpi else None
+        entry = load_kernel(path, self.memory, cmdline=cmdline, initrd=initrd, protocol=protocol,  # type: ignore[arg-type]
+                            acpi=tables)
         bsp = self.vcpus[0]
         regs, sregs = bsp.get_regs(), bsp.get_sregs()
         cpu.apply_entry(entry, regs, sregs)
