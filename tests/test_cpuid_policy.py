@@ -230,3 +230,23 @@ def test_doctor_reports_the_cpl0_instructions_and_the_default_policy() -> None:
         assert r.name in item.detail
     policy = probe_cpuid_default(True)
     assert str(report.default_policy()) in policy.detail
+
+
+# --- domains ------------------------------------------------------------------------------------------------------
+
+def test_domains_take_the_policy_from_the_config_and_list_shows_it(tmp_path: Path, pvh_guest: Path) -> None:
+    from cli_harness import CliHarness
+    with CliHarness(tmp_path, pvh_guest) as ts:
+        plain = ts.create(ts.config("plain", "demo"))
+        own = ts.create(ts.config("own", "demo", cpuid="host,sse4_1=0,cx16=0"))
+        ts.wait_state(plain, "paused")
+        ts.wait_state(own, "paused")
+        fork = int(ts.ok("fork-vm", "-p", "own").strip())
+        entries = {e["name"]: e for e in ts.list_json()}
+        assert entries["plain"]["cpuid"] == str(emulator_probe.default_policy(open_kvm()))
+        assert entries["own"]["cpuid"] == next(e for e in entries.values() if e["domid"] == fork)["cpuid"] == "host,cmpxchg16=0,sse4.1=0"
+        bad = ts.config("bad", "demo", cpuid="host,cx17=0")
+        msg = ts.fail("create", str(bad), match="cx17")
+        assert f"{bad}:5: cpuid: unknown CPU feature 'cx17'" in msg
+        ts.ok("destroy", "--force", "own")
+        ts.ok("destroy", "plain")
