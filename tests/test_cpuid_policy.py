@@ -244,7 +244,8 @@ def test_domains_take_the_policy_from_the_config_and_list_shows_it(tmp_path: Pat
         fork = int(ts.ok("fork-vm", "-p", "own").strip())
         entries = {e["name"]: e for e in ts.list_json()}
         assert entries["plain"]["cpuid"] == str(emulator_probe.default_policy(open_kvm()))
-        assert entries["own"]["cpuid"] == next(e for e in entries.values() if e["domid"] == fork)["cpuid"] == "host,cmpxchg16=0,sse4.1=0"
+        forked = next(e for e in entries.values() if e["domid"] == fork)
+        assert entries["own"]["cpuid"] == forked["cpuid"] == "host,cmpxchg16=0,sse4.1=0"
         bad = ts.config("bad", "demo", cpuid="host,cx17=0")
         msg = ts.fail("create", str(bad), match="cx17")
         assert f"{bad}:5: cpuid: unknown CPU feature 'cx17'" in msg
