@@ -267,3 +267,16 @@ def test_process_forks_keep_the_policy(pvh_guest: Path, machines: list) -> None:
         assert ev.reason == "exit", ev
     finally:
         child.destroy()
+
+
+def test_vmfork_run_says_once_what_the_policy_hides(pvh_guest: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    cfg = tmp_path / "r.cfg"
+    cfg.write_text(f'name = "r"\nmemory = 64\nkernel = "{pvh_guest}"\ncmdline = "hello"\ncpuid = "host,cx16=0"\n')
+    vmfork = Path(sys.executable).with_name("vmfork")
+    r = subprocess.run([str(vmfork), "run", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vmfork: CPUID policy"), lines   # one line, not one per boot
+    assert "cmpxchg16" in lines[0] or not _host_has_cx16()

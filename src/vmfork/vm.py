@@ -7,6 +7,7 @@ and clock, and every device) and `Machine.restore()` loads one. Forks, resets an
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import threading
@@ -352,6 +353,7 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._live_threads = 0
         self.exits = 0
+        self.cpuid_note: str | None = None       # set at load_kernel: what its CPUID policy hides (emulator_probe)
         self.on_stop: list[Callable[[StopEvent], None]] = []
         # Exits the loop cannot handle itself (emulation failures, debug exits) go to these first:
         # the debugger's breakpoints, then host workarounds (vmfork.workarounds).
@@ -418,7 +420,10 @@ class Machine:
         cpu.apply_entry(entry, regs, sregs)
         bsp.set_sregs(sregs)
         bsp.set_regs(regs)
-        emulator_probe.announce(self.kvm, self.shape.cpuid)
+        # what the guest is kept away from, and what it is not: `vmfork run` prints it, the API logs it
+        self.cpuid_note = emulator_probe.boot_note(self.kvm, self.shape.cpuid)
+        if self.cpuid_note:
+            logging.getLogger("vmfork").info("%s: %s", self.name, self.cpuid_note)
         return str(entry.protocol)
 
     def attach_devices(self, devices: Sequence[Any]) -> None:

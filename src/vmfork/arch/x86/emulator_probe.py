@@ -28,13 +28,12 @@ import os
 import platform
 import signal
 import struct
-import sys
 import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ...errors import ConfigError, VmforkError
 from ...kvm import Kvm
@@ -537,28 +536,22 @@ def concrete(kvm: Kvm, policy: CpuidPolicy | str | None) -> str:
     return str(p)
 
 
-_announced: set[str] = set()
-
-
-def announce(kvm: Kvm, policy: str, stream: TextIO | None = None) -> str | None:
-    """Say once per process, on stderr, which CPU features a booting machine's policy hides (nothing for a policy
-    that hides nothing). Returns the line."""
+def boot_note(kvm: Kvm, policy: str) -> str | None:
+    """The one line to say when a machine with this concrete policy boots: which CPU features it hides and which
+    this host shows the guest anyway (None for a policy that hides nothing, on a host where that is the default)."""
     p = CpuidPolicy.parse(policy)
     if not p.hidden and not (policy == str(default_policy(kvm)) and report(kvm).leaks):
         return None
     r = report(kvm)
     if policy == str(r.default_policy()):
-        line = "vmfork: " + describe_default(kvm)
+        line = describe_default(kvm)
     else:
         visible = [n for n in sorted(p.hidden) if not r.seen or _sees(r.seen, n)]   # what hiding changes at all
         leaks = [n for n in visible if n in r.stuck]
         shown = [n for n in visible if n not in r.stuck]
-        line = f"vmfork: CPUID policy {policy}: the guest does not see {', '.join(shown) or 'any of them'}"
+        line = f"CPUID policy {policy}: the guest does not see {', '.join(shown) or 'any of them'}"
         if leaks:
             line += f"; this host's KVM shows it {', '.join(leaks)} whatever the CPUID table says"
-    if policy not in _announced:
-        _announced.add(policy)
-        print(line, file=stream or sys.stderr, flush=True)
     return line
 
 
@@ -578,5 +571,5 @@ def describe_default(kvm: Kvm) -> str:
     return f"{head}{tail} (vmfork doctor)"
 
 
-__all__ = ["FAMILIES", "EmulatorReport", "Family", "FamilyResult", "announce", "cache_path", "concrete",
+__all__ = ["FAMILIES", "EmulatorReport", "Family", "FamilyResult", "boot_note", "cache_path", "concrete",
            "default_policy", "describe_default", "probe", "report", "resolve", "run_cpl0"]
