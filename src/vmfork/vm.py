@@ -406,13 +406,15 @@ class Machine:
             v.fd.set_msrs(msrs)
 
     def load_kernel(self, path: str | os.PathLike[str], *, cmdline: str = "", initrd: str | None = None,
-                    protocol: str = "auto", acpi: bool = True) -> str:
+                    protocol: str = "auto", acpi: bool = True, acpi_devices: Sequence[Any] = ()) -> str:
         """Load a kernel through a standard boot protocol and point the boot vCPU at its entry; returns the
         protocol used. `acpi`: also write ACPI tables describing this machine (its vCPUs, IOAPIC and ISA
-        devices; see arch/x86/acpi) and pass the kernel their address."""
+        devices, plus `acpi_devices`: arch.x86.acpi.Device values; see arch/x86/acpi) and pass the kernel their
+        address."""
         from .arch.x86 import acpi as acpi_tables
         from .arch.x86.boot import load_kernel
-        tables = acpi_tables.build(self.shape.vcpus) if acpi else None
+        tables = (acpi_tables.build(self.shape.vcpus, devices=[*acpi_tables.standard_devices(), *acpi_devices])
+                  if acpi else None)
         entry = load_kernel(path, self.memory, cmdline=cmdline, initrd=initrd, protocol=protocol,  # type: ignore[arg-type]
                             acpi=tables)
         bsp = self.vcpus[0]
