@@ -280,3 +280,29 @@ def test_vmfork_run_says_once_what_the_policy_hides(pvh_guest: Path, tmp_path: P
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vmfork: CPUID policy"), lines   # one line, not one per boot
     assert "cmpxchg16" in lines[0] or not _host_has_cx16()
+
+
+def test_restore_names_the_state_that_shows_a_hidden_feature_in_use(tmp_path: Path, machines: list) -> None:  # type: ignore[type-arg]
+    """A guest running with a feature switched on in CR4 (OSXSAVE, else UMIP: whichever this host's KVM offers),
+    saved, then restored under a policy hiding that feature: refused, naming it and the evidence."""
+    kvm = open_kvm()
+    host = cpu.host_cpuid(kvm)
+    if emulator_probe._host_has(host, "xsave"):
+        feat, cr4_bit, shown = "xsave", 18, r"xsave \(CPUID.1.0:ECX bit 26\), in use: CR4.OSXSAVE set on vCPU 0"
+    elif emulator_probe._host_has(host, "umip"):
+        feat, cr4_bit, shown = "umip", 11, r"umip \(CPUID.7.0:ECX bit 2\), in use: CR4.UMIP set on vCPU 0"
+    else:
+        pytest.skip("this host's KVM offers neither XSAVE nor UMIP in its CPUID table")
+    vm = VM.create(memory_mib=8, name="inuse", cpuid="host", with_devices=False)
+    machines.append(vm)
+    flat.setup_long_mode(vm, code=flat.exit_with(0), cpl=0)
+    sregs = vm.vcpus[0].get_sregs()
+    sregs.cr4 |= 1 << cr4_bit
+    vm.vcpus[0].set_sregs(sregs)
+    path = tmp_path / "inuse.vmfork"
+    save(vm, path)
+    with pytest.raises(SnapshotHostError, match=shown):
+        restore(path, cpuid=f"host,{feat}=0")
+    again = restore(path)               # under its own policy it comes back, CR4 and all
+    machines.append(again)
+    assert again.vcpus[0].get_sregs().cr4 >> cr4_bit & 1

@@ -246,7 +246,7 @@ def _read_plan(f: ContainerFile, cpuid: str | None = None) -> _Plan:
         raise f.fail(f"section 'ram' holds {ram.size} bytes, section 'ram-map' lists {stored} pages "
                      f"({stored << PAGE_SHIFT} bytes)")
     check_host(f)
-    policy = cpufeatures.check_policy(f, open_kvm(), cpuid)
+    policy = cpufeatures.check_policy(f, open_kvm(), cpuid, state)
     if policy != saved_policy:
         shape = MachineShape(mib, nvcpus, policy)
         state = dataclasses.replace(state, shape=shape)
