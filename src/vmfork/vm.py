@@ -7,6 +7,7 @@ and clock, and every device) and `Machine.restore()` loads one. Forks, resets an
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
-from .arch.x86 import cpu
+from .arch.x86 import cpu, emulator_probe
 from .devices import DeviceSetState, PortBus, standard_devices
 from .errors import VmforkError, VmStateError
 from .kvm import IoctlPlan, Kvm, VcpuFd, VmFd, plan_entry, run_plan
@@ -56,10 +57,12 @@ def open_kvm() -> Kvm:
 
 @dataclass(frozen=True, slots=True)
 class MachineShape:
-    """What must match between a parent and its forks."""
+    """What must match between a parent and its forks: RAM, vCPUs and the CPU they are shown (the concrete CPUID
+    policy, base "host", in its canonical text: see arch/x86/cpuid_policy.py)."""
 
     memory_mib: int
     vcpus: int
+    cpuid: str = "host"
 
     @property
     def memory_bytes(self) -> int:
@@ -123,11 +126,12 @@ class MachineState:
 
     def to_bytes(self) -> bytes:
         """This state in the versioned binary part format of VcpuState.to_bytes (magic b"VMFKMACH"): parts
-        "shape" (u32 MiB, u32 vCPUs), "vcpu0".."vcpuN-1" and "platform" (nested binary states) and "devices"
+        "shape" (u32 MiB, u32 vCPUs, then the CPUID policy as UTF-8; none means "host"), "vcpu0".."vcpuN-1" and
+        "platform" (nested binary states) and "devices"
         (DeviceSetState.to_dict() as UTF-8 JSON, `null` for none)."""
         import json
         import struct
-        parts = [("shape", struct.pack("<II", self.shape.memory_mib, self.shape.vcpus))]
+        parts = [("shape", struct.pack("<II", self.shape.memory_mib, self.shape.vcpus) + self.shape.cpuid.encode())]
         parts += [(f"vcpu{i}", v.to_bytes()) for i, v in enumerate(self.vcpus)]
         parts.append(("platform", self.platform.to_bytes()))
         devices = None if self.devices is None else self.devices.to_dict()
@@ -146,9 +150,14 @@ class MachineState:
         parts = VcpuState._unpack_parts(data, b"VMFKMACH", cls.VERSION, what)
         if "shape" not in parts:
             raise VmStateError(f"{what}: part 'shape' is missing")
-        if len(parts["shape"]) != 8:
-            raise VmStateError(f"{what}: part 'shape' is {len(parts['shape'])} bytes, expected 8")
-        memory_mib, nvcpus = struct.unpack("<II", parts["shape"])
+        if len(parts["shape"]) < 8:
+            raise VmStateError(f"{what}: part 'shape' is {len(parts['shape'])} bytes, expected at least 8")
+        memory_mib, nvcpus = struct.unpack_from("<II", parts["shape"])
+        try:
+            from .arch.x86.cpuid_policy import CpuidPolicy
+            cpuid = str(CpuidPolicy.parse(parts["shape"][8:].decode() or "host"))
+        except (UnicodeDecodeError, VmforkError) as e:
+            raise VmStateError(f"{what}: part 'shape' has a bad CPUID policy: {e}") from None
         if not 1 <= nvcpus <= 64:
             raise VmStateError(f"{what}: part 'shape' gives {nvcpus} vCPUs")
         VcpuState._expect_parts(parts, ["shape", *(f"vcpu{i}" for i in range(nvcpus)), "platform", "devices"], what)
@@ -173,7 +182,7 @@ class MachineState:
             devices = None if raw is None else DeviceSetState.from_dict(raw)
         except DeviceStateError as e:
             raise DeviceStateError(f"{what}: part 'devices': {e}") from None
-        return cls(MachineShape(memory_mib, nvcpus), tuple(vcpus), platform, devices)
+        return cls(MachineShape(memory_mib, nvcpus, cpuid), tuple(vcpus), platform, devices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +233,7 @@ class Shell:
             sync = kvm.check_extension(c.KVM_CAP_SYNC_REGS) & 7 == 7
             for i in range(shape.vcpus):
                 fd = vm.create_vcpu(i)
-                fd.set_cpuid2(_cpuid(kvm, i, _tsc_khz(fd)))
+                fd.set_cpuid2(_cpuid(kvm, i, _tsc_khz(fd), shape.cpuid))
                 self.vcpus.append(Vcpu(kvm, fd, i, sync_regs=sync))
         except BaseException:
             self.close()
@@ -268,15 +277,16 @@ def dirty_ring_bytes(kvm: Kvm) -> int:
 
 
 _tsc_khz_cache: int | None = None
-_cpuid_cache: dict[tuple[int, int], ctypes.Structure] = {}
+_cpuid_cache: dict[tuple[int, int, str], ctypes.Structure] = {}
 
 
-def _cpuid(kvm: Kvm, index: int, tsc_khz: int) -> ctypes.Structure:
-    """vCPU `index`'s CPUID table, built once per process (about 0.1 ms of Python per shell otherwise)."""
-    key = (index, tsc_khz)
+def _cpuid(kvm: Kvm, index: int, tsc_khz: int, policy: Any) -> ctypes.Structure:
+    """vCPU `index`'s CPUID table under `policy`, built once per process and shared (KVM_SET_CPUID2 only reads
+    it; about 0.1 ms of Python per shell otherwise)."""
+    key = (index, tsc_khz, str(policy))
     table = _cpuid_cache.get(key)
     if table is None:
-        table = _cpuid_cache[key] = cpu.vcpu_cpuid(kvm, index, tsc_khz)
+        table = _cpuid_cache[key] = cpu.vcpu_cpuid(kvm, index, tsc_khz, policy)
     return table
 
 
@@ -356,6 +366,7 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._live_threads = 0
         self.exits = 0
+        self.cpuid_note: str | None = None       # set at load_kernel: what its CPUID policy hides (emulator_probe)
         self.on_stop: list[Callable[[StopEvent], None]] = []
         # Exits the loop cannot handle itself (emulation failures, debug exits) go to these first:
         # the debugger's breakpoints, then host workarounds (vmfork.workarounds).
@@ -368,14 +379,18 @@ class Machine:
 
     @classmethod
     def create(cls, *, memory_mib: int = 256, vcpus: int = 1, name: str = "vm", console_log: str | None = None,
-               with_devices: bool = True) -> Self:
-        """A new root machine with zeroed RAM (boot it with `load_kernel`)."""
+               with_devices: bool = True, cpuid: str | None = None) -> Self:
+        """A new root machine with zeroed RAM (boot it with `load_kernel`).
+
+        `cpuid`: the CPU features its vCPUs are shown, in xl.cfg's syntax ("host,popcnt=0"); None (or base
+        "default") is this host's default policy: the host's features minus those whose instructions its KVM
+        cannot run in guest kernel mode (probed once per host and kernel, see arch/x86/emulator_probe.py)."""
         if memory_mib < 2:
             raise VmforkError(f"memory must be at least 2 MiB, got {memory_mib}")
         if not 1 <= vcpus <= 64:
             raise VmforkError(f"vcpus must be between 1 and 64, got {vcpus}")
         kvm = open_kvm()
-        shape = MachineShape(memory_mib, vcpus)
+        shape = MachineShape(memory_mib, vcpus, emulator_probe.concrete(kvm, cpuid))
         memory = GuestMemory.allocate(shape.regions(), name=f"vmfork-{name}")
         try:
             shell = Shell(kvm, shape, dirty_logging=False, host_addr=memory.host_addr)
@@ -406,16 +421,26 @@ class Machine:
             v.fd.set_msrs(msrs)
 
     def load_kernel(self, path: str | os.PathLike[str], *, cmdline: str = "", initrd: str | None = None,
-                    protocol: str = "auto") -> str:
+                    protocol: str = "auto", acpi: bool = True, acpi_devices: Sequence[Any] = ()) -> str:
         """Load a kernel through a standard boot protocol and point the boot vCPU at its entry; returns the
-        protocol used."""
+        protocol used. `acpi`: also write ACPI tables describing this machine (its vCPUs, IOAPIC and ISA
+        devices, plus `acpi_devices`: arch.x86.acpi.Device values; see arch/x86/acpi) and pass the kernel their
+        address."""
+        from .arch.x86 import acpi as acpi_tables
         from .arch.x86.boot import load_kernel
-        entry = load_kernel(path, self.memory, cmdline=cmdline, initrd=initrd, protocol=protocol)  # type: ignore[arg-type]
+        tables = (acpi_tables.build(self.shape.vcpus, devices=[*acpi_tables.standard_devices(), *acpi_devices])
+                  if acpi else None)
+        entry = load_kernel(path, self.memory, cmdline=cmdline, initrd=initrd, protocol=protocol,  # type: ignore[arg-type]
+                            acpi=tables)
         bsp = self.vcpus[0]
         regs, sregs = bsp.get_regs(), bsp.get_sregs()
         cpu.apply_entry(entry, regs, sregs)
         bsp.set_sregs(sregs)
         bsp.set_regs(regs)
+        # what the guest is kept away from, and what it is not: `vmfork run` prints it, the API logs it
+        self.cpuid_note = emulator_probe.boot_note(self.kvm, self.shape.cpuid)
+        if self.cpuid_note:
+            logging.getLogger("vmfork").info("%s: %s", self.name, self.cpuid_note)
         return str(entry.protocol)
 
     def attach_devices(self, devices: Sequence[Any]) -> None:
@@ -723,6 +748,9 @@ class Machine:
     def restore(self, st: MachineState, *, devices: bool = True) -> None:
         """Load a captured state (RAM is not touched). The machine must be paused."""
         self._require_paused("restore the state of")
+        if st.shape != self.shape and st.shape.cpuid != self.shape.cpuid:
+            raise VmStateError(f"state is for vCPUs shown the CPU {st.shape.cpuid!r}, {self.name}'s are shown "
+                               f"{self.shape.cpuid!r}")
         if st.shape != self.shape:
             raise VmStateError(f"state is for a {st.shape.memory_mib} MiB / {st.shape.vcpus}-vCPU machine, "
                                f"{self.name} is {self.shape.memory_mib} MiB / {self.shape.vcpus} vCPUs")

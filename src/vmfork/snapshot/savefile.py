@@ -11,8 +11,9 @@ b"VMFKSAVE", header "format" "vmfork-save", and the sections
 
 and the header keys "machine" (name, memory_mib, vcpus, device names or null, block_interrupts), "memory" (size,
 page_size, pages, stored_pages, slots as [gpa, size, RAM-file offset] triples), "cpu" (vendor, family, model,
-stepping and the CPUID feature words the vCPUs were given: see cpufeatures.py), "created" and "vmfork" (the
-writer's version).
+stepping and the CPUID feature words the vCPUs were given: see cpufeatures.py), "cpuid" (the machine's concrete
+CPUID policy, and whether it was the saving host's default policy; absent in older files: "host"), "created" and
+"vmfork" (the writer's version).
 
 RAM is streamed: save scans it in 2 MiB windows for non-zero pages (numpy, on the guest RAM mapping itself, reading
 only the parts of the RAM file that hold data: a never-written page is never touched), then writes the non-zero
@@ -22,6 +23,7 @@ pages straight from the mapping; restore reads them straight into the new machin
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import os
@@ -104,7 +106,8 @@ def header_for(vm: Machine, state: MachineState, stored: int, *, layout: str = "
                     "block_interrupts": vm.irqs_blocked},
         "memory": {"size": mem.size, "page_size": PAGE_SIZE, "pages": mem.npages, "stored_pages": stored,
                    "slots": [[s.gpa, s.size, s.offset] for s in mem.slots], "layout": layout},
-        "cpu": cpufeatures.describe(cpu.vcpu_cpuid(vm.kvm, 0)),
+        "cpu": cpufeatures.describe(cpu.vcpu_cpuid(vm.kvm, 0, policy=vm.shape.cpuid)),
+        "cpuid": cpufeatures.policy_header(vm.kvm, vm.shape.cpuid),
     }
 
 
@@ -208,7 +211,7 @@ LAYOUTS = ("compact", "image")     # RAM as stored non-zero pages + a map, or as
 @dataclass(frozen=True, slots=True)
 class _Plan:
     name: str
-    shape: MachineShape
+    shape: MachineShape             # its cpuid: the policy the restored machine gets
     state: MachineState
     bits: Bits
     block_interrupts: bool
@@ -222,8 +225,9 @@ def layout_of(f: ContainerFile) -> str:
     return str(layout)
 
 
-def read_machine(f: ContainerFile) -> tuple[str, MachineShape, MachineState, bool]:
-    """The saved machine's name, shape, state and block_interrupts flag, checked (RAM aside), and this host's CPU."""
+def read_machine(f: ContainerFile, cpuid: str | None = None) -> tuple[str, MachineShape, MachineState, bool]:
+    """The saved machine's name, shape, state and block_interrupts flag, checked (RAM aside), against this host's
+    CPU and the CPUID policy (`cpuid`: a policy asked for instead of the saved one)."""
     h = f.header
     m, memory = h.get("machine"), h.get("memory")
     if not isinstance(m, dict) or not isinstance(memory, dict):
@@ -232,7 +236,8 @@ def read_machine(f: ContainerFile) -> tuple[str, MachineShape, MachineState, boo
     if not isinstance(name, str) or not isinstance(mib, int) or not isinstance(nvcpus, int) \
             or not isinstance(blocked, bool) or mib < 2 or not 1 <= nvcpus <= 64:
         raise f.fail(f"the header's machine description is malformed: {m!r}")
-    shape = MachineShape(mib, nvcpus)
+    saved_policy = cpufeatures.saved_policy(f)
+    shape = MachineShape(mib, nvcpus, saved_policy)
     slots = make_slots(shape.regions())
     size = sum(s.size for s in slots)
     npages = size >> PAGE_SHIFT
@@ -249,14 +254,19 @@ def read_machine(f: ContainerFile) -> tuple[str, MachineShape, MachineState, boo
         raise f.fail(f"section 'machine': {e}") from None
     if state.shape != shape:
         raise f.fail(f"section 'machine' is the state of a {state.shape.memory_mib} MiB / {state.shape.vcpus}-vCPU "
-                     f"machine, the header says {mib} MiB / {nvcpus}")
+                     f"machine with CPUID policy {state.shape.cpuid!r}, the header says {mib} MiB / {nvcpus} and "
+                     f"{saved_policy!r}")
     check_host(f)
+    policy = cpufeatures.check_policy(f, open_kvm(), cpuid, state)
+    if policy != saved_policy:
+        shape = MachineShape(mib, nvcpus, policy)
+        state = dataclasses.replace(state, shape=shape)
     return name, shape, state, blocked
 
 
-def _read_plan(f: ContainerFile) -> _Plan:
+def _read_plan(f: ContainerFile, cpuid: str | None = None) -> _Plan:
     """Everything but RAM, checked, before any machine exists."""
-    name, shape, state, blocked = read_machine(f)
+    name, shape, state, blocked = read_machine(f, cpuid)
     npages = sum(s.size for s in make_slots(shape.regions())) >> PAGE_SHIFT
     raw = f.read("ram-map")
     if len(raw) != (npages + 7) // 8:
@@ -336,8 +346,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def restore(path: str | os.PathLike[str], *, paused: bool = True, name: str | None = None,
-            console_log: str | None = None, template: bool | None = None) -> VM:
+            console_log: str | None = None, template: bool | None = None, cpuid: str | None = None) -> VM:
     """A new machine exactly as saved in `path`: paused (or started, `paused=False`), named as saved unless `name`.
+
+    Its vCPUs are shown the CPU the saved ones were (the saved CPUID policy), unless `cpuid` asks for another
+    policy, which must not hide a feature the saved machine was given. A file saved under its host's default
+    policy is refused where this host's default would hide a feature it was given (the guest may already use an
+    instruction this host cannot run in guest kernel mode); the error names the feature.
 
     Everything but RAM is read and checked first (format, checksums, state sizes, this host's CPU); only then is a
     machine created, and if anything fails after that (RAM checksum, a KVM ioctl) it is destroyed before the error
@@ -351,18 +366,19 @@ def restore(path: str | os.PathLike[str], *, paused: bool = True, name: str | No
         layout = layout_of(f)
         if layout == "image" and template is not False:
             from .template import restore_template
-            return restore_template(f, paused=paused, name=name, console_log=console_log)
+            return restore_template(f, paused=paused, name=name, console_log=console_log, cpuid=cpuid)
         if layout == "compact" and template:
             raise SnapshotFormatError(f"{f.path} is a compact save file: only a file saved as a template "
                                       "(`vmfork save --template`) can be mapped")
-        plan = _read_plan(f) if layout == "compact" else None
+        plan = _read_plan(f, cpuid) if layout == "compact" else None
         vm: VM
         if plan is None:
             from .template import read_image_copy
-            vm = read_image_copy(f, name=name, console_log=console_log)
+            vm = read_image_copy(f, name=name, console_log=console_log, cpuid=cpuid)
         else:
             vm = VM.create(memory_mib=plan.shape.memory_mib, vcpus=plan.shape.vcpus, name=name or plan.name,
-                           console_log=console_log, with_devices=plan.state.devices is not None)
+                           console_log=console_log, with_devices=plan.state.devices is not None,
+                           cpuid=plan.shape.cpuid)
             try:
                 read_ram(f, vm.memory, plan.bits)
                 vm.restore(plan.state)

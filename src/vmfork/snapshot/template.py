@@ -294,10 +294,10 @@ def _checked_section(f: ContainerFile, size: int) -> None:
 
 
 def restore_template(f: ContainerFile, *, paused: bool = True, name: str | None = None,
-                     console_log: str | None = None) -> VM:
+                     console_log: str | None = None, cpuid: str | None = None) -> VM:
     """Map the template open as `f` copy-on-write into a new machine, a fork of the file (see the module doc)."""
     from ..fork import machine_from_image
-    saved_name, shape, state, blocked = read_machine(f)
+    saved_name, shape, state, blocked = read_machine(f, cpuid)
     slots = make_slots(shape.regions())
     size = sum(s.size for s in slots)
     _checked_section(f, size)
@@ -319,14 +319,15 @@ def restore_template(f: ContainerFile, *, paused: bool = True, name: str | None 
     return vm
 
 
-def read_image_copy(f: ContainerFile, *, name: str | None = None, console_log: str | None = None) -> VM:
+def read_image_copy(f: ContainerFile, *, name: str | None = None, console_log: str | None = None,
+                    cpuid: str | None = None) -> VM:
     """A template's machine in fresh RAM of its own (no mapping: the file may change or go away afterwards)."""
     from ..fork import VM
-    saved_name, shape, state, blocked = read_machine(f)
+    saved_name, shape, state, blocked = read_machine(f, cpuid)
     slots = make_slots(shape.regions())
     _checked_section(f, sum(s.size for s in slots))
     vm = VM.create(memory_mib=shape.memory_mib, vcpus=shape.vcpus, name=name or saved_name,
-                   console_log=console_log, with_devices=state.devices is not None)
+                   console_log=console_log, with_devices=state.devices is not None, cpuid=shape.cpuid)
     try:
         mem = vm.memory
 

@@ -63,7 +63,7 @@ def _boot_to_ready(config: str, timeout: float) -> VM:
     if cfg.kernel is None:
         raise VmforkError(f"{config}: missing required key \"kernel\"")
     check_config_files(cfg, config)
-    vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name)
+    vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name, cpuid=cfg.cpuid)
     try:
         vm.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
         ev = vm.run(timeout=timeout)
