@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import importlib
 import mmap
 import resource
 import threading
@@ -526,7 +527,10 @@ class VM(Machine):
             if pause_on_device_access:
                 raise ForkError("pause_on_device_access is not available for process forks yet")
             if _process_forker is None:
-                raise ForkError("process forks need vmfork.procfork: import it first (vmfork.VM does)")
+                # The layer above registers itself when imported (no static import back up from here): load it.
+                importlib.import_module("vmfork.procfork")
+            if _process_forker is None:
+                raise ForkError("process forks need vmfork.procfork, which did not register itself")
             return _process_forker(self, name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
                                    device_state=device_state, console_log=console_log,
                                    memory_limit_mib=memory_limit_mib)
