@@ -300,6 +300,7 @@ class WorkerPool:
         self._closed = False
         self.started = 0
         self.cold = 0
+        self.prepared_spawns = 0        # forks made from a worker prepared ahead (prefer())
         self._prefer: tuple[str, dict[str, Any], list[int], bytes] | None = None
         self._prepare_queue: SimpleQueue[_Worker | None] = SimpleQueue()
         self._preparer: threading.Thread | None = None
@@ -750,13 +751,15 @@ def _spawn(shape: MachineShape, name: str, image: dict[str, Any], fds: list[int]
            console_log: str | None, key: str | None = None) -> ProcessFork:
     """Turn an idle worker into a fork of `image` + `state_bytes` (`key`: the pair's WorkerPool.prefer() key; a
     worker prepared for it gets only the fork's name and options)."""
-    worker = worker_pool(shape).take(key)
+    pool = worker_pool(shape)
+    worker = pool.take(key)
     request: dict[str, Any] = {"op": "spawn", "name": name, "launch_dm": launch_dm,
                                "block_interrupts": block_interrupts, "console_log": console_log}
     try:
         with worker.busy:
             if key is not None and worker.prepared == key:
                 request["prepared"] = key
+                pool.prepared_spawns += 1
                 worker.chan.send(request)
             else:
                 request.update(image=image, state_bytes=state_bytes)
