@@ -374,3 +374,37 @@ def test_fork_out_of_memory_stops_only_that_fork(pvh_guest, machines) -> None:
     assert parent.run(timeout=30).reason == "harness-end"
     with pytest.raises(ForkError, match="needs a process fork"):
         parent.fork(memory_limit_mib=10)  # type: ignore[call-overload]
+
+
+def test_a_prepared_worker_gives_the_same_fork(loop_parent) -> None:  # type: ignore[no-untyped-def]
+    """Idle workers get ready for the parent last forked (its image mapped, its state's clock-free parts loaded,
+    the machine built); a fork from such a worker runs exactly like one from a worker that got everything at the
+    spawn, and with a console log file it is built at the spawn instead."""
+    from vmfork import procfork
+    parent, addr = loop_parent
+    pool = worker_pool(parent.shape)
+    pool.prefill(3)
+    procfork.PREPARE_WORKERS = False
+    try:
+        plain = fork_process(parent)
+    finally:
+        procfork.PREPARE_WORKERS = True
+    first = fork_process(parent)            # names the parent's key: the idle workers get ready for it
+    key = procfork._prepare_key(parent, parent._state_for_forks())
+    deadline = time.monotonic() + 20
+    while not any(w.prepared == key for w in pool._idle) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any(w.prepared == key for w in pool._idle), "no idle worker got prepared"
+    before = pool.prepared_spawns
+    prepared = fork_process(parent)
+    assert pool.prepared_spawns == before + 1, "the fork did not come from the prepared worker"
+    results = []
+    for h in (plain, first, prepared):
+        for seed in (3, 4):
+            h.memory_write(addr, struct.pack("<QQ", 8, seed))
+            assert h.run(timeout=20).reason == "harness-end"
+            results.append((seed, h.get_regs()["rip"], h.memory_read(64 << 20, 8 * 4096)))
+            h.reset()
+    assert results[0:2] == results[2:4] == results[4:6]
+    for h in (plain, first, prepared):
+        h.destroy()

@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import importlib
 import mmap
+import os
 import resource
 import threading
 import time
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, Literal, overload
 
 from .devices import DeviceSetState
-from .errors import ForkError, KvmError, VmforkError
+from .errors import ForkError, KvmError
 from .kvm import Kvm, PackedPlan
 from .kvm import constants as c
 from .kvm import structs as s
@@ -102,8 +103,12 @@ class ShellPool:
             raise
         with self._lock:
             self.created += 1
-        self._premap(shell, self._preferred)
-        self._preload(shell, self._preferred_state)
+        try:
+            self._premap(shell, self._preferred)
+            self._preload(shell, self._preferred_state)
+        except BaseException:
+            shell.close()
+            raise
         return shell
 
     @staticmethod
@@ -126,6 +131,7 @@ class ShellPool:
         if image is not None and not image.layers:
             map_image(image, shell.host_addr, mmap.PROT_READ | mmap.PROT_WRITE)
             shell.premapped = image.base_fd
+            shell.premapped_file = _file_id(image.base_fd)
         else:
             shell.premapped = None
 
@@ -219,13 +225,15 @@ class ShellPool:
         if image is None or image.layers:
             return
         with self._lock:
+            file = _file_id(image.base_fd)
             stale = [sh for sh in list(self._ready)[:n]
-                     if sh.premapped != image.base_fd or (state is not None and sh.preloaded is not state)]
+                     if sh.premapped != image.base_fd or sh.premapped_file != file
+                     or (state is not None and sh.preloaded is not state)]
             for sh in stale:
                 self._ready.remove(sh)
         try:
             for sh in stale:
-                if sh.premapped != image.base_fd:
+                if sh.premapped != image.base_fd or sh.premapped_file != file:
                     self._premap(sh, image)
                 self._preload(sh, state)
         finally:
@@ -301,7 +309,7 @@ class ShellPool:
             shell: Shell | None
             try:
                 shell = self._new_shell()
-            except VmforkError:
+            except Exception:               # VmforkError, or OSError from a parent's file closed meanwhile
                 with self._lock:
                     self._in_flight -= 1
                     self._threads.remove(threading.current_thread())   # a later take() starts another
@@ -391,6 +399,11 @@ def shell_pool(shape: MachineShape) -> ShellPool:
         raise_fd_limit()
         pool = _pools[shape] = ShellPool(open_kvm(), shape)
     return pool
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def raise_fd_limit() -> int:
@@ -560,7 +573,10 @@ class VM(Machine):
         preloaded = shell.preloaded is state
         shell.preloaded = None
         try:
-            premapped = shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
+            # The same descriptor number and the same file: a parent destroyed while a pool thread mapped its RAM
+            # file may leave a shell whose descriptor number a newer parent's RAM file reuses.
+            premapped = (shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
+                         and shell.premapped_file == _file_id(image.base_fd))
             memory = GuestMemory.fork_of(image, shell.host_addr, base=self.memory, premapped=premapped)
             shell.premapped = None
         except BaseException:

@@ -297,6 +297,7 @@ class WorkerPool:
         self._closed = False
         self.started = 0
         self.cold = 0
+        self.prepared_spawns = 0        # forks made from a worker prepared ahead (prefer())
         self._prefer: tuple[str, dict[str, Any], list[int], bytes] | None = None
         self._prepare_queue: SimpleQueue[_Worker | None] = SimpleQueue()
         self._preparer: threading.Thread | None = None
@@ -747,13 +748,15 @@ def _spawn(shape: MachineShape, name: str, image: dict[str, Any], fds: list[int]
            console_log: str | None, key: str | None = None) -> ProcessFork:
     """Turn an idle worker into a fork of `image` + `state_bytes` (`key`: the pair's WorkerPool.prefer() key; a
     worker prepared for it gets only the fork's name and options)."""
-    worker = worker_pool(shape).take(key)
+    pool = worker_pool(shape)
+    worker = pool.take(key)
     request: dict[str, Any] = {"op": "spawn", "name": name, "launch_dm": launch_dm,
                                "block_interrupts": block_interrupts, "console_log": console_log}
     try:
         with worker.busy:
             if key is not None and worker.prepared == key:
                 request["prepared"] = key
+                pool.prepared_spawns += 1
                 worker.chan.send(request)
             else:
                 request.update(image=image, state_bytes=state_bytes)
@@ -880,7 +883,7 @@ class _Server:
         self.shape = shape
         self.vm: VM | None = None
         self.fds: list[int] = []        # the image files the machine maps: kept open for freeze()
-        self.prepared: tuple[str, Any, MachineState, list[int]] | None = None    # op_prepare's (key, memory, ...)
+        self.prepared: tuple[str, Any, MachineState, list[int], Any] | None = None   # op_prepare's (key, memory, ...)
         self.shell = Shell(open_kvm(), shape, dirty_logging=True)
         self._warm_up()
 
@@ -968,12 +971,19 @@ class _Server:
         memory.bind(self.shell.vm, dirty_logging=True)
         for v, vs in zip(self.shell.vcpus, state.vcpus, strict=True):
             v.preload(vs)
-        self.prepared = (msg["key"], memory, state, fds)
+        # The machine object too, for the common spawn (standard devices, no console log file): it is named then.
+        from .fork import VM
+        vm = VM(self.shell, memory, name="prepared")
+        self.prepared = (msg["key"], memory, state, fds, vm)
         return {}
 
     def _drop_prepared(self) -> None:
         if self.prepared is not None:
-            _, memory, _, fds = self.prepared
+            _, memory, _, fds, vm = self.prepared
+            for d in vm.devices:
+                close = getattr(d, "close", None)
+                if close is not None:
+                    close()
             memory.close(unmap_view=False)
             for fd in fds:
                 os.close(fd)
@@ -992,7 +1002,7 @@ class _Server:
         if msg.get("prepared") is not None:
             if prepared is None or prepared[0] != msg["prepared"]:
                 raise ForkError("this worker is not prepared for that fork")
-            _, memory, state, self.fds = prepared
+            _, memory, state, self.fds, prebuilt = prepared
             self.prepared = None
             preloaded = not msg["block_interrupts"]
         else:
@@ -1005,9 +1015,20 @@ class _Server:
             memory = GuestMemory.fork_of(image, shell.host_addr)
             memory.bind(shell.vm, dirty_logging=True)
             preloaded = False
+            prebuilt = None
         if msg["block_interrupts"]:
             state = dataclasses.replace(state, vcpus=tuple(_blocked(v) for v in state.vcpus))
-        vm = VM(shell, memory, name=msg["name"], console_log=msg["console_log"], with_devices=launch_dm == "yes")
+        if prebuilt is not None and launch_dm == "yes" and msg["console_log"] is None:
+            vm = prebuilt
+            vm.name = msg["name"]
+        else:
+            if prebuilt is not None:
+                for d in prebuilt.devices:
+                    close = getattr(d, "close", None)
+                    if close is not None:
+                        close()
+            vm = VM(shell, memory, name=msg["name"], console_log=msg["console_log"],
+                    with_devices=launch_dm == "yes")
         vm.irqs_blocked = msg["block_interrupts"]
         vm.launch_dm = launch_dm
         vm.fork_state = state

@@ -213,6 +213,7 @@ class Shell:
         self.vm: VmFd = kvm.create_vm()
         self.vcpus: list[Vcpu] = []
         self.premapped: int | None = None     # fd of the RAM file mapped at host_addr ahead of time, if any
+        self.premapped_file: tuple[int, int] | None = None   # (st_dev, st_ino) of that file
         self.preloaded: MachineState | None = None    # the state whose clock-free parts the vCPUs hold already
         self.fork_plan: tuple[MachineState, Any] | None = None  # fork-time ioctls for a state (vmfork.fork)
         self.owns_addr = host_addr is None
