@@ -37,7 +37,7 @@ from typing import Any
 from cli_harness import CliHarness, domain_pids
 
 OPS = ("save", "fork-vm", "create", "restore", "destroy", "registry")
-WINDOW = {"save": 0.6, "fork-vm": 1.5, "create": 1.5, "restore": 1.5, "destroy": 1.0, "registry": 1.0}
+WINDOW = {"save": 2.5, "fork-vm": 1.5, "create": 1.5, "restore": 1.5, "destroy": 1.0, "registry": 1.0}
 
 
 @dataclass
