@@ -130,8 +130,8 @@ def test_cli_start_and_end_by_address(pvh_guest: Path, symbols: SymbolTable, tmp
     start, done = symbols.address("prog_fuzz.input"), symbols.address("prog_fuzz.done")
     (tmp_path / "seeds").mkdir()
     (tmp_path / "seeds" / "a").write_bytes(SEED)
-    common = ["--kernel", str(pvh_guest), "--cmdline", "fuzz 2", "--input-format", "len64", "--start", f"{start:#x}", "--end", f"{done:#x}",
-              "--input-addr", f"{INBUF:#x}", "--input-size", f"{INBUF_SIZE:#x}"]
+    common = ["--kernel", str(pvh_guest), "--cmdline", "fuzz 2", "--input-format", "len64", "--start", f"{start:#x}",
+              "--end", f"{done:#x}", "--input-addr", f"{INBUF:#x}", "--input-size", f"{INBUF_SIZE:#x}"]
     r = _vmfork("fuzz", *common, "--corpus", str(tmp_path / "seeds"), "--out", str(tmp_path / "out"), "--seed", "1",
                 "--seconds", "30", "--stop-on-crash", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -157,7 +157,8 @@ def test_int3_markers_give_the_buffer_and_end_each_input(int3_marked: VM, symbol
     parser = (symbols.address("fuzz_parse"), symbols.address("fuzz_parse_end"))
     covered = []
     for fast_traps in (True, False):                                    # ForkTraps, or the Debugger's int3 hook
-        with Fuzzer(int3_marked, input_format="len64", int3_markers=True, coverage=[parser], budget_s=0.2, fast_traps=fast_traps) as fz:
+        with Fuzzer(int3_marked, input_format="len64", int3_markers=True, coverage=[parser], budget_s=0.2,
+                    fast_traps=fast_traps) as fz:
             first = fz.execute(SEED)
             assert first.outcome == "ok" and first.new_blocks
             covered.append(sorted(first.new_blocks))
@@ -203,7 +204,8 @@ def test_the_int3_hook_sees_the_guests_own_int3s(pvh_guest: Path, machines: list
 
 def test_instruction_budget_stops_a_hang(int3_marked: VM, symbols: SymbolTable) -> None:
     hostprobe.require("vpmu")
-    with Fuzzer(int3_marked, input_format="len64", int3_markers=True, budget_s=5.0, budget_instructions=1_000_000) as fz:
+    with Fuzzer(int3_marked, input_format="len64", int3_markers=True, budget_s=5.0,
+                budget_instructions=1_000_000) as fz:
         assert fz.execute(SEED).outcome == "ok"
         t = time.monotonic()
         res = fz.execute(b"HANG")
@@ -267,7 +269,7 @@ def test_a_counter_overflow_stops_an_input_as_an_instruction_hang(int3_marked: V
         res = fz.execute(SEED)
         assert (res.outcome, res.kind) == ("hang", "instructions"), res
         assert res.rip == symbols.address("prog_fuzz.input") and time.monotonic() - t < 1.0
-    with Fuzzer(int3_marked, input_format="len64", int3_markers=True, budget_s=2.0) as fz:     # no budget: the same input is fine
+    with Fuzzer(int3_marked, input_format="len64", int3_markers=True, budget_s=2.0) as fz:     # no budget: fine
         assert fz.execute(SEED).outcome == "ok"
 
 
