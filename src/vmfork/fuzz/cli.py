@@ -123,9 +123,9 @@ def register_fuzz_commands(sub: Any) -> None:
                         "put BYTE back there and start each input on it (KF/x's option)")
     p.add_argument("--faults", type=_faults, default=True, metavar="auto|none|V,V,...",
                    help="catch faults at the guest's own handlers (hardware breakpoints on its IDT entries; no guest "
-                        "cooperation): `auto` (default) hooks #PF, #GP, #UD, #DE, #DF as far as debug slots allow, "
-                        "or the listed vectors; a fault inside a --cover range (anywhere, without --cover) is a "
-                        "crash, signed by the faulting RIP")
+                        "cooperation): `auto` (default) hooks #PF, #GP, #UD, #DF, #DE (in that order) as far as "
+                        "the 4 debug slots allow, or the listed vectors; a fault inside a --cover range (anywhere, "
+                        "without --cover) is a crash, signed by the faulting RIP")
     p.add_argument("--no-default-sinks", action="store_true",
                    help="with Linux --symbols (a table with start_kernel): do not add the default sinks (panic, "
                         "oops_begin, __die, kasan_report, the ubsan handlers, report_bug, ...: fuzz/sinks.py)")

@@ -36,7 +36,7 @@ from ..vmi.memory import AddressSpace
 __all__ = ["FAULT_VECTORS", "OWNER", "VECTOR_NAMES", "Fault", "FaultHandlers", "FaultTrap"]
 
 OWNER = "fuzz-faults"
-FAULT_VECTORS = (14, 13, 6, 0, 8)           # #PF, #GP, #UD, #DE, #DF: the order they get the free slots in
+FAULT_VECTORS = (14, 13, 6, 8, 0)           # #PF, #GP, #UD, #DF, #DE: the order they get the free slots in
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF", 10: "#TS",
                 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC", 19: "#XM"}
 _WITH_ERROR_CODE = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
