@@ -131,6 +131,7 @@ def test_two_bugs_with_one_vector_are_two_crashes_with_the_faulting_code_state(p
         assert one.registers is not None and one.registers["rip"] == one.rip
         assert one.registers["rbx"] == 0x40000000 and one.registers["rdi"] == VMALLOC_BUF
         assert one.system is not None and one.system["cr2"] == 0x40000000
+        assert (one.system["cpl"], one.system["cs"]) == (3, 0x1B)            # the user-mode parser's
 
 
 def test_a_double_fault_is_a_crash_and_a_fault_outside_the_covered_code_goes_to_the_guest(

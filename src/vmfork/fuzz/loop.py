@@ -11,8 +11,9 @@ fault or the time or instruction budget, classify.
 A parent paused at another kind of start marker (int3 markers, a start breakpoint: `harness.run_to_start`) is
 fuzzed the same way, with `int3_markers=True` or `ends=[...]` saying what ends an input.
 
-Outcomes: "ok" (an end marker or end breakpoint, or an exit status below 0x80), "crash" (a sink breakpoint; an exit
-status >= 0x80, the test guests' convention for "exception vector = status & 0x7f"; a triple fault, kind
+Outcomes: "ok" (an end marker or end breakpoint, or an exit status below 0x80), "crash" (a sink breakpoint; a fault
+caught at the guest's own handler by a hardware breakpoint (faults.py), kind "vector", signed by the faulting RIP;
+an exit status >= 0x80, the test guests' convention for "exception vector = status & 0x7f"; a triple fault, kind
 "triple-fault" (KVM_EXIT_SHUTDOWN); a guest reset, a KVM internal error or another fatal stop), "hang" (the time
 budget ran out, kind "timeout"; the instruction budget did, kind "instructions"), "rejected" (an input larger than
 the buffer with `oversize="reject"`). Crashes carry the vCPU's general registers and (`system`) its control
@@ -54,10 +55,11 @@ _EXCEPTION = re.compile(rb"EXCEPTION vec=(\d+) rip=0x([0-9a-f]+) err=0x([0-9a-f]
 
 @dataclass
 class Result:
-    """What one input did. `rip` is the faulting instruction (vector crashes: from the guest's `EXCEPTION vec=..
-    rip=..` report on the console, else the vCPU's RIP at the stop), the sink's address, or where a hang was
-    stopped. `registers`: at a sink, the interrupted code's; for a vector crash or a triple fault, the vCPU's at the
-    stop (for the test guests: inside the exception report, after the fault)."""
+    """What one input did. `rip` is the faulting instruction (vector crashes: from the exception frame at the
+    guest's handler, or the guest's `EXCEPTION vec=.. rip=..` report on the console, else the vCPU's RIP at the
+    stop), the sink's address, or where a hang was stopped. `registers`: at a sink, the interrupted code's; for a
+    fault caught at the guest's handler, the faulting code's (with `error_code` and, for #PF, `cr2`); for a vector
+    crash the guest reported or a triple fault, the vCPU's at the stop."""
 
     outcome: str                        # ok, crash, hang, rejected
     kind: str                           # end, exit, vector, sink, triple-fault, <stop reason>, timeout, oversize
@@ -419,8 +421,10 @@ class Fuzzer:
         self._stale = True      # a crashed fork (or one stopped at a sink) is replaced by a fresh one
         if reason == "fault" and self._fault_hit is not None:
             (fault, registers), self._fault_hit = self._fault_hit, None
+            system = _system(fork.vcpus[0].get_sregs())
+            system.update(cs=fault.cs, ss=fault.ss, cpl=fault.cs & 3)      # the faulting code's, from the frame
             return Result("crash", "vector", vector=fault.vector, rip=fault.rip, error_code=fault.error_code,
-                          registers=registers, system=_system(fork.vcpus[0].get_sregs()), cr2=fault.cr2,
+                          registers=registers, system=system, cr2=fault.cr2,
                           detail=f"{fault.describe()}, stopped at the guest's handler", new_blocks=new)
         if reason == "breakpoint" and self._sink_hit is not None:
             (address, regs_at), self._sink_hit = self._sink_hit, None
