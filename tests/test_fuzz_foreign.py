@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import hostprobe
 from vmfork.fork import VM
 from vmfork.fuzz import Fuzzer
 from vmfork.fuzz.errors import FuzzError
@@ -35,8 +36,17 @@ def bug(digit: str) -> bytes:
     return b"A" * 14 + b"KFX" + digit.encode()
 
 
+def _hw_breakpoints_in_handlers() -> None:
+    """The fault breakpoints sit on the guest's handlers, which run in kernel mode: hardware breakpoints must work
+    there (on kvm_pvm only there)."""
+    item = hostprobe.report().item("hw_breakpoints")
+    if item.status not in ("works", "cpl0-only"):
+        pytest.skip(hostprobe.report().reason("hw_breakpoints"))
+
+
 @pytest.fixture(scope="module")
 def kfx(guest_dir: Path) -> tuple[Path, SymbolTable]:
+    _hw_breakpoints_in_handlers()
     image = guest_dir / "kfx-multiboot.elf"
     if not image.exists():
         pytest.skip(f"{image} is not built (guests/build.sh)")
@@ -248,3 +258,34 @@ def test_linux_default_sinks_are_those_the_kernel_has() -> None:
     not_linux = SymbolTable.from_text("0000000000100000 T parse", source="kfx.map")
     assert resolve_sinks([], not_linux) == []
     assert "kasan_report" in LINUX_SINKS and "ubsan_prologue" in LINUX_SINKS
+
+
+# --- the same target in kernel mode -----------------------------------------------------------------------------
+
+def _kernel_int3() -> None:
+    """An int3 in guest kernel mode must reach vmfork: natively (KVM), or through a registered host workaround
+    for the emulation failure it causes on hosts that emulate kernel mode (vmfork.workarounds)."""
+    from vmfork.workarounds import CATALOG
+    if hostprobe.report().supports("int3_cpl0"):
+        return
+    if not any(w.probe == "int3_cpl0" for w in CATALOG.values()):
+        pytest.skip(hostprobe.report().reason("int3_cpl0") + "; no workaround for it is registered")
+
+
+def test_the_kernel_mode_target_finds_both_bugs(kfx: tuple[Path, SymbolTable]) -> None:
+    """`kernel`: the harness and the parser in CPL0, faults taken without a stack switch."""
+    _kernel_int3()
+    image, symbols = kfx
+    vm = _parent(image, "kernel")
+    try:
+        assert vm.vcpus[0].get_sregs().cs.selector & 3 == 0
+        start, end = _parser(vm)
+        with Fuzzer(vm, int3_markers=True, coverage=[(start, end)], budget_s=2.0) as fz:
+            assert fz.input.pieces == ((BUF_A + 0xFF0, 16), (BUF_B, SIZE - 16))
+            assert fz.execute(bug("0")).outcome == "ok"
+            one, two = fz.execute(bug("1")), fz.execute(bug("2"))
+            assert (one.vector, one.rip) == (14, symbols.address("parse.bug1_load"))
+            assert (two.vector, two.rip) == (14, symbols.address("parse.bug2_store"))
+            assert one.system is not None and one.system["cpl"] == 0
+    finally:
+        vm.destroy(tree=True)

@@ -20,6 +20,8 @@
 ;          handler prints and halts)
 ;     '4'  overwrites the TSS's RSP0 (everything is user-accessible here), then ud2: the #UD cannot be delivered
 ;          (no kernel stack), nor the #PF that follows -> a double fault, on its IST stack
+;   With `kernel` on the command line the harness and parser run in CPL0 instead (the user-mode page tables and
+;   stack are then simply not used; '4' is a plain #UD there)
 ; - on boot it prints `kfx-target parse=0x... end=0x... buf=0x...` (what --cover auto reads)
 ;
 ; Why the harness and parser run in CPL3: on hosts where guest kernel mode is emulated (kvm_pvm), an int3 in CPL0
@@ -104,12 +106,20 @@ long_entry:
         test al, al
         jz .print
         inc rsi
+        cmp al, 'k'
+        je .kernel
         cmp al, 'd'
         jne .scan
         cmp byte [rsi], 'i'
         jne .scan
         mov rax, DIRECT_MAP + BUF_A + BUF_OFF
         mov [rel buf_va], rax
+        jmp .scan
+.kernel:
+        cmp byte [rsi], 'e'
+        jne .scan
+        mov byte [rel kernel_mode], 1
+        jmp .scan
 .print:
         lea rsi, [rel msg_boot]
         call puts
@@ -125,6 +135,8 @@ long_entry:
         call put_hex
         mov al, 10
         out dx, al
+        cmp byte [rel kernel_mode], 0
+        jne user_main                   ; `kernel`: the harness and parser run right here, in CPL0
         ; to user mode: SS, RSP, RFLAGS (IF = 0), CS, RIP
         push 0x23
         push USTACK_TOP
@@ -197,6 +209,9 @@ user_main:
         ; a moment (tens of ms, native CPL3) before the first start marker: a fuzzer that attaches while the kernel
         ; boots must not miss it, since the end marker has the same magic (the first magic int3 seen is the start)
         mov ecx, 50000000
+        cmp byte [rel kernel_mode], 0
+        je .settle
+        mov ecx, 1000                   ; CPL0 is emulated on some hosts (1-2 us an instruction): far fewer
 .settle:
         dec ecx
         jnz .settle
@@ -261,6 +276,7 @@ msg_rip:   db " rip=0x", 0
         align 8
 mbi:    dq 0
 buf_va: dq 0
+kernel_mode: dq 0
 
         align 8
 gdt:    dq 0
