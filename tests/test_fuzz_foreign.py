@@ -193,6 +193,7 @@ def test_cli_finds_both_bugs_as_two_crashes_and_replay_tells_the_outcome(kfx: tu
                 "--seconds", "40", "--seed", "1", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "input buffer 0xffffc90000000ff0 (256 bytes) in 2 physical pieces, raw inputs" in r.stderr
+    assert "faults caught at the guest's handlers: #PF, #GP, #UD, #DF" in r.stderr, r.stderr
     crashes = {}
     for path in (tmp_path / "out" / "crashes").glob("*.json"):
         saved = json.loads(path.read_text())

@@ -303,6 +303,7 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
                 print(f"vmfork fuzz: input buffer {fz.input.describe()}, {len(seeds)} seeds"
                       + (f", {len(fz.coverage.blocks)} blocks to cover" if fz.coverage else "")
                       + (f", {harness.kind} harness" if harness.kind != "port" else "")
+                      + f", {fz.describe_faults()}"
                       + (f", {worker.jobs} jobs" if worker is not None else ""), file=sys.stderr, flush=True)
             if worker is not None:          # the campaign's --execs and status line are the CLI process's
                 # (a worker's own numbers go only to its held fork's stats file, if it holds one: target.status)

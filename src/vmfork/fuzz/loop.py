@@ -222,6 +222,7 @@ class Fuzzer:
             self.fault_handlers = (FaultHandlers.of_idt(parent, vectors=vectors, ranges=fault_ranges)
                                    if vectors is not None else FaultHandlers.of_idt(parent, ranges=fault_ranges))
         self._faults: FaultTrap | None = None
+        self.faults_hooked: list[int] = []      # the vectors the fuzz forks catch (as far as debug slots allowed)
         self._fault_hit: tuple[Fault, dict[str, int]] | None = None
         self._write_input: Callable[[bytes], None] = lambda data: None
         self._new: list[int] = []               # blocks first reached by the current input
@@ -281,7 +282,8 @@ class Fuzzer:
         self._faults = None
         if self.fault_handlers is not None and self.fault_handlers.entries:
             self._faults = FaultTrap(fork, self.fault_handlers, self._at_fault)
-            self._faults.install()
+            entries = self.fault_handlers.entries
+            self.faults_hooked = [entries[bp.address] for bp in self._faults.install()]
         dbg = self.sink_dbg
         self.fork_dbg = None
         self._traps = None
@@ -296,6 +298,16 @@ class Fuzzer:
             return fork.run  # type: ignore[no-any-return]
         self.fork_dbg = debugger(fork)
         return self.fork_dbg.run
+
+    def describe_faults(self) -> str:
+        """Which faults the fuzz forks catch at the guest's handlers, in words (for the CLI's first line)."""
+        from .faults import VECTOR_NAMES
+        if self.fault_handlers is None:
+            return "fault breakpoints off"
+        hooked = ", ".join(VECTOR_NAMES.get(v, str(v)) for v in self.faults_hooked)
+        why = "; ".join(self.fault_handlers.skipped)
+        return (f"faults caught at the guest's handlers: {hooked or 'none'}"
+                + (f" ({why})" if why else ""))
 
     def _drop_fork(self) -> None:
         """Destroy the fuzz fork, first giving back the debug slots its vCPU holds (pooled vCPUs are reused)."""
