@@ -188,9 +188,21 @@ class FaultTrap:
             self.on_crash(fault, fault.registers(regs))
             self.fork.request_stop("fault", vector)                         # type: ignore[attr-defined]
             return True
-        size = decode(space.read(bp.address, 16), bp.address, count=1)[0].size
-        vcpu.debug.step_past(OWNER, bp, bp.address + size)
+        vcpu.debug.step_past(OWNER, bp, bp.address + _length(space, bp.address))
         return True
+
+
+def _length(space: AddressSpace, address: int) -> int:
+    """The length of the instruction at `address`, decoded now (the guest may patch its handlers' code) from as many
+    of its 15 possible bytes as are mapped."""
+    first = min(15, 4096 - (address & 0xFFF))
+    code = space.read(address, first)
+    if first < 15:
+        try:
+            code += space.read(address + first, 15 - first)
+        except VmforkError:
+            pass
+    return decode(code, address, count=1)[0].size
 
 
 def _read_frame(space: AddressSpace, regs: s.Regs, sregs: s.Sregs, vector: int) -> Fault:
