@@ -9,8 +9,9 @@ Three kinds, after KF/x's conventions where they fit KVM:
               RAX = 0x13371338 the end marker; in a fuzz fork, already past its start, either magic ends the input
               (KF/x harnesses put 0x13371337 at both ends, so the first one vmfork sees is the start). With
               `start_byte` (KF/x's --start-byte) the int3 was written over an instruction's first byte: the byte is
-              put back and each input starts on it (`restore_start_byte`). vmfork sees them through its #BP route (vmfork.vmi.breakpoints,
-              `Debugger.watch_guest_int3`) and stops right after the int3; every other int3 (the guest's own
+              put back and each input starts on it (`restore_start_byte`). vmfork sees them through its #BP route
+              (vmfork.vmi.breakpoints, `Debugger.watch_guest_int3`) and stops right after the int3; every other
+              int3 (the guest's own
               breakpoints, kernel services called through int3 like the test guest's) still reaches the guest's
               handler. Why not KF/x's default, CPUID with leaf 0x13371337: KVM answers CPUID in the kernel
               (KVM_SET_CPUID2 tables), it never exits to user space, so a VMM built on KVM cannot see it; and on
