@@ -233,6 +233,7 @@ def test_cli_takes_kfx_option_names(kfx: tuple[Path, SymbolTable], tmp_path: Pat
     (["--harness", "int3", "--sink", "no_such_function"], "--sink no_such_function: not an address, and no"),
     (["--harness", "int3", "--input-addr", "phys:zz"], "'phys:zz' is not an address"),
     (["--harness", "int3", "--faults", "14,99"], "fault vectors are 0-31"),
+    (["--harness", "int3", "--stub-addr", "0xaf010"], "must be the address of a 4 KiB page"),
 ])
 def test_bad_options_are_one_line_before_anything_boots(kfx: tuple[Path, SymbolTable], tmp_path: Path,
                                                         extra: list[str], message: str) -> None:

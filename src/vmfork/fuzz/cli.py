@@ -72,6 +72,16 @@ def _input_addr(text: str) -> tuple[int, bool]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _page(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0 or value & 0xFFF:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be the address of a 4 KiB page (a multiple of 0x1000)")
+    return value
+
+
 def _faults(text: str) -> bool | tuple[int, ...]:
     if text == "auto":
         return True
@@ -129,7 +139,7 @@ def register_fuzz_commands(sub: Any) -> None:
     p.add_argument("--no-default-sinks", action="store_true",
                    help="with Linux --symbols (a table with start_kernel): do not add the default sinks (panic, "
                         "oops_begin, __die, kasan_report, the ubsan handlers, report_bug, ...: fuzz/sinks.py)")
-    p.add_argument("--stub-addr", type=_int, default=None, metavar="GPA",
+    p.add_argument("--stub-addr", type=_page, default=None, metavar="GPA",
                    help="guest-physical page for vmfork's breakpoint stub (hosts that ignore KVM software "
                         "breakpoints), instead of the page vmfork reserves; the guest must not use it")
     p.add_argument("--budget-ms", type=float, default=50.0, help="time per input before it is a hang (default 50)")

@@ -14,7 +14,9 @@ ranges), or every one when there are no ranges. A fault elsewhere (a Linux #PF i
 probing) goes on to the guest's handler: the breakpoint is stepped past (`vcpu.debug.step_past`, one more exit). A
 double fault (#DF: a fault while delivering a fault, e.g. in a crash handler) is always a crash.
 
-Needs no guest memory and no guest cooperation; costs one exit per fault. Hardware breakpoints are shared (four
+Needs no guest memory and no guest cooperation; costs one exit per fault (and, where kernel mode is emulated, a
+little on every emulated instruction, which the host checks against the breakpoints). vCPU 0 only: the fuzz forks
+answer their traps on one vCPU (traps.py). Hardware breakpoints are shared (four
 slots per vCPU): the vectors are hooked in the order of FAULT_VECTORS while slots are free, and vectors whose gates
 point at the same handler share one slot. Exceptions raised in guest user mode are delivered to handlers that run
 in kernel mode, where hardware breakpoints work on every host (on kvm_pvm only there: see docs).
