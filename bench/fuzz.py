@@ -4,6 +4,7 @@ for the two example targets.
     .venv/bin/python bench/fuzz.py [--target fuzz|jsmn|all] [--seconds 5] [--runs 5] [--afl-seconds 15] [--markdown]
     .venv/bin/python bench/fuzz.py --target jsmn --afl-only [--afl-seconds 15]      # only the afl-fuzz rows
     .venv/bin/python bench/fuzz.py --target fuzz --jobs-only [--seconds 5]          # only `vmfork fuzz --jobs 1 vs 2`
+    .venv/bin/python bench/fuzz.py --target jsmn --baseline /work/main [--rounds 3] # this tree vs another, alternating
 
 Targets (guests/README.md):
   fuzz   the test guest's `fuzz` program: a tiny parser in assembly whose "FUZZ" + 'B' record with a nonzero bank
@@ -12,6 +13,9 @@ Targets (guests/README.md):
          an off-by-one in its token allocator that overwrites the stack canary once a document has 25 tokens (#UD
          from __stack_chk_fail), seeds from guests/jsmn/seeds/; under afl-fuzz also the jsmn-afl-pvh.elf build of
          the same code, which keeps its own edge map (`vmfork fuzz --afl-map auto`, no breakpoints)
+  kfx    a target with KF/x's conventions and none of vmfork's (guests/kfx/kfx.asm): int3 harness with one magic,
+         the buffer at a vmalloc-style virtual address over two non-contiguous physical pages, its own fault
+         handlers (print and halt), two #PF bugs found by vmfork's fault breakpoints
 One core: the fuzz fork runs inline in this process; except the `--jobs` row, `vmfork fuzz` campaigns through the
 CLI with one worker process and with two (fuzz/jobs.py), run alternately.
 """
@@ -37,6 +41,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vmfork.fork import VM  # noqa: E402
 from vmfork.fuzz import Fuzzer  # noqa: E402
+from vmfork.fuzz.harness import Harness, run_to_start  # noqa: E402
+from vmfork.fuzz.inputbuf import InputBuffer  # noqa: E402
 
 GUESTS = ROOT / "build" / "guests"
 JSMN_SEEDS = ROOT / "guests" / "jsmn" / "seeds"
@@ -54,6 +60,7 @@ class Target:
     budget_s: float                             # time per input before it is a hang
     note: str
     afl_image: Path | None = None               # the same target built with its own edge map (--afl-map auto)
+    harness: str = "port"                       # how it marks its start and end (fuzz/harness.py)
 
 
 def targets() -> dict[str, Target]:
@@ -67,18 +74,130 @@ def targets() -> dict[str, Target]:
                        "Debian's jsmn 1.1.0 in the guest's user mode, planted off-by-one in its token allocator "
                        "caught by the stack protector (guests/README.md, the jsmn example)",
                        GUESTS / "jsmn-afl-pvh.elf"),
+        "kfx": Target("kfx", GUESTS / "kfx-multiboot.elf", "", b"A" * 14 + b"KFX0",
+                      (("b'A' * 14 + b'KFX0'", (b"A" * 14 + b"KFX0",)), ("b'hello!'", (b"hello!",))), 0.05,
+                      "a Multiboot kernel with KF/x's conventions and none of vmfork's (guests/kfx/kfx.asm): KF/x's "
+                      "int3 harness with one magic at both ends, raw input at a vmalloc-style virtual address "
+                      "over two non-contiguous physical pages, its own fault handlers; two #PF bugs, caught by "
+                      "vmfork's hardware breakpoints on the guest's fault handlers", harness="int3"),
     }
 
 
 def ready_vm(t: Target) -> tuple[VM, int, int]:
     vm = VM.create(memory_mib=64, name=f"bench-{t.name}")
     vm.load_kernel(t.image, cmdline=t.cmdline)
-    ev = vm.run(timeout=60)
-    if ev.reason != "harness-start":
-        raise SystemExit(f"{t.image.name} {t.cmdline} did not reach its ready marker: {ev}")
+    if t.harness != "port":
+        run_to_start(vm, Harness(t.harness), timeout=60)
+    else:
+        ev = vm.run(timeout=60)
+        if ev.reason != "harness-start":
+            raise SystemExit(f"{t.image.name} {t.cmdline} did not reach its ready marker: {ev}")
     m = re.search(rb"parse=(0x[0-9a-f]+) end=(0x[0-9a-f]+)", vm.device("serial0").output())
     assert m
     return vm, int(m.group(1), 16), int(m.group(2), 16)
+
+
+def make_fuzzer(t: Target, vm: VM, **options: object) -> Fuzzer:
+    return Fuzzer(vm, int3_markers=t.harness == "int3", **options)  # type: ignore[arg-type]
+
+
+def cli_harness(t: Target) -> list[str]:
+    return [] if t.harness == "port" else ["--harness", t.harness]
+
+
+def write_rows(t: Target, vm: VM) -> list[tuple[str, str, str]]:
+    """The cost of putting an input into the fork: the buffer's translation (once per fuzzer), and per input the
+    fuzzer's write through the translated pieces against one plain guest-physical write of the same bytes."""
+    regs = vm.vcpus[0].get_regs()
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        buf = InputBuffer.at(vm, int(regs.rdi), int(regs.rsi), format="raw" if t.harness == "int3" else "len64")
+    translate = (time.perf_counter() - t0) / n
+    with make_fuzzer(t, vm, budget_s=t.budget_s) as fz:
+        fz.execute(t.fixed)
+        write_virtual = fz.input.writer(fz.fork.memory)
+        write_phys = fz.fork.memory.write
+        gpa = buf.pieces[0][0]
+        data = t.fixed
+        best = {"virtual": float("inf"), "physical": float("inf")}
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(20000):
+                write_virtual(data)
+            best["virtual"] = min(best["virtual"], (time.perf_counter() - t0) / 20000)
+            t0 = time.perf_counter()
+            for _ in range(20000):
+                write_phys(gpa, data)
+            best["physical"] = min(best["physical"], (time.perf_counter() - t0) / 20000)
+    return [(f"input write per input, virtual buffer ({len(buf.pieces)} physical piece"
+             f"{'s' if len(buf.pieces) > 1 else ''}, {buf.format}) vs one guest-physical write",
+             f"{best['virtual'] * 1e6:.1f} µs",
+             f"one plain guest-physical write of the same {len(t.fixed)} bytes: {best['physical'] * 1e6:.1f} µs; "
+             f"the translation, once per fuzzer (reused by every fork and reset): {translate * 1e6:.0f} µs")]
+
+
+def faults_row(t: Target, vm: VM, rounds: int = 5, n: int = 500) -> tuple[str, str, str]:
+    """execs/s of the fixed input with the fault breakpoints (the default) and without, on one fuzz fork whose
+    breakpoints are put in and taken out between blocks (alternating), so nothing else differs."""
+    best = {True: 0.0, False: 0.0}
+    with make_fuzzer(t, vm, budget_s=t.budget_s) as fz:
+        trap = fz._faults
+        if trap is None:
+            raise SystemExit(f"{t.name}: no fault breakpoints ({fz.describe_faults()})")
+        for _ in range(rounds):
+            for faults in best:
+                if faults:
+                    trap.install()
+                else:
+                    trap.uninstall()
+                fz.execute(t.fixed)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fz.execute(t.fixed)
+                best[faults] = max(best[faults], n / (time.perf_counter() - t0))
+        trap.install()
+    return ("fixed input, fault breakpoints on (default) vs off, one fork", f"{best[True] / best[False]:.2f}x",
+            f"on: {best[True]:,.0f} execs/s, off: {best[False]:,.0f} execs/s; best of {rounds} alternating blocks "
+            f"of {n}")
+
+
+BASELINE_SNIPPET = """
+import re, sys, time, json
+sys.path.insert(0, sys.argv[1] + "/src")
+from vmfork.fork import VM
+from vmfork.fuzz import Fuzzer
+vm = VM.create(memory_mib=64, name="baseline")
+vm.load_kernel(sys.argv[2], cmdline=sys.argv[3])
+assert vm.run(timeout=60).reason == "harness-start"
+m = re.search(rb"parse=(0x[0-9a-f]+) end=(0x[0-9a-f]+)", vm.device("serial0").output())
+seeds = [open(p, "rb").read() for p in sys.argv[5:]]
+with Fuzzer(vm, coverage=[(int(m.group(1), 16), int(m.group(2), 16))], budget_s=0.05) as fz:
+    st = fz.fuzz(seeds, seconds=float(sys.argv[4]), rng_seed=1)
+print(json.dumps({"execs_per_s": st.execs_per_s}))
+vm.destroy(tree=True)
+"""
+
+
+def baseline_row(t: Target, other: Path, seconds: float, rounds: int) -> tuple[str, str, str]:
+    """This tree against another checkout (`other`, e.g. /work/main), the same campaign (coverage of the parser,
+    RNG seed 1) in fresh processes, alternating; each tree uses its own build of the guest."""
+    seeds = sorted(str(p) for p in JSMN_SEEDS.iterdir()) if t.name == "jsmn" else []
+    if t.harness != "port" or not seeds:
+        raise SystemExit("--baseline compares the jsmn campaign")
+    rates: dict[str, list[float]] = {"this": [], "other": []}
+    for _ in range(rounds):
+        for which, tree in (("this", ROOT), ("other", other)):
+            image = tree / "build" / "guests" / t.image.name
+            out = subprocess.run([sys.executable, "-c", BASELINE_SNIPPET, str(tree), str(image), t.cmdline,
+                                  str(seconds), *seeds], capture_output=True, text=True, check=True,
+                                 timeout=seconds + 120).stdout
+            rates[which].append(json.loads(out)["execs_per_s"])
+    this, base = statistics.median(rates["this"]), statistics.median(rates["other"])
+    return (f"campaign with coverage, {seconds:g} s: this tree vs {other}", f"{this / base:.2f}x",
+            f"this tree {', '.join(f'{x:,.0f}' for x in rates['this'])} execs/s; {other}: "
+            f"{', '.join(f'{x:,.0f}' for x in rates['other'])} execs/s ({rounds} alternating rounds, medians "
+            f"{this:,.0f} vs {base:,.0f})")
 
 
 def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = False) -> tuple[str, str, str]:
@@ -98,7 +217,7 @@ def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = 
         coverage = ["--afl-map", "auto"] if guest_map else ["--cover", f"{start:#x}-{end:#x}"]
         subprocess.run(["afl-fuzz", "-i", f"{tmp}/in", "-o", f"{tmp}/out", "-t", str(timeout_ms), "-V", str(seconds),
                         "--", sys.executable, "-m", "vmfork.fuzz", "--afl", "--kernel", str(image), "--cmdline",
-                        t.cmdline, "--budget-ms", str(budget_ms), *coverage],
+                        t.cmdline, "--budget-ms", str(budget_ms), *cli_harness(t), *coverage],
                        env=env, capture_output=True, check=True, timeout=seconds + 180)
         text = (Path(tmp) / "out/default/fuzzer_stats").read_text()
         stats = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
@@ -139,7 +258,8 @@ def jobs_row(t: Target, seconds: float, rounds: int = 2) -> tuple[str, str, str]
             for jobs in best:
                 out = subprocess.run([sys.executable, "-m", "vmfork.cli", "fuzz", "--kernel", str(t.image),
                                       "--cmdline", t.cmdline, "--corpus", str(seeds), "--out", f"{tmp}/out{r}-{jobs}",
-                                      "--cover", "auto", "--budget-ms", str(t.budget_s * 1000), "--seconds",
+                                      *cli_harness(t), "--cover", "auto", "--budget-ms", str(t.budget_s * 1000),
+                                      "--seconds",
                                       str(seconds), "--seed", "1", "--quiet", "--jobs", str(jobs)],
                                      capture_output=True, text=True, check=True, timeout=seconds + 120).stdout
                 summary = json.loads(out)
@@ -158,13 +278,15 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     if args.jobs_only:
         return [jobs_row(t, args.seconds)]
+    if args.baseline is not None:
+        return [baseline_row(t, Path(args.baseline), args.seconds, args.rounds)]
     vm, start, end = ready_vm(t)
     if args.afl_only:
         vm.destroy(tree=True)
         return afl_rows(t, args, start, end)
     campaign_seeds = list(t.corpora[0][1])
     try:
-        with Fuzzer(vm, budget_s=t.budget_s) as fz:
+        with make_fuzzer(t, vm, budget_s=t.budget_s) as fz:
             if fz.execute(t.fixed).outcome != "ok":
                 raise SystemExit(f"{t.name}: the fixed input {t.fixed!r} does not run to the end marker")
             # Blocks with the fork's hot pages on (the default) and off (hot_limit 0: every page the input writes
@@ -194,8 +316,10 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
                      f"{1 / per_off:,.0f} execs/s",
                      f"{per_off * 1e6:,.0f} µs per input, of which reset {reset_off * 1e6:,.0f} µs; hot pages make "
                      f"an input {per_off / per:.2f}x faster"))
+        rows += write_rows(t, vm)
+        rows.append(faults_row(t, vm))
         for label, cov in (("no coverage", None), ("block coverage of the parser", [(start, end)])):
-            with Fuzzer(vm, coverage=cov, budget_s=t.budget_s) as fz:
+            with make_fuzzer(t, vm, coverage=cov, budget_s=t.budget_s) as fz:
                 st = fz.fuzz(campaign_seeds, seconds=args.seconds, rng_seed=1)
             rows.append((f"campaign, {label}, {args.seconds:g} s", f"{st.execs_per_s:,.0f} execs/s",
                          f"{st.execs} inputs, {st.crashes} crashes ({st.unique_crashes} unique), reset "
@@ -205,7 +329,7 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
         for label, seeds in t.corpora:
             times, execs, rates = [], [], []
             for rng in range(1, args.runs + 1):
-                with Fuzzer(vm, coverage=[(start, end)], budget_s=t.budget_s) as fz:
+                with make_fuzzer(t, vm, coverage=[(start, end)], budget_s=t.budget_s) as fz:
                     st = fz.fuzz(list(seeds), seconds=BUG_CAP_S, rng_seed=rng, stop_on_crash=True)
                 rates.append(st.execs_per_s)
                 if st.first_crash_s is not None:
@@ -229,18 +353,21 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", choices=("fuzz", "jsmn", "all"), default="all")
+    ap.add_argument("--target", choices=("fuzz", "jsmn", "kfx", "all"), default="all")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each throughput campaign")
     ap.add_argument("--runs", type=int, default=5, help="bug-finding runs per seed corpus (RNG seeds 1..N)")
     ap.add_argument("--afl-seconds", type=int, default=15, help="length of the AFL++ run (0: none)")
     ap.add_argument("--afl-only", action="store_true", help="only the afl-fuzz rows")
     ap.add_argument("--jobs-only", action="store_true", help="only the `vmfork fuzz --jobs 1` vs `--jobs 2` row")
+    ap.add_argument("--baseline", default=None, metavar="TREE",
+                    help="only: the jsmn campaign of this tree vs another checkout's (e.g. /work/main), alternating")
+    ap.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
 
     host = f"{platform.node()}, Python {platform.python_version()}"
     all_targets = targets()
-    for name in (("fuzz", "jsmn") if args.target == "all" else (args.target,)):
+    for name in (("fuzz", "jsmn", "kfx") if args.target == "all" else (args.target,)):
         t = all_targets[name]
         rows = measure(t, args)
         if args.markdown:

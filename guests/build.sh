@@ -5,6 +5,7 @@
 # and the same two with the jsmn fuzzing example (guests/jsmn/: Debian's jsmn JSON parser compiled by gcc, with a
 # planted bug) in a second PT_LOAD, and the `jsmn` program that calls it:
 #   build/guests/jsmn-multiboot.elf, build/guests/jsmn-pvh.elf
+# and build/guests/kfx-multiboot.elf (+ .map), a target with KF/x's conventions (guests/kfx/kfx.asm)
 # and build/guests/jsmn-afl-pvh.elf, the same with the C code built for AFL++ (an edge map in the guest)
 # An image is rebuilt only when a source file (or this script) is newer than it; --force rebuilds all of them.
 # VMFORK_GUEST_DIR overrides the output directory.
@@ -76,6 +77,22 @@ bare() {
 }
 bare bare-noidt
 bare bare-bp -DWITH_BP_HANDLER
+# The KF/x-style foreign target (guests/kfx/kfx.asm: its own page tables with a direct map and a vmalloc-style
+# buffer, its own fault handlers, KF/x's int3 harness), with its nasm symbol map beside it
+kfx="$out/kfx-multiboot.elf"
+if [[ $force == 1 || ! -f "$kfx" || ! -f "${kfx%.elf}.map" ||
+      -n "$(find "$here/kfx" "$here/build.sh" -newer "$kfx" -print -quit)" ]]; then
+    tmp="$(mktemp "$out/.kfx.XXXXXX")"
+    if ! nasm -f bin -w+all --before "[map symbols $tmp.map]" -o "$tmp" "$here/kfx/kfx.asm"; then
+        rm -f "$tmp" "$tmp.map"
+        echo "guests/build.sh: nasm failed for kfx-multiboot" >&2
+        exit 1
+    fi
+    chmod 644 "$tmp" "$tmp.map"
+    mv -f "$tmp.map" "${kfx%.elf}.map"
+    mv -f "$tmp" "$kfx"
+    echo "built $kfx"
+fi
 
 # The jsmn example: its C part first (guests/jsmn/build.sh; says what is missing and fails without gcc, binutils or
 # libjsmn-dev), under a lock so that a concurrent build never pairs one build's jsmn.bin with another's jsmn.inc.

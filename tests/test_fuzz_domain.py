@@ -131,7 +131,7 @@ def test_fuzzing_a_domain_finds_the_bug_and_holds_the_domain_meanwhile(ts: CliHa
     assert Path(crash).name.startswith("vector-14-")
     assert _fuzz_entries(ts) == [] and ts.record(target).state == "paused"
     r = ts.run("fuzz", "--domain", "target", "--replay", str(ts.base / crash))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 10, r.stderr     # a crash
     assert json.loads(r.stdout)["vector"] == 14
     assert [e["name"] for e in ts.list_json()] == ["target"]
 
@@ -300,8 +300,9 @@ def test_a_domain_paused_before_its_int3_start_is_fuzzed_from_there(ts: CliHarne
     the code range the fork printed on its way for --cover auto."""
     target = ts.create(ts.config("target", "fuzz 1"), "-p")
     regs = ts.ok("regs", "target")
-    r = ts.run("fuzz", "--domain", "target", "--harness", "int3", "--corpus", str(seeds), "--out",
-               str(ts.base / "out"), "--seconds", "30", "--seed", "1", "--stop-on-crash", "--cover", "auto", "--quiet")
+    r = ts.run("fuzz", "--domain", "target", "--harness", "int3", "--input-format", "len64", "--corpus", str(seeds),
+               "--out", str(ts.base / "out"), "--seconds", "30", "--seed", "1", "--stop-on-crash", "--cover", "auto",
+               "--quiet")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "input buffer 0x800000 (65536 bytes)" in r.stderr and "int3 harness" in r.stderr, r.stderr
     stats = json.loads(r.stdout)
@@ -310,8 +311,9 @@ def test_a_domain_paused_before_its_int3_start_is_fuzzed_from_there(ts: CliHarne
     assert Path(crash).name.startswith("vector-14-")
     _unchanged(ts, target, regs, "created paused")
 
-    r = ts.run("fuzz", "--domain", "target", "--harness", "int3", "--replay", str(ts.base / crash))
-    assert r.returncode == 0, r.stderr
+    r = ts.run("fuzz", "--domain", "target", "--harness", "int3", "--input-format", "len64", "--replay",
+               str(ts.base / crash))
+    assert r.returncode == 10, r.stderr     # a crash
     assert json.loads(r.stdout)["vector"] == 14
     _unchanged(ts, target, regs, "created paused")
 
@@ -322,8 +324,8 @@ def test_a_domain_paused_anywhere_is_fuzzed_from_a_start_symbol(ts: CliHarness, 
     breakpoint on prog_fuzz.input, inputs end at prog_fuzz.done, and the domain itself never moves."""
     target = ts.create(ts.config("target", "fuzz 2"))
     ts.wait_state(target, "running")
-    common = ("--domain", "target", "--symbols", str(symbol_map), "--start", "prog_fuzz.input", "--end",
-              "prog_fuzz.done", *INBUF)
+    common = ("--domain", "target", "--input-format", "len64", "--symbols", str(symbol_map), "--start",
+              "prog_fuzz.input", "--end", "prog_fuzz.done", *INBUF)
     ts.fail("fuzz", *common, "--out", str(ts.base / "out"),
             match=f"target (domain {target}) is running: vmfork fuzz --domain needs it paused somewhere before its "
                   "start breakpoint at prog_fuzz.input (0x")

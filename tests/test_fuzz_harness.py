@@ -78,7 +78,8 @@ def test_start_breakpoint_leaves_the_parent_clean_in_user_mode(unmarked: VM, sym
 
 
 def test_start_and_end_breakpoints_by_symbol(unmarked: VM, symbols: SymbolTable) -> None:
-    with Fuzzer(unmarked, INBUF, INBUF_SIZE, ends=["prog_fuzz.done"], symbols=symbols, budget_s=0.2) as fz:
+    with Fuzzer(unmarked, INBUF, INBUF_SIZE, input_format="len64", ends=["prog_fuzz.done"], symbols=symbols,
+                budget_s=0.2) as fz:
         assert fz.ends == {symbols.address("prog_fuzz.done"): "prog_fuzz.done"}
         assert _outcomes(fz) == EXPECTED
         res = fz.execute(BUG)
@@ -92,14 +93,14 @@ def test_several_ends_and_a_sink(unmarked: VM, symbols: SymbolTable) -> None:
     hang = symbols.address("fuzz_parse.hang")
     at_sink = []
     for fast_traps in (True, False):
-        with Fuzzer(unmarked, INBUF, INBUF_SIZE, ends=["prog_fuzz.done", f"{hang:#x}"], symbols=symbols,
-                    budget_s=0.2, fast_traps=fast_traps) as fz:
+        with Fuzzer(unmarked, INBUF, INBUF_SIZE, input_format="len64", ends=["prog_fuzz.done", f"{hang:#x}"],
+                    symbols=symbols, budget_s=0.2, fast_traps=fast_traps) as fz:
             assert (fz.fork_dbg is None) == fast_traps
             res = fz.execute(b"HANG")
             assert (res.outcome, res.kind) == ("ok", "end")
             store = fz.execute(BUG).rip
-        with Fuzzer(unmarked, INBUF, INBUF_SIZE, ends=["prog_fuzz.done"], sinks=[store], symbols=symbols,
-                    budget_s=0.2, fast_traps=fast_traps) as fz:
+        with Fuzzer(unmarked, INBUF, INBUF_SIZE, input_format="len64", ends=["prog_fuzz.done"], sinks=[store],
+                    symbols=symbols, budget_s=0.2, fast_traps=fast_traps) as fz:
             assert [fz.execute(d).kind for d in (b"HANG", SEED)] == ["timeout", "end"]
             res = fz.execute(BUG)
             assert (res.outcome, res.kind, res.rip, res.sink) == ("crash", "sink", store, symbols.describe(store))
@@ -113,7 +114,7 @@ def test_several_ends_and_a_sink(unmarked: VM, symbols: SymbolTable) -> None:
 def test_an_end_that_is_also_a_sink_is_refused(unmarked: VM, symbols: SymbolTable) -> None:
     done = symbols.address("prog_fuzz.done")
     with pytest.raises(FuzzError, match="is a sink and an end"):
-        Fuzzer(unmarked, INBUF, INBUF_SIZE, ends=[done], sinks=[done], budget_s=0.2)
+        Fuzzer(unmarked, INBUF, INBUF_SIZE, input_format="len64", ends=[done], sinks=[done], budget_s=0.2)
 
 
 @pytest.mark.parametrize("harness", [Harness("int3"), Harness("breakpoint", "prog_fuzz.input", ("prog_fuzz.done",))])
@@ -129,8 +130,8 @@ def test_cli_start_and_end_by_address(pvh_guest: Path, symbols: SymbolTable, tmp
     start, done = symbols.address("prog_fuzz.input"), symbols.address("prog_fuzz.done")
     (tmp_path / "seeds").mkdir()
     (tmp_path / "seeds" / "a").write_bytes(SEED)
-    common = ["--kernel", str(pvh_guest), "--cmdline", "fuzz 2", "--start", f"{start:#x}", "--end", f"{done:#x}",
-              "--input-addr", f"{INBUF:#x}", "--input-size", f"{INBUF_SIZE:#x}"]
+    common = ["--kernel", str(pvh_guest), "--cmdline", "fuzz 2", "--input-format", "len64", "--start", f"{start:#x}",
+              "--end", f"{done:#x}", "--input-addr", f"{INBUF:#x}", "--input-size", f"{INBUF_SIZE:#x}"]
     r = _vmfork("fuzz", *common, "--corpus", str(tmp_path / "seeds"), "--out", str(tmp_path / "out"), "--seed", "1",
                 "--seconds", "30", "--stop-on-crash", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -139,7 +140,7 @@ def test_cli_start_and_end_by_address(pvh_guest: Path, symbols: SymbolTable, tmp
     assert summary["unique_crashes"] == 1 and summary["ok"] > 0, summary
     crash = next((tmp_path / "out" / "crashes").glob("*.bin"))
     r = _vmfork("fuzz", *common, "--replay", str(crash))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 10, r.stderr     # a crash
     res, saved = json.loads(r.stdout), json.loads(crash.with_suffix(".json").read_text())
     assert (res["outcome"], res["kind"], res["rip"]) == ("crash", saved["kind"], saved["rip"])
 
@@ -150,13 +151,14 @@ def test_int3_markers_give_the_buffer_and_end_each_input(int3_marked: VM, symbol
     regs = int3_marked.vcpus[0].get_regs()
     assert (regs.rip, regs.rdi, regs.rsi) == (symbols.address("prog_fuzz.input"), INBUF, INBUF_SIZE)
     assert int3_marked.vcpus[0].get_sregs().cs.selector & 3 == 3
-    with Fuzzer(int3_marked, int3_markers=True, budget_s=0.2) as fz:
+    with Fuzzer(int3_marked, input_format="len64", int3_markers=True, budget_s=0.2) as fz:
         assert (fz.input_addr, fz.input_size) == (INBUF, INBUF_SIZE)   # from RDI/RSI at the marker
         assert _outcomes(fz) == EXPECTED                                # TRIPLE: the guest's own int3 service ran
     parser = (symbols.address("fuzz_parse"), symbols.address("fuzz_parse_end"))
     covered = []
     for fast_traps in (True, False):                                    # ForkTraps, or the Debugger's int3 hook
-        with Fuzzer(int3_marked, int3_markers=True, coverage=[parser], budget_s=0.2, fast_traps=fast_traps) as fz:
+        with Fuzzer(int3_marked, input_format="len64", int3_markers=True, coverage=[parser], budget_s=0.2,
+                    fast_traps=fast_traps) as fz:
             first = fz.execute(SEED)
             assert first.outcome == "ok" and first.new_blocks
             covered.append(sorted(first.new_blocks))
@@ -202,7 +204,8 @@ def test_the_int3_hook_sees_the_guests_own_int3s(pvh_guest: Path, machines: list
 
 def test_instruction_budget_stops_a_hang(int3_marked: VM, symbols: SymbolTable) -> None:
     hostprobe.require("vpmu")
-    with Fuzzer(int3_marked, int3_markers=True, budget_s=5.0, budget_instructions=1_000_000) as fz:
+    with Fuzzer(int3_marked, input_format="len64", int3_markers=True, budget_s=5.0,
+                budget_instructions=1_000_000) as fz:
         assert fz.execute(SEED).outcome == "ok"
         t = time.monotonic()
         res = fz.execute(b"HANG")
@@ -260,13 +263,13 @@ def test_a_counter_overflow_stops_an_input_as_an_instruction_hang(int3_marked: V
         lapic.regs[irr + (self.vector % 32) // 8] |= 1 << (self.vector % 8)
         fork.vcpus[0].fd.set_lapic(lapic)
     monkeypatch.setattr(InstructionBudget, "arm", arm_and_overflow)
-    with Fuzzer(int3_marked, int3_markers=True, budget_s=2.0, budget_instructions=1000) as fz:
+    with Fuzzer(int3_marked, input_format="len64", int3_markers=True, budget_s=2.0, budget_instructions=1000) as fz:
         assert fz.budget is not None and 0x20 <= fz.budget.vector < 0xFF
         t = time.monotonic()
         res = fz.execute(SEED)
         assert (res.outcome, res.kind) == ("hang", "instructions"), res
         assert res.rip == symbols.address("prog_fuzz.input") and time.monotonic() - t < 1.0
-    with Fuzzer(int3_marked, int3_markers=True, budget_s=2.0) as fz:     # no budget: the same input is fine
+    with Fuzzer(int3_marked, input_format="len64", int3_markers=True, budget_s=2.0) as fz:     # no budget: fine
         assert fz.execute(SEED).outcome == "ok"
 
 
@@ -275,7 +278,7 @@ def test_without_a_vpmu_an_instruction_budget_is_refused(int3_marked: VM) -> Non
     if report.supports("vpmu"):
         pytest.skip("this host has a virtual PMU: the refusal cannot happen here")
     with pytest.raises(FuzzError) as e:
-        Fuzzer(int3_marked, int3_markers=True, budget_instructions=1000)
+        Fuzzer(int3_marked, input_format="len64", int3_markers=True, budget_instructions=1000)
     assert str(e.value) == f"an instruction budget needs a virtual PMU, and this host has none: {report.reason('vpmu')}"
     assert not int3_marked.children                                      # the sink went with the refusal
 

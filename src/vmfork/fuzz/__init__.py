@@ -9,6 +9,11 @@ Harnesses (`harness.py`), how a target marks the code under test:
     breakpoint  no instrumentation: `--start ADDR|SYMBOL` and one or more `--end ADDR|SYMBOL` (`--symbols FILE`);
                 the input buffer is RDI/RSI at the start (a SysV `parse(buf, size)`) or --input-addr/--input-size
 
+Targets with none of vmfork's conventions (KF/x's): the input buffer is a guest-virtual address translated through
+the page tables at the start marker (`inputbuf.py`; raw or length-prefixed inputs), faults are caught at the guest's
+own handlers by hardware breakpoints and signed by the faulting RIP (`faults.py`), and a Linux symbol table adds
+default crash sinks (`sinks.py`).
+
 The parent is booted to its start and left there exactly as the interrupted code (no breakpoint, no stub frame),
 so every fork starts at the start marker. Each input ends at an end marker or end breakpoint (outcome "ok"), a
 sink breakpoint or a fault (a crash, e.g. kind "vector", "sink", "triple-fault"), or a budget (a hang: kind

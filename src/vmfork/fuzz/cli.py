@@ -31,6 +31,11 @@ def _int(text: str) -> int:
 
 
 AUTO = (-1, -1)       # --cover auto: the range the target printed at boot
+
+# `--replay`'s exit status: what the input did (documented in the README). An error (the target could not be
+# brought to its start, the input could not be run) is 1, and a bad command line 2, as for every vmfork command.
+REPLAY_STATUS = {"ok": 0, "crash": 10, "hang": 11, "rejected": 12}
+REPLAY_ERROR = 1
 _PRINTED_RANGE = re.compile(rb"parse=(0x[0-9a-fA-F]+) end=(0x[0-9a-fA-F]+)")
 
 
@@ -56,6 +61,41 @@ def _range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: START and END must be numbers") from None
 
 
+INPUT_FORMATS = ("raw", "len64")
+
+
+def _input_addr(text: str) -> tuple[int, bool]:
+    from .inputbuf import parse_input_addr
+    try:
+        return parse_input_addr(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _page(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0 or value & 0xFFF:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be the address of a 4 KiB page (a multiple of 0x1000)")
+    return value
+
+
+def _faults(text: str) -> bool | tuple[int, ...]:
+    if text == "auto":
+        return True
+    if text == "none":
+        return False
+    try:
+        vectors = tuple(int(v, 0) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, none or vectors like 13,14") from None
+    if not all(0 <= v < 32 for v in vectors):
+        raise argparse.ArgumentTypeError(f"{text!r}: fault vectors are 0-31")
+    return vectors
+
+
 def _afl_map(text: str) -> Any:
     from .afl import afl_map_arg
     return afl_map_arg(text)
@@ -77,16 +117,40 @@ def register_fuzz_commands(sub: Any) -> None:
     p.add_argument("--out", default=None, help="output directory: crashes/ (input + .json), corpus/, hangs/")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to fuzz (default 10)")
     p.add_argument("--execs", type=int, default=None, help="stop after this many inputs")
-    p.add_argument("--input-addr", type=_int, default=None, help="input buffer address (default: RDI at the marker)")
+    p.add_argument("--input-addr", "--address", type=_input_addr, default=None, metavar="ADDR|phys:ADDR",
+                   help="input buffer: a guest-virtual address, translated through the page tables of the vCPU at "
+                        "the start marker (default: RDI there); phys:ADDR for a guest-physical one (KF/x: --address)")
     p.add_argument("--input-size", type=_int, default=None, help="input buffer size (default: RSI at the marker)")
+    p.add_argument("--input-limit", type=_positive, default=None, metavar="N",
+                   help="longest input, in bytes (KF/x's option); also the buffer size when there is no "
+                        "--input-size and no RSI from a marker")
+    p.add_argument("--input-format", choices=INPUT_FORMATS, default=None,
+                   help="how an input lies in the buffer: raw, its bytes only (KF/x's way; the default with --harness "
+                        "int3 and --start), or len64, a u64 little-endian length first (the default with the port "
+                        "harness, vmfork's test guests' convention)")
+    p.add_argument("--start-byte", type=_int, default=None, metavar="BYTE",
+                   help="with --harness int3: the harness's int3 was written over the first byte of an instruction; "
+                        "put BYTE back there and start each input on it (KF/x's option)")
+    p.add_argument("--faults", type=_faults, default=True, metavar="auto|none|V,V,...",
+                   help="catch faults at the guest's own handlers (hardware breakpoints on its IDT entries; no guest "
+                        "cooperation): `auto` (default) hooks #PF, #GP, #UD, #DF, #DE (in that order) as far as "
+                        "the 4 debug slots allow, or the listed vectors; a fault inside a --cover range (anywhere, "
+                        "without --cover) is a crash, signed by the faulting RIP")
+    p.add_argument("--no-default-sinks", action="store_true",
+                   help="with Linux --symbols (a table with start_kernel): do not add the default sinks (panic, "
+                        "oops_begin, __die, kasan_report, the ubsan handlers, report_bug, ...: fuzz/sinks.py)")
+    p.add_argument("--stub-addr", type=_page, default=None, metavar="GPA",
+                   help="guest-physical page for vmfork's breakpoint stub (hosts that ignore KVM software "
+                        "breakpoints), instead of the page vmfork reserves; the guest must not use it")
     p.add_argument("--budget-ms", type=float, default=50.0, help="time per input before it is a hang (default 50)")
-    p.add_argument("--sink", action="append", default=[], metavar="ADDR|SYMBOL",
-                   help="a crash sink: reaching it is a crash (repeatable)")
+    p.add_argument("--sink", "--sink-vaddr", action="append", default=[], metavar="ADDR|SYMBOL",
+                   help="a crash sink: reaching it is a crash (repeatable); a symbol must exist in --symbols")
     p.add_argument("--symbols", default=None, help="symbol map or ELF for --sink, --start and --end names")
-    p.add_argument("--harness", choices=("port", "int3"), default=None,
+    p.add_argument("--harness", choices=("port", "int3", "breakpoint"), default=None,
                    help="how the target marks an input's start and end: `port` (default), the vmfork harness port "
-                        "0xf6; `int3`, KF/x's breakpoint harness, int3 with RAX = 0x13371337 (start) or 0x13371338 "
-                        "(end), RDI/RSI = input buffer and size at the start (fuzz/harness.py)")
+                        "0xf6; `int3` (or KF/x's name, `breakpoint`), KF/x's breakpoint harness, int3 with RAX = "
+                        "0x13371337 (start) and 0x13371337 or 0x13371338 (end), RDI/RSI = input buffer and size at "
+                        "the start (fuzz/harness.py)")
     p.add_argument("--start", default=None, metavar="ADDR|SYMBOL",
                    help="a target without markers: pause the parent at a breakpoint here (input buffer: RDI/RSI "
                         "there, or --input-addr/--input-size); needs --end")
@@ -225,10 +289,16 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
             if args.afl_map is not None:
                 from .afl import guest_map as check_guest_map
                 guest_map = check_guest_map(args.afl_map, parent, target.console(), target.what)
-        fz = Fuzzer(parent, args.input_addr, args.input_size, sinks=args.sink, budget_s=args.budget_ms / 1000,
+        address, physical = args.input_addr if args.input_addr is not None else (None, False)
+        size = args.input_size
+        if size is None and address is not None and args.input_limit is not None:
+            size = args.input_limit         # KF/x: --address and --input-limit say it all
+        fz = Fuzzer(parent, address, size, sinks=args.sinks, budget_s=args.budget_ms / 1000,
                     coverage=args.cover or None, oversize=args.oversize, symbols=symbols,
                     block_hook=amap.hook() if amap is not None and args.cover else None, ends=harness.ends,
-                    int3_markers=harness.kind == "int3", budget_instructions=args.budget_instructions)
+                    int3_markers=harness.kind == "int3", budget_instructions=args.budget_instructions,
+                    input_format=args.input_format, input_physical=physical, faults=args.faults,
+                    input_limit=args.input_limit, stub_gpa=args.stub_addr)
         try:
             if amap is not None:
                 from .afl import serve_afl
@@ -237,12 +307,13 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
             if args.replay is not None:
                 res = fz.execute(Path(args.replay).read_bytes())
                 print(json.dumps(res.to_json(), indent=2))
-                return 0
+                return REPLAY_STATUS.get(res.outcome, REPLAY_ERROR)
             seeds = _load_corpus(args.corpus)
             if worker is None or worker.index == 0:
-                print(f"vmfork fuzz: input buffer {fz.input_addr:#x} ({fz.input_size} bytes), {len(seeds)} seeds"
+                print(f"vmfork fuzz: input buffer {fz.input.describe()}, {len(seeds)} seeds"
                       + (f", {len(fz.coverage.blocks)} blocks to cover" if fz.coverage else "")
                       + (f", {harness.kind} harness" if harness.kind != "port" else "")
+                      + f", {fz.describe_faults()}"
                       + (f", {worker.jobs} jobs" if worker is not None else ""), file=sys.stderr, flush=True)
             if worker is not None:          # the campaign's --execs and status line are the CLI process's
                 # (a worker's own numbers go only to its held fork's stats file, if it holds one: target.status)
@@ -284,12 +355,15 @@ def _check_harness(args: argparse.Namespace, symbols: Any) -> str | None:
     say what is wrong with them or with --budget-instructions on this host."""
     from .harness import Harness, resolve
     from .loop import FuzzError
+    from .sinks import resolve_sinks
     try:
         start = resolve(args.start, symbols, "start") if args.start is not None else None
         ends = tuple(resolve(e, symbols, "end") for e in args.end)
         if start is not None and not ends:
             return "--start needs at least one --end (where an input is over)"
-        harness = Harness.of(args.harness, start, ends, symbols)
+        harness = Harness.of(args.harness, start, ends, symbols, start_byte=args.start_byte,
+                             stub_gpa=args.stub_addr)
+        args.sinks = resolve_sinks(args.sink, symbols, defaults=not args.no_default_sinks)
     except FuzzError as e:
         return str(e)
     if args.budget_instructions is not None:

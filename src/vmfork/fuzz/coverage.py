@@ -50,13 +50,15 @@ class Coverage:
 
     blocks: list[int]
     hit: set[int] = field(default_factory=set)
+    ranges: tuple[tuple[int, int], ...] = ()        # the code ranges the blocks came from (faults there are crashes)
 
     @classmethod
     def of_ranges(cls, target: object, ranges: Iterable[tuple[int, int]], *, bits: int = 64) -> Coverage:
         found: set[int] = set()
-        for start, end in ranges:
+        spans = tuple(ranges)
+        for start, end in spans:
             found.update(basic_blocks(target, start, end, bits=bits))
-        return cls(sorted(found))
+        return cls(sorted(found), ranges=spans)
 
     @property
     def remaining(self) -> list[int]:

@@ -6,8 +6,12 @@ Three kinds, after KF/x's conventions where they fit KVM:
 "port"        the vmfork harness port (0xf6): a 32-bit `out` of 1 is the start marker (RDI/RSI = the input buffer
               and its size), 2 the end marker. The machine stops right after the `out` (vmfork.devices.harness).
 "int3"        KF/x's breakpoint harness: `int3` with RAX = 0x13371337 is the start marker (RDI/RSI as above),
-              RAX = 0x13371338 the end marker. vmfork sees them through its #BP route (vmfork.vmi.breakpoints,
-              `Debugger.watch_guest_int3`) and stops right after the int3; every other int3 (the guest's own
+              RAX = 0x13371338 the end marker; in a fuzz fork, already past its start, either magic ends the input
+              (KF/x harnesses put 0x13371337 at both ends, so the first one vmfork sees is the start). With
+              `start_byte` (KF/x's --start-byte) the int3 was written over an instruction's first byte: the byte is
+              put back and each input starts on it (`restore_start_byte`). vmfork sees them through its #BP route
+              (vmfork.vmi.breakpoints, `Debugger.watch_guest_int3`) and stops right after the int3; every other
+              int3 (the guest's own
               breakpoints, kernel services called through int3 like the test guest's) still reaches the guest's
               handler. Why not KF/x's default, CPUID with leaf 0x13371337: KVM answers CPUID in the kernel
               (KVM_SET_CPUID2 tables), it never exits to user space, so a VMM built on KVM cannot see it; and on
@@ -35,13 +39,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..kvm import structs as s
-from ..vmi import Debugger, debugger
+from ..vmi import Debugger, as_target, debugger
 from ..vmi.errors import BreakpointError, SymbolError
 from ..vmi.symbols import SymbolTable
 from .errors import FuzzError
 
 __all__ = ["ATTACH_SLICE_S", "INT3_END", "INT3_START", "KINDS", "Harness", "HarnessError", "StartPoint",
-           "int3_marker", "resolve", "run_to_start"]
+           "int3_end_marker", "int3_marker", "resolve", "restore_start_byte", "run_to_start"]
 
 INT3_START = 0x13371337
 INT3_END = 0x13371338
@@ -57,12 +61,16 @@ class HarnessError(FuzzError):
 @dataclass(frozen=True)
 class Harness:
     """`kind`: "port", "int3" or "breakpoint" (see the module docstring); `start`: the start address or symbol
-    (breakpoint only); `ends`: end addresses or symbols (required for "breakpoint"; extra end points otherwise)."""
+    (breakpoint only); `ends`: end addresses or symbols (required for "breakpoint"; extra end points otherwise);
+    `start_byte`: KF/x's --start-byte (int3 only: `restore_start_byte`); `stub_gpa`: where the debugger's #BP stub
+    goes (None: its default)."""
 
     kind: str = "port"
     start: int | str | None = None
     ends: tuple[int | str, ...] = ()
     symbols: SymbolTable | None = None
+    start_byte: int | None = None
+    stub_gpa: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -71,14 +79,23 @@ class Harness:
             raise HarnessError("a start address goes with the breakpoint harness, and only with it")
         if self.kind == "breakpoint" and not self.ends:
             raise HarnessError("the breakpoint harness needs at least one end address")
+        if self.start_byte is not None and self.kind != "int3":
+            raise HarnessError("--start-byte goes with --harness int3 (an int3 patched over an instruction)")
+        if self.start_byte is not None and not 0 <= self.start_byte <= 0xFF:
+            raise HarnessError(f"--start-byte {self.start_byte:#x}: not a byte")
 
     @classmethod
     def of(cls, kind: str | None = None, start: int | str | None = None, ends: Sequence[int | str] = (),
-           symbols: SymbolTable | None = None) -> Harness:
-        """The harness a command line asks for: a start address means "breakpoint", else `kind` or "port"."""
+           symbols: SymbolTable | None = None, *, start_byte: int | None = None,
+           stub_gpa: int | None = None) -> Harness:
+        """The harness a command line asks for: a start address means "breakpoint", else `kind` or "port".
+        Without a start address, "breakpoint" is KF/x's name for its int3 harness."""
         if start is not None and kind not in (None, "breakpoint"):
             raise HarnessError(f"--start sets a breakpoint harness; it does not go with --harness {kind}")
-        return cls("breakpoint" if start is not None else kind or "port", start, tuple(ends), symbols)
+        if start is None and kind == "breakpoint":
+            kind = "int3"
+        return cls("breakpoint" if start is not None else kind or "port", start, tuple(ends), symbols, start_byte,
+                   stub_gpa)
 
     def start_name(self) -> str:
         """The start marker in words, for messages: "int3 start marker", "start breakpoint at prog_fuzz.input
@@ -112,6 +129,36 @@ def int3_marker(vcpu: int, regs: s.Regs) -> tuple[str, int | None] | None:
     return None
 
 
+def int3_end_marker(vcpu: int, regs: s.Regs) -> tuple[str, int | None] | None:
+    """The int3 hook of a fuzz fork, which is past its start: either magic ends the input (KF/x harnesses use
+    0x13371337 at both ends)."""
+    if regs.rax in (INT3_START, INT3_END):
+        return ("harness-end", 2)
+    return None
+
+
+def restore_start_byte(parent: Any, start: StartPoint, byte: int) -> StartPoint:
+    """KF/x's `--start-byte`: the harness wrote its int3 over the first byte of an instruction. Put `byte` back
+    there (in `parent`'s memory, through its page tables) and move RIP back onto it, so every fork runs the whole
+    instruction. Only for the int3 harness (RIP is right after the int3)."""
+    from ..vmi.memory import AddressSpace
+    at = start.rip - 1
+    space = AddressSpace(parent, 0)
+    try:
+        if space.read(at, 1) != b"\xcc":
+            raise HarnessError(f"--start-byte: the byte at {at:#x}, before the start marker's RIP, is not an int3")
+        space.write(at, bytes((byte,)))
+    except HarnessError:
+        raise
+    except Exception as e:
+        raise HarnessError(f"--start-byte: cannot patch {at:#x}: {e}") from None
+    target = as_target(parent)
+    regs = target.get_regs(0)
+    regs.rip = at
+    target.set_regs(0, regs)
+    return StartPoint(start.kind, at, start.rdi, start.rsi)
+
+
 def run_to_start(parent: Any, harness: Harness, *, timeout: float) -> StartPoint:
     """Boot or resume `parent` (paused) until its start marker and leave it paused there (see the module
     docstring). Raises HarnessError naming how the target stopped instead."""
@@ -131,7 +178,10 @@ def run_to_start(parent: Any, harness: Harness, *, timeout: float) -> StartPoint
         if parent.state != "destroyed":
             dbg.detach()
         raise
-    return StartPoint(harness.kind, int(regs.rip), int(regs.rdi), int(regs.rsi))
+    point = StartPoint(harness.kind, int(regs.rip), int(regs.rdi), int(regs.rsi))
+    if harness.start_byte is not None:
+        point = restore_start_byte(parent, point, harness.start_byte)
+    return point
 
 
 def resolve(where: int | str, symbols: SymbolTable | None, what: str) -> int:
@@ -162,7 +212,7 @@ def _attach(parent: Any, harness: Harness, deadline: float, timeout: float) -> D
     if harness.start is not None:
         start = resolve(harness.start, harness.symbols, "start")
     while True:
-        dbg = debugger(parent, symbols=harness.symbols)
+        dbg = debugger(parent, symbols=harness.symbols, stub_gpa=harness.stub_gpa)
         try:
             if start is None:
                 dbg.watch_guest_int3(int3_marker)

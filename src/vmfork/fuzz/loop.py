@@ -11,8 +11,9 @@ fault or the time or instruction budget, classify.
 A parent paused at another kind of start marker (int3 markers, a start breakpoint: `harness.run_to_start`) is
 fuzzed the same way, with `int3_markers=True` or `ends=[...]` saying what ends an input.
 
-Outcomes: "ok" (an end marker or end breakpoint, or an exit status below 0x80), "crash" (a sink breakpoint; an exit
-status >= 0x80, the test guests' convention for "exception vector = status & 0x7f"; a triple fault, kind
+Outcomes: "ok" (an end marker or end breakpoint, or an exit status below 0x80), "crash" (a sink breakpoint; a fault
+caught at the guest's own handler by a hardware breakpoint (faults.py), kind "vector", signed by the faulting RIP;
+an exit status >= 0x80, the test guests' convention for "exception vector = status & 0x7f"; a triple fault, kind
 "triple-fault" (KVM_EXIT_SHUTDOWN); a guest reset, a KVM internal error or another fatal stop), "hang" (the time
 budget ran out, kind "timeout"; the instruction budget did, kind "instructions"), "rejected" (an input larger than
 the buffer with `oversize="reject"`). Crashes carry the vCPU's general registers and (`system`) its control
@@ -27,7 +28,6 @@ import json
 import os
 import random
 import re
-import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -41,23 +41,25 @@ from ..vmi import Debugger, Hit, debugger
 from ..vmi.symbols import SymbolTable
 from .coverage import Coverage
 from .errors import FuzzError
-from .harness import int3_marker
+from .faults import Fault, FaultHandlers, FaultTrap
+from .harness import int3_end_marker
+from .inputbuf import InputBuffer
 from .mutate import Mutator
 from .pmu import InstructionBudget
 from .traps import ForkTraps
 
 __all__ = ["CampaignSync", "FuzzError", "Fuzzer", "Result", "Stats"]
 
-LENGTH_PREFIX = 8           # u64 little-endian length before the bytes, as the test guests expect
 _EXCEPTION = re.compile(rb"EXCEPTION vec=(\d+) rip=0x([0-9a-f]+) err=0x([0-9a-f]+)")
 
 
 @dataclass
 class Result:
-    """What one input did. `rip` is the faulting instruction (vector crashes: from the guest's `EXCEPTION vec=..
-    rip=..` report on the console, else the vCPU's RIP at the stop), the sink's address, or where a hang was
-    stopped. `registers`: at a sink, the interrupted code's; for a vector crash or a triple fault, the vCPU's at the
-    stop (for the test guests: inside the exception report, after the fault)."""
+    """What one input did. `rip` is the faulting instruction (vector crashes: from the exception frame at the
+    guest's handler, or the guest's `EXCEPTION vec=.. rip=..` report on the console, else the vCPU's RIP at the
+    stop), the sink's address, or where a hang was stopped. `registers`: at a sink, the interrupted code's; for a
+    fault caught at the guest's handler, the faulting code's (with `error_code` and, for #PF, `cr2`); for a vector
+    crash the guest reported or a triple fault, the vCPU's at the stop."""
 
     outcome: str                        # ok, crash, hang, rejected
     kind: str                           # end, exit, vector, sink, triple-fault, <stop reason>, timeout, oversize
@@ -70,6 +72,7 @@ class Result:
     system: dict[str, int] | None = None
     detail: str = ""
     new_blocks: list[int] = field(default_factory=list)
+    cr2: int | None = None
 
     @property
     def signature(self) -> tuple[str, str, int | None]:
@@ -169,15 +172,26 @@ class Fuzzer:
     (every hit of every block, in order, is passed to it): for AFL-style edge maps. Without it they are one-shot.
     `fast_traps`: the fuzz fork answers its breakpoints itself (traps.ForkTraps: one exit per block hit, a loop of
     one covered block seen once per entry) where it can; False runs it under its Debugger (two exits per
-    persistent block hit, every hit seen)."""
+    persistent block hit, every hit seen).
+
+    The input buffer (`input_addr`, or RDI) is a guest-VIRTUAL address of the vCPU at the start marker, translated
+    once through its page tables (fuzz/inputbuf.py); `input_physical=True` takes it as guest-physical.
+    `input_format`: "raw" (the bytes only, KF/x's way) or "len64" (a u64 length first); by default "len64" with
+    vmfork's port markers and "raw" with KF/x's int3 markers or end breakpoints. `faults`: catch the fault vectors
+    at the guest's own handlers (fuzz/faults.py: True for the default vectors, or a list of vectors, or False);
+    a fault is a crash when its RIP lies in `fault_ranges` (default: the coverage ranges; none: every fault).
+    `input_limit`: the longest input (KF/x's --input-limit). `stub_gpa`: the guest-physical page of the
+    debugger's #BP stub (vmfork.vmi.breakpoints; None: its default)."""
 
     def __init__(self, parent: Any, input_addr: int | None = None, input_size: int | None = None, *,
                  sinks: Sequence[int | str] = (), budget_s: float = 0.05,
                  coverage: Coverage | Iterable[tuple[int, int]] | None = None, oversize: str = "truncate",
-                 symbols: SymbolTable | None = None, length_prefix: bool = True,
+                 symbols: SymbolTable | None = None, input_format: str | None = None, input_physical: bool = False,
                  block_hook: Callable[[int], object] | None = None, ends: Sequence[int | str] = (),
                  int3_markers: bool = False, budget_instructions: int | None = None,
-                 fast_traps: bool = True) -> None:
+                 fast_traps: bool = True, faults: bool | Sequence[int] = True,
+                 fault_ranges: Sequence[tuple[int, int]] | None = None, input_limit: int | None = None,
+                 stub_gpa: int | None = None) -> None:
         if oversize not in ("truncate", "reject"):
             raise FuzzError(f"oversize must be 'truncate' or 'reject', not {oversize!r}")
         if parent.state != "paused":
@@ -187,8 +201,11 @@ class Fuzzer:
         self.parent = parent
         self.input_addr = int(regs.rdi if input_addr is None else input_addr)
         self.input_size = int(regs.rsi if input_size is None else input_size)
-        self.prefix = LENGTH_PREFIX if length_prefix else 0
-        self.capacity = self.input_size - self.prefix
+        if input_format is None:
+            input_format = "raw" if int3_markers or ends else "len64"
+        self.input = InputBuffer.at(parent, self.input_addr, self.input_size, format=input_format,
+                                    physical=input_physical)
+        self.capacity = self.input.capacity if input_limit is None else min(self.input.capacity, input_limit)
         if self.capacity <= 0:
             raise FuzzError(f"an input buffer of {self.input_size} bytes has no room for input")
         self.budget_s = budget_s
@@ -197,8 +214,17 @@ class Fuzzer:
         if coverage is not None and not isinstance(coverage, Coverage):
             coverage = Coverage.of_ranges(parent, list(coverage))
         self.coverage = coverage
-        self._buf = bytearray(self.input_size)
-        self._view = memoryview(self._buf)
+        if fault_ranges is None:
+            fault_ranges = coverage.ranges if coverage is not None else ()
+        self.fault_handlers: FaultHandlers | None = None
+        if faults:
+            vectors = tuple(faults) if not isinstance(faults, bool) else None
+            self.fault_handlers = (FaultHandlers.of_idt(parent, vectors=vectors, ranges=fault_ranges)
+                                   if vectors is not None else FaultHandlers.of_idt(parent, ranges=fault_ranges))
+        self._faults: FaultTrap | None = None
+        self.faults_hooked: list[int] = []      # the vectors the fuzz forks catch (as far as debug slots allowed)
+        self._fault_hit: tuple[Fault, dict[str, int]] | None = None
+        self._write_input: Callable[[bytes], None] = lambda data: None
         self._new: list[int] = []               # blocks first reached by the current input
         self._covered: list[int] = []           # blocks to remove from the sink at the next rebuild
         self._sink_hit: tuple[int, s.Regs] | None = None      # (sink address, the interrupted code's registers)
@@ -219,7 +245,7 @@ class Fuzzer:
         self._run: Callable[..., Any]
         try:
             if sinks or ends or int3_markers or (coverage is not None and coverage.blocks):
-                self._arm_sink(debugger(self.sink, symbols=symbols), sinks, ends)
+                self._arm_sink(debugger(self.sink, symbols=symbols, stub_gpa=stub_gpa), sinks, ends)
             if layout is not None and budget_instructions is not None:
                 self.budget = InstructionBudget.install(self.sink, budget_instructions, layout)
             self.fork: Any = None
@@ -240,7 +266,7 @@ class Fuzzer:
                 raise FuzzError(f"{where} is a sink and an end: which should it be?")
             self.ends[bp.address] = bp.label or f"{bp.address:#x}"
         if self.int3_markers:
-            dbg.watch_guest_int3(int3_marker)
+            dbg.watch_guest_int3(int3_end_marker)
         if self.coverage is not None:
             for block in self.coverage.remaining:
                 if block not in self.sinks and block not in self.ends:
@@ -249,8 +275,15 @@ class Fuzzer:
     # --- forks ------------------------------------------------------------------------------------------------
 
     def _runner(self, fork: Any) -> Callable[..., Any]:
-        """How to run a fuzz fork: plainly when the sink has no breakpoints and no int3 hook; else with the fork's
-        own answers to the #BP stub (traps.ForkTraps) where they work, or under the fork's Debugger."""
+        """Make `fork` the fuzz fork: its input writer, its fault breakpoints (faults.FaultTrap), and how to run it:
+        plainly when the sink has no breakpoints and no int3 hook; else with the fork's own answers to the #BP stub
+        (traps.ForkTraps) where they work, or under the fork's Debugger."""
+        self._write_input = self.input.writer(fork.memory)
+        self._faults = None
+        if self.fault_handlers is not None and self.fault_handlers.entries:
+            self._faults = FaultTrap(fork, self.fault_handlers, self._at_fault)
+            entries = self.fault_handlers.entries
+            self.faults_hooked = [entries[bp.address] for bp in self._faults.install()]
         dbg = self.sink_dbg
         self.fork_dbg = None
         self._traps = None
@@ -266,9 +299,26 @@ class Fuzzer:
         self.fork_dbg = debugger(fork)
         return self.fork_dbg.run
 
+    def describe_faults(self) -> str:
+        """Which faults the fuzz forks catch at the guest's handlers, in words (for the CLI's first line)."""
+        from .faults import VECTOR_NAMES
+        if self.fault_handlers is None:
+            return "fault breakpoints off"
+        hooked = ", ".join(VECTOR_NAMES.get(v, str(v)) for v in self.faults_hooked)
+        why = "; ".join(self.fault_handlers.skipped)
+        return (f"faults caught at the guest's handlers: {hooked or 'none'}"
+                + (f" ({why})" if why else ""))
+
+    def _drop_fork(self) -> None:
+        """Destroy the fuzz fork, first giving back the debug slots its vCPU holds (pooled vCPUs are reused)."""
+        if self._faults is not None:
+            self._faults.uninstall()
+            self._faults = None
+        self.fork.destroy()
+
     def _make_fork(self) -> None:
         if self.fork is not None:
-            self.fork.destroy()
+            self._drop_fork()
         dbg = self.sink_dbg
         if dbg is not None and self._covered and not self.sink.children:     # kept forks freeze the sink
             for block in self._covered:
@@ -298,6 +348,9 @@ class Fuzzer:
     def _at_sink(self, address: int, regs: s.Regs) -> None:
         self._sink_hit = (address, regs)
 
+    def _at_fault(self, fault: Fault, registers: dict[str, int]) -> None:
+        self._fault_hit = (fault, registers)
+
     def _on_end(self, hit: Hit) -> bool:
         self._end_hit = True        # the run stops with "breakpoint": _exec takes it for the end marker
         return False
@@ -324,11 +377,7 @@ class Fuzzer:
         self.reset_s += time.perf_counter() - t0
         if self.budget is not None:
             self.budget.arm(fork)
-        view = self._view
-        if self.prefix:
-            struct.pack_into("<Q", self._buf, 0, n)
-        view[self.prefix:self.prefix + n] = data
-        fork.memory.write(self.input_addr, view[:self.prefix + n])
+        self._write_input(data)
         ev = self._run(timeout=self.budget_s)
         reason = ev.reason
         if reason == "breakpoint" and self._end_hit:
@@ -378,8 +427,17 @@ class Fuzzer:
                           detail=f"no end marker within {self.budget.limit} instructions", new_blocks=new)
         if reason == "debugger-error":
             error = self._traps.error if self._traps is not None else None
+            if error is None and self._faults is not None:
+                error = self._faults.error
             raise FuzzError(f"the debugger failed in {fork.name}: {ev.detail or repr(error)}")
         self._stale = True      # a crashed fork (or one stopped at a sink) is replaced by a fresh one
+        if reason == "fault" and self._fault_hit is not None:
+            (fault, registers), self._fault_hit = self._fault_hit, None
+            system = _system(fork.vcpus[0].get_sregs())
+            system.update(cs=fault.cs, ss=fault.ss, cpl=fault.cs & 3)      # the faulting code's, from the frame
+            return Result("crash", "vector", vector=fault.vector, rip=fault.rip, error_code=fault.error_code,
+                          registers=registers, system=system, cr2=fault.cr2,
+                          detail=f"{fault.describe()}, stopped at the guest's handler", new_blocks=new)
         if reason == "breakpoint" and self._sink_hit is not None:
             (address, regs_at), self._sink_hit = self._sink_hit, None
             label = self.sinks.get(address, f"{address:#x}")
@@ -406,6 +464,9 @@ class Fuzzer:
         """Keep the current fuzz fork as it is (e.g. paused at a crash) and stop using it. The sink can no longer
         change (its breakpoints are frozen) while kept forks live."""
         kept = self.fork
+        if self._faults is not None:
+            self._faults.uninstall()
+            self._faults = None
         self.kept.append(kept)
         self.fork = None
         self.fork_dbg = None
@@ -536,6 +597,9 @@ class Fuzzer:
 
     def close(self) -> None:
         """Destroy the fuzz fork, any kept forks and the sink (the parent stays)."""
+        if self._faults is not None:
+            self._faults.uninstall()
+            self._faults = None
         if self.sink.state != "destroyed":
             self.sink.destroy(tree=True)
 

@@ -106,7 +106,8 @@ def open_target(args: argparse.Namespace) -> Target:
     timeout = START_TIMEOUT if args.boot_timeout is None else args.boot_timeout
     harness = getattr(args, "harness_spec", None)
     if getattr(args, "domain", None) is not None:
-        return domain_target(args.domain, input_given=args.input_addr is not None and args.input_size is not None,
+        sized = args.input_size is not None or getattr(args, "input_limit", None) is not None
+        return domain_target(args.domain, input_given=args.input_addr is not None and sized,
                              harness=harness, timeout=timeout)
     return kernel_target(args.kernel, cmdline="fuzz" if args.cmdline is None else args.cmdline,
                          memory_mib=64 if args.memory is None else args.memory, timeout=timeout, harness=harness)

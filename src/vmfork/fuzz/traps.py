@@ -9,7 +9,8 @@ temporary breakpoints, a second exit; it reads the frame and descriptors through
 this host that upkeep costs more than the rest of an iteration. `ForkTraps` is the fork's debug-port handler
 instead; per trap it reads the vCPU's registers and the interrupt frame, and:
 
-- an int3 marker (harness.int3_marker) stops the machine like the port's markers (the int3 is consumed);
+- an int3 marker (harness.int3_end_marker: in a fork either magic ends the input) stops the machine like the
+  port's end marker (the int3 is consumed);
 - an end breakpoint stops it with "harness-end", as the port's end marker does;
 - a sink stops it with "breakpoint" and hands `on_sink` the interrupted code's registers;
 - a coverage block calls `on_block(address)` and lifts its int3 (the original byte back, in the fork's memory only)
@@ -34,7 +35,7 @@ from ..kvm import structs as s
 from ..vmi import Breakpoint, as_target
 from ..vmi.breakpoints import ANSWER_ABSENT, ANSWER_PASS, ANSWER_RESUME, INT3, STUB_AFTER_IN
 from ..vmi.memory import AddressSpace
-from .harness import int3_marker
+from .harness import int3_end_marker
 
 __all__ = ["ForkTraps"]
 
@@ -109,7 +110,7 @@ class ForkTraps:
         here: at one of vmfork's breakpoints RAX may well still hold a marker's value."""
         if self.int3_markers:
             # RAX is still the interrupted code's: the stub's `push rax` kept it, and its `in` has not completed
-            stop = int3_marker(0, regs)
+            stop = int3_end_marker(0, regs)
             if stop is not None:
                 self.target.request_stop(*stop)
                 return ANSWER_RESUME
