@@ -244,6 +244,8 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
         with self._lock:
             self._require_paused("watch the int3s of")
             self._guest_int3 = hook
+            if hook is not None:
+                self._install_kernel_hooks()     # kernel-mode int3s reach vmfork as emulation failures on some hosts
             self.sync()
 
     def _needs_stub(self) -> bool:

@@ -109,7 +109,7 @@ class KernelMixin(DebuggerBase):
             return True             # another vCPU's step: retry until it is done
         bp = self.breakpoints.get(gpa)
         if bp is None or gpa in self._lifted or bp.original == INT3:
-            return False            # the guest's own
+            return self._watched_guest_int3(vcpu)       # the guest's own: a watcher may take it
         regs, sregs = self.target.get_regs(vcpu), self.target.get_sregs(vcpu)
         bp.hits += 1
         hit = Hit(vcpu, bp.address, "breakpoint", bp, regs, sregs, self._as_debugger())
@@ -122,6 +122,21 @@ class KernelMixin(DebuggerBase):
             return True
         self._park(vcpu, _Parked(0, rip, "breakpoint", bp))
         self.target.request_stop("breakpoint", vcpu)
+        return True
+
+    def _watched_guest_int3(self, vcpu: int) -> bool:
+        """The guest's own kernel-mode int3 (at an emulation failure): shown to `watch_guest_int3`'s hook with RIP
+        right after it, as the #BP route shows it. A stop consumes the int3 (True); otherwise the guest gets it
+        (False: the next emulation-failure hook delivers it as #BP)."""
+        if self._guest_int3 is None:
+            return False
+        after = self.target.get_regs(vcpu)
+        after.rip += 1
+        stop = self._guest_int3(vcpu, after)
+        if stop is None:
+            return False
+        self.target.set_regs(vcpu, after)
+        self.target.request_stop(stop[0], stop[1])
         return True
 
     # --- KVM single-step in kernel mode ---------------------------------------------------------------------------
