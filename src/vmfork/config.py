@@ -25,6 +25,9 @@ Keys:
     on_crash        ... crashes, default "destroy"
                     (each one of destroy, restart, preserve, coredump-destroy, coredump-restart, rename-restart)
     boot_protocol   auto | multiboot | pvh | linux, default auto (a vmfork extension)
+    jail            1: run the domain in the jail (toolstack/jail.py), 0: without it; default: 1 for root
+    jail_user       the jail's user (a user name); default: a uid of its own per domain
+    cap             CPU cap in percent of one CPU for the jail's cgroup (as xl.cfg's credit cap), 0 = none
 
 Every error is a `ConfigError` whose message starts with "FILE:LINE: KEY: ..." (or "FILE: ..." for a missing key).
 """
@@ -59,7 +62,7 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 BOOT_PROTOCOLS: tuple[str, ...] = get_args(BootProtocol)
 
 KEYS = ("name", "memory", "vcpus", "kernel", "ramdisk", "cmdline", "extra", "on_poweroff", "on_reboot", "on_crash",
-        "boot_protocol")
+        "boot_protocol", "jail", "jail_user", "cap")
 
 MAX_NAME = 64
 MAX_VCPUS = 64
@@ -169,8 +172,11 @@ _VALIDATORS: dict[str, Validator] = {
     "on_reboot": _check_choice(ACTIONS),
     "on_crash": _check_choice(ACTIONS),
     "boot_protocol": _check_choice(BOOT_PROTOCOLS),
+    "jail": lambda v: None if v is None else _check_int("0 or 1", 0, 1)(v),
+    "jail_user": lambda v: None if v is None else _check_name(v),
+    "cap": _check_int("a percentage of one CPU", 0, 100 * MAX_VCPUS),
 }
-_INT_KEYS = ("memory", "vcpus")
+_INT_KEYS = ("memory", "vcpus", "jail", "cap")
 _PATH_KEYS = ("kernel", "ramdisk")
 
 
@@ -193,6 +199,9 @@ class DomainConfig:
     on_reboot: Action = "restart"
     on_crash: Action = "destroy"
     boot_protocol: BootProtocol = "auto"
+    jail: int | None = None         # None: on for root (toolstack/jail.py)
+    jail_user: str | None = None
+    cap: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
