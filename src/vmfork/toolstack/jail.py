@@ -43,7 +43,8 @@ import signal
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -283,11 +284,13 @@ class Jail:
     staging: Path | None = None
     entered: bool = False
     limits: dict[str, str] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def request(self, msg: dict[str, Any], *, want_fd: bool = False) -> tuple[dict[str, Any], int | None]:
+    def request(self, msg: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         """Ask the jailer (jail_files.Broker) for something; its reply, and a file descriptor if it sent one."""
-        self.sock.sendall(json.dumps(msg).encode())
-        data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 1)
+        with self.lock:
+            self.sock.sendall(json.dumps(msg).encode())
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 1)
         reply = json.loads(data or b"{}")
         return reply, (fds[0] if fds else None)
 

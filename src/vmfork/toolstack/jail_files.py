@@ -18,6 +18,7 @@ invoking user can write, and read vmfork-format files. It cannot read other file
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -45,6 +46,14 @@ class _Refused(Exception):
     pass
 
 
+class _Errno(Exception):
+    """An OSError to hand to the domain with its errno (e.g. EADDRINUSE, which callers try the next port on)."""
+
+    def __init__(self, errno: int, strerror: str) -> None:
+        super().__init__(strerror)
+        self.errno = errno
+
+
 class Broker:
     """The jailer's loop body: one request from the domain, one reply (with a descriptor for "open")."""
 
@@ -68,6 +77,8 @@ class Broker:
             reply, fd = self._handle(json.loads(data))
         except _Refused as e:
             reply = {"error": str(e)}
+        except _Errno as e:
+            reply = {"error": str(e), "errno": e.errno}
         except OSError as e:
             reply = {"error": f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"}
         except Exception as e:             # a bug: the domain gets an error reply, the jailer goes on
@@ -92,6 +103,8 @@ class Broker:
         if op == "deliver" and self.staging is not None:
             self._deliver(Path(msg["src"]), str(msg["dst"]))
             return {}, None
+        if op == "listen":
+            return {}, self._listen(str(msg["host"]), int(msg["port"]))
         if op == "fetch" and self.staging is not None:
             return {"path": self._fetch(str(msg["path"]))}, None
         raise _Refused(f"unknown request {op!r}")
@@ -141,6 +154,17 @@ class Broker:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(src)
+
+    @staticmethod
+    def _listen(host: str, port: int) -> int:
+        """A TCP listener in the host's network namespace (the domain has none), on an unprivileged port."""
+        if port != 0 and not 1024 <= port <= 65535:
+            raise _Refused(f"a jailed domain may listen on ports 1024-65535 only, not {port}")
+        try:
+            sock = socket.create_server((host, port), reuse_port=False)
+        except OSError as e:
+            raise _Errno(e.errno or 0, e.strerror or str(e)) from None
+        return sock.detach()
 
     def _fetch(self, path: str) -> str:
         """Copy a vmfork file into the staging directory (owned by the domain's uid); its path there."""
@@ -255,6 +279,16 @@ def jail_file_commands(jail: Jail) -> None:
                     os.unlink(staged)
         return handler
 
+    def create_server(address: tuple[Any, ...], *, family: int = socket.AF_INET, backlog: int | None = None,
+                      reuse_port: bool = False, dualstack_ipv6: bool = False) -> socket.socket:
+        reply, fd = jail.request({"op": "listen", "host": address[0], "port": address[1]})
+        if fd is None:
+            raise OSError(reply.get("errno", errno.EPERM), reply.get("error", "the jailer refused"))
+        return socket.socket(fileno=fd)
+
+    # TCP listeners (the GDB server's) come from the jailer, in the host's network namespace: the domain has no
+    # network of its own and its seccomp filter refuses AF_INET sockets.
+    socket.create_server = create_server        # type: ignore[assignment]
     for name in _WRITERS + _READERS:
         cmd = dom.COMMANDS.get(name)
         if cmd is not None:
