@@ -25,6 +25,7 @@ from typing import Any
 from ..config import DomainConfig, load_config
 from ..errors import ConfigError
 from .client import DomainClient, destroy_domain, open_registry, require_control, start_domain, sweep
+from .jail import NO_JAIL_HELP, jail_spec
 from .qmp import QmpChannel
 from .registry import DomainRecord, Registry
 from .runtime import ToolstackError
@@ -79,7 +80,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
     sweep(reg)
     # With -c the domain starts paused and runs once the console is attached, so none of its output is missed.
     paused = args.paused or args.console
-    domid = start_domain(reg.run_dir, {"kind": "create", "config": cfg.to_dict(), "paused": paused})
+    domid = start_domain(reg.run_dir, jail_spec({"kind": "create", "config": cfg.to_dict(), "paused": paused},
+                                                no_jail=args.no_jail, config_jail=cfg.jail, label=cfg.name))
     print(domid, flush=True)
     if args.console:
         rec = reg.find(domid)
@@ -287,7 +289,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.file)
     reg = _registry()
     sweep(reg)
-    domid = start_domain(reg.run_dir, {"kind": "restore", "file": path, "name": args.name, "paused": args.paused})
+    domid = start_domain(reg.run_dir, jail_spec({"kind": "restore", "file": path, "name": args.name,
+                                                 "paused": args.paused}, no_jail=args.no_jail, label=path))
     print(domid, flush=True)
     return 0
 
@@ -328,9 +331,10 @@ def _cmd_fork_vm(args: argparse.Namespace) -> int:
         raise ToolstackError("-Q gives the device model's state: it goes with --launch-dm yes (or late), "
                              "not no")
     sweep(reg)
-    domid = start_domain(reg.run_dir, {
+    domid = start_domain(reg.run_dir, jail_spec({
         "kind": "fork", "parent": rec.domid, "name": name, "overrides": overrides, "launch_dm": args.launch_dm,
-        "device_state": dm_file, "paused": args.paused, "block_interrupts": args.block_interrupts})
+        "device_state": dm_file, "paused": args.paused, "block_interrupts": args.block_interrupts},
+        no_jail=args.no_jail, config_jail=rec.config.get("jail"), label=f"the fork of {rec.label()}"))
     print(domid, flush=True)
     return 0
 
@@ -404,6 +408,7 @@ def add_toolstack_commands(sub: Any) -> None:
         p.add_argument("domain", metavar="DOMAIN", help="domid or name")
 
     p = sub.add_parser("create", help="start a domain from an xl-style config file; prints its domid")
+    p.add_argument("--no-jail", action="store_true", help=NO_JAIL_HELP)
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("-p", dest="paused", action="store_true", help="leave it paused before its first instruction")
     p.add_argument("-c", dest="console", action="store_true", help="attach to its console")
@@ -458,6 +463,7 @@ def add_toolstack_commands(sub: Any) -> None:
 
     p = sub.add_parser("restore", help="start a domain from a save file and print its domid (--foreground: run "
                                        "it here instead, console on the terminal)")
+    p.add_argument("--no-jail", action="store_true", help=NO_JAIL_HELP)
     p.add_argument("-p", dest="paused", action="store_true", help="leave it paused")
     p.add_argument("-n", "--name", default=None, help="a name for it (default: the saved domain's)")
     p.add_argument("--foreground", action="store_true", help="run it in this process until it stops")
@@ -476,6 +482,7 @@ def add_toolstack_commands(sub: Any) -> None:
 
     p = sub.add_parser("fork-vm", help="fork a paused domain (or, with --launch-dm late, give a fork its device "
                                        "model)")
+    p.add_argument("--no-jail", action="store_true", help=NO_JAIL_HELP)
     p.add_argument("-C", dest="config", default=None, metavar="CONFIG",
                    help="the fork's config: a new name, on_* actions (see vmfork.toolstack.commands)")
     p.add_argument("-Q", dest="dm_state", default=None, metavar="DM_STATE_FILE",

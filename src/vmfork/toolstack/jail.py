@@ -107,6 +107,21 @@ def host_pid() -> int:
     return _host_pid
 
 
+NO_JAIL_HELP = "run the domain without the jail (as the invoking user, unconfined; see vmfork.toolstack.jail)"
+
+
+def jail_spec(spec: dict[str, Any], *, no_jail: bool, config_jail: int | None = None, label: str = "the domain"
+              ) -> dict[str, Any]:
+    """The CLI's part: `--no-jail` into the domain's spec, and the warning when root runs a domain unjailed."""
+    if no_jail:
+        spec = {**spec, "jail": False}
+    if (no_jail or config_jail == 0) and os.geteuid() == 0:
+        why = "--no-jail" if no_jail else "jail = 0"
+        print(f"vmfork: warning: {label} runs without the jail ({why}): as root, with every system call and the "
+              "whole file system", file=sys.stderr)
+    return spec
+
+
 # --- deciding ---------------------------------------------------------------------------------------------------------
 
 def wanted(spec: dict[str, Any], run_dir: str) -> bool:
