@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_harness import CliHarness
 
+from cli_harness import CliHarness
 from vmfork.toolstack.jail import JAIL_UID_RANGE, MEMORY_OVERHEAD_MIB, PIDS_MAX, TEST_ENV
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail is set up by root (vmfork runs as non-root)")
