@@ -154,7 +154,7 @@ def _qmp_message(draw: Callable[[Any], Any]) -> bytes:
 
     from vmfork.toolstack import domain as dom
     dom._load_extensions()
-    names = sorted(dom.COMMANDS) + ["qmp_capabilities", "nope"]
+    names = [*sorted(dom.COMMANDS), "qmp_capabilities", "nope"]
     msg: dict[str, Any] = {}
     if draw(st.booleans()):
         msg["execute"] = draw(st.sampled_from(names) | _JSON)
