@@ -245,6 +245,69 @@ def test_fuzz_device_state_files(seed_files: dict[str, bytes], tmp_path: Path) -
     fuzz()
 
 
+def _edit_json(doc: Any, edits: list[tuple[int, int, Any]]) -> Any:
+    """`doc` with leaves replaced or keys dropped: each edit (which node, what, value) walks to the node-th
+    container in a depth-first order."""
+    import copy
+    doc = copy.deepcopy(doc)
+    for which, what, value in edits:
+        nodes: list[Any] = []
+
+        def walk(x: Any) -> None:
+            if isinstance(x, dict | list):
+                nodes.append(x)
+                for v in (x.values() if isinstance(x, dict) else x):
+                    walk(v)
+        walk(doc)
+        node = nodes[which % len(nodes)]
+        if not node:
+            continue
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        key = keys[what % len(keys)]
+        if what % 5 == 0 and isinstance(node, dict):
+            del node[key]
+        else:
+            node[key] = value
+    return doc
+
+
+def device_state_file(path: Path, doc: Any) -> None:
+    """A well-formed device-state container (checksums right) around any JSON document."""
+    import json
+
+    from vmfork.snapshot.container import ContainerWriter, SectionSpec
+    from vmfork.snapshot.devstate import FORMAT, MAGIC
+    data = json.dumps(doc).encode()
+    with ContainerWriter(path, MAGIC, FORMAT, {"vm": "fuzz", "devices": []}, [SectionSpec("devices", len(data))]) as w:
+        w.write("devices", data)
+        w.commit()
+
+
+def test_fuzz_device_state_contents(paused_guest: Any, tmp_path: Path) -> None:
+    """Past the container's checks: the device states themselves (DeviceSetState.from_dict and every device's)."""
+    from vmfork.devices import DeviceSetState
+    from vmfork.snapshot import load_device_state
+    seed = DeviceSetState.capture_all(paused_guest.devices).to_dict()
+    path = tmp_path / "c.dm"
+
+    @FUZZ
+    @given(st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 1 << 16), _JSON), min_size=1, max_size=4))
+    def fuzz(edits: list[tuple[int, int, Any]]) -> None:
+        device_state_file(path, _edit_json(seed, edits))
+        try:
+            state = load_device_state(path)
+        except VmforkError:
+            return
+        fork = paused_guest.fork(launch_dm="no")     # a state that loads must also attach, or be refused cleanly
+        try:
+            fork.attach_device_model(state)
+        except VmforkError:
+            pass
+        finally:
+            fork.destroy()
+    fuzz()
+
+
 def test_fuzz_save_files(seed_files: dict[str, bytes], tmp_path: Path) -> None:
     from vmfork.snapshot import restore
     run = _file_target(tmp_path, ".sav", restore)
