@@ -245,20 +245,23 @@ def test_fuzz_device_state_files(seed_files: dict[str, bytes], tmp_path: Path) -
     fuzz()
 
 
+def _containers(x: Any) -> list[Any]:
+    """The dicts and lists in a JSON document, depth first."""
+    if not isinstance(x, dict | list):
+        return []
+    out = [x]
+    for v in (x.values() if isinstance(x, dict) else x):
+        out += _containers(v)
+    return out
+
+
 def _edit_json(doc: Any, edits: list[tuple[int, int, Any]]) -> Any:
     """`doc` with leaves replaced or keys dropped: each edit (which node, what, value) walks to the node-th
     container in a depth-first order."""
     import copy
     doc = copy.deepcopy(doc)
     for which, what, value in edits:
-        nodes: list[Any] = []
-
-        def walk(x: Any) -> None:
-            if isinstance(x, dict | list):
-                nodes.append(x)
-                for v in (x.values() if isinstance(x, dict) else x):
-                    walk(v)
-        walk(doc)
+        nodes = _containers(doc)
         node = nodes[which % len(nodes)]
         if not node:
             continue
