@@ -24,26 +24,24 @@ __all__ = ["ALLOWED", "KVM_IOCTLS", "install"]
 
 # The Python runtime, memory and threads.
 _RUNTIME = (
-    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "mlock", "munlock",
+    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise",
     "futex", "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "sched_yield", "sched_getaffinity",
-    "exit", "exit_group", "gettid", "getpid", "getppid", "tgkill", "tkill", "kill",
-    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigtimedwait", "sigaltstack", "rt_sigpending",
-    "clock_gettime", "clock_getres", "gettimeofday", "nanosleep", "clock_nanosleep", "time",
+    "exit", "exit_group", "gettid", "getpid", "getppid", "tgkill", "kill",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
+    "clock_gettime", "clock_getres", "gettimeofday", "nanosleep", "clock_nanosleep",
     "getrandom", "getuid", "geteuid", "getgid", "getegid", "getgroups", "getresuid", "getresgid", "uname",
-    "getrlimit", "prlimit64", "sysinfo", "getrusage", "times", "umask", "getcwd", "prctl", "arch_prctl",
-    "membarrier",
+    "getrlimit", "prlimit64", "umask", "getcwd", "prctl", "arch_prctl",
 )
-# Files: its own descriptors, and the few paths its private root holds (the kernel on a reboot, /proc/self).
+# Files: its own descriptors, and the few paths its private root holds (the kernel on a reboot, /proc/self, the
+# staging directory where file commands write).
 _FILES = (
-    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
-    "lseek", "close", "fstat", "newfstatat", "stat", "lstat", "statx", "statfs", "fstatfs",
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
+    "lseek", "close", "fstat", "newfstatat", "stat", "lstat", "statx", "fstatfs",
     "openat", "open", "fcntl", "dup", "dup2", "dup3", "pipe2", "pipe", "eventfd2", "memfd_create",
-    "ftruncate", "fallocate", "fsync", "fdatasync", "sync_file_range", "flock",
-    "rename", "renameat", "renameat2", "unlink", "unlinkat", "mkdir", "mkdirat", "rmdir",
-    "getdents64", "readlink", "readlinkat", "access", "faccessat", "faccessat2", "fchmod", "chmod", "fchmodat",
-    "close_range", "sendfile", "copy_file_range", "utimensat", "futimesat",
-    "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_create", "epoll_ctl", "epoll_wait",
-    "epoll_pwait", "epoll_pwait2", "timerfd_create", "timerfd_settime", "timerfd_gettime", "userfaultfd",
+    "ftruncate", "fallocate", "fsync", "fdatasync",
+    "rename", "renameat", "renameat2", "unlink", "unlinkat", "mkdir",
+    "getdents64", "readlink", "readlinkat", "access", "faccessat", "faccessat2", "fchmod", "close_range",
+    "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",
 )
 # Sockets: its QMP and console servers (Unix sockets; socket() itself is checked below).
 _SOCKETS = (
