@@ -129,3 +129,22 @@ def test_a_jail_that_cannot_be_set_up_refuses_the_domain(ts: CliHarness) -> None
     assert not list(ts.run_dir.glob(".jail-*"))
     bad = ts.config("nb", "demo", jail=2)
     ts.fail("create", str(bad), match="jail: must be between 0 and 1")
+
+
+def test_the_jail_needs_root_and_says_how_to_run_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmfork.toolstack import jail
+    monkeypatch.setattr(jail.os, "geteuid", lambda: 1000)
+    assert jail.wanted({"kind": "create", "config": {"jail": None}}, "/nonexistent") is False   # default: off
+    assert jail.wanted({"kind": "create", "config": {"jail": 0}}, "/nonexistent") is False
+    with pytest.raises(jail.JailError, match=r"the jail needs root \(vmfork runs as uid 1000\); set jail = 0 in the "
+                                             r"config or use --no-jail"):
+        jail.wanted({"kind": "create", "config": {"jail": 1}}, "/nonexistent")
+
+
+def test_a_host_without_the_cgroup_controllers_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from vmfork.toolstack import jail_cgroup
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "cgroup.procs").write_text("")
+    monkeypatch.setattr(jail_cgroup, "ROOT", tmp_path)
+    with pytest.raises(jail_cgroup.JailCgroupError, match="this host lacks pids, cpu"):
+        jail_cgroup.CgroupLeaf.create("dom-test")
