@@ -148,3 +148,32 @@ def test_a_host_without_the_cgroup_controllers_is_named(monkeypatch: pytest.Monk
     monkeypatch.setattr(jail_cgroup, "ROOT", tmp_path)
     with pytest.raises(jail_cgroup.JailCgroupError, match="this host lacks pids, cpu"):
         jail_cgroup.CgroupLeaf.create("dom-test")
+
+
+def test_a_hostile_guest_in_a_jailed_domain_stays_inside_the_allow_list(ts: CliHarness) -> None:
+    """The hostile guest (random port and MMIO writes, UART resets) drives every device model path of a jailed domain
+    process: none of them may need a system call outside the seccomp allow-list (that would kill the domain)."""
+    import base64
+    import struct
+    import time
+    ts.create_program("hg", "hostile", on_poweroff="preserve", on_crash="preserve")
+    ts.wait_state("hg", "paused")
+    fork = int(ts.ok("fork-vm", "-p", "hg").strip())
+    buf = ts.execute(fork, "vmfork-regs-get")["rdi"]
+    runs, done = 0, 0
+    deadline = time.monotonic() + 12
+    while time.monotonic() < deadline:
+        ts.execute(fork, "vmfork-reset")
+        data = base64.b64encode(struct.pack("<QQQ", 100 + runs, 2000, 0)).decode()
+        ts.execute(fork, "vmfork-memory-write", gpa=buf, data=data)
+        ts.execute(fork, "cont")
+        ts.wait("the run to end", lambda: ts.record(fork).state != "running", timeout=30)
+        raw = base64.b64decode(ts.execute(fork, "vmfork-memory-read", gpa=buf + 16, length=8)["data"])
+        done += struct.unpack("<Q", raw)[0]
+        runs += 1
+    rec = ts.record(fork)
+    assert rec.alive and "killed by the jail" not in rec.reason, rec
+    assert probe(ts, fork, "status")["status"]["Seccomp"] == ["2"]
+    assert runs >= 3 and done > 200, (runs, done)
+    ts.ok("save", str(fork), str(ts.base / "hostile.sav"))
+    ts.ok("destroy", "--force", "hg")
