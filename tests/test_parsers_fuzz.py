@@ -311,6 +311,46 @@ def test_fuzz_device_state_contents(paused_guest: Any, tmp_path: Path) -> None:
     fuzz()
 
 
+def test_fuzz_save_file_contents(seed_files: dict[str, bytes], tmp_path: Path) -> None:
+    """Past the container's checks: well-formed save files (checksums right) around an edited header, machine state
+    or RAM map, restored."""
+    from vmfork.snapshot import restore
+    from vmfork.snapshot.container import ContainerFile, ContainerWriter, SectionSpec
+    from vmfork.snapshot.savefile import FORMAT, MAGIC
+    seed_path = tmp_path / "seed.sav"
+    seed_path.write_bytes(seed_files["save"])
+    with ContainerFile.open(seed_path, MAGIC, FORMAT) as f:
+        header = dict(f.header)
+        sections = {name: f.read(name) for name in ("machine", "ram-map", "ram")}
+    header.pop("sections", None)
+    path = tmp_path / "c.sav"
+
+    @FUZZ
+    @given(st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 1 << 16), _JSON), max_size=3),
+           st.one_of(st.just(None), mutations(sections["machine"], max_edits=4)),
+           st.one_of(st.just(None), mutations(sections["ram-map"], max_edits=2)))
+    def fuzz(edits: list[tuple[int, int, Any]], machine: bytes | None, ram_map: bytes | None) -> None:
+        head = _edit_json(header, edits) if edits else header
+        if not isinstance(head, dict):
+            return
+        parts = {"machine": machine if machine is not None else sections["machine"],
+                 "ram-map": ram_map if ram_map is not None else sections["ram-map"], "ram": sections["ram"]}
+        try:
+            with ContainerWriter(path, MAGIC, FORMAT, head, [SectionSpec(n, len(d), 4096 if n == "ram" else 8)
+                                                             for n, d in parts.items()]) as w:
+                for n, d in parts.items():
+                    w.write(n, d)
+                w.commit()
+        except (TypeError, ValueError):
+            return                          # a header JSON cannot hold (e.g. a float NaN key): not a file
+        try:
+            vm = restore(path)
+        except VmforkError:
+            return
+        vm.destroy()
+    fuzz()
+
+
 def test_fuzz_save_files(seed_files: dict[str, bytes], tmp_path: Path) -> None:
     from vmfork.snapshot import restore
     run = _file_target(tmp_path, ".sav", restore)
