@@ -6,7 +6,7 @@ message and argument checks against every registered command), GDB remote packet
 and command handling, on a fork of a real paused guest), and kernel images (arch/x86/boot: Multiboot, PVH/ELF and
 bzImage headers). Inputs are grammar-shaped where a grammar fits and mutations of real files otherwise.
 
-A fixed budget runs here (VMFORK_FUZZ_EXAMPLES examples per parser, 150 by default: about a minute in all);
+A fixed budget runs here (VMFORK_FUZZ_EXAMPLES examples per parser, 300 by default: under a minute in all);
 bench/fuzz_parsers.py runs the same targets for longer and reports inputs run and lines covered. Inputs that once
 failed are kept in tests/corpus/<parser>/ and replayed by test_corpus_regressions.
 """
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from vmfork.errors import VmforkError
 
-EXAMPLES = int(os.environ.get("VMFORK_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("VMFORK_FUZZ_EXAMPLES", "300"))
 CORPUS = Path(__file__).parent / "corpus"
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
