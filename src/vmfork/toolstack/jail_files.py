@@ -11,8 +11,11 @@ A jailed domain sees only its private root, so a command that names a file anywh
 - reading: the jailer copies the file into the staging directory, only if it is a regular file that starts with one
   of vmfork's own magics (a device-state or save file), so the domain cannot read anything else through it.
 
-What a compromised domain can still do through the jailer: create or replace vmfork-format files wherever the
-invoking user can write, and read vmfork-format files. It cannot read other files, run programs, or reach the network.
+What a compromised domain can still do through the jailer (it names the paths in its requests): create or replace
+files wherever the invoking user can write, with contents of its choosing; read any vmfork-format file the invoking
+user can read (other domains' save files hold their guests' RAM); listen on unprivileged TCP ports. It cannot read
+other files, run programs, or open connections. Closing that door needs the QMP client to open the file and pass
+the descriptor (QEMU's `getfd`/`add-fd`), which the CLI does not do yet.
 """
 
 from __future__ import annotations
@@ -110,8 +113,14 @@ class Broker:
         raise _Refused(f"unknown request {op!r}")
 
     def _staged(self, src: Path) -> Path:
+        """A file the domain wrote in its staging directory: a regular file with one link (not a symlink or a hard
+        link to something else the domain wants moved or copied)."""
         assert self.staging is not None
-        if src.parent != self.staging or src.is_symlink() or not src.is_file():
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            raise _Refused(f"{src} is not a file in the staging directory") from None
+        if src.parent != self.staging or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             raise _Refused(f"{src} is not a file in the staging directory")
         return src
 
@@ -126,14 +135,14 @@ class Broker:
         uid, gid = os.geteuid(), os.getegid()
         try:
             if st is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-                with open(src, "rb") as fin, open(dst, "wb") as fout:
+                with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fin, open(dst, "wb") as fout:
                     shutil.copyfileobj(fin, fout, COPY_CHUNK)
                 return
             if st is not None and not stat.S_ISREG(st.st_mode):
                 raise _Refused(f"{dst}: not a regular file, FIFO or device (it is a "
                                f"{'directory' if stat.S_ISDIR(st.st_mode) else 'socket or special file'})")
             try:
-                os.chown(src, uid, gid)
+                os.chown(src, uid, gid, follow_symlinks=False)
                 os.rename(src, dst)
                 return
             except OSError as e:
@@ -141,7 +150,7 @@ class Broker:
                     raise
             tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.jail.tmp")
             try:
-                with open(src, "rb") as fin, open(tmp, "xb") as fout:
+                with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fin, open(tmp, "xb") as fout:
                     os.fchmod(fout.fileno(), 0o600)
                     shutil.copyfileobj(fin, fout, COPY_CHUNK)
                     fout.flush()
