@@ -13,6 +13,7 @@ prog_table:
         dq name_reboot, prog_reboot
         dq name_vmi, prog_vmi
         dq name_fuzz, prog_fuzz
+        dq name_hostile, prog_hostile
 %ifdef WITH_JSMN
         dq name_jsmn, prog_jsmn
 %endif
@@ -30,6 +31,7 @@ name_ud2:       db "ud2", 0
 name_reboot:    db "reboot", 0
 name_vmi:       db "vmi", 0
 name_fuzz:      db "fuzz", 0
+name_hostile:   db "hostile", 0
 %ifdef WITH_JSMN
 name_jsmn:      db "jsmn", 0
 %endif
@@ -627,3 +629,5 @@ prog_jsmn:
         END_MARKER
         jmp .iteration
 %endif
+
+%include "hostile.asm"

@@ -31,6 +31,9 @@ Keys:
     cpuid           the CPU features the vCPUs are shown, in libxl's syntax: "host,popcnt=0,xsave=0" (see
                     vmfork.arch.x86.cpuid_policy); default: this host's default policy (the host's features minus
                     those its KVM cannot run in guest kernel mode; base word "default")
+    jail            1: run the domain in the jail (toolstack/jail.py), 0: without it; default: 1 for root
+    jail_user       the jail's user (a user name); default: a uid of its own per domain
+    cap             CPU cap in percent of one CPU for the jail's cgroup (as xl.cfg's credit cap), 0 = none
 
 Every error is a `ConfigError` whose message starts with "FILE:LINE: KEY: ..." (or "FILE: ..." for a missing key).
 """
@@ -68,7 +71,7 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 BOOT_PROTOCOLS: tuple[str, ...] = get_args(BootProtocol)
 
 KEYS = ("name", "memory", "vcpus", "kernel", "ramdisk", "cmdline", "extra", "on_poweroff", "on_reboot", "on_crash",
-        "boot_protocol", "console_log_max", "cpuid")
+        "boot_protocol", "console_log_max", "cpuid", "jail", "jail_user", "cap")
 
 MAX_NAME = 64
 MAX_VCPUS = 64
@@ -200,8 +203,11 @@ _VALIDATORS: dict[str, Validator] = {
     "boot_protocol": _check_choice(BOOT_PROTOCOLS),
     "console_log_max": _check_int("an integer number of KiB", 64, 4 << 20, " KiB"),
     "cpuid": _check_cpuid,
+    "jail": lambda v: None if v is None else _check_int("0 or 1", 0, 1)(v),
+    "jail_user": lambda v: None if v is None else _check_name(v),
+    "cap": _check_int("a percentage of one CPU", 0, 100 * MAX_VCPUS),
 }
-_INT_KEYS = ("memory", "vcpus", "console_log_max")
+_INT_KEYS = ("memory", "vcpus", "console_log_max", "jail", "cap")
 _PATH_KEYS = ("kernel", "ramdisk")
 
 
@@ -226,6 +232,9 @@ class DomainConfig:
     boot_protocol: BootProtocol = "auto"
     console_log_max: int = 16384        # KiB
     cpuid: str | None = None
+    jail: int | None = None         # None: on for root (toolstack/jail.py)
+    jail_user: str | None = None
+    cap: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

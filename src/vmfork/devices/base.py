@@ -194,6 +194,10 @@ UnknownPortHook = Callable[[int, bool, int], None]
 """Called as hook(port, is_write, size) on the first access to a port no device answers."""
 
 
+MAX_UNKNOWN_MMIO = 4096           # distinct addresses PortBus.unknown_mmio counts one by one
+UNKNOWN_MMIO_OTHER = -1           # ... and the key counting the rest
+
+
 class PortBus:
     """Routes port I/O to devices with one dict lookup, and answers ports without a device like absent hardware.
 
@@ -207,7 +211,8 @@ class PortBus:
 
     No device is memory-mapped yet: MMIO exits (guest-physical addresses with neither RAM nor an in-kernel device)
     are answered like absent hardware too, reads all ones and writes dropped, counted per address in
-    `unknown_mmio`.
+    `unknown_mmio` (for the first MAX_UNKNOWN_MMIO addresses; later ones together under UNKNOWN_MMIO_OTHER, so a
+    guest writing all over its address space cannot grow the table without end).
     """
 
     __slots__ = ("_devices", "_map", "on_unknown", "touched", "unknown_accesses", "unknown_mmio")
@@ -273,12 +278,18 @@ class PortBus:
         if count == 0 and self.on_unknown is not None:
             self.on_unknown(port, is_write, size)
 
+    def _count_mmio(self, addr: int) -> None:
+        counts = self.unknown_mmio
+        if addr not in counts and len(counts) >= MAX_UNKNOWN_MMIO:
+            addr = UNKNOWN_MMIO_OTHER
+        counts[addr] = counts.get(addr, 0) + 1
+
     def mmio_read(self, addr: int, size: int) -> int:
-        self.unknown_mmio[addr] = self.unknown_mmio.get(addr, 0) + 1
+        self._count_mmio(addr)
         return (1 << (8 * size)) - 1
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
-        self.unknown_mmio[addr] = self.unknown_mmio.get(addr, 0) + 1
+        self._count_mmio(addr)
 
 
 def split_read(read_byte: Callable[[int], int], offset: int, size: int, span: int) -> int:

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import DomainConfig
 from ..errors import VmforkError
+from . import jail as _jail
 from .console import ConsoleClient, ConsoleHub
 from .domfile import DomainFile
 from .qmp import (
@@ -126,7 +127,7 @@ def qmp_command(command: str, /, *, help: str = "", **args: ArgSpec) -> Callable
     return register
 
 
-EXTENSION_MODULES = ("vmfork.vmi.qmp_commands",)
+EXTENSION_MODULES = ("vmfork.vmi.qmp_commands", "vmfork.toolstack.jail_probe")
 
 
 def _load_extensions() -> None:
@@ -234,6 +235,7 @@ class Domain:
         self.exit_reason = ""
         self.terminate = False
         self.has_run = False
+        self.jail: _jail.Jail | None = None      # set by main() when the domain is jailed
 
     # --- properties --------------------------------------------------------------------------------------------
 
@@ -276,6 +278,8 @@ class Domain:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.set_wakeup_fd(self.wake_w)
+        if self.jail is not None:
+            self.jail.enter(self)       # before the guest's first instruction
         if self.spec.get("paused"):
             self._set_state("paused", self.fork_point_reason or "created paused")
         else:
@@ -287,8 +291,8 @@ class Domain:
             data = {**dataclasses.asdict(record), "spec": self.spec}
             self.domfile = DomainFile(self.rd.domain_file(record.domid), data)
         self.record = self.registry.reserve(name=name, auto_name=auto_name, parent=parent, kind=self.kind,
-                                            config=config, launch_dm=launch_dm, pid=os.getpid(),
-                                            pid_start=pid_start_time(os.getpid()), memory=memory, vcpus=vcpus,
+                                            config=config, launch_dm=launch_dm, pid=_jail.host_pid(),
+                                            pid_start=pid_start_time(_jail.host_pid()), memory=memory, vcpus=vcpus,
                                             claim=claim)
         log_max = int(config.get("console_log_max", DomainConfig.__dataclass_fields__["console_log_max"].default))
         self.console = ConsoleHub(self.record.console_log, self.wake, log_max=log_max << 10)
@@ -976,7 +980,7 @@ class Domain:
             pages = int(vm.memory.owned_pages().size)
         return {
             "domid": self.domid, "name": self.name, "kind": self.kind, "parent": self.parent_domid,
-            "state": self.state, "reason": self.reason, "pid": os.getpid(),
+            "state": self.state, "reason": self.reason, "pid": _jail.host_pid(),
             "pause_holders": sorted(self.pause_holders),
             "memory": self.record.memory if self.record else None, "vcpus": self.record.vcpus if self.record else None,
             "launch_dm": "yes" if vm is not None and vm.devices else "no",
@@ -1346,7 +1350,9 @@ def main(argv: list[str] | None = None) -> int:
     domain: Domain | None = None
     try:
         spec = json.loads(args.spec)
+        jail = _jail.start(spec, args.run_dir, report)      # in a jail: from here on, the domain in its namespaces
         domain = Domain(RunDir.open(args.run_dir), spec)
+        domain.jail = jail
         domain.setup()
     except VmforkError as e:
         msg = str(e)
