@@ -187,7 +187,7 @@ class ContainerWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], magic: bytes, fmt: str, header: dict[str, Any],
-                 sections: Sequence[SectionSpec]) -> None:
+                 sections: Sequence[SectionSpec], *, file_mode: int = 0o600) -> None:
         if magic not in KINDS:
             raise ValueError(f"unknown magic {magic!r}")
         self.path = Path(path)
@@ -201,6 +201,7 @@ class ContainerWriter:
         self._current = 0
         self._committed = False
         self._fd = -1
+        self.file_mode = file_mode      # the finished file's permissions (a file replaced or created)
         self.mode = save_target(self.path, self.what)
         directory = self.path.parent
         self._tmp = directory / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -321,6 +322,7 @@ class ContainerWriter:
                 self._fd = -1
                 self._committed = True
                 return
+            os.fchmod(self._fd, self.file_mode)
             os.fsync(self._fd)
             if not self._named:
                 # Only a complete file gets a name (linkat through /proc: an unnamed file cannot be renamed).

@@ -68,7 +68,7 @@ def save_template(vm: Machine, path: Path) -> SaveInfo:
     pages = np.flatnonzero(nonzero_pages(mem))
     header = header_for(vm, state, int(pages.size), layout="image")
     specs = [SectionSpec("machine", len(machine)), SectionSpec(SECTION, mem.size, PAGE_SIZE)]
-    with ContainerWriter(path, MAGIC, FORMAT, header, specs) as w:
+    with ContainerWriter(path, MAGIC, FORMAT, header, specs, file_mode=0o444) as w:
         w.write("machine", machine)
         done = 0
         for first, count in _page_runs(pages):
@@ -79,8 +79,6 @@ def save_template(vm: Machine, path: Path) -> SaveInfo:
         w.write(SECTION, b"")
         w.commit()
         size = w.file_size
-    if path.is_file():          # not a FIFO or a device it was streamed to
-        os.chmod(path, 0o444)
     return SaveInfo(path, size, mem.npages, int(pages.size))
 
 

@@ -151,7 +151,7 @@ class Broker:
             tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.jail.tmp")
             try:
                 with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fin, open(tmp, "xb") as fout:
-                    os.fchmod(fout.fileno(), 0o600)
+                    os.fchmod(fout.fileno(), stat.S_IMODE(os.fstat(fin.fileno()).st_mode) & 0o644)
                     shutil.copyfileobj(fin, fout, COPY_CHUNK)
                     fout.flush()
                     os.fsync(fout.fileno())

@@ -39,7 +39,7 @@ _FILES = (
     "lseek", "close", "fstat", "newfstatat", "stat", "lstat", "statx", "fstatfs",
     "openat", "open", "fcntl", "dup", "dup2", "dup3", "pipe2", "pipe", "eventfd2", "memfd_create",
     "ftruncate", "fallocate", "fsync", "fdatasync",
-    "rename", "renameat", "renameat2", "unlink", "unlinkat", "mkdir",
+    "rename", "renameat", "renameat2", "unlink", "unlinkat", "mkdir", "link", "linkat",
     "getdents64", "readlink", "readlinkat", "access", "faccessat", "faccessat2", "fchmod", "close_range",
     "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",
 )
