@@ -180,7 +180,8 @@ class _Guest:
         from .devices import ExitDevice
         from .vm import Machine
 
-        self.m = Machine.create(memory_mib=memory_mib, vcpus=1, name="doctor", with_devices=False)
+        self.m = Machine.create(memory_mib=memory_mib, vcpus=1, name="doctor", with_devices=False,
+                                workarounds=False)
         try:
             self.m.attach_devices([ExitDevice(self.m)])
             self.layout = flat.setup_long_mode(self.m, code=code, **flat_options)
