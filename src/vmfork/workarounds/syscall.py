@@ -5,7 +5,8 @@ RFLAGS &= ~SFMASK, RIP = LSTAR, with CS/SS still the user's. The guest's entry p
 instruction fetch at LSTAR raises a #PF from user mode, which the guest's handler (IDT gate 14) receives in emulated
 kernel mode. A hardware breakpoint on that handler (owner "syscall", through `vcpu.debug`) stops there. At the hit the
 6-qword frame at RSP is [error, rip, cs, rflags, rsp, ss]; it is a user `syscall` iff cs is a CPL3 selector, the
-error code says user + instruction fetch (0x14), rip == CR2 == LSTAR, and the saved RFLAGS equal (R11 & ~SFMASK) | 2
+error code says user + instruction fetch (0x14; user and not a write where neither NX nor SMEP is on, since only
+they make the CPU report fetches), rip == CR2 == LSTAR, and the saved RFLAGS equal (R11 & ~SFMASK) | 2
 (what `syscall` left, IF clear; a user `jmp` to LSTAR has IF set). vmfork then enters the entry in kernel mode as the
 CPU would: RIP = LSTAR, RSP = the user's (the frame is dropped), RFLAGS = (R11 & ~SFMASK) | 2, CS = STAR[47:32]
 (64-bit code, DPL 0), SS = CS + 8, every other register kept. `sysretq` and `iretq` back to user mode work natively.
@@ -42,7 +43,8 @@ OWNER = "syscall"
 MSR_STAR, MSR_LSTAR, MSR_SFMASK = 0xC0000081, 0xC0000082, 0xC0000084
 EFER_SCE, EFER_LMA = 1, 1 << 10
 PF_VECTOR = 14
-PF_USER_FETCH = 0x14
+PF_WRITE, PF_USER, PF_USER_FETCH = 0x2, 0x4, 0x14
+EFER_NXE, CR4_SMEP = 1 << 11, 1 << 20
 RF = 1 << 16
 
 
@@ -108,9 +110,10 @@ class SyscallCompletion:
             err, rip, cs, rflags, rsp, _ss = struct.unpack("<6Q", read_virt(vcpu, self.memory, regs.rsp, 48))
             star, lstar, sfmask = self._read_msrs(vcpu)
             sregs = vcpu.get_sregs()
-            user_rflags = regs.r11
-            if (cs & 3 == 3 and err & PF_USER_FETCH == PF_USER_FETCH and rip == lstar == sregs.cr2
-                    and rflags & ~RF == (user_rflags & ~sfmask) | 2):
+            # the fetch bit is only reported where NX or SMEP is on; without, a user read fault at rip is the same
+            fetch = PF_USER_FETCH if sregs.efer & EFER_NXE or sregs.cr4 & CR4_SMEP else PF_USER
+            if (cs & 3 == 3 and err & (fetch | PF_WRITE) == fetch and rip == lstar == sregs.cr2
+                    and rflags & ~RF == (regs.r11 & ~sfmask) | 2):
                 self._enter(vcpu, regs, sregs, lstar, star, sfmask, rsp)
                 self.counts.completed += 1
                 return True
