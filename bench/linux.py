@@ -294,7 +294,29 @@ def main() -> int:
     if "console" not in qemu:
         qemu["console"] = Console(0.0)
     print(report(args, cmdline, vm, qemu))
+    _record(args, cmdline, vm)
     return 0
+
+
+def _record(args: argparse.Namespace, cmdline: str, vm: dict[str, Any]) -> None:
+    """The measurement `vmfork doctor` shows as its Linux boot line (vmfork.doctor.linux_boot_path)."""
+    import json
+
+    from vmfork.doctor import linux_boot_path
+    con = vm["console"]
+    kernel = Path(args.kernel)
+    release = ""
+    m = re.search(rb"Linux version (\S+)", bytes(con.data))
+    if m:
+        release = m.group(1).decode(errors="replace")
+    d = {"host": platform.release(), "kernel": str(kernel.relative_to(ROOT) if kernel.is_relative_to(ROOT)
+                                                   else kernel),
+         "release": release, "cmdline": cmdline, "limit_s": args.seconds, "date": str(datetime.date.today()),
+         "prompt_s": con.seen.get("prompt"), "answer_s": con.seen.get("answer"),
+         "run_init_s": con.seen.get("run /init"), "stop": vm.get("stop", "")}
+    path = linux_boot_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ __all__ = ["INFO", "FwaitFallback"]
 
 INFO = register(Workaround(
     "fwait-cpl0", "fwait in guest kernel mode: completed when no x87 exception is pending (else #MF, or #NM)",
-    "emulation failure of fwait in CPL0"))
+    "doctor's fwait-cpl0 check (a tiny guest runs fninit; fwait in kernel mode)"))
 
 CR0_MP, CR0_TS, CR0_NE = 1 << 1, 1 << 3, 1 << 5
 FSW_ES = 1 << 7
