@@ -133,3 +133,17 @@ def test_the_catalog_names_every_mechanism() -> None:
     assert {"int3-cpl0", "fwait-cpl0", "syscall-completion"} <= set(CATALOG)
     for w in CATALOG.values():
         assert w.what and w.probe
+
+
+def test_vmfork_list_json_shows_the_counts(tmp_path: Path, syscall_guest: Path) -> None:
+    from cli_harness import CliHarness
+    emulated = syscall_stays_in_user_mode()
+    with CliHarness(tmp_path, syscall_guest) as ts:
+        domid = ts.create_program("sg", "", on_poweroff="preserve")   # runs to its harness marker, pauses there
+        ts.wait_state(domid, "paused")
+        counts = ts.listed("sg")["workarounds"]
+        assert counts["int3-cpl0"] == (1 if emulated else 0), counts
+        ts.ok("unpause", str(domid))
+        ts.wait_state(domid, "shutdown", timeout=30)
+        counts = ts.listed("sg")["workarounds"]
+        assert counts.get("syscall-completion") == (101 if emulated else None), counts

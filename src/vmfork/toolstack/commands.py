@@ -104,6 +104,18 @@ def _pages_owned(rec: DomainRecord) -> int | None:
         return None
 
 
+def _workaround_counts(rec: DomainRecord) -> dict[str, int] | None:
+    """How often each host workaround (vmfork.workarounds) did its work in the domain; None if it cannot say."""
+    if not rec.alive or rec.held:
+        return None
+    try:
+        with QmpChannel.connect(rec.qmp_socket, timeout=2.0) as chan:
+            counts = chan.execute("vmfork-query").get("workarounds")
+            return {str(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else None
+    except ToolstackError:
+        return None
+
+
 def _entry(rec: DomainRecord, now: float) -> dict[str, Any]:
     return {
         "domid": rec.domid, "name": rec.name, "state": rec.shown_state, "reason": rec.shown_reason,
@@ -158,6 +170,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for e, r in zip(entries, records, strict=True):
         e["fuzz"] = _fuzz_stats(reg, r, now)
     if args.json:
+        for e, r in zip(entries, records, strict=True):
+            e["workarounds"] = _workaround_counts(r)
         print(json.dumps(entries, indent=2))
         return 0
     if args.tree:
