@@ -49,7 +49,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if cfg.kernel is None:
         raise VmforkError(f"{args.config}: missing required key \"kernel\"")
     while True:
-        vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name, console_log=args.console_log)
+        vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name, console_log=args.console_log,
+                       cpuid=cfg.cpuid)
         try:
             vm.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
             _echo_console(vm)
@@ -86,7 +87,7 @@ def _boot_to_ready(config: str, timeout: float) -> VM:
     cfg = load_config(config)
     if cfg.kernel is None:
         raise VmforkError(f"{config}: missing required key \"kernel\"")
-    vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name)
+    vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name, cpuid=cfg.cpuid)
     try:
         vm.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
         ev = vm.run(timeout=timeout)

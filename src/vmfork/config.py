@@ -25,6 +25,9 @@ Keys:
     on_crash        ... crashes, default "destroy"
                     (each one of destroy, restart, preserve, coredump-destroy, coredump-restart, rename-restart)
     boot_protocol   auto | multiboot | pvh | linux, default auto (a vmfork extension)
+    cpuid           the CPU features the vCPUs are shown, in libxl's syntax: "host,popcnt=0,xsave=0" (see
+                    vmfork.arch.x86.cpuid_policy); default: this host's default policy (the host's features minus
+                    those its KVM cannot run in guest kernel mode; base word "default")
 
 Every error is a `ConfigError` whose message starts with "FILE:LINE: KEY: ..." (or "FILE: ..." for a missing key).
 """
@@ -59,7 +62,7 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 BOOT_PROTOCOLS: tuple[str, ...] = get_args(BootProtocol)
 
 KEYS = ("name", "memory", "vcpus", "kernel", "ramdisk", "cmdline", "extra", "on_poweroff", "on_reboot", "on_crash",
-        "boot_protocol")
+        "boot_protocol", "cpuid")
 
 MAX_NAME = 64
 MAX_VCPUS = 64
@@ -158,6 +161,21 @@ def _check_choice(choices: tuple[str, ...]) -> Validator:
     return check
 
 
+def _check_cpuid(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string like \"host,popcnt=0\", got {_show(value)}")
+    from .arch.x86.cpuid_policy import CpuidPolicy
+    prefix = "cpuid: "
+    try:
+        CpuidPolicy.parse(value, where="cpuid")
+    except ConfigError as e:
+        message = str(e)
+        raise _Invalid(message[len(prefix):] if message.startswith(prefix) else message) from None
+    return value
+
+
 _VALIDATORS: dict[str, Validator] = {
     "name": _check_name,
     "memory": _check_int("an integer number of MiB", 1, None, " MiB"),
@@ -169,6 +187,7 @@ _VALIDATORS: dict[str, Validator] = {
     "on_reboot": _check_choice(ACTIONS),
     "on_crash": _check_choice(ACTIONS),
     "boot_protocol": _check_choice(BOOT_PROTOCOLS),
+    "cpuid": _check_cpuid,
 }
 _INT_KEYS = ("memory", "vcpus")
 _PATH_KEYS = ("kernel", "ramdisk")
@@ -193,6 +212,7 @@ class DomainConfig:
     on_reboot: Action = "restart"
     on_crash: Action = "destroy"
     boot_protocol: BootProtocol = "auto"
+    cpuid: str | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -180,7 +180,8 @@ class _Guest:
         from .devices import ExitDevice
         from .vm import Machine
 
-        self.m = Machine.create(memory_mib=memory_mib, vcpus=1, name="doctor", with_devices=False,
+        # the host's own CPU: probes measure KVM, not a policy
+        self.m = Machine.create(memory_mib=memory_mib, vcpus=1, name="doctor", with_devices=False, cpuid="host",
                                 workarounds=workarounds)
         try:
             self.m.attach_devices([ExitDevice(self.m)])
@@ -721,6 +722,43 @@ def probe_vpmu(quick: bool) -> ProbeItem:
                      f"{what} counted {counted:,}, but with its overflow interrupt on, the guest {phrase}")
 
 
+# --- instructions in guest kernel mode and the default CPUID policy (arch/x86/emulator_probe.py) ----------------------
+
+def probe_cpl0_instructions(quick: bool) -> ProbeItem:
+    """Which instruction families this host's KVM cannot run in CPL0 (one tiny guest per family), measured afresh
+    (this also refreshes the cached result new machines take their default CPUID policy from)."""
+    from .arch.x86 import emulator_probe
+    from .vm import open_kvm
+    report = emulator_probe.report(open_kvm(), fresh=True)
+    failing = report.failing
+    families = {f.name: f for f in emulator_probe.FAMILIES}
+    absent_failing = [r.name for r in report.results if r.status == emulator_probe.ABSENT
+                      and "in CPL0 runs" not in r.detail and "in CPL0" in r.detail]
+    tail = (f"; KVM does not offer (so hides) {', '.join(absent_failing)}, which would fail too"
+            if absent_failing else "")
+    if not failing:
+        return ProbeItem("cpl0_instructions", WORKS, True, 0.0, "families",
+                         f"guest kernel mode runs every probed instruction family ({len(report.results)}){tail}")
+    parts = [f"{r.name} ({families[r.name].what.split(' (')[0]}: {r.status})" for r in failing]
+    return ProbeItem("cpl0_instructions", EMULATION_FAILURE, False, float(len(failing)), "families",
+                     f"in guest kernel mode this host's KVM cannot run {', '.join(parts)}{tail}")
+
+
+def probe_cpuid_default(quick: bool) -> ProbeItem:
+    """The default CPUID policy new machines get here (from the cpl0_instructions probe)."""
+    from .arch.x86 import emulator_probe
+    from .vm import open_kvm
+    kvm = open_kvm()
+    report = emulator_probe.report(kvm)
+    policy = report.default_policy()
+    unhideable = report.unhideable
+    note = (f"; no CPUID bit hides {', '.join(unhideable)} (baseline instructions: they need fallbacks)"
+            if unhideable else "")
+    status = "host" if not policy.settings else "hides"
+    return ProbeItem("cpuid_default", status, not policy.settings, float(len(policy.hidden)), "features",
+                     f"{emulator_probe.describe_default(kvm)}: \"{policy}\"{note}")
+
+
 Probe = Callable[[bool], ProbeItem]
 
 PROBES: dict[str, tuple[str, Probe]] = {
@@ -742,6 +780,8 @@ PROBES: dict[str, tuple[str, Probe]] = {
     "dirty_log_reads": ("pages only read stay out of the dirty log", probe_dirty_log_reads),
     "exit_cost": ("cost of a port I/O exit handled in Python", probe_exit_cost),
     "vpmu": ("a virtual PMU counts guest instructions and interrupts on overflow", probe_vpmu),
+    "cpl0_instructions": ("guest kernel mode runs every probed instruction family", probe_cpl0_instructions),
+    "cpuid_default": ("the default CPUID policy shows the host's whole CPU", probe_cpuid_default),
 }
 """Probe name -> (what it checks, function). The report lists the probes in this order."""
 

@@ -478,9 +478,10 @@ class VM(Machine):
         super()._release()
 
 
-def create(*, memory_mib: int = 256, vcpus: int = 1, name: str = "vm", console_log: str | None = None) -> VM:
-    """A new root machine."""
-    vm = VM.create(memory_mib=memory_mib, vcpus=vcpus, name=name, console_log=console_log)
+def create(*, memory_mib: int = 256, vcpus: int = 1, name: str = "vm", console_log: str | None = None,
+           cpuid: str | None = None) -> VM:
+    """A new root machine (`cpuid`: its CPUID policy, see Machine.create)."""
+    vm = VM.create(memory_mib=memory_mib, vcpus=vcpus, name=name, console_log=console_log, cpuid=cpuid)
     assert isinstance(vm, VM)
     return vm
 

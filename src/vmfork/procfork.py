@@ -275,7 +275,7 @@ def _launch(shape: MachineShape) -> _Worker:
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vmfork.procfork", "--worker", str(theirs.fileno()), str(shape.memory_mib),
-             str(shape.vcpus), str(os.getpid())],
+             str(shape.vcpus), str(os.getpid()), shape.cpuid],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
     except BaseException:
         ours.close()
@@ -972,10 +972,11 @@ class _Server:
 
 
 def _worker_main(argv: list[str]) -> int:
-    if len(argv) != 5 or argv[0] != "--worker":
+    if len(argv) != 6 or argv[0] != "--worker":
         print("vmfork.procfork is started by vmfork itself (fork_process), not by hand", file=sys.stderr)
         return 2
-    sock_fd, memory_mib, vcpus, parent_pid = (int(a) for a in argv[1:])
+    sock_fd, memory_mib, vcpus, parent_pid = (int(a) for a in argv[1:5])
+    cpuid = argv[5]         # the parent's concrete CPUID policy: the forks' vCPUs must show the same CPU
     _set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:      # the parent died before prctl took effect
         return 1
@@ -983,7 +984,7 @@ def _worker_main(argv: list[str]) -> int:
     signal.signal(PAUSE_SIGNAL, signal.SIG_IGN)    # until there is a machine to pause
     chan = _Channel(socket.socket(fileno=sock_fd))
     try:
-        server = _Server(chan, MachineShape(memory_mib, vcpus))
+        server = _Server(chan, MachineShape(memory_mib, vcpus, cpuid))
     except Exception as e:
         chan.send({"error": _error_payload(e)})
         return 1

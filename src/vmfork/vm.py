@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
-from .arch.x86 import cpu
+from .arch.x86 import cpu, emulator_probe
 from .devices import DeviceSetState, PortBus, standard_devices
 from .errors import VmforkError, VmStateError
 from .kvm import IoctlPlan, Kvm, VcpuFd, VmFd, plan_entry, run_plan
@@ -57,10 +57,12 @@ def open_kvm() -> Kvm:
 
 @dataclass(frozen=True, slots=True)
 class MachineShape:
-    """What must match between a parent and its forks."""
+    """What must match between a parent and its forks: RAM, vCPUs and the CPU they are shown (the concrete CPUID
+    policy, base "host", in its canonical text: see arch/x86/cpuid_policy.py)."""
 
     memory_mib: int
     vcpus: int
+    cpuid: str = "host"
 
     @property
     def memory_bytes(self) -> int:
@@ -124,11 +126,12 @@ class MachineState:
 
     def to_bytes(self) -> bytes:
         """This state in the versioned binary part format of VcpuState.to_bytes (magic b"VMFKMACH"): parts
-        "shape" (u32 MiB, u32 vCPUs), "vcpu0".."vcpuN-1" and "platform" (nested binary states) and "devices"
+        "shape" (u32 MiB, u32 vCPUs, then the CPUID policy as UTF-8; none means "host"), "vcpu0".."vcpuN-1" and
+        "platform" (nested binary states) and "devices"
         (DeviceSetState.to_dict() as UTF-8 JSON, `null` for none)."""
         import json
         import struct
-        parts = [("shape", struct.pack("<II", self.shape.memory_mib, self.shape.vcpus))]
+        parts = [("shape", struct.pack("<II", self.shape.memory_mib, self.shape.vcpus) + self.shape.cpuid.encode())]
         parts += [(f"vcpu{i}", v.to_bytes()) for i, v in enumerate(self.vcpus)]
         parts.append(("platform", self.platform.to_bytes()))
         devices = None if self.devices is None else self.devices.to_dict()
@@ -147,9 +150,14 @@ class MachineState:
         parts = VcpuState._unpack_parts(data, b"VMFKMACH", cls.VERSION, what)
         if "shape" not in parts:
             raise VmStateError(f"{what}: part 'shape' is missing")
-        if len(parts["shape"]) != 8:
-            raise VmStateError(f"{what}: part 'shape' is {len(parts['shape'])} bytes, expected 8")
-        memory_mib, nvcpus = struct.unpack("<II", parts["shape"])
+        if len(parts["shape"]) < 8:
+            raise VmStateError(f"{what}: part 'shape' is {len(parts['shape'])} bytes, expected at least 8")
+        memory_mib, nvcpus = struct.unpack_from("<II", parts["shape"])
+        try:
+            from .arch.x86.cpuid_policy import CpuidPolicy
+            cpuid = str(CpuidPolicy.parse(parts["shape"][8:].decode() or "host"))
+        except (UnicodeDecodeError, VmforkError) as e:
+            raise VmStateError(f"{what}: part 'shape' has a bad CPUID policy: {e}") from None
         if not 1 <= nvcpus <= 64:
             raise VmStateError(f"{what}: part 'shape' gives {nvcpus} vCPUs")
         VcpuState._expect_parts(parts, ["shape", *(f"vcpu{i}" for i in range(nvcpus)), "platform", "devices"], what)
@@ -174,7 +182,7 @@ class MachineState:
             devices = None if raw is None else DeviceSetState.from_dict(raw)
         except DeviceStateError as e:
             raise DeviceStateError(f"{what}: part 'devices': {e}") from None
-        return cls(MachineShape(memory_mib, nvcpus), tuple(vcpus), platform, devices)
+        return cls(MachineShape(memory_mib, nvcpus, cpuid), tuple(vcpus), platform, devices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +231,7 @@ class Shell:
             sync = kvm.check_extension(c.KVM_CAP_SYNC_REGS) & 7 == 7
             for i in range(shape.vcpus):
                 fd = vm.create_vcpu(i)
-                fd.set_cpuid2(cpu.vcpu_cpuid(kvm, i, _tsc_khz(fd)))
+                fd.set_cpuid2(cpu.vcpu_cpuid(kvm, i, _tsc_khz(fd), shape.cpuid))
                 self.vcpus.append(Vcpu(kvm, fd, i, sync_regs=sync))
         except BaseException:
             self.close()
@@ -357,14 +365,19 @@ class Machine:
 
     @classmethod
     def create(cls, *, memory_mib: int = 256, vcpus: int = 1, name: str = "vm", console_log: str | None = None,
-               with_devices: bool = True, workarounds: bool = True) -> Self:
-        """A new root machine with zeroed RAM (boot it with `load_kernel`)."""
+               with_devices: bool = True, cpuid: str | None = None, workarounds: bool = True) -> Self:
+        """A new root machine with zeroed RAM (boot it with `load_kernel`).
+
+        `cpuid`: the CPU features its vCPUs are shown, in xl.cfg's syntax ("host,popcnt=0"); None (or base
+        "default") is this host's default policy: the host's features minus those whose instructions its KVM
+        cannot run in guest kernel mode (probed once per host and kernel, see arch/x86/emulator_probe.py).
+        `workarounds`: install this host's instruction fallbacks and syscall completion (vmfork.workarounds)."""
         if memory_mib < 2:
             raise VmforkError(f"memory must be at least 2 MiB, got {memory_mib}")
         if not 1 <= vcpus <= 64:
             raise VmforkError(f"vcpus must be between 1 and 64, got {vcpus}")
         kvm = open_kvm()
-        shape = MachineShape(memory_mib, vcpus)
+        shape = MachineShape(memory_mib, vcpus, emulator_probe.concrete(kvm, cpuid))
         memory = GuestMemory.allocate(shape.regions(), name=f"vmfork-{name}")
         try:
             shell = Shell(kvm, shape, dirty_logging=False, host_addr=memory.host_addr)
@@ -396,16 +409,21 @@ class Machine:
             v.fd.set_msrs(msrs)
 
     def load_kernel(self, path: str | os.PathLike[str], *, cmdline: str = "", initrd: str | None = None,
-                    protocol: str = "auto") -> str:
+                    protocol: str = "auto", acpi: bool = True) -> str:
         """Load a kernel through a standard boot protocol and point the boot vCPU at its entry; returns the
-        protocol used."""
+        protocol used. `acpi`: also write ACPI tables describing this machine (its vCPUs, IOAPIC and ISA
+        devices; see arch/x86/acpi) and pass the kernel their address."""
+        from .arch.x86 import acpi as acpi_tables
         from .arch.x86.boot import load_kernel
-        entry = load_kernel(path, self.memory, cmdline=cmdline, initrd=initrd, protocol=protocol)  # type: ignore[arg-type]
+        tables = acpi_tables.build(self.shape.vcpus) if acpi else None
+        entry = load_kernel(path, self.memory, cmdline=cmdline, initrd=initrd, protocol=protocol,  # type: ignore[arg-type]
+                            acpi=tables)
         bsp = self.vcpus[0]
         regs, sregs = bsp.get_regs(), bsp.get_sregs()
         cpu.apply_entry(entry, regs, sregs)
         bsp.set_sregs(sregs)
         bsp.set_regs(regs)
+        emulator_probe.announce(self.kvm, self.shape.cpuid)
         return str(entry.protocol)
 
     def attach_devices(self, devices: Sequence[Any]) -> None:
@@ -708,6 +726,9 @@ class Machine:
     def restore(self, st: MachineState, *, devices: bool = True) -> None:
         """Load a captured state (RAM is not touched). The machine must be paused."""
         self._require_paused("restore the state of")
+        if st.shape != self.shape and st.shape.cpuid != self.shape.cpuid:
+            raise VmStateError(f"state is for vCPUs shown the CPU {st.shape.cpuid!r}, {self.name}'s are shown "
+                               f"{self.shape.cpuid!r}")
         if st.shape != self.shape:
             raise VmStateError(f"state is for a {st.shape.memory_mib} MiB / {st.shape.vcpus}-vCPU machine, "
                                f"{self.name} is {self.shape.memory_mib} MiB / {self.shape.vcpus} vCPUs")

@@ -5,6 +5,12 @@ given (vmfork gives every vCPU the host's KVM-supported CPUID, see arch/x86/cpu.
 vendor differs or this host lacks a recorded feature bit: the guest may have chosen code paths (AVX, XSAVE
 components, ...) by those bits at boot. Family and model are recorded for information only.
 
+The machine's CPUID policy (arch/x86/cpuid_policy.py) is recorded beside it, in the header key "cpuid":
+{"policy": its concrete text, "default": whether it was the saving host's default policy}. A restore gives the
+machine the same policy. It is refused, naming the feature, when this host's default policy would hide a feature a
+default-policy machine was given (this host cannot run it in guest kernel mode, and the guest may already use
+it), and when a policy asked for at restore hides a feature the saved machine was given.
+
 Feature words are named "leaf.subleaf.register" with the leaf in hex, e.g. "7.0.ebx" or "80000001.0.ecx", so a
 file from a newer vmfork that records more words is still checked word by word.
 """
@@ -13,10 +19,15 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..arch.x86 import cpu
+from ..arch.x86 import cpu, emulator_probe
+from ..arch.x86.cpuid_policy import CpuidPolicy
+from ..errors import ConfigError, SnapshotHostError
 from ..kvm import Kvm
+
+if TYPE_CHECKING:
+    from .container import ContainerFile
 
 # The words recorded, and bits that describe OS or VMM state rather than CPU capability (ignored).
 WORDS: tuple[str, ...] = ("1.0.ecx", "1.0.edx", "7.0.ebx", "7.0.ecx", "7.0.edx", "7.1.eax", "d.0.eax", "d.1.eax",
@@ -131,3 +142,53 @@ def missing(saved: Mapping[str, int], host: Mapping[str, int]) -> list[str]:
         lacking = bits & ~host.get(word, 0) & ~IGNORED.get(word, 0)
         out += [feature_name(word, b) for b in range(32) if lacking >> b & 1]
     return out
+
+
+# --- the CPUID policy -------------------------------------------------------------------------------------------
+
+def policy_header(kvm: Kvm, policy: str) -> dict[str, Any]:
+    """The header's "cpuid" value for a machine with this concrete policy."""
+    return {"policy": policy, "default": policy == str(emulator_probe.default_policy(kvm))}
+
+
+def saved_policy(f: ContainerFile) -> str:
+    """The concrete policy a save file's machine had ("host" for files older than policies)."""
+    raw = f.header.get("cpuid", {"policy": "host", "default": False})
+    if not isinstance(raw, dict) or not isinstance(raw.get("policy"), str) \
+            or not isinstance(raw.get("default", False), bool):
+        raise f.fail(f"the header's \"cpuid\" description is malformed: {raw!r}")
+    try:
+        policy = CpuidPolicy.parse(raw["policy"], where="the header's cpuid policy")
+    except ConfigError as e:
+        raise f.fail(str(e)) from None
+    if policy.base != "host":
+        raise f.fail(f"the header's cpuid policy {raw['policy']!r} is not concrete (base host)")
+    return str(policy)
+
+
+def _given(f: ContainerFile) -> dict[str, int]:
+    features: dict[str, int] = f.header["cpu"]["features"]
+    return features
+
+
+def check_policy(f: ContainerFile, kvm: Kvm, requested: str | None) -> str:
+    """The concrete policy a restored machine gets: the saved one, or `requested`. Raises SnapshotHostError naming
+    the features a requested policy, or this host's default for a default-policy file, would take away."""
+    saved = saved_policy(f)
+    given = _given(f)
+    if requested is not None:
+        policy = emulator_probe.concrete(kvm, requested)
+        taken = missing(given, words_of(cpu.vcpu_cpuid(kvm, 0, policy=policy), given))
+        if taken:
+            raise SnapshotHostError(f"{f.path}: the CPUID policy {requested!r} hides {', '.join(taken)}, which the "
+                                    "saved machine was given (its guest may already use it)")
+        return policy
+    if f.header.get("cpuid", {}).get("default"):
+        default = str(emulator_probe.default_policy(kvm))
+        taken = missing(given, words_of(cpu.vcpu_cpuid(kvm, 0, policy=default), given))
+        if taken:
+            raise SnapshotHostError(
+                f"{f.path}: this host's default CPUID policy hides {', '.join(taken)}, which the saved machine was "
+                "given: this host's KVM cannot run it in guest kernel mode (vmfork doctor). Restore with "
+                "cpuid=\"host\" to give it anyway")
+    return saved

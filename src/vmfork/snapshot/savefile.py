@@ -11,8 +11,9 @@ b"VMFKSAVE", header "format" "vmfork-save", and the sections
 
 and the header keys "machine" (name, memory_mib, vcpus, device names or null, block_interrupts), "memory" (size,
 page_size, pages, stored_pages, slots as [gpa, size, RAM-file offset] triples), "cpu" (vendor, family, model,
-stepping and the CPUID feature words the vCPUs were given: see cpufeatures.py), "created" and "vmfork" (the
-writer's version).
+stepping and the CPUID feature words the vCPUs were given: see cpufeatures.py), "cpuid" (the machine's concrete
+CPUID policy, and whether it was the saving host's default policy; absent in older files: "host"), "created" and
+"vmfork" (the writer's version).
 
 RAM is streamed: save scans it in 2 MiB windows for non-zero pages (numpy, on the guest RAM mapping itself, reading
 only the parts of the RAM file that hold data: a never-written page is never touched), then writes the non-zero
@@ -22,6 +23,7 @@ pages straight from the mapping; restore reads them straight into the new machin
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import os
@@ -102,7 +104,8 @@ def _save_paused(vm: Machine, path: Path) -> SaveInfo:
                     "block_interrupts": vm.irqs_blocked},
         "memory": {"size": mem.size, "page_size": PAGE_SIZE, "pages": mem.npages, "stored_pages": stored,
                    "slots": [[s.gpa, s.size, s.offset] for s in mem.slots]},
-        "cpu": cpufeatures.describe(cpu.vcpu_cpuid(vm.kvm, 0)),
+        "cpu": cpufeatures.describe(cpu.vcpu_cpuid(vm.kvm, 0, policy=vm.shape.cpuid)),
+        "cpuid": cpufeatures.policy_header(vm.kvm, vm.shape.cpuid),
     }
     specs = [SectionSpec("machine", len(machine)), SectionSpec("ram-map", len(bitmap)),
              SectionSpec("ram", stored << PAGE_SHIFT, PAGE_SIZE)]
@@ -193,14 +196,15 @@ def write_ram(w: ContainerWriter, mem: GuestMemory, bits: Bits) -> None:
 @dataclass(frozen=True, slots=True)
 class _Plan:
     name: str
-    shape: MachineShape
+    shape: MachineShape             # its cpuid: the policy the restored machine gets
     state: MachineState
     bits: Bits
     block_interrupts: bool
 
 
-def _read_plan(f: ContainerFile) -> _Plan:
-    """Everything but RAM, checked, before any machine exists."""
+def _read_plan(f: ContainerFile, cpuid: str | None = None) -> _Plan:
+    """Everything but RAM, checked, before any machine exists (`cpuid`: a policy asked for instead of the saved
+    one)."""
     h = f.header
     m, memory = h.get("machine"), h.get("memory")
     if not isinstance(m, dict) or not isinstance(memory, dict):
@@ -209,7 +213,8 @@ def _read_plan(f: ContainerFile) -> _Plan:
     if not isinstance(name, str) or not isinstance(mib, int) or not isinstance(nvcpus, int) \
             or not isinstance(blocked, bool) or mib < 2 or not 1 <= nvcpus <= 64:
         raise f.fail(f"the header's machine description is malformed: {m!r}")
-    shape = MachineShape(mib, nvcpus)
+    saved_policy = cpufeatures.saved_policy(f)
+    shape = MachineShape(mib, nvcpus, saved_policy)
     slots = make_slots(shape.regions())
     size = sum(s.size for s in slots)
     npages = size >> PAGE_SHIFT
@@ -226,7 +231,8 @@ def _read_plan(f: ContainerFile) -> _Plan:
         raise f.fail(f"section 'machine': {e}") from None
     if state.shape != shape:
         raise f.fail(f"section 'machine' is the state of a {state.shape.memory_mib} MiB / {state.shape.vcpus}-vCPU "
-                     f"machine, the header says {mib} MiB / {nvcpus}")
+                     f"machine with CPUID policy {state.shape.cpuid!r}, the header says {mib} MiB / {nvcpus} and "
+                     f"{saved_policy!r}")
     raw = f.read("ram-map")
     if len(raw) != (npages + 7) // 8:
         raise f.fail(f"section 'ram-map' is {len(raw)} bytes, {npages} pages need {(npages + 7) // 8}")
@@ -240,6 +246,10 @@ def _read_plan(f: ContainerFile) -> _Plan:
         raise f.fail(f"section 'ram' holds {ram.size} bytes, section 'ram-map' lists {stored} pages "
                      f"({stored << PAGE_SHIFT} bytes)")
     check_host(f)
+    policy = cpufeatures.check_policy(f, open_kvm(), cpuid)
+    if policy != saved_policy:
+        shape = MachineShape(mib, nvcpus, policy)
+        state = dataclasses.replace(state, shape=shape)
     return _Plan(name, shape, state, bits, blocked)
 
 
@@ -306,17 +316,23 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def restore(path: str | os.PathLike[str], *, paused: bool = True, name: str | None = None,
-            console_log: str | None = None) -> VM:
+            console_log: str | None = None, cpuid: str | None = None) -> VM:
     """A new machine exactly as saved in `path`: paused (or started, `paused=False`), named as saved unless `name`.
+
+    Its vCPUs are shown the CPU the saved ones were (the saved CPUID policy), unless `cpuid` asks for another
+    policy, which must not hide a feature the saved machine was given. A file saved under its host's default
+    policy is refused where this host's default would hide a feature it was given (the guest may already use an
+    instruction this host cannot run in guest kernel mode); the error names the feature.
 
     Everything but RAM is read and checked first (format, checksums, state sizes, this host's CPU); only then is a
     machine created, and if anything fails after that (RAM checksum, a KVM ioctl) it is destroyed before the error
     propagates: a failed restore leaves nothing behind."""
     from ..fork import VM
     with ContainerFile.open(path, MAGIC, FORMAT) as f:
-        plan = _read_plan(f)
+        plan = _read_plan(f, cpuid)
         vm = VM.create(memory_mib=plan.shape.memory_mib, vcpus=plan.shape.vcpus, name=name or plan.name,
-                       console_log=console_log, with_devices=plan.state.devices is not None)
+                       console_log=console_log, with_devices=plan.state.devices is not None,
+                       cpuid=plan.shape.cpuid)
         try:
             read_ram(f, vm.memory, plan.bits)
             vm.restore(plan.state)

@@ -123,6 +123,7 @@ def _entry(rec: DomainRecord, now: float) -> dict[str, Any]:
         "uptime": round(now - rec.created, 1), "pages_owned": _pages_owned(rec), "launch_dm": rec.launch_dm,
         "pid": rec.pid, "alive": rec.alive, "console_log": rec.console_log, "qmp_socket": rec.qmp_socket,
         "console_socket": rec.console_socket, "created": rec.created, "config": rec.config,
+        "cpuid": rec.config.get("cpuid"),
     }
 
 

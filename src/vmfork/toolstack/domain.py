@@ -301,7 +301,7 @@ class Domain:
             raise ToolstackError(f"{cfg.name}: the config gives no kernel")
         self.config = cfg
         self._reserve(name=cfg.name, config=cfg.to_dict(), launch_dm="yes", memory=cfg.memory, vcpus=cfg.vcpus)
-        vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name)
+        vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name, cpuid=cfg.cpuid)
         assert isinstance(vm, VM)
         self._adopt(vm)
         vm.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
@@ -355,6 +355,8 @@ class Domain:
 
     def _adopt(self, vm: VM) -> None:
         self.vm = vm
+        # the concrete CPUID policy its vCPUs got, for `vmfork list --json` (and a fork's config)
+        self.registry.update(self.domid, config={**self.registry.find(self.domid).config, "cpuid": vm.shape.cpuid})
         if any(d.name == "serial0" for d in vm.devices) and self.console is not None:
             vm.device("serial0").add_listener(self.console.write)
 
@@ -463,7 +465,7 @@ class Domain:
         from ..fork import VM
         cfg = self.config
         assert cfg is not None and cfg.kernel is not None
-        new = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=self.name)
+        new = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=self.name, cpuid=cfg.cpuid)
         assert isinstance(new, VM)
         try:
             new.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)

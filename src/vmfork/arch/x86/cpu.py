@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 from ...kvm import Kvm, VcpuFd
 from ...kvm import structs as s
+from .cpuid_policy import HOST, CpuidPolicy
+from .cpuid_policy import parse as parse_policy
 
 # MSRs every vCPU state carries (filtered by what KVM actually accepts on this host, see usable_msrs()).
 MSR_IA32_TSC = 0x10
@@ -53,9 +55,10 @@ def usable_msrs(vcpu: VcpuFd, kvm: Kvm) -> tuple[int, ...]:
 _host_cpuid: ctypes.Structure | None = None
 
 
-def vcpu_cpuid(kvm: Kvm, apic_id: int, tsc_khz: int = 0) -> ctypes.Structure:
+def vcpu_cpuid(kvm: Kvm, apic_id: int, tsc_khz: int = 0, policy: CpuidPolicy | str = HOST) -> ctypes.Structure:
     """CPUID for one vCPU: the host's supported leaves with this vCPU's APIC ID and the hypervisor bit, plus the
-    timing leaf 0x40000010 (TSC and LAPIC bus frequency in kHz) so guests need not calibrate their clocks."""
+    timing leaf 0x40000010 (TSC and LAPIC bus frequency in kHz) so guests need not calibrate their clocks, with
+    the features `policy` (a concrete policy, base "host": see cpuid_policy) hides or shows."""
     global _host_cpuid
     if _host_cpuid is None:
         _host_cpuid = kvm.supported_cpuid()
@@ -78,7 +81,18 @@ def vcpu_cpuid(kvm: Kvm, apic_id: int, tsc_khz: int = 0) -> ctypes.Structure:
         timing.function, timing.eax, timing.ebx = 0x40000010, tsc_khz, 1_000_000   # KVM's LAPIC timer: 1 GHz
         n += 1
     out.nent = n
+    concrete = policy if isinstance(policy, CpuidPolicy) else parse_policy(policy)
+    if concrete.settings:
+        concrete.apply(out)
     return out
+
+
+def host_cpuid(kvm: Kvm) -> ctypes.Structure:
+    """What KVM_GET_SUPPORTED_CPUID says (read once per process)."""
+    global _host_cpuid
+    if _host_cpuid is None:
+        _host_cpuid = kvm.supported_cpuid()
+    return _host_cpuid
 
 
 class EntryLike(Protocol):

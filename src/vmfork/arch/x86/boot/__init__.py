@@ -10,6 +10,7 @@ import os
 from typing import Literal
 
 from ....errors import BootError, ConfigError
+from ..acpi import AcpiTables
 from . import elf, linux, multiboot, pvh
 from .entry import EntryState, GuestRam
 from .plan import read_file
@@ -21,13 +22,15 @@ _PROTOCOLS = ("auto", "multiboot", "pvh", "linux")
 
 
 def load_kernel(path: str | os.PathLike[str], ram: GuestRam, *, cmdline: str = "",
-                initrd: str | os.PathLike[str] | None = None, protocol: BootProtocol = "auto") -> EntryState:
+                initrd: str | os.PathLike[str] | None = None, protocol: BootProtocol = "auto",
+                acpi: AcpiTables | None = None) -> EntryState:
     """Load the kernel image at `path` (and `initrd`, if given) into `ram`; return the state to enter it with.
 
     protocol "auto" picks, in this order: a bzImage ("HdrS" at 0x202) -> Linux 64-bit boot protocol; an ELF with a
     PVH note (name "Xen", type XEN_ELFNOTE_PHYS32_ENTRY) -> PVH ("linux-pvh" for a Linux vmlinux); a Multiboot header
-    in the first 8 KiB -> Multiboot. "linux" accepts a bzImage or a PVH-capable vmlinux. Raises BootError naming the
-    file and the problem.
+    in the first 8 KiB -> Multiboot. "linux" accepts a bzImage or a PVH-capable vmlinux. `acpi`: ACPI tables to
+    place (at their fixed address, see arch/x86/acpi) and to point the kernel at where the protocol can (PVH's
+    rsdp_paddr, Linux's acpi_rsdp_addr). Raises BootError naming the file and the problem.
     """
     if protocol not in _PROTOCOLS:
         raise ConfigError(f"unknown boot protocol {protocol!r} (expected one of {', '.join(_PROTOCOLS)})")
@@ -43,14 +46,15 @@ def load_kernel(path: str | os.PathLike[str], ram: GuestRam, *, cmdline: str = "
     cmd = cmdline.encode()
 
     if protocol in ("auto", "linux") and linux.is_bzimage(data):
-        return linux.load_bzimage(data, name, ram, cmdline=cmd, initrd=initrd_data, initrd_path=initrd_name)
+        return linux.load_bzimage(data, name, ram, cmdline=cmd, initrd=initrd_data, initrd_path=initrd_name,
+                                  acpi=acpi)
 
     if protocol == "multiboot":
         header = multiboot.find_header(data, name)
         if header is None:
             raise BootError(f"{name}: {multiboot.describe_missing_header(data)}")
         return multiboot.load_multiboot(data, header, name, ram, cmdline=cmd, initrd=initrd_data,
-                                        initrd_path=initrd_name)
+                                        initrd_path=initrd_name, acpi=acpi)
 
     if protocol == "linux" and not elf.is_elf(data):
         raise BootError(f"{name}: not a Linux kernel: wrong magic (no bzImage 'HdrS' setup header at 0x202, and not "
@@ -64,12 +68,12 @@ def load_kernel(path: str | os.PathLike[str], ram: GuestRam, *, cmdline: str = "
             if header is None or not header.flags & multiboot.HF_AOUT_KLUDGE:
                 raise
             return multiboot.load_multiboot(data, header, name, ram, cmdline=cmd, initrd=initrd_data,
-                                            initrd_path=initrd_name)
+                                            initrd_path=initrd_name, acpi=acpi)
         entry = pvh.pvh_entry(image, name)
         if entry is not None:
             kind = "linux-pvh" if pvh.is_linux(image, data) else "pvh"
             return pvh.load_pvh(data, image, entry, name, ram, protocol=kind, cmdline=cmd, initrd=initrd_data,
-                                initrd_path=initrd_name)
+                                initrd_path=initrd_name, acpi=acpi)
         if protocol != "auto":
             linux_hint = " (a Linux vmlinux needs CONFIG_PVH)" if protocol == "linux" else ""
             raise BootError(f"{name}: no PVH entry: no ELF note 'Xen' of type {pvh.XEN_ELFNOTE_PHYS32_ENTRY} "
@@ -78,7 +82,7 @@ def load_kernel(path: str | os.PathLike[str], ram: GuestRam, *, cmdline: str = "
     header = multiboot.find_header(data, name)
     if header is not None:
         return multiboot.load_multiboot(data, header, name, ram, cmdline=cmd, initrd=initrd_data,
-                                        initrd_path=initrd_name)
+                                        initrd_path=initrd_name, acpi=acpi)
     raise BootError(f"{name}: no supported boot format: not a bzImage (no 'HdrS' setup header at 0x202), no PVH "
                     f"ELF note ('Xen', type {pvh.XEN_ELFNOTE_PHYS32_ENTRY}), and "
                     f"{multiboot.describe_missing_header(data)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 from .. import layout
+from ..acpi import AcpiTables
 from .entry import EntryState, GuestRam, long64_entry
 from .plan import LoadPlan, align_up, span
 
@@ -38,6 +39,7 @@ OFF_RELOCATABLE = 0x234
 OFF_XLOADFLAGS = 0x236
 OFF_CMDLINE_SIZE = 0x238
 OFF_SETUP_DATA = 0x250
+OFF_ACPI_RSDP_ADDR = 0x070      # boot_params.acpi_rsdp_addr (protocol 2.14+; older kernels scan for the RSDP)
 OFF_PREF_ADDRESS = 0x258
 OFF_INIT_SIZE = 0x260
 HDR_MIN_END = OFF_INIT_SIZE + 4
@@ -83,8 +85,8 @@ def _u32(data: bytes, off: int) -> int:
 
 
 def load_bzimage(data: bytes, path: str, ram: GuestRam, *, cmdline: bytes, initrd: bytes | None,
-                 initrd_path: str) -> EntryState:
-    plan = LoadPlan(path, ram.size)
+                 initrd_path: str, acpi: AcpiTables | None = None) -> EntryState:
+    plan = LoadPlan(path, ram.size, acpi)
     if len(data) < OFF_VERSION + 2:
         raise plan.error(f"truncated file: {len(data)} bytes is too short for a bzImage setup header")
     if not is_bzimage(data):
@@ -161,6 +163,7 @@ def load_bzimage(data: bytes, path: str, ram: GuestRam, *, cmdline: bytes, initr
     struct.pack_into("<I", zp, OFF_CMD_LINE_PTR, layout.CMDLINE_ADDR & 0xFFFFFFFF)
     struct.pack_into("<I", zp, OFF_EXT_CMD_LINE_PTR, layout.CMDLINE_ADDR >> 32)
     struct.pack_into("<Q", zp, OFF_SETUP_DATA, 0)
+    struct.pack_into("<Q", zp, OFF_ACPI_RSDP_ADDR, plan.rsdp)
     e820 = layout.e820_map(ram.size)
     if len(e820) > E820_MAX:
         raise plan.error(f"the memory map has {len(e820)} entries, more than the zero page's {E820_MAX}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ....errors import BootError
 from .. import layout
+from ..acpi import AcpiTables
 from . import elf
 from .entry import EntryState, GuestRam, protected32_entry
 from .plan import LoadPlan, align_up, load_segments, span
@@ -112,8 +113,8 @@ def _load_elf(plan: LoadPlan, data: bytes, path: str) -> tuple[int, int]:
 
 
 def load_multiboot(data: bytes, hdr: MultibootHeader, path: str, ram: GuestRam, *, cmdline: bytes,
-                   initrd: bytes | None, initrd_path: str) -> EntryState:
-    plan = LoadPlan(path, ram.size)
+                   initrd: bytes | None, initrd_path: str, acpi: AcpiTables | None = None) -> EntryState:
+    plan = LoadPlan(path, ram.size, acpi)
     unsupported = hdr.flags & 0xFFFF & ~HF_SUPPORTED_REQUIRED
     if unsupported:
         raise plan.error(f"the Multiboot header requires features vmfork does not support (flags {unsupported:#x})")

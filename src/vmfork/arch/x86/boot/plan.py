@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ....errors import BootError
 from .. import layout
+from ..acpi import AcpiTables
 from . import elf, gdt
 from .entry import GuestRam
 
@@ -44,8 +45,9 @@ class Claim:
 class LoadPlan:
     """The pieces a loader puts into guest RAM. Error messages start with the kernel image's path."""
 
-    def __init__(self, image: str, ram_size: int) -> None:
+    def __init__(self, image: str, ram_size: int, acpi: AcpiTables | None = None) -> None:
         self.image = image
+        self.acpi = acpi                # put by put_common, at its fixed address
         self.ram_size = ram_size
         self.regions = layout.ram_regions(ram_size)
         self.claims: list[Claim] = []
@@ -123,7 +125,8 @@ class LoadPlan:
 
     def put_common(self, cmdline: bytes, strings: tuple[bytes, ...] = ()) -> list[int]:
         """Claim and write what every protocol has: the GDT, the boot stack, the NUL-terminated command line at
-        layout.CMDLINE_ADDR and after it `strings` (each NUL-terminated). Returns the addresses of `strings`."""
+        layout.CMDLINE_ADDR and after it `strings` (each NUL-terminated), and the ACPI tables if the plan has them.
+        Returns the addresses of `strings`."""
         self.put(layout.GDT_ADDR, gdt.gdt_bytes(), "the loader's GDT")
         self.put(layout.BOOT_STACK_ADDR, b"", "the loader's boot stack",
                  size=layout.BOOT_STACK_TOP - layout.BOOT_STACK_ADDR)
@@ -141,7 +144,14 @@ class LoadPlan:
             raise self.error(f"the command line and boot strings need {len(blob)} bytes, more than the "
                              f"{layout.CMDLINE_MAX} vmfork has room for")
         self.put(layout.CMDLINE_ADDR, bytes(blob), "the loader's command line and strings")
+        if self.acpi is not None:
+            self.put(self.acpi.base, self.acpi.blob, "the ACPI tables")
         return addrs
+
+    @property
+    def rsdp(self) -> int:
+        """The ACPI RSDP's address, 0 without ACPI tables."""
+        return 0 if self.acpi is None else self.acpi.rsdp
 
     def commit(self, ram: GuestRam) -> None:
         for gpa, size in self._zeros:

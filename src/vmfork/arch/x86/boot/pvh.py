@@ -10,6 +10,7 @@ import struct
 
 from ....errors import BootError
 from .. import layout
+from ..acpi import AcpiTables
 from . import elf
 from .entry import EntryState, GuestRam, protected32_entry
 from .plan import LoadPlan, load_segments
@@ -46,8 +47,8 @@ def is_linux(image: elf.ElfImage, data: bytes) -> bool:
 
 
 def load_pvh(data: bytes, image: elf.ElfImage, entry: int, path: str, ram: GuestRam, *, cmdline: bytes,
-             initrd: bytes | None, initrd_path: str, protocol: str) -> EntryState:
-    plan = LoadPlan(path, ram.size)
+             initrd: bytes | None, initrd_path: str, protocol: str, acpi: AcpiTables | None = None) -> EntryState:
+    plan = LoadPlan(path, ram.size, acpi)
     plan.put_common(cmdline)
     plan.claim(layout.START_INFO_ADDR, layout.PVH_AREA_END - layout.START_INFO_ADDR, "the loader's PVH start info")
     load_segments(plan, data, image)
@@ -73,7 +74,7 @@ def load_pvh(data: bytes, image: elf.ElfImage, entry: int, path: str, ram: Guest
     if layout.PVH_MEMMAP_ADDR + len(memmap) > layout.PVH_AREA_END:
         raise plan.error(f"the memory map has {len(e820)} entries, too many for the PVH area")
     info = START_INFO.pack(XEN_HVM_START_MAGIC, START_INFO_VERSION, 0, nr_modules,
-                           layout.PVH_MODLIST_ADDR if nr_modules else 0, layout.CMDLINE_ADDR, 0,
+                           layout.PVH_MODLIST_ADDR if nr_modules else 0, layout.CMDLINE_ADDR, plan.rsdp,
                            layout.PVH_MEMMAP_ADDR, len(e820), 0)
     area = bytearray(layout.PVH_AREA_END - layout.START_INFO_ADDR)
     area[0:len(info)] = info

@@ -1,0 +1,502 @@
+"""Which instruction families this host's KVM cannot run in guest kernel mode, and the default CPUID policy that
+hides them.
+
+On hosts where guest kernel mode (CPL0) is emulated instruction by instruction (kvm_pvm, see
+shared notes host-kvm.md), KVM's emulator stops the VM with KVM_EXIT_INTERNAL_ERROR (emulation failure) at
+instructions it does not know: the XSAVE family, `lock cmpxchg16b`, `popcnt`, `clac`/`stac`, ... A guest kernel
+picks those code paths by CPUID, so hiding the features keeps it on paths the emulator can run.
+
+Each family is probed by a tiny guest: one fresh KVM VM (no irqchip: a few ms) running the instruction in CPL0 of
+the flat long-mode environment (arch/x86/flat.py's tables, written here without a Machine so this module stays in
+the arch layer), with the host's full CPUID and whatever CR4/XCR0 bits the instruction needs, then an `out` to
+the exit port. Outcomes: "works", "emulation-failure", "#UD"/"#GP"/... (a fault the CPU would not raise), "hangs",
+"absent" (this host's KVM does not offer the feature: nothing to hide), "error" (the probe itself failed).
+
+The result is cached per process and in `${XDG_CACHE_HOME:-~/.cache}/vmfork/cpl0-instructions.json`, keyed by the
+kernel release, the KVM modules loaded (name and srcversion), the CPU model and PROBE_VERSION, so creating a
+machine normally costs a dictionary lookup. The whole probe takes well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import mmap
+import os
+import platform
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from ...errors import ConfigError, VmforkError
+from ...kvm import Kvm
+from ...kvm import constants as c
+from ...kvm import structs as s
+from . import cpu, flat
+from .cpuid_policy import CpuidPolicy, feature, hidden_closure, unsupported
+
+PROBE_VERSION = 1
+RAM = 4 << 20                       # the flat layout's tables, stacks, code at 1 MiB and data at 2 MiB
+D = flat.DATA_ADDR.to_bytes(4, "little")    # a disp32 operand: [DATA_ADDR], 64-byte aligned, zeroed
+TIMEOUT_S = 2.0
+
+CR4_FSGSBASE = 1 << 16
+XCR0_X87_SSE = 0x3
+XCR0_AVX = 0x4
+XCR0_AVX512 = 0xE0
+
+WORKS = "works"
+EMULATION_FAILURE = "emulation-failure"
+ABSENT = "absent"
+HANGS = "hangs"
+ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """An instruction family: code that runs its instructions, and the CPUID features that advertise it (hidden
+    when the code fails; empty for baseline instructions no CPUID bit can hide)."""
+
+    name: str
+    what: str                       # the instructions, as a reader knows them
+    code: bytes
+    features: tuple[str, ...]       # hidden when the family fails here
+    needs: tuple[str, ...] = ()     # host features the code needs (default: `features`)
+    cr4: int = 0                    # extra CR4 bits to set
+    xcr0: int | None = None         # set CR4.OSXSAVE and XCR0 to this (masked by what the host supports)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return self.needs or self.features
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("xsave", "xsave/xrstor/xgetbv/xsetbv",
+           b"\xb8\x03\x00\x00\x00"          # mov eax, 3           (x87 | SSE)
+           b"\x31\xd2"                      # xor edx, edx
+           b"\x0f\xae\x24\x25" + D +        # xsave [DATA]
+           b"\x0f\xae\x2c\x25" + D +        # xrstor [DATA]
+           b"\x31\xc9"                      # xor ecx, ecx
+           b"\x0f\x01\xd0"                  # xgetbv
+           b"\x0f\x01\xd1",                 # xsetbv
+           ("xsave",), xcr0=XCR0_X87_SSE),
+    Family("xsaveopt", "xsaveopt", b"\xb8\x03\x00\x00\x00\x31\xd2"   # mov eax, 3; xor edx, edx
+           b"\x0f\xae\x34\x25" + D,         # xsaveopt [DATA]
+           ("xsaveopt",), xcr0=XCR0_X87_SSE),
+    Family("fxsave", "fxsave/fxrstor (baseline: no CPUID bit can hide it)",
+           b"\x0f\xae\x04\x25" + D +        # fxsave [DATA]
+           b"\x0f\xae\x0c\x25" + D,         # fxrstor [DATA]
+           (), ("fxsr",)),
+    Family("sse", "movaps to memory (baseline)", b"\x0f\x29\x04\x25" + D, (), ("sse",)),   # movaps [DATA], xmm0
+    Family("sse2", "paddd (baseline)", b"\x66\x0f\xfe\xc1", (), ("sse2",)),             # paddd xmm0, xmm1
+    Family("cmpxchg8b", "lock cmpxchg8b (baseline)", b"\xf0\x0f\xc7\x0c\x25" + D, (), ("cmpxchg8",)),
+    Family("cmpxchg16b", "lock cmpxchg16b", b"\xf0\x48\x0f\xc7\x0c\x25" + D, ("cmpxchg16",)),
+    Family("popcnt", "popcnt", b"\xf3\x48\x0f\xb8\xc0", ("popcnt",)),             # popcnt rax, rax
+    Family("lzcnt", "lzcnt (abm)", b"\xf3\x48\x0f\xbd\xc0", ("abm",)),            # lzcnt rax, rax
+    Family("bmi1", "andn, tzcnt",
+           b"\xc4\xe2\xf0\xf2\xc0"          # andn rax, rcx, rax
+           b"\xf3\x48\x0f\xbc\xc0",         # tzcnt rax, rax
+           ("bmi1",)),
+    Family("bmi2", "bzhi", b"\xc4\xe2\xf0\xf5\xc0", ("bmi2",)),                  # bzhi rax, rax, rcx
+    Family("adx", "adcx", b"\x66\x48\x0f\x38\xf6\xc0", ("adx",)),                # adcx rax, rax
+    Family("movbe", "movbe", b"\x0f\x38\xf0\x04\x25" + D, ("movbe",)),          # movbe eax, [DATA]
+    Family("smap", "clac/stac", b"\x0f\x01\xca\x0f\x01\xcb", ("smap",)),          # clac; stac
+    Family("fsgsbase", "rd/wrfsbase, rd/wrgsbase",
+           b"\xf3\x48\x0f\xae\xc0"          # rdfsbase rax
+           b"\xf3\x48\x0f\xae\xd0"          # wrfsbase rax
+           b"\xf3\x48\x0f\xae\xc8"          # rdgsbase rax
+           b"\xf3\x48\x0f\xae\xd8",         # wrgsbase rax
+           ("fsgsbase",), cr4=CR4_FSGSBASE),
+    Family("invpcid", "invpcid",
+           b"\xb8\x02\x00\x00\x00"          # mov eax, 2           (all contexts, globals included)
+           b"\x66\x0f\x38\x82\x04\x25" + D,  # invpcid rax, [DATA]  (a zeroed descriptor)
+           ("invpcid",)),
+    Family("pcid", "CR4.PCIDE and a tagged, non-flushing mov to CR3",
+           b"\x0f\x20\xe0"                  # mov rax, cr4
+           b"\x0f\xba\xe8\x11"              # bts eax, 17          (PCIDE)
+           b"\x0f\x22\xe0"                  # mov cr4, rax
+           b"\x0f\x20\xd8"                  # mov rax, cr3
+           b"\x48\x0f\xba\xe8\x3f"          # bts rax, 63          (keep the TLB)
+           b"\x48\x83\xc8\x01"              # or rax, 1            (PCID 1)
+           b"\x0f\x22\xd8",                 # mov cr3, rax
+           ("pcid",)),
+    Family("sse3", "haddps", b"\xf2\x0f\x7c\xc1", ("sse3",)),                     # haddps xmm0, xmm1
+    Family("ssse3", "pshufb", b"\x66\x0f\x38\x00\xc1", ("ssse3",)),               # pshufb xmm0, xmm1
+    Family("sse4.1", "ptest, roundps",
+           b"\x66\x0f\x38\x17\xc1"          # ptest xmm0, xmm1
+           b"\x66\x0f\x3a\x08\xc1\x00",     # roundps xmm0, xmm1, 0
+           ("sse4.1",)),
+    Family("sse4.2", "crc32, pcmpistri",
+           b"\xf2\x0f\x38\xf1\xc1"          # crc32 eax, ecx
+           b"\x66\x0f\x3a\x63\xc1\x00",     # pcmpistri xmm0, xmm1, 0
+           ("sse4.2",)),
+    Family("aes", "aesenc", b"\x66\x0f\x38\xdc\xc1", ("aes",)),                   # aesenc xmm0, xmm1
+    Family("pclmulqdq", "pclmulqdq", b"\x66\x0f\x3a\x44\xc1\x00", ("pclmulqdq",)),
+    Family("sha", "sha1nexte", b"\x0f\x38\xc8\xc1", ("sha",)),                    # sha1nexte xmm0, xmm1
+    Family("gfni", "gf2p8mulb", b"\x66\x0f\x38\xcf\xc1", ("gfni",)),              # gf2p8mulb xmm0, xmm1
+    Family("avx", "VEX-encoded SSE (vpxor xmm)", b"\xc5\xf1\xef\xc2", ("avx",),  # vpxor xmm0, xmm1, xmm2
+           xcr0=XCR0_X87_SSE | XCR0_AVX),
+    Family("avx2", "256-bit integer AVX (vpaddd ymm)", b"\xc5\xf5\xfe\xc2", ("avx2",),  # vpaddd ymm0, ymm1, ymm2
+           xcr0=XCR0_X87_SSE | XCR0_AVX),
+    Family("fma", "vfmadd132ps", b"\xc4\xe2\x71\x98\xc2", ("fma",), xcr0=XCR0_X87_SSE | XCR0_AVX),
+    Family("f16c", "vcvtph2ps", b"\xc4\xe2\x79\x13\xc1", ("f16c",), xcr0=XCR0_X87_SSE | XCR0_AVX),
+    Family("avx512f", "EVEX-encoded AVX-512 (vpxord zmm)", b"\x62\xf1\x75\x48\xef\xc2", ("avx512f",),
+           xcr0=XCR0_X87_SSE | XCR0_AVX | XCR0_AVX512),
+    Family("rdrand", "rdrand", b"\x0f\xc7\xf0", ("rdrand",)),                    # rdrand eax
+    Family("rdseed", "rdseed", b"\x0f\xc7\xf8", ("rdseed",)),                    # rdseed eax
+    Family("rdtscp", "rdtscp", b"\x0f\x01\xf9", ("rdtscp",)),
+    Family("rdpid", "rdpid", b"\xf3\x0f\xc7\xf8", ("rdpid",)),                    # rdpid rax
+    Family("clflushopt", "clflushopt", b"\x66\x0f\xae\x3c\x25" + D, ("clflushopt",)),
+    Family("clwb", "clwb", b"\x66\x0f\xae\x34\x25" + D, ("clwb",)),
+    Family("fwait", "fwait (baseline)", b"\x9b", (), ("fpu",)),
+)
+"""The families probed, in report order."""
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyResult:
+    name: str
+    status: str
+    detail: str = ""
+
+    @property
+    def fails(self) -> bool:
+        """The instruction cannot run here (an absent feature needs no hiding)."""
+        return self.status not in (WORKS, ABSENT)
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorReport:
+    """What the probe found, and the default policy it derives."""
+
+    results: tuple[FamilyResult, ...]
+    key: Mapping[str, str]
+
+    def result(self, name: str) -> FamilyResult:
+        for r in self.results:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def failing(self) -> tuple[FamilyResult, ...]:
+        return tuple(r for r in self.results if r.fails)
+
+    @property
+    def hidden(self) -> tuple[str, ...]:
+        """Features the default policy hides (without dependents), in table order."""
+        names: list[str] = []
+        for r in self.failing:
+            for f in _FAMILY[r.name].features:
+                if f not in names:
+                    names.append(f)
+        return tuple(names)
+
+    @property
+    def unhideable(self) -> tuple[str, ...]:
+        """Failing families no CPUID bit can hide (baseline instructions: need a fallback, not a policy)."""
+        return tuple(r.name for r in self.failing if not _FAMILY[r.name].features)
+
+    def default_policy(self) -> CpuidPolicy:
+        """`host` with every failing family's features set to 0."""
+        return CpuidPolicy.parse(",".join(["host", *(f"{n}=0" for n in self.hidden)]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PROBE_VERSION, "key": dict(self.key),
+                "results": {r.name: {"status": r.status, "detail": r.detail} for r in self.results}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EmulatorReport:
+        if d.get("version") != PROBE_VERSION:
+            raise ValueError("another probe version")
+        results = tuple(FamilyResult(n, str(v["status"]), str(v.get("detail", "")))
+                        for n, v in dict(d["results"]).items())
+        if {r.name for r in results} != set(_FAMILY):
+            raise ValueError("other families")
+        return cls(results, dict(d["key"]))
+
+
+_FAMILY = {f.name: f for f in FAMILIES}
+
+# --- running one family -------------------------------------------------------------------------------------------
+
+_VECTORS = {0: "#DE", 3: "#BP", 6: "#UD", 7: "#NM", 13: "#GP", 14: "#PF", 19: "#XM"}
+KICK_SIGNAL = signal.SIGRTMIN + 5       # the same no-op signal vm.py uses to interrupt KVM_RUN
+
+
+def _ensure_kick_handler() -> bool:
+    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    return True
+
+
+def _host_has(host: Any, name: str) -> bool:
+    f = feature(name)
+    for e in host.entries[:host.nent]:
+        if e.function == f.leaf and (e.index == f.subleaf or not e.flags & 1):
+            return bool(getattr(e, f.reg) >> f.bit & 1)
+    return False
+
+
+def _host_xcr0(host: Any) -> int:
+    for e in host.entries[:host.nent]:
+        if e.function == 0xD and e.index == 0:
+            return int(e.eax) | int(e.edx) << 32
+    return XCR0_X87_SSE
+
+
+def _write_flat(buf: mmap.mmap, code: bytes) -> None:
+    pml4, pdpt, pd = flat.page_table_bytes(preset_dirty=True)
+    for addr, blob in ((flat.PML4_ADDR, pml4), (flat.PDPT_ADDR, pdpt), (flat.PD_ADDR, pd),
+                       (flat.GDT_ADDR, flat.gdt_bytes()), (flat.TSS_ADDR, flat.tss_bytes()),
+                       (flat.STUBS_ADDR, b"".join(flat._default_stub(v) for v in range(256))),
+                       (flat.IDT_ADDR, b"".join(flat._gate(flat.STUBS_ADDR + v * flat.STUB_SIZE, 0)
+                                                for v in range(256))),
+                       (flat.CODE_ADDR, code)):
+        buf[addr:addr + len(blob)] = blob
+
+
+def run_cpl0(kvm: Kvm, code: bytes, *, cpuid: ctypes.Structure, cr4: int = 0, xcr0: int | None = None,
+             timeout: float = TIMEOUT_S) -> tuple[str, str]:
+    """Run `code` once in CPL0 of a fresh flat VM; (status, detail). The code is followed by an exit."""
+    ok = 0x2A
+    program = code + flat.exit_with(ok)
+    buf = mmap.mmap(-1, RAM, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    vm = kvm.create_vm()
+    vcpu = None
+    timer: threading.Timer | None = None
+    anchor = ctypes.c_char.from_buffer(buf)
+    try:
+        _write_flat(buf, program)
+        vm.set_tss_addr(0xFFFBD000)
+        vm.set_user_memory_region(0, 0, RAM, ctypes.addressof(anchor), 0)
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid2(cpuid)
+        sregs = s.Sregs()
+        vcpu.get_sregs(sregs)
+        flat.long_mode_sregs(sregs, cpl=0, osxsave=xcr0 is not None)
+        sregs.cr4 |= cr4
+        vcpu.set_sregs(sregs)
+        regs = s.Regs()
+        regs.rip, regs.rsp, regs.rflags = flat.CODE_ADDR, flat.KERNEL_STACK_TOP, flat.RFLAGS_FIXED
+        vcpu.set_regs(regs)
+        if xcr0 is not None:
+            xcrs = s.Xcrs()
+            xcrs.nr_xcrs = 1
+            xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, xcr0
+            vcpu.set_xcrs(xcrs)
+        run = vcpu.run
+        if _ensure_kick_handler():
+            tid = threading.get_ident()
+
+            def kick() -> None:
+                run.immediate_exit = 1
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pthread_kill(tid, KICK_SIGNAL)
+            timer = threading.Timer(timeout, kick)
+            timer.daemon = True
+            timer.start()
+        for _ in range(64):
+            if vcpu.run_once() < 0:
+                return HANGS, f"no exit within {timeout:g} s"
+            reason = run.exit_reason
+            if reason == c.KVM_EXIT_IO and run.exit.io.port == flat.EXIT_PORT:
+                value = ctypes.c_uint8.from_address(vcpu.run_addr + run.exit.io.data_offset).value
+                if value == ok:
+                    return WORKS, "runs"
+                if flat.TRAP_STATUS_BASE <= value < flat.TRAP_STATUS_BASE + 32:
+                    v = value - flat.TRAP_STATUS_BASE
+                    name = _VECTORS.get(v, f"vector {v}")
+                    return name, f"raises {name} (vector {v})"
+                return ERROR, f"exit status {value:#x}"
+            if reason in (c.KVM_EXIT_IO, c.KVM_EXIT_INTR):
+                continue
+            if reason == c.KVM_EXIT_INTERNAL_ERROR:
+                sub = run.exit.internal.suberror
+                if sub == c.KVM_INTERNAL_ERROR_EMULATION:
+                    return EMULATION_FAILURE, "stops the VM with KVM_EXIT_INTERNAL_ERROR (emulation failure)"
+                return ERROR, f"KVM internal error, suberror {sub}"
+            name = c.EXIT_REASON_NAMES.get(reason, str(reason))
+            return ERROR, f"unexpected exit {name}"
+        return ERROR, "too many exits"
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if vcpu is not None:
+            vcpu.close()
+        vm.close()
+        del anchor
+        buf.close()
+
+
+def probe_family(kvm: Kvm, fam: Family, host: Any) -> FamilyResult:
+    """One family's outcome. A family whose features this host's KVM does not offer at all is "absent" (nothing
+    to hide), but still run where it can be, so the report says what the emulator would do with it."""
+    missing = [n for n in fam.required if not _host_has(host, n)]
+    xcr0 = None if fam.xcr0 is None else fam.xcr0 & _host_xcr0(host)
+    if fam.xcr0 is not None and (xcr0 != fam.xcr0 or not _host_has(host, "xsave")):
+        missing = missing or [f"XCR0 {fam.xcr0:#x}"]
+        return FamilyResult(fam.name, ABSENT, f"this host's KVM does not offer {', '.join(missing)}")
+    try:
+        status, detail = run_cpl0(kvm, fam.code, cpuid=host, cr4=fam.cr4, xcr0=xcr0)
+    except VmforkError as e:
+        status, detail = ERROR, f"cannot be probed: {e}"
+    if missing:
+        return FamilyResult(fam.name, ABSENT, f"this host's KVM does not offer {', '.join(missing)} (so it is "
+                                              f"hidden anyway); {fam.what} in CPL0 {detail}")
+    return FamilyResult(fam.name, status, f"{fam.what} in CPL0 {detail}")
+
+
+def probe(kvm: Kvm) -> EmulatorReport:
+    """Run every family (no cache)."""
+    host = cpu.vcpu_cpuid(kvm, 0)
+    return EmulatorReport(tuple(probe_family(kvm, f, host) for f in FAMILIES), cache_key())
+
+
+# --- cache --------------------------------------------------------------------------------------------------------
+
+def _kvm_modules() -> str:
+    out = []
+    for name in ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm"):
+        base = Path("/sys/module") / name
+        if base.is_dir():
+            try:
+                version = (base / "srcversion").read_text().strip()
+            except OSError:
+                version = "?"
+            out.append(f"{name}:{version}")
+    return ",".join(out)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cache_key() -> dict[str, str]:
+    return {"kernel": platform.release(), "kvm": _kvm_modules(), "cpu": _cpu_model(),
+            "probe": str(PROBE_VERSION)}
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vmfork" / "cpl0-instructions.json"
+
+
+_cached: EmulatorReport | None = None
+_lock = threading.Lock()
+
+
+def _load() -> EmulatorReport | None:
+    try:
+        report = EmulatorReport.from_dict(json.loads(cache_path().read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return report if dict(report.key) == cache_key() else None
+
+
+def _store(report: EmulatorReport) -> None:
+    path = cache_path()
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".cpl0-", suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def report(kvm: Kvm, *, fresh: bool = False) -> EmulatorReport:
+    """This host's report: from this process, else the cache file if it is for this kernel and KVM, else probed
+    now (and stored). `fresh` probes again."""
+    global _cached
+    with _lock:
+        if not fresh:
+            if _cached is not None:
+                return _cached
+            stored = _load()
+            if stored is not None:
+                _cached = stored
+                return stored
+        _cached = probe(kvm)
+        _store(_cached)
+        return _cached
+
+
+def default_policy(kvm: Kvm) -> CpuidPolicy:
+    """The policy a machine gets when none is given: `host` minus what this host cannot run in guest kernel mode."""
+    return report(kvm).default_policy()
+
+
+def resolve(policy: CpuidPolicy | str | None, kvm: Kvm) -> CpuidPolicy:
+    """A concrete policy (base `host`) for this host: None and base `default` take the probe's default."""
+    p = CpuidPolicy.parse("default") if policy is None else (
+        policy if isinstance(policy, CpuidPolicy) else CpuidPolicy.parse(policy))
+    if p.base == "host":
+        return p
+    return p.on(default_policy(kvm))
+
+
+def concrete(kvm: Kvm, policy: CpuidPolicy | str | None) -> str:
+    """The canonical text of `policy` made concrete for this host (what MachineShape.cpuid holds). A feature the
+    policy shows (=1) that this host's KVM does not offer is a ConfigError naming it."""
+    p = resolve(policy, kvm)
+    lacking = unsupported(p, cpu.host_cpuid(kvm))
+    if lacking:
+        raise ConfigError(f"cpuid: {', '.join(f'{n}=1' for n in lacking)}: this host's KVM does not offer "
+                          f"{', '.join(lacking)}")
+    return str(p)
+
+
+_announced: set[str] = set()
+
+
+def announce(kvm: Kvm, policy: str, stream: TextIO | None = None) -> str | None:
+    """Say once per process, on stderr, which CPU features a booting machine's policy hides (nothing for a policy
+    that hides nothing). Returns the line."""
+    p = CpuidPolicy.parse(policy)
+    if not p.hidden:
+        return None
+    if policy == str(default_policy(kvm)):
+        line = "vmfork: " + describe_default(kvm)
+    else:
+        line = f"vmfork: CPUID policy {policy}: the guest does not see {', '.join(sorted(p.hidden))}"
+    if policy not in _announced:
+        _announced.add(policy)
+        print(line, file=stream or sys.stderr, flush=True)
+    return line
+
+
+def describe_default(kvm: Kvm) -> str:
+    """One line: what the default policy hides here and why."""
+    r = report(kvm)
+    hidden = r.hidden
+    if not hidden:
+        return "CPUID policy: host (guest kernel mode runs every probed instruction here)"
+    closure = sorted(hidden_closure(hidden) - set(hidden))
+    extra = f" (and with them {', '.join(closure)})" if closure else ""
+    return (f"CPUID policy: host minus {', '.join(hidden)}{extra}: this host's KVM cannot run those instructions "
+            "in guest kernel mode (vmfork doctor)")
+
+
+__all__ = ["FAMILIES", "EmulatorReport", "Family", "FamilyResult", "announce", "cache_path", "concrete",
+           "default_policy", "describe_default", "probe", "report", "resolve", "run_cpl0"]
