@@ -125,8 +125,7 @@ def run_vmfork(kernel: str, initrd: str, cmdline: str, seconds: float, memory: i
         vm.bus = counting
         serial = vm.device("serial0")
         vm.start()
-        while time.monotonic() - t0 < seconds and vm.state == "running":
-            time.sleep(0.25)
+        while time.monotonic() - t0 < seconds and vm.wait(0.25).reason == "timeout":
             con.update(bytes(serial.output()))
             if "prompt" in con.seen and con.typed_at is None:
                 vm.feed_console(COMMAND)

@@ -70,10 +70,10 @@ def _run_until(vm: VM, marker: bytes, timeout: float, *, since: int = 0) -> byte
     vm.start()
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and vm.state == "running":
+        # wait() returns a "timeout" event while the machine runs, and finishes it once it stopped (a crash)
+        while time.monotonic() < deadline and vm.wait(0.2).reason == "timeout":
             if marker in bytes(serial.output())[since:]:
                 break
-            time.sleep(0.2)
     finally:
         if vm.state == "running":
             vm.pause()

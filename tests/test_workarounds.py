@@ -147,3 +147,80 @@ def test_vmfork_list_json_shows_the_counts(tmp_path: Path, syscall_guest: Path) 
         ts.wait_state(domid, "shutdown", timeout=30)
         counts = ts.listed("sg")["workarounds"]
         assert counts.get("syscall-completion") == (101 if emulated else None), counts
+
+
+# --- the instruction fallbacks, each in a tiny kernel-mode guest (vmfork's flat environment) ----------------------
+
+D = flat.DATA_ADDR
+
+
+def _abs32(addr: int) -> bytes:
+    return struct.pack("<I", addr)
+
+
+def _run_cpl0(code: bytes, **kw: object) -> tuple[VM, object]:
+    vm, _ = _flat_kernel(code + flat.exit_with(0x2A), **kw)
+    return vm, vm.run(timeout=10)
+
+
+def _counted(vm: VM, name: str) -> int:
+    assert vm.workarounds is not None
+    return vm.workarounds.counts()[name]
+
+
+def test_clac_stac() -> None:
+    code = (b"\x0f\x01\xcb\x9c\x58\x48\x89\x04\x25" + _abs32(D)          # stac; pushfq; pop rax; mov [D], rax
+            + b"\x0f\x01\xca\x9c\x58\x48\x89\x04\x25" + _abs32(D + 8))   # clac; ... mov [D+8], rax
+    vm, ev = _run_cpl0(code)
+    with vm:
+        assert getattr(ev, "status", None) == 0x2A, ev
+        stac_flags, clac_flags = struct.unpack("<QQ", vm.memory.read(D, 16))
+        assert stac_flags & (1 << 18) and not clac_flags & (1 << 18)
+
+
+def test_popcnt() -> None:
+    code = (b"\x48\xb8" + struct.pack("<Q", 0xF0F0F0F0F0)              # mov rax, imm64
+            + b"\xf3\x48\x0f\xb8\xd8"                                  # popcnt rbx, rax
+            + b"\x48\x89\x1c\x25" + _abs32(D)                          # mov [D], rbx
+            + b"\x31\xc9\xf3\x0f\xb8\x0c\x25" + _abs32(D + 8)          # xor ecx, ecx; popcnt ecx, [D+8] (0)
+            + b"\x9c\x58\x48\x89\x04\x25" + _abs32(D + 16))            # the flags
+    vm, ev = _run_cpl0(code)
+    with vm:
+        assert getattr(ev, "status", None) == 0x2A, ev
+        bits, flags = struct.unpack("<Q8xQ", vm.memory.read(D, 24))
+        assert bits == 20 and flags & 0x40                             # ZF: the second source was 0
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_cmpxchg16b(equal: bool) -> None:
+    code = (b"\x48\xc7\x04\x25" + _abs32(D + 64) + b"\x01\x00\x00\x00"    # [D+64] = 1
+            + b"\x48\xc7\x04\x25" + _abs32(D + 72) + b"\x02\x00\x00\x00"  # [D+72] = 2
+            + b"\xb8" + struct.pack("<I", 1 if equal else 9) + b"\xba\x02\x00\x00\x00"   # rax, rdx = 1|9, 2
+            + b"\xbb\x05\x00\x00\x00\xb9\x06\x00\x00\x00"                 # rbx, rcx = 5, 6
+            + b"\xf0\x48\x0f\xc7\x0c\x25" + _abs32(D + 64)                # lock cmpxchg16b [D+64]
+            + b"\x9c\x5e\x48\x89\x34\x25" + _abs32(D)                     # pushfq; pop rsi; mov [D], rsi
+            + b"\x48\x89\x04\x25" + _abs32(D + 8) + b"\x48\x89\x14\x25" + _abs32(D + 16))   # rax, rdx
+    vm, ev = _run_cpl0(code)
+    with vm:
+        assert getattr(ev, "status", None) == 0x2A, ev
+        flags, rax, rdx, lo, hi = struct.unpack("<QQQ40xQQ", vm.memory.read(D, 80))
+        if equal:
+            assert (lo, hi) == (5, 6) and flags & 0x40
+        else:
+            assert (lo, hi) == (1, 2) and (rax, rdx) == (1, 2) and not flags & 0x40
+
+
+def test_xsave_and_xrstor_round_trip() -> None:
+    area = D + 0x1000
+    code = (b"\xb8\x03\x00\x00\x00\x31\xd2"                 # eax = 3 (x87, SSE), edx = 0
+            + b"\x0f\xae\x24\x25" + _abs32(area)            # xsave [area]
+            + b"\xc7\x04\x25" + _abs32(area + 160) + struct.pack("<I", 0x12345678)   # XMM0's first dword
+            + b"\x0f\xae\x2c\x25" + _abs32(area)            # xrstor [area]: XMM0 takes it
+            + b"\x0f\x29\x04\x25" + _abs32(D))              # movaps [D], xmm0
+    vm, ev = _run_cpl0(code, xcr0=3)
+    with vm:
+        assert getattr(ev, "status", None) == 0x2A, ev
+        saved = vm.memory.read(area, 528)
+        assert saved[24:28] == (0x1F80).to_bytes(4, "little")          # MXCSR
+        assert int.from_bytes(saved[512:520], "little") & ~3 == 0       # XSTATE_BV within RFBM
+        assert vm.memory.read(D, 4) == (0x12345678).to_bytes(4, "little")

@@ -11,9 +11,13 @@ import threading
 from typing import TYPE_CHECKING
 
 from . import ExitHook
+from .cmpxchg16b import Cmpxchg16bFallback
 from .fwait import FwaitFallback
 from .int3 import Int3Fallback
+from .popcnt import PopcntFallback
+from .smap import SmapFallback
 from .syscall import SyscallCompletion
+from .xsave import XsaveFallback
 
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
@@ -44,8 +48,11 @@ class MachineWorkarounds:
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
         hooks = machine.exit_hooks
-        self.fallbacks: dict[str, ExitHook] = {"int3-cpl0": Int3Fallback(machine.memory),
-                                               "fwait-cpl0": FwaitFallback(machine.memory)}
+        mem = machine.memory
+        self.fallbacks: dict[str, ExitHook] = {
+            "int3-cpl0": Int3Fallback(mem), "fwait-cpl0": FwaitFallback(mem), "clac-stac-cpl0": SmapFallback(mem),
+            "xsave-cpl0": XsaveFallback(mem), "cmpxchg16b-cpl0": Cmpxchg16bFallback(mem),
+            "popcnt-cpl0": PopcntFallback(mem)}
         for name, hook in self.fallbacks.items():
             hooks.add("emulation_failure", name, hook)
         self.syscall: SyscallCompletion | None = None
