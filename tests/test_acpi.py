@@ -157,6 +157,19 @@ def test_a_booted_guest_finds_the_tables(pvh_guest: Path, machines: list) -> Non
     assert "vmfork-guest: hello pvh ram=64MiB" in console(vm)
 
 
+def test_a_machine_can_describe_one_more_device(pvh_guest: Path, machines: list) -> None:  # type: ignore[type-arg]
+    """What a VMGenID device (issue 15) needs: an extra DSDT device with _HID, _CID and an ADDR method."""
+    from vmfork.fork import VM
+    vgen = Device("VGEN", "VMGENCTR", cid="VM_Gen_Counter",
+                  extra=(aml.method("ADDR", [aml.return_(aml.package([0xEF000, 0]))]),))
+    vm = VM.create(memory_mib=64, name="vgen")
+    machines.append(vm)
+    vm.load_kernel(pvh_guest, cmdline="hello", acpi_devices=[vgen])
+    t = build(1, devices=[*standard_devices(), vgen])
+    dsdt = parse(vm.memory.read(TABLES_ADDR, len(t.blob)), TABLES_ADDR)[b"DSDT"]
+    assert vgen.aml() in dsdt and standard_devices()[0].aml() in dsdt
+
+
 def test_without_acpi_the_bios_area_stays_empty(pvh_guest: Path, machines: list) -> None:  # type: ignore[type-arg]
     from vmfork.fork import VM
     vm = VM.create(memory_mib=64, name="noacpi")

@@ -48,11 +48,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if cfg.kernel is None:
         raise VmforkError(f"{args.config}: missing required key \"kernel\"")
+    noted = False
     while True:
         vm = VM.create(memory_mib=cfg.memory, vcpus=cfg.vcpus, name=cfg.name, console_log=args.console_log,
                        cpuid=cfg.cpuid)
         try:
             vm.load_kernel(cfg.kernel, cmdline=cfg.cmdline, initrd=cfg.ramdisk, protocol=cfg.boot_protocol)
+            if vm.cpuid_note and not noted:
+                print(f"vmfork: {vm.cpuid_note}", file=sys.stderr, flush=True)     # once, at the first boot
+                noted = True
             _echo_console(vm)
             stopped = _run_foreground(vm, args.timeout)
             if stopped is None:

@@ -754,6 +754,8 @@ def probe_cpuid_default(quick: bool) -> ProbeItem:
     unhideable = report.unhideable
     note = (f"; no CPUID bit hides {', '.join(unhideable)} (baseline instructions: they need fallbacks)"
             if unhideable else "")
+    if report.leaks:
+        note += f"; hiding {', '.join(report.leaks)} has no effect here"
     status = "host" if not policy.settings else "hides"
     return ProbeItem("cpuid_default", status, not policy.settings, float(len(policy.hidden)), "features",
                      f"{emulator_probe.describe_default(kvm)}: \"{policy}\"{note}")

@@ -7,6 +7,7 @@ and clock, and every device) and `Machine.restore()` loads one. Forks, resets an
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import threading
@@ -353,6 +354,7 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._live_threads = 0
         self.exits = 0
+        self.cpuid_note: str | None = None       # set at load_kernel: what its CPUID policy hides (emulator_probe)
         self.on_stop: list[Callable[[StopEvent], None]] = []
         # Exits the loop cannot handle itself (emulation failures, debug exits) go to these first:
         # the debugger's breakpoints, then host workarounds (vmfork.workarounds).
@@ -409,13 +411,15 @@ class Machine:
             v.fd.set_msrs(msrs)
 
     def load_kernel(self, path: str | os.PathLike[str], *, cmdline: str = "", initrd: str | None = None,
-                    protocol: str = "auto", acpi: bool = True) -> str:
+                    protocol: str = "auto", acpi: bool = True, acpi_devices: Sequence[Any] = ()) -> str:
         """Load a kernel through a standard boot protocol and point the boot vCPU at its entry; returns the
         protocol used. `acpi`: also write ACPI tables describing this machine (its vCPUs, IOAPIC and ISA
-        devices; see arch/x86/acpi) and pass the kernel their address."""
+        devices, plus `acpi_devices`: arch.x86.acpi.Device values; see arch/x86/acpi) and pass the kernel their
+        address."""
         from .arch.x86 import acpi as acpi_tables
         from .arch.x86.boot import load_kernel
-        tables = acpi_tables.build(self.shape.vcpus) if acpi else None
+        tables = (acpi_tables.build(self.shape.vcpus, devices=[*acpi_tables.standard_devices(), *acpi_devices])
+                  if acpi else None)
         entry = load_kernel(path, self.memory, cmdline=cmdline, initrd=initrd, protocol=protocol,  # type: ignore[arg-type]
                             acpi=tables)
         bsp = self.vcpus[0]
@@ -423,7 +427,10 @@ class Machine:
         cpu.apply_entry(entry, regs, sregs)
         bsp.set_sregs(sregs)
         bsp.set_regs(regs)
-        emulator_probe.announce(self.kvm, self.shape.cpuid)
+        # what the guest is kept away from, and what it is not: `vmfork run` prints it, the API logs it
+        self.cpuid_note = emulator_probe.boot_note(self.kvm, self.shape.cpuid)
+        if self.cpuid_note:
+            logging.getLogger("vmfork").info("%s: %s", self.name, self.cpuid_note)
         return str(entry.protocol)
 
     def attach_devices(self, devices: Sequence[Any]) -> None:

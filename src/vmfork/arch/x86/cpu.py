@@ -58,11 +58,19 @@ _host_cpuid: ctypes.Structure | None = None
 def vcpu_cpuid(kvm: Kvm, apic_id: int, tsc_khz: int = 0, policy: CpuidPolicy | str = HOST) -> ctypes.Structure:
     """CPUID for one vCPU: the host's supported leaves with this vCPU's APIC ID and the hypervisor bit, plus the
     timing leaf 0x40000010 (TSC and LAPIC bus frequency in kHz) so guests need not calibrate their clocks, with
-    the features `policy` (a concrete policy, base "host": see cpuid_policy) hides or shows."""
-    global _host_cpuid
-    if _host_cpuid is None:
-        _host_cpuid = kvm.supported_cpuid()
-    host: Any = _host_cpuid
+    the features `policy` (a concrete policy, base "host": see cpuid_policy) hides or shows. Built once per
+    (APIC ID, TSC rate, policy) and copied afterwards: machines and pool shells make one per vCPU."""
+    key = (apic_id, tsc_khz, str(policy))
+    made = _made.get(key)
+    if made is None:
+        made = _made[key] = _build_cpuid(host_cpuid(kvm), apic_id, tsc_khz, policy)
+    return type(made).from_buffer_copy(made)
+
+
+_made: dict[tuple[int, int, str], ctypes.Structure] = {}
+
+
+def _build_cpuid(host: Any, apic_id: int, tsc_khz: int, policy: CpuidPolicy | str) -> ctypes.Structure:
     n = host.nent
     out: Any = s.cpuid2_type(n + 1)()
     ctypes.memmove(ctypes.addressof(out.entries), ctypes.addressof(host.entries), n * ctypes.sizeof(s.CpuidEntry2))

@@ -221,37 +221,42 @@ class CpuidPolicy:
         merged.update(self.settings)
         return CpuidPolicy(base.base, _ordered(merged))
 
-    def apply(self, cpuid: ctypes.Structure, supported: Mapping[str, bool] | None = None) -> None:
+    def apply(self, cpuid: ctypes.Structure) -> None:
         """Edit a KVM CPUID table (struct kvm_cpuid2) in place: clear the hidden features' bits (and their
         dependents', and their XSAVE state components) and set the shown ones'. The base must be "host"."""
         if self.base != "host":
             raise ValueError(f"apply() needs a concrete policy (base host), not {self}")
+        edits, zero_leaf_d, components = _plan(self)
         c: Any = cpuid
-        entries = c.entries[:c.nent]
-        hide = self.hidden - self.shown
-        for name in sorted(hide, key=_ORDER.__getitem__):
+        for e in c.entries[:c.nent]:
+            leaf = e.function
+            if leaf == 0xD and (zero_leaf_d or (e.index >= 2 and components >> e.index & 1)):
+                e.eax = e.ebx = e.ecx = e.edx = 0   # no XSAVE leaf: KVM keeps XCR0 at x87 (guest_supported_xcr0)
+                continue
+            for reg, clear, setbits in edits.get((leaf, e.index if e.flags & 1 else 0), ()):
+                setattr(e, reg, (getattr(e, reg) & ~clear) | setbits)
+            if leaf == 0xD and e.index == 0 and components:
+                e.eax &= ~components
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(policy: CpuidPolicy) -> tuple[dict[tuple[int, int], list[tuple[str, int, int]]], bool, int]:
+    """What `apply` does, worked out once per policy: {(leaf, subleaf): [(register, clear mask, set mask)]},
+    whether leaf 0xD goes, and the XSAVE components to drop."""
+    hide = policy.hidden - policy.shown
+    masks: dict[tuple[int, int, str], list[int]] = {}
+    for names, index in ((hide, 0), (policy.shown, 1)):
+        for name in names:
             f = BY_NAME[_key(name)]
-            for e in _matching(entries, f.leaf, f.subleaf):
-                setattr(e, f.reg, getattr(e, f.reg) & ~(1 << f.bit))
-        for name in sorted(self.shown, key=_ORDER.__getitem__):
-            f = BY_NAME[_key(name)]
-            for e in _matching(entries, f.leaf, f.subleaf):
-                setattr(e, f.reg, getattr(e, f.reg) | (1 << f.bit))
-        if "xsave" in hide:
-            for e in entries:             # no XSAVE: no XSAVE leaf, so KVM keeps XCR0 at x87 (guest_supported_xcr0)
-                if e.function == 0xD:
-                    e.eax = e.ebx = e.ecx = e.edx = 0
-            return
-        components = 0
-        for name, bits in XSTATE_COMPONENTS.items():
-            if name in hide:
-                components |= bits
-        if components:
-            for e in entries:
-                if e.function == 0xD and e.index == 0:
-                    e.eax &= ~components
-                elif e.function == 0xD and e.index >= 2 and components >> e.index & 1:
-                    e.eax = e.ebx = e.ecx = e.edx = 0
+            masks.setdefault((f.leaf, f.subleaf, f.reg), [0, 0])[index] |= 1 << f.bit
+    edits: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
+    for (leaf, subleaf, reg), (clear, setbits) in masks.items():
+        edits.setdefault((leaf, subleaf), []).append((reg, clear, setbits))
+    components = 0
+    for name, bits in XSTATE_COMPONENTS.items():
+        if name in hide:
+            components |= bits
+    return edits, "xsave" in hide, components
 
 
 def _matching(entries: Any, leaf: int, subleaf: int) -> list[Any]:

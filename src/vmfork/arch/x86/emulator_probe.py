@@ -21,27 +21,28 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import mmap
 import os
 import platform
 import signal
-import sys
+import struct
 import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ...errors import ConfigError, VmforkError
 from ...kvm import Kvm
 from ...kvm import constants as c
 from ...kvm import structs as s
 from . import cpu, flat
-from .cpuid_policy import CpuidPolicy, feature, hidden_closure, unsupported
+from .cpuid_policy import FEATURES, CpuidPolicy, feature, hidden_closure, unsupported
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 RAM = 4 << 20                       # the flat layout's tables, stacks, code at 1 MiB and data at 2 MiB
 D = flat.DATA_ADDR.to_bytes(4, "little")    # a disp32 operand: [DATA_ADDR], 64-byte aligned, zeroed
 TIMEOUT_S = 2.0
@@ -177,6 +178,14 @@ class EmulatorReport:
 
     results: tuple[FamilyResult, ...]
     key: Mapping[str, str]
+    seen: Mapping[str, int] = dataclasses.field(default_factory=dict)   # the guest's CPUID view, policy host
+    stuck: tuple[str, ...] = ()      # features the guest sees even when the CPUID table hides them
+
+    @property
+    def leaks(self) -> tuple[str, ...]:
+        """Features of failing families that this host's KVM shows the guest whatever its CPUID table says: no
+        policy can hide them, so they need fallbacks (or the guest's own switch, e.g. Linux's clearcpuid=)."""
+        return tuple(n for n in self.wanted if n in self.stuck)
 
     def result(self, name: str) -> FamilyResult:
         for r in self.results:
@@ -189,8 +198,8 @@ class EmulatorReport:
         return tuple(r for r in self.results if r.fails)
 
     @property
-    def hidden(self) -> tuple[str, ...]:
-        """Features the default policy hides (without dependents), in table order."""
+    def wanted(self) -> tuple[str, ...]:
+        """The features of every failing family, in report order."""
         names: list[str] = []
         for r in self.failing:
             for f in _FAMILY[r.name].features:
@@ -199,16 +208,22 @@ class EmulatorReport:
         return tuple(names)
 
     @property
+    def hidden(self) -> tuple[str, ...]:
+        """Features the default policy hides (without dependents): the failing families' features a CPUID table
+        can hide here."""
+        return tuple(n for n in self.wanted if n not in self.stuck)
+
+    @property
     def unhideable(self) -> tuple[str, ...]:
         """Failing families no CPUID bit can hide (baseline instructions: need a fallback, not a policy)."""
         return tuple(r.name for r in self.failing if not _FAMILY[r.name].features)
 
     def default_policy(self) -> CpuidPolicy:
-        """`host` with every failing family's features set to 0."""
+        """`host` with every failing family's features set to 0, where that hides them (see `leaks`)."""
         return CpuidPolicy.parse(",".join(["host", *(f"{n}=0" for n in self.hidden)]))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": PROBE_VERSION, "key": dict(self.key),
+        return {"version": PROBE_VERSION, "key": dict(self.key), "seen": dict(self.seen), "stuck": list(self.stuck),
                 "results": {r.name: {"status": r.status, "detail": r.detail} for r in self.results}}
 
     @classmethod
@@ -219,7 +234,8 @@ class EmulatorReport:
                         for n, v in dict(d["results"]).items())
         if {r.name for r in results} != set(_FAMILY):
             raise ValueError("other families")
-        return cls(results, dict(d["key"]))
+        return cls(results, dict(d["key"]), {str(k): int(v) for k, v in dict(d.get("seen", {})).items()},
+                   tuple(str(n) for n in d.get("stuck", ())))
 
 
 _FAMILY = {f.name: f for f in FAMILIES}
@@ -266,8 +282,9 @@ def _write_flat(buf: mmap.mmap, code: bytes) -> None:
 
 
 def run_cpl0(kvm: Kvm, code: bytes, *, cpuid: ctypes.Structure, cr4: int = 0, xcr0: int | None = None,
-             timeout: float = TIMEOUT_S) -> tuple[str, str]:
-    """Run `code` once in CPL0 of a fresh flat VM; (status, detail). The code is followed by an exit."""
+             timeout: float = TIMEOUT_S, out: bytearray | None = None) -> tuple[str, str]:
+    """Run `code` once in CPL0 of a fresh flat VM; (status, detail). The code is followed by an exit. `out` is
+    filled with the guest's bytes at DATA_ADDR afterwards."""
     ok = 0x2A
     program = code + flat.exit_with(ok)
     buf = mmap.mmap(-1, RAM, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -331,6 +348,8 @@ def run_cpl0(kvm: Kvm, code: bytes, *, cpuid: ctypes.Structure, cr4: int = 0, xc
     finally:
         if timer is not None:
             timer.cancel()
+        if out is not None:
+            out[:] = buf[flat.DATA_ADDR:flat.DATA_ADDR + len(out)]
         if vcpu is not None:
             vcpu.close()
         vm.close()
@@ -338,28 +357,78 @@ def run_cpl0(kvm: Kvm, code: bytes, *, cpuid: ctypes.Structure, cr4: int = 0, xc
         buf.close()
 
 
-def probe_family(kvm: Kvm, fam: Family, host: Any) -> FamilyResult:
+# The CPUID words the guest's view is read from: (leaf, subleaf); 16 bytes (EAX, EBX, ECX, EDX) each.
+SEEN_LEAVES: tuple[tuple[int, int], ...] = ((1, 0), (6, 0), (7, 0), (7, 1), (0xD, 0), (0xD, 1), (0x80000001, 0),
+                                            (0x80000007, 0), (0x80000008, 0))
+_REGS = ("eax", "ebx", "ecx", "edx")
+
+
+def _cpuid_reader() -> bytes:
+    code = b""
+    for i, (leaf, subleaf) in enumerate(SEEN_LEAVES):
+        code += b"\xb8" + leaf.to_bytes(4, "little")          # mov eax, leaf
+        code += b"\xb9" + subleaf.to_bytes(4, "little")       # mov ecx, subleaf
+        code += b"\x0f\xa2"                                    # cpuid
+        for j, modrm in enumerate((0x04, 0x1C, 0x0C, 0x14)):   # mov [DATA + 16i + 4j], eax/ebx/ecx/edx
+            code += b"\x89" + bytes((modrm, 0x25)) + (flat.DATA_ADDR + 16 * i + 4 * j).to_bytes(4, "little")
+    return code
+
+
+def guest_cpuid(kvm: Kvm, table: ctypes.Structure) -> dict[str, int]:
+    """What a CPL0 guest given the CPUID `table` reads with the `cpuid` instruction: {"leaf.subleaf.reg": value}
+    (leaf in hex). On some hosts this is not the table: kvm_pvm shows most host bits whatever the table says."""
+    data = bytearray(16 * len(SEEN_LEAVES))
+    status, detail = run_cpl0(kvm, _cpuid_reader(), cpuid=table, out=data)
+    if status != WORKS:
+        raise VmforkError(f"a guest reading CPUID {detail}")
+    words = struct.unpack(f"<{4 * len(SEEN_LEAVES)}I", data)
+    return {f"{leaf:x}.{sub}.{reg}": words[4 * i + j]
+            for i, (leaf, sub) in enumerate(SEEN_LEAVES) for j, reg in enumerate(_REGS)}
+
+
+def _sees(seen: Mapping[str, int], name: str) -> bool:
+    f = feature(name)
+    return bool(seen.get(f"{f.leaf:x}.{f.subleaf}.{f.reg}", 0) >> f.bit & 1)
+
+
+def probe_family(kvm: Kvm, fam: Family, host: Any, seen: Mapping[str, int] | None = None) -> FamilyResult:
     """One family's outcome. A family whose features this host's KVM does not offer at all is "absent" (nothing
     to hide), but still run where it can be, so the report says what the emulator would do with it."""
-    missing = [n for n in fam.required if not _host_has(host, n)]
-    xcr0 = None if fam.xcr0 is None else fam.xcr0 & _host_xcr0(host)
-    if fam.xcr0 is not None and (xcr0 != fam.xcr0 or not _host_has(host, "xsave")):
-        missing = missing or [f"XCR0 {fam.xcr0:#x}"]
-        return FamilyResult(fam.name, ABSENT, f"this host's KVM does not offer {', '.join(missing)}")
+    missing = [n for n in fam.required if not (_sees(seen, n) if seen is not None else _host_has(host, n))]
+    if fam.xcr0 is not None:
+        offered = seen.get("d.0.eax", 0) if seen is not None else _host_xcr0(host)
+        xsave = _sees(seen, "xsave") if seen is not None else _host_has(host, "xsave")
+        if fam.xcr0 & ~offered or not xsave:
+            missing = missing or [f"XCR0 {fam.xcr0:#x}"]
+            return FamilyResult(fam.name, ABSENT, f"the guest does not see {', '.join(missing)} (nothing to hide)")
+    xcr0 = fam.xcr0
     try:
         status, detail = run_cpl0(kvm, fam.code, cpuid=host, cr4=fam.cr4, xcr0=xcr0)
     except VmforkError as e:
         status, detail = ERROR, f"cannot be probed: {e}"
     if missing:
-        return FamilyResult(fam.name, ABSENT, f"this host's KVM does not offer {', '.join(missing)} (so it is "
-                                              f"hidden anyway); {fam.what} in CPL0 {detail}")
+        return FamilyResult(fam.name, ABSENT, f"the guest does not see {', '.join(missing)} (nothing to hide); "
+                                              f"{fam.what} in CPL0 {detail}")
     return FamilyResult(fam.name, status, f"{fam.what} in CPL0 {detail}")
 
 
+HIDE_ALL = CpuidPolicy.parse(",".join(["host", *(f"{f.name}=0" for f in FEATURES
+                                                 if (f.leaf, f.subleaf) in SEEN_LEAVES and f.name != "hypervisor")]))
+
+
 def probe(kvm: Kvm) -> EmulatorReport:
-    """Run every family (no cache)."""
+    """Run every family (no cache), after reading which CPUID bits the guest really sees, and which stay set
+    even when the CPUID table hides them."""
     host = cpu.vcpu_cpuid(kvm, 0)
-    return EmulatorReport(tuple(probe_family(kvm, f, host) for f in FAMILIES), cache_key())
+    try:
+        seen = guest_cpuid(kvm, host)
+        with_all_hidden = guest_cpuid(kvm, cpu.vcpu_cpuid(kvm, 0, policy=HIDE_ALL))
+    except VmforkError:
+        seen, with_all_hidden = {}, {}
+    stuck = tuple(f.name for f in FEATURES if (f.leaf, f.subleaf) in SEEN_LEAVES and f.name in HIDE_ALL.hidden
+                  and _sees(with_all_hidden, f.name))
+    results = tuple(probe_family(kvm, f, host, seen or None) for f in FAMILIES)
+    return EmulatorReport(results, cache_key(), seen, stuck)
 
 
 # --- cache --------------------------------------------------------------------------------------------------------
@@ -467,36 +536,40 @@ def concrete(kvm: Kvm, policy: CpuidPolicy | str | None) -> str:
     return str(p)
 
 
-_announced: set[str] = set()
-
-
-def announce(kvm: Kvm, policy: str, stream: TextIO | None = None) -> str | None:
-    """Say once per process, on stderr, which CPU features a booting machine's policy hides (nothing for a policy
-    that hides nothing). Returns the line."""
+def boot_note(kvm: Kvm, policy: str) -> str | None:
+    """The one line to say when a machine with this concrete policy boots: which CPU features it hides and which
+    this host shows the guest anyway (None for a policy that hides nothing, on a host where that is the default)."""
     p = CpuidPolicy.parse(policy)
-    if not p.hidden:
+    if not p.hidden and not (policy == str(default_policy(kvm)) and report(kvm).leaks):
         return None
-    if policy == str(default_policy(kvm)):
-        line = "vmfork: " + describe_default(kvm)
+    r = report(kvm)
+    if policy == str(r.default_policy()):
+        line = describe_default(kvm)
     else:
-        line = f"vmfork: CPUID policy {policy}: the guest does not see {', '.join(sorted(p.hidden))}"
-    if policy not in _announced:
-        _announced.add(policy)
-        print(line, file=stream or sys.stderr, flush=True)
+        visible = [n for n in sorted(p.hidden) if not r.seen or _sees(r.seen, n)]   # what hiding changes at all
+        leaks = [n for n in visible if n in r.stuck]
+        shown = [n for n in visible if n not in r.stuck]
+        line = f"CPUID policy {policy}: the guest does not see {', '.join(shown) or 'any of them'}"
+        if leaks:
+            line += f"; this host's KVM shows it {', '.join(leaks)} whatever the CPUID table says"
     return line
 
 
 def describe_default(kvm: Kvm) -> str:
-    """One line: what the default policy hides here and why."""
+    """One line: what the default policy hides here and why, and what it cannot hide."""
     r = report(kvm)
     hidden = r.hidden
-    if not hidden:
-        return "CPUID policy: host (guest kernel mode runs every probed instruction here)"
+    leaks = r.leaks
+    if not hidden and not leaks:
+        return "CPUID policy: host (guest kernel mode runs every probed instruction family here)"
     closure = sorted(hidden_closure(hidden) - set(hidden))
     extra = f" (and with them {', '.join(closure)})" if closure else ""
-    return (f"CPUID policy: host minus {', '.join(hidden)}{extra}: this host's KVM cannot run those instructions "
-            "in guest kernel mode (vmfork doctor)")
+    head = (f"CPUID policy: host minus {', '.join(hidden)}{extra}: this host's KVM cannot run those instructions in "
+            "guest kernel mode" if hidden else "CPUID policy: host")
+    tail = (f"; it cannot run {', '.join(leaks)} either, but shows them to the guest whatever the CPUID table says, "
+            "so they need fallbacks" if leaks else "")
+    return f"{head}{tail} (vmfork doctor)"
 
 
-__all__ = ["FAMILIES", "EmulatorReport", "Family", "FamilyResult", "announce", "cache_path", "concrete",
+__all__ = ["FAMILIES", "EmulatorReport", "Family", "FamilyResult", "boot_note", "cache_path", "concrete",
            "default_policy", "describe_default", "probe", "report", "resolve", "run_cpl0"]
