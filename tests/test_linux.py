@@ -8,7 +8,7 @@ The command line is only `console=ttyS0`: whatever the host cannot run is vmfork
 instruction fallbacks, syscall completion), not the kernel's.
 
 One session fixture boots it once, pauses at the prompt and saves the machine to build/linux-test/, keyed by the
-kernel, the initramfs, the vCPU count and the save-file format; later sessions restore that file (well under a
+kernel, the initramfs, the vCPU count, the CPU policy and the save-file format; later sessions restore that file (well under a
 second) instead of booting. With CI set in the environment it always boots fresh (and times the boot)."""
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ CACHE = ROOT / "build" / "linux-test"
 CMDLINE = "console=ttyS0"
 PROMPT = b"vmfork# "
 COMMAND = b"uname -r; cat /proc/cpuinfo | grep -c processor\n"
-BOOT_LIMIT = float(os.environ.get("VMFORK_LINUX_BOOT_LIMIT", "900"))
+BOOT_LIMIT = float(os.environ.get("VMFORK_LINUX_BOOT_LIMIT", "1800"))
 VCPUS = 1
+# This host's default policy, and the TSC-deadline timer hidden: on kvm_pvm a Linux that uses it (it does once the
+# MADT gives it the IO-APIC and x2APIC) gets no timer interrupt and stalls in RCU ("rcu_sched kthread timer wakeup
+# didn't happen"); with it hidden the same kernel goes on. TSC-deadline is one of the few bits this host's CPUID
+# table does control. (Measured 2026-12-07; belongs in the default policy.)
+CPUID = "default,tsc-deadline=0"
 
 
 @dataclass
@@ -60,7 +65,10 @@ def _key(kernel: Path, initrd: Path) -> str:
     h = hashlib.sha256()
     for f in (kernel, initrd):
         h.update(hashlib.sha256(f.read_bytes()).digest())
-    h.update(f"{CMDLINE}|{VCPUS}|{savefile.FORMAT}|{savefile.MAGIC!r}".encode())
+    from vmfork.arch.x86 import emulator_probe
+    from vmfork.vm import open_kvm
+    policy = emulator_probe.concrete(open_kvm(), CPUID)        # the policy as this host makes it concrete
+    h.update(f"{CMDLINE}|{VCPUS}|{policy}|{savefile.FORMAT}|{savefile.MAGIC!r}".encode())
     h.update((ROOT / "src" / "vmfork" / "snapshot" / "container.py").read_bytes())
     return h.hexdigest()[:20]
 
@@ -81,7 +89,7 @@ def _run_until(vm: VM, marker: bytes, timeout: float, *, since: int = 0) -> byte
 
 
 def _boot(kernel: Path, initrd: Path) -> Booted:
-    vm = VM.create(memory_mib=256, vcpus=VCPUS, name="linux")
+    vm = VM.create(memory_mib=256, vcpus=VCPUS, name="linux", cpuid=CPUID)
     assert vm.load_kernel(kernel, initrd=str(initrd), cmdline=CMDLINE) == "linux-pvh"
     t0 = time.monotonic()
     out = _run_until(vm, PROMPT, BOOT_LIMIT)
