@@ -8,8 +8,8 @@ The command line is only `console=ttyS0`: whatever the host cannot run is vmfork
 instruction fallbacks, syscall completion), not the kernel's.
 
 One session fixture boots it once, pauses at the prompt and saves the machine to build/linux-test/, keyed by the
-kernel, the initramfs, the vCPU count, the CPU policy and the save-file format; later sessions restore that file (well under a
-second) instead of booting. With CI set in the environment it always boots fresh (and times the boot)."""
+kernel, the initramfs, the vCPU count, the CPU policy and the save-file format; later sessions restore that file
+(well under a second) instead of booting. With CI set in the environment it always boots fresh (and times the boot)."""
 
 from __future__ import annotations
 
