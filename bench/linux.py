@@ -112,11 +112,13 @@ class CountingBus(PortBus):
         super().mmio_write(addr, size, value)
 
 
-def run_vmfork(kernel: str, initrd: str, cmdline: str, seconds: float, memory: int, out: dict[str, Any]) -> None:
+def run_vmfork(kernel: str, initrd: str, cmdline: str, seconds: float, memory: int, out: dict[str, Any],
+               cpuid: str | None = None) -> None:
     t0 = time.monotonic()
     con = Console(t0)
     out["console"] = con
-    vm = VM.create(memory_mib=memory, name="bench-linux")
+    vm = VM.create(memory_mib=memory, name="bench-linux", cpuid=cpuid)
+    out["cpuid"] = vm.shape.cpuid
     try:
         vm.load_kernel(kernel, initrd=initrd, cmdline=cmdline)
         ports: Counter[str] = Counter()
@@ -217,7 +219,8 @@ def report(args: argparse.Namespace, cmdline: str, vm: dict[str, Any], qemu: dic
     md = args.markdown
     kernel = Path(args.kernel)
     lines.append(f"Kernel `{kernel.relative_to(ROOT) if kernel.is_relative_to(ROOT) else kernel}`, initramfs "
-                 f"`{Path(args.initrd).name}`, {args.memory} MiB, 1 vCPU, command line `{cmdline}`; time limit "
+                 f"`{Path(args.initrd).name}`, {args.memory} MiB, 1 vCPU, command line `{cmdline}`, vmfork's CPU "
+                 f"policy `{vm.get('cpuid', '?')}`; time limit "
                  f"{args.seconds:.0f} s each; {datetime.date.today()} on {platform.node() or 'this host'}.")
     lines.append("")
     lines.append("| milestone (wall time from start) | vmfork | QEMU -accel kvm |")
@@ -269,6 +272,9 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=2400.0, help="time limit of each side")
     ap.add_argument("--cmdline", default="", help="more kernel command line after console=ttyS0")
+    ap.add_argument("--cpuid", default="default,tsc-deadline=0",
+                    help="vmfork's CPU policy (default: this host's default with the TSC-deadline timer hidden, as "
+                         "tests/test_linux.py uses)")
     ap.add_argument("--hide", action="store_true", help="add the CPUID-hiding kernel flags (see the docstring)")
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--markdown", action="store_true")
@@ -287,7 +293,7 @@ def main() -> int:
         qemu_thread = threading.Thread(target=run_qemu, args=(args.kernel, args.initrd, cmdline, args.seconds,
                                                               args.memory, qemu))
         qemu_thread.start()
-    run_vmfork(args.kernel, args.initrd, cmdline, args.seconds, args.memory, vm)
+    run_vmfork(args.kernel, args.initrd, cmdline, args.seconds, args.memory, vm, args.cpuid)
     if qemu_thread is not None:
         qemu_thread.join()
     if "console" not in qemu:

@@ -224,3 +224,14 @@ def test_xsave_and_xrstor_round_trip() -> None:
         assert saved[24:28] == (0x1F80).to_bytes(4, "little")          # MXCSR
         assert int.from_bytes(saved[512:520], "little") & ~3 == 0       # XSTATE_BV within RFBM
         assert vm.memory.read(D, 4) == (0x12345678).to_bytes(4, "little")
+
+
+def test_doctor_lists_every_workaround_and_checks_the_fallbacks() -> None:
+    from vmfork import doctor
+    rows = {r["name"]: r for r in doctor.check_workarounds(doctor.probe_host(cached=True))}
+    assert set(rows) == set(CATALOG)
+    for name, r in rows.items():
+        if name.endswith("-cpl0"):
+            assert r["check"] == "works", r
+            assert r["count"] == (1 if r["needed"] else 0) or name in ("clac-stac-cpl0", "xsave-cpl0"), r
+    assert "Linux boot to the shell" in doctor.linux_boot_line()

@@ -902,10 +902,16 @@ def probe_host(*, quick: bool = False, cached: bool = False) -> HostReport:
 
 # --- host workarounds and the Linux boot time ------------------------------------------------------------------------
 
-# A guest that needs each instruction fallback, run with vmfork's workarounds on: (code, handlers) in CPL0.
-_FALLBACK_CHECKS: dict[str, tuple[bytes, dict[int, bytes]]] = {
-    "int3-cpl0": (b"\xcc" + exit_with(NOT_REACHED), {3: exit_with(OK)}),
-    "fwait-cpl0": (b"\xdb\xe3\x9b" + exit_with(OK), {}),           # fninit; fwait
+# A guest that needs each instruction fallback, run with vmfork's workarounds on: (code, handlers, flat options)
+_DATA32 = DATA_ADDR.to_bytes(4, "little")
+_FALLBACK_CHECKS: dict[str, tuple[bytes, dict[int, bytes], dict[str, Any]]] = {
+    "int3-cpl0": (b"\xcc" + exit_with(NOT_REACHED), {3: exit_with(OK)}, {}),
+    "fwait-cpl0": (b"\xdb\xe3\x9b" + exit_with(OK), {}, {}),                 # fninit; fwait
+    "clac-stac-cpl0": (b"\x0f\x01\xcb\x0f\x01\xca" + exit_with(OK), {}, {}),   # stac; clac
+    "popcnt-cpl0": (b"\xf3\x48\x0f\xb8\xc0" + exit_with(OK), {}, {}),          # popcnt rax, rax
+    "cmpxchg16b-cpl0": (b"\xf0\x48\x0f\xc7\x0c\x25" + _DATA32 + exit_with(OK), {}, {}),   # lock cmpxchg16b [data]
+    "xsave-cpl0": (b"\xb8\x03\x00\x00\x00\x31\xd2\x0f\xae\x24\x25" + _DATA32      # xsave [data] (x87, SSE)
+                   + b"\x0f\xae\x2c\x25" + _DATA32 + exit_with(OK), {}, {"xcr0": 3}),  # xrstor [data]
 }
 
 
@@ -925,9 +931,9 @@ def check_workarounds(report: HostReport) -> list[dict[str, Any]]:
             row["installed"] = syscall_stays_in_user_mode()
         check = _FALLBACK_CHECKS.get(w.name)
         if check is not None and not all(it.status == UNAVAILABLE for it in report.items):
-            code, handlers = check
+            code, handlers, options = check
             try:
-                with _Guest(code, cpl=0, handlers=handlers, workarounds=True) as g:
+                with _Guest(code, cpl=0, handlers=handlers, workarounds=True, **options) as g:
                     o = g.run(2.0)
                     ws = g.m.workarounds
                     row["count"] = ws.counts().get(w.name, 0) if ws is not None else 0
