@@ -92,6 +92,14 @@ if [[ $force == 1 || ! -f "$kfx" || ! -f "${kfx%.elf}.map" ||
     mv -f "$tmp.map" "${kfx%.elf}.map"
     mv -f "$tmp" "$kfx"
     echo "built $kfx"
+# the foreign-convention syscall guest (guests/syscallguest/main.asm): a source of its own, no variants
+sg_target="$out/syscallguest.elf"
+if [[ $force == 1 || ! -f "$sg_target" || "$here/syscallguest/main.asm" -nt "$sg_target" ]]; then
+    sg_tmp="$(mktemp "$out/.syscallguest.XXXXXX")"
+    nasm -f bin -w+all -o "$sg_tmp" "$here/syscallguest/main.asm" || { rm -f "$sg_tmp"; echo "guests/build.sh: nasm failed for syscallguest" >&2; exit 1; }
+    chmod 644 "$sg_tmp"
+    mv -f "$sg_tmp" "$sg_target"
+    echo "built $sg_target"
 fi
 
 # The jsmn example: its C part first (guests/jsmn/build.sh; says what is missing and fails without gcc, binutils or

@@ -1,63 +1,172 @@
-"""A real Debian kernel (prepared by guests/linux/build.sh) booted through its PVH entry.
+"""Linux to a shell on the serial console, and a command typed into it.
 
-On a host whose guest kernel mode is emulated (this project's CI), Linux gets far enough to print its banner but
-cannot reach user space (it dies on `lock cmpxchg16b`), so the second test needs native kernel mode."""
+The kernel is the small one guests/linux/build-kernel.sh builds from Debian's linux-source-6.1 (a minimal config:
+PVH, 8250 console, initramfs, SMP, ACPI; no ftrace, no crypto self-tests), because Debian's cloud kernel takes more
+than 1,600 s to reach /init where guest kernel mode is emulated (bench/linux.py still boots that one). The
+initramfs is the busybox one of guests/linux/build.sh with an interactive shell as /init (initramfs-shell.cpio).
+The command line is only `console=ttyS0`: whatever the host cannot run is vmfork's business (CPU policy,
+instruction fallbacks, syscall completion), not the kernel's.
+
+One session fixture boots it once, pauses at the prompt and saves the machine to build/linux-test/, keyed by the
+kernel, the initramfs, the vCPU count, the CPU policy and the save-file format; later sessions restore that file
+(well under a second) instead of booting. With CI set in the environment it always boots fresh (and times the boot)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import hostprobe
 from vmfork.fork import VM
+from vmfork.snapshot import savefile
+from vmfork.workarounds.installed import syscall_stays_in_user_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 LINUX = ROOT / "build" / "linux"
+LINUX_MIN = ROOT / "build" / "linux-min"
+CACHE = ROOT / "build" / "linux-test"
+CMDLINE = "console=ttyS0"
+PROMPT = b"vmfork# "
+COMMAND = b"uname -r; cat /proc/cpuinfo | grep -c processor\n"
+BOOT_LIMIT = float(os.environ.get("VMFORK_LINUX_BOOT_LIMIT", "1800"))
+VCPUS = 1
+# This host's default policy, and the TSC-deadline timer hidden: on kvm_pvm a Linux that uses it (it does once the
+# MADT gives it the IO-APIC and x2APIC) gets no timer interrupt and stalls in RCU ("rcu_sched kthread timer wakeup
+# didn't happen"); with it hidden the same kernel goes on. TSC-deadline is one of the few bits this host's CPUID
+# table does control. (Measured 2026-12-07; belongs in the default policy.)
+CPUID = "default,tsc-deadline=0"
 
 
-@pytest.fixture(scope="module")
-def linux() -> tuple[Path, Path]:
-    vmlinux, initrd = LINUX / "vmlinux", LINUX / "initramfs.cpio.gz"
-    if not (vmlinux.exists() and initrd.exists()):
-        subprocess.run([str(ROOT / "guests" / "linux" / "build.sh")], check=True)
-    return vmlinux, initrd
+@dataclass
+class Booted:
+    """The machine paused at the shell prompt, and what its console printed on the way."""
+
+    vm: VM | None               # None when the boot did not reach the prompt
+    transcript: bytes
+    how: str                    # "booted in N s" or "restored in N s"
+    reason: str = ""            # why the prompt was not reached
 
 
-def _boot_until(vm: VM, marker: bytes, timeout: float) -> bytes:
+def _build() -> tuple[Path, Path, str]:
+    subprocess.run([str(ROOT / "guests" / "linux" / "build.sh")], check=True)
+    subprocess.run([str(ROOT / "guests" / "linux" / "build-kernel.sh")], check=True)
+    return (LINUX_MIN / "vmlinux", LINUX / "initramfs-shell.cpio",
+            (LINUX_MIN / "release").read_text().strip())
+
+
+def _key(kernel: Path, initrd: Path) -> str:
+    h = hashlib.sha256()
+    for f in (kernel, initrd):
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    from vmfork.arch.x86 import emulator_probe
+    from vmfork.vm import open_kvm
+    policy = emulator_probe.concrete(open_kvm(), CPUID)        # the policy as this host makes it concrete
+    h.update(f"{CMDLINE}|{VCPUS}|{policy}|{savefile.FORMAT}|{savefile.MAGIC!r}".encode())
+    h.update((ROOT / "src" / "vmfork" / "snapshot" / "container.py").read_bytes())
+    return h.hexdigest()[:20]
+
+
+def _run_until(vm: VM, marker: bytes, timeout: float, *, since: int = 0) -> bytes:
     serial = vm.device("serial0")
     vm.start()
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and vm.state == "running":
-            if marker in serial.output():
+        # wait() returns a "timeout" event while the machine runs, and finishes it once it stopped (a crash)
+        while time.monotonic() < deadline and vm.wait(0.2).reason == "timeout":
+            if marker in bytes(serial.output())[since:]:
                 break
-            time.sleep(0.2)
     finally:
-        vm.pause()
+        if vm.state == "running":
+            vm.pause()
     return bytes(serial.output())
 
 
-def test_linux_prints_its_banner_on_the_uart(linux: tuple[Path, Path]) -> None:
-    vmlinux, initrd = linux
-    with VM.create(memory_mib=256, name="linux") as vm:
-        protocol = vm.load_kernel(vmlinux, initrd=str(initrd),
-                                  cmdline="earlyprintk=serial,ttyS0,115200 console=ttyS0 nokaslr panic=-1")
-        assert protocol == "linux-pvh"
-        # Wait for the whole command-line line: the kernel prints it right after the banner, a byte per emulated
-        # UART write, so stopping at the banner alone can cut it off on a busy host.
-        out = _boot_until(vm, b"Command line: earlyprintk=serial,ttyS0,115200 console=ttyS0 nokaslr panic=-1",
-                          timeout=300)
+def _boot(kernel: Path, initrd: Path) -> Booted:
+    vm = VM.create(memory_mib=256, vcpus=VCPUS, name="linux", cpuid=CPUID)
+    assert vm.load_kernel(kernel, initrd=str(initrd), cmdline=CMDLINE) == "linux-pvh"
+    t0 = time.monotonic()
+    out = _run_until(vm, PROMPT, BOOT_LIMIT)
+    took = time.monotonic() - t0
+    if PROMPT in out:
+        return Booted(vm, out, f"booted in {took:.0f} s")
+    ev = vm.stop_event
+    reason = f"no prompt within {took:.0f} s ({ev.reason}: {ev.detail})" if ev else f"no prompt within {took:.0f} s"
+    vm.destroy()
+    return Booted(None, out, "", reason)
+
+
+@pytest.fixture(scope="session")
+def linux_at_prompt() -> Iterator[Booted]:
+    kernel, initrd, _ = _build()
+    saved = CACHE / f"{_key(kernel, initrd)}.save"
+    transcript = saved.with_suffix(".log")
+    if saved.exists() and transcript.exists() and not os.environ.get("CI"):
+        t0 = time.monotonic()
+        vm = savefile.restore(saved)
+        booted = Booted(vm, transcript.read_bytes(), f"restored in {time.monotonic() - t0:.2f} s")
+    else:
+        booted = _boot(kernel, initrd)
+        if booted.vm is not None:
+            CACHE.mkdir(parents=True, exist_ok=True)
+            for old in CACHE.glob("*.save"):
+                old.unlink()
+            tmp = saved.with_suffix(".tmp")
+            savefile.save(booted.vm, tmp)
+            transcript.write_bytes(booted.transcript)
+            tmp.rename(saved)
+    print(f"\nLinux at the shell prompt: {booted.how or booted.reason}")
+    try:
+        yield booted
+    finally:
+        if booted.vm is not None:
+            booted.vm.destroy()
+
+
+def test_linux_prints_its_banner_and_command_line(linux_at_prompt: Booted) -> None:
+    out = linux_at_prompt.transcript
     assert b"Linux version 6.1" in out, out[-2000:]
-    assert b"Command line: earlyprintk=serial,ttyS0,115200 console=ttyS0 nokaslr panic=-1" in out, out[-2000:]
+    assert f"Command line: {CMDLINE}".encode() in out, out[-2000:]
 
 
-def test_linux_boots_to_init(linux: tuple[Path, Path]) -> None:
+def test_linux_runs_init(linux_at_prompt: Booted) -> None:
+    out = linux_at_prompt.transcript
+    assert b"Run /init as init process" in out, (linux_at_prompt.reason, out[-3000:])
+
+
+def test_linux_shell_answers_a_command(linux_at_prompt: Booted) -> None:
+    booted = linux_at_prompt
+    if booted.vm is None:
+        if b"Run /init as init process" in booted.transcript and syscall_stays_in_user_mode():
+            pytest.skip(hostprobe.report().reason("syscall_cpl3"))
+        pytest.fail(f"Linux did not reach the shell prompt: {booted.reason}\n"
+                    f"{booted.transcript[-3000:].decode(errors='replace')}")
+    assert b"VMFORK-SHELL-READY" in booted.transcript
+    vm = booted.vm
+    since = len(bytes(vm.device("serial0").output()))
+    vm.feed_console(COMMAND)
+    out = _run_until(vm, PROMPT, 120, since=since)[since:]
+    assert PROMPT in out, out
+    answer = out[:out.index(PROMPT)].decode(errors="replace").replace("\r", "").splitlines()
+    release = (LINUX_MIN / "release").read_text().strip()
+    # the console echoes the command line first
+    assert answer[-2:] == [release, str(VCPUS)], answer
+    if syscall_stays_in_user_mode():
+        assert vm.workarounds is not None and vm.workarounds.counts()["syscall-completion"] > 0
+
+
+def test_debian_kernel_boots_to_init_where_kernel_mode_is_native() -> None:
+    """Debian's cloud kernel through its PVH entry with the plain init (prints its marker and stops); minutes to
+    hours where kernel mode is emulated, so only where it runs natively (bench/linux.py times it here)."""
     hostprobe.require("cpl0_speed")
-    vmlinux, initrd = linux
+    subprocess.run([str(ROOT / "guests" / "linux" / "build.sh")], check=True)
     with VM.create(memory_mib=512, name="linux") as vm:
-        vm.load_kernel(vmlinux, initrd=str(initrd), cmdline="console=ttyS0 panic=-1")
-        out = _boot_until(vm, b"VMFORK-INIT-READY", timeout=120)
+        vm.load_kernel(LINUX / "vmlinux", initrd=str(LINUX / "initramfs.cpio.gz"), cmdline=CMDLINE + " panic=-1")
+        out = _run_until(vm, b"VMFORK-INIT-READY", timeout=120)
     assert b"VMFORK-INIT-READY" in out, out[-2000:]

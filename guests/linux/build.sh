@@ -26,7 +26,9 @@ outputs_current() {
     [ -e "$out/vmlinuz" ] &&
     newer "$out/vmlinux" "$out/vmlinuz" "$here/extract_vmlinux.py" &&
     newer "$out/kernel.env" "$out/vmlinux" "$here/build.sh" &&
-    newer "$out/initramfs.cpio.gz" "$busybox" "$bb_list" "$here/init" "$here/mkinitramfs.py"
+    newer "$out/initramfs.cpio.gz" "$busybox" "$bb_list" "$here/init" "$here/mkinitramfs.py" &&
+    newer "$out/initramfs-shell.cpio.gz" "$busybox" "$bb_list" "$here/init-shell" "$here/mkinitramfs.py" &&
+    newer "$out/initramfs-shell.cpio" "$out/initramfs-shell.cpio.gz"
 }
 
 # Fast path: everything built and up to date; no locking, no apt.
@@ -168,6 +170,16 @@ fi
 if ! newer "$out/initramfs.cpio.gz" "$busybox" "$bb_list" "$here/init" "$here/mkinitramfs.py"; then
     say "build initramfs.cpio.gz"
     run python3 "$here/mkinitramfs.py" "$busybox" "$here/init" "$out/initramfs.cpio.gz"
+fi
+# the same busybox with an interactive shell as /init (tests/test_linux.py, bench/linux.py), also uncompressed:
+# unpacking gzip costs the kernel about 50 s where its mode is emulated
+if ! newer "$out/initramfs-shell.cpio.gz" "$busybox" "$bb_list" "$here/init-shell" "$here/mkinitramfs.py"; then
+    say "build initramfs-shell.cpio.gz"
+    run python3 "$here/mkinitramfs.py" "$busybox" "$here/init-shell" "$out/initramfs-shell.cpio.gz"
+fi
+if ! newer "$out/initramfs-shell.cpio" "$out/initramfs-shell.cpio.gz"; then
+    gzip -dc "$out/initramfs-shell.cpio.gz" >"$out/initramfs-shell.cpio.tmp"
+    mv "$out/initramfs-shell.cpio.tmp" "$out/initramfs-shell.cpio"
 fi
 
 outputs_current || die "internal: outputs still out of date after the build"

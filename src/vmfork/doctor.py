@@ -176,12 +176,13 @@ class _Outcome:
 class _Guest:
     """A fresh machine running `code` in the flat environment, with the exit device on port 0xf4."""
 
-    def __init__(self, code: bytes, *, memory_mib: int = 8, **flat_options: Any) -> None:
+    def __init__(self, code: bytes, *, memory_mib: int = 8, workarounds: bool = False, **flat_options: Any) -> None:
         from .devices import ExitDevice
         from .vm import Machine
 
         # the host's own CPU: probes measure KVM, not a policy
-        self.m = Machine.create(memory_mib=memory_mib, vcpus=1, name="doctor", with_devices=False, cpuid="host")
+        self.m = Machine.create(memory_mib=memory_mib, vcpus=1, name="doctor", with_devices=False, cpuid="host",
+                                workarounds=workarounds)
         try:
             self.m.attach_devices([ExitDevice(self.m)])
             self.layout = flat.setup_long_mode(self.m, code=code, **flat_options)
@@ -899,14 +900,106 @@ def probe_host(*, quick: bool = False, cached: bool = False) -> HostReport:
     return report
 
 
+# --- host workarounds and the Linux boot time ------------------------------------------------------------------------
+
+# A guest that needs each instruction fallback, run with vmfork's workarounds on: (code, handlers, flat options)
+_DATA32 = DATA_ADDR.to_bytes(4, "little")
+_FALLBACK_CHECKS: dict[str, tuple[bytes, dict[int, bytes], dict[str, Any]]] = {
+    "int3-cpl0": (b"\xcc" + exit_with(NOT_REACHED), {3: exit_with(OK)}, {}),
+    "fwait-cpl0": (b"\xdb\xe3\x9b" + exit_with(OK), {}, {}),                 # fninit; fwait
+    "clac-stac-cpl0": (b"\x0f\x01\xcb\x0f\x01\xca" + exit_with(OK), {}, {}),   # stac; clac
+    "popcnt-cpl0": (b"\xf3\x48\x0f\xb8\xc0" + exit_with(OK), {}, {}),          # popcnt rax, rax
+    "cmpxchg16b-cpl0": (b"\xf0\x48\x0f\xc7\x0c\x25" + _DATA32 + exit_with(OK), {}, {}),   # lock cmpxchg16b [data]
+    "xsave-cpl0": (b"\xb8\x03\x00\x00\x00\x31\xd2\x0f\xae\x24\x25" + _DATA32      # xsave [data] (x87, SSE)
+                   + b"\x0f\xae\x2c\x25" + _DATA32 + exit_with(OK), {}, {"xcr0": 3}),  # xrstor [data]
+}
+
+
+def check_workarounds(report: HostReport) -> list[dict[str, Any]]:
+    """Every host workaround (vmfork.workarounds.CATALOG): whether this host needs it (its probe), and for the
+    instruction fallbacks a tiny guest run with it on, with how many instructions the fallback completed there."""
+    from .workarounds import CATALOG
+    from .workarounds.installed import syscall_stays_in_user_mode
+    rows = []
+    for w in CATALOG.values():
+        row: dict[str, Any] = {"name": w.name, "what": w.what, "probe": w.probe}
+        if w.probe in report.names:
+            it = report.item(w.probe)
+            row["needed"] = it.status not in (WORKS, NATIVE, UNAVAILABLE)
+            row["probe_status"] = it.status
+        if w.name == "syscall-completion":
+            row["installed"] = syscall_stays_in_user_mode()
+        check = _FALLBACK_CHECKS.get(w.name)
+        if check is not None and not all(it.status == UNAVAILABLE for it in report.items):
+            code, handlers, options = check
+            try:
+                with _Guest(code, cpl=0, handlers=handlers, workarounds=True, **options) as g:
+                    o = g.run(2.0)
+                    ws = g.m.workarounds
+                    row["count"] = ws.counts().get(w.name, 0) if ws is not None else 0
+                status, phrase = _classify(o)
+                row["check"] = "works" if status == WORKS else phrase
+                row.setdefault("needed", row["count"] > 0)     # no probe of its own: the check tells
+            except Exception as e:  # a failing check never stops the report
+                row["check"] = f"error: {type(e).__name__}: {e}"
+        rows.append(row)
+    return rows
+
+
+def linux_boot_path() -> Path:
+    """Where bench/linux.py leaves its latest measurement of a Linux boot to the shell on this host."""
+    return cache_path().parent / "linux-boot.json"
+
+
+def linux_boot_line() -> str:
+    """One line: how long a Linux boot to the shell takes here, as bench/linux.py last measured it."""
+    try:
+        d = _json.loads(linux_boot_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "Linux boot to the shell: not measured on this host yet (run bench/linux.py)"
+    if d.get("host") != _cache_key()["kernel"]:
+        return (f"Linux boot to the shell: measured under another host kernel ({d.get('host')}); "
+                "run bench/linux.py again")
+    if d.get("prompt_s") is None:
+        return (f"Linux boot to the shell: {d.get('kernel', '?')} did not reach the prompt within "
+                f"{d.get('limit_s', 0):.0f} s ({d.get('stop', '?')}; bench/linux.py, {d.get('date', '?')})")
+    return (f"Linux boot to the shell: {d['prompt_s']:.0f} s to the prompt, {d.get('answer_s', 0):.0f} s to the "
+            f"answer of a command, {d.get('kernel', '?')} ({d.get('release', '?')}; bench/linux.py, "
+            f"{d.get('date', '?')})")
+
+
+def _workaround_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["", "host workarounds (vmfork.workarounds):"]
+    for r in rows:
+        need = ("needed here" if r.get("needed") else "not needed here") if "needed" in r else ""
+        if "probe_status" in r:
+            need += f" ({r['probe']} = {r['probe_status']})"
+        parts = [p for p in (need.strip(),
+                             ("installed" if r["installed"] else "not installed") if "installed" in r else "",
+                             f"check: {r['check']}, {r.get('count', 0)} completed" if "check" in r else "") if p]
+        lines.append(f"  {r['name']:<20} {r['what']}")
+        if parts:
+            lines.append(f"  {'':<20} {'; '.join(parts)}")
+    return "\n".join(lines)
+
+
 def run_doctor(json: bool = False, *, quick: bool = False, cached: bool = False) -> int:
     """`vmfork doctor [--json]`: print the report; 0 when the probes ran, 1 when /dev/kvm is unusable."""
     report = probe_host(quick=quick, cached=cached)
+    unusable = all(it.status == UNAVAILABLE for it in report.items)
+    rows = [] if unusable else check_workarounds(report)
+    boot = linux_boot_line()
     if json:
-        print(_json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        d = report.to_dict()
+        d["workarounds"] = rows
+        d["linux_boot"] = boot
+        print(_json.dumps(d, indent=2, ensure_ascii=False))
     else:
         print(report.table())
-    return 1 if all(it.status == UNAVAILABLE for it in report.items) else 0
+        if rows:
+            print(_workaround_text(rows))
+        print("\n" + boot)
+    return 1 if unusable else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from .kvm import structs as s
 from .memory import GuestMemory, Slot, make_slots, release_address_space, reserve_address_space
 from .vcpu import Vcpu, VcpuState
 from .workarounds import ExitHooks
+from .workarounds.installed import MachineWorkarounds
 
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
@@ -338,7 +339,7 @@ class Machine:
     _ids = 0
 
     def __init__(self, shell: Shell, memory: GuestMemory, *, name: str = "vm", console_log: str | None = None,
-                 with_devices: bool = True) -> None:
+                 with_devices: bool = True, workarounds: bool = True) -> None:
         _ensure_kick_handler()
         Machine._ids += 1
         self.id = Machine._ids
@@ -375,17 +376,20 @@ class Machine:
         self.exit_hooks.add("debug", "step-past", _finish_step_past)
         self.template: str | None = None      # the template save file this machine's RAM maps, if any
         self.broken: str | None = None        # why this machine can never run again (its memory is untrustworthy)
+        # This host's fallbacks and syscall completion (vmfork.workarounds); doctor's probe guests go without.
+        self.workarounds = MachineWorkarounds(self) if workarounds else None
 
     # --- construction -------------------------------------------------------------------------------------------
 
     @classmethod
     def create(cls, *, memory_mib: int = 256, vcpus: int = 1, name: str = "vm", console_log: str | None = None,
-               with_devices: bool = True, cpuid: str | None = None) -> Self:
+               with_devices: bool = True, cpuid: str | None = None, workarounds: bool = True) -> Self:
         """A new root machine with zeroed RAM (boot it with `load_kernel`).
 
         `cpuid`: the CPU features its vCPUs are shown, in xl.cfg's syntax ("host,popcnt=0"); None (or base
         "default") is this host's default policy: the host's features minus those whose instructions its KVM
-        cannot run in guest kernel mode (probed once per host and kernel, see arch/x86/emulator_probe.py)."""
+        cannot run in guest kernel mode (probed once per host and kernel, see arch/x86/emulator_probe.py).
+        `workarounds`: install this host's instruction fallbacks and syscall completion (vmfork.workarounds)."""
         if memory_mib < 2:
             raise VmforkError(f"memory must be at least 2 MiB, got {memory_mib}")
         if not 1 <= vcpus <= 64:
@@ -400,7 +404,8 @@ class Machine:
             raise
         memory.bind(shell.vm, dirty_logging=False)
         try:
-            m = cls(shell, memory, name=name, console_log=console_log, with_devices=with_devices)
+            m = cls(shell, memory, name=name, console_log=console_log, with_devices=with_devices,
+                    workarounds=workarounds)
         except BaseException:
             shell.close()
             memory.close()
@@ -703,17 +708,24 @@ class Machine:
         cpl = sregs.cs.selector & 3 if sregs.cr0 & 1 else 0
         linear = regs.rip + (0 if mode == "long" else sregs.cs.base)
         insn = "unavailable"
+        mnemonic = ""
         try:
             gpa = linear
             if sregs.cr0 & 0x80000000:
                 t = vcpu.fd.translate(linear)
                 gpa = t.physical_address if t.valid else -1
             if gpa >= 0:
-                insn = self.memory.read(gpa, 16).hex(" ")
+                code = self.memory.read(gpa, 16)
+                insn = code.hex(" ")
+                if mode == "long" and sregs.cs.l:
+                    from .workarounds.guest_access import decode
+                    d = decode(code, regs.rip)
+                    if d is not None:
+                        mnemonic = f"instruction `{' '.join(x for x in d[:2] if x)}`; "
         except VmforkError:
             pass
         return (f"{what}; vCPU {vcpu.index} in {mode} mode CPL{cpl} at rip={regs.rip:#x} rsp={regs.rsp:#x} "
-                f"cr3={sregs.cr3:#x}; instruction bytes: {insn}")
+                f"cr3={sregs.cr3:#x}; {mnemonic}instruction bytes: {insn}")
 
     # --- state --------------------------------------------------------------------------------------------------
 
@@ -761,6 +773,8 @@ class Machine:
         if devices and st.devices is not None and self.devices:
             DeviceSetState.restore_all(self.devices, st.devices)
             self.bus.touched.clear()
+        if self.workarounds is not None:
+            self.workarounds.state_loaded()
         if self.state == "crashed":
             self.state = "paused"
 

@@ -117,6 +117,18 @@ def _shown_reason(rec: DomainRecord) -> str:
     return reason
 
 
+def _workaround_counts(rec: DomainRecord) -> dict[str, int] | None:
+    """How often each host workaround (vmfork.workarounds) did its work in the domain; None if it cannot say."""
+    if not rec.alive or rec.held:
+        return None
+    try:
+        with QmpChannel.connect(rec.qmp_socket, timeout=2.0) as chan:
+            counts = chan.execute("vmfork-query").get("workarounds")
+            return {str(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else None
+    except ToolstackError:
+        return None
+
+
 def _entry(rec: DomainRecord, now: float) -> dict[str, Any]:
     return {
         "domid": rec.domid, "name": rec.name, "state": rec.shown_state, "reason": _shown_reason(rec),
@@ -210,6 +222,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         with contextlib.suppress(ToolstackError):
             history = reg.history()
     if args.json:
+        for e, r in zip(entries, records, strict=True):
+            e["workarounds"] = _workaround_counts(r)
         ended = [{"domid": h["domid"], "name": h["name"], "state": "ended", "reason": h["why"],
                   "ended": h["ended"]} for h in history]
         print(json.dumps(entries + ended, indent=2))

@@ -993,6 +993,7 @@ class Domain:
             "console_input_bytes": self.console_rx,
             "uptime": round(time.time() - self.started, 3),
             "restored_from": self.restored_from,
+            "workarounds": vm.workarounds.counts() if vm is not None and vm.workarounds is not None else {},
         }
 
 

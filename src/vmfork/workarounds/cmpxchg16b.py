@@ -1,0 +1,53 @@
+"""`cmpxchg16b` in guest kernel mode (SLUB's lockless freelist updates, whenever CPUID shows CX16, which the guest
+reads natively on kvm_pvm): completed by vmfork while the vCPU is stopped, which makes it atomic with respect to
+that vCPU (other vCPUs keep running: on a machine with several, a racing write between the read and the write here
+is the remaining risk). RDX:RAX compared with the 16 bytes; equal: RCX:RBX stored, ZF set; else: the 16 bytes
+loaded into RDX:RAX, ZF cleared."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import Workaround, register
+from .guest_access import GuestAccessError, read_virt, write_virt
+from .operands import decode_at, mem_address
+
+if TYPE_CHECKING:
+    from ..memory import GuestMemory
+    from ..vcpu import Vcpu
+
+__all__ = ["INFO", "Cmpxchg16bFallback"]
+
+INFO = register(Workaround(
+    "cmpxchg16b-cpl0", "cmpxchg16b in guest kernel mode: compared and exchanged with the vCPU stopped",
+    "doctor cpl0_instructions: cmpxchg16b"))
+
+ZF = 1 << 6
+M64 = (1 << 64) - 1
+
+
+class Cmpxchg16bFallback:
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+
+    def __call__(self, vcpu: Vcpu) -> bool:
+        regs = vcpu.get_regs()
+        try:
+            d = decode_at(vcpu, self.memory, regs.rip)
+            if d is None or d.mnemonic != "cmpxchg16b":
+                return False
+            addr = mem_address(d.operands[0], regs, vcpu.get_sregs(), regs.rip + d.size)
+            if addr & 0xF:
+                return False            # the CPU raises #GP; the crash report says where
+            old = int.from_bytes(read_virt(vcpu, self.memory, addr, 16), "little")
+            if old == (regs.rdx << 64) | regs.rax:
+                write_virt(vcpu, self.memory, addr, ((regs.rcx << 64) | regs.rbx).to_bytes(16, "little"))
+                regs.rflags |= ZF
+            else:
+                regs.rax, regs.rdx = old & M64, old >> 64
+                regs.rflags &= ~ZF
+        except GuestAccessError:
+            return False
+        regs.rip += d.size
+        vcpu.set_regs(regs)
+        return True

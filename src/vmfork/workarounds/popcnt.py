@@ -1,0 +1,50 @@
+"""`popcnt` in guest kernel mode (Linux's hweight helpers, patched in by alternatives where CPUID shows POPCNT, which
+the guest reads natively on kvm_pvm): computed by vmfork. Flags as the CPU sets them: ZF = (source == 0), OF, SF,
+AF, CF and PF cleared."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import Workaround, register
+from .guest_access import GuestAccessError, read_virt
+from .operands import decode_at, mem_address, read_reg, reg_name, write_reg
+
+if TYPE_CHECKING:
+    from ..memory import GuestMemory
+    from ..vcpu import Vcpu
+
+__all__ = ["INFO", "PopcntFallback"]
+
+INFO = register(Workaround(
+    "popcnt-cpl0", "popcnt in guest kernel mode: computed, ZF set as the CPU sets it",
+    "doctor cpl0_instructions: popcnt"))
+
+FLAGS = (1 << 0) | (1 << 2) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 11)     # CF PF AF ZF SF OF
+ZF = 1 << 6
+
+
+class PopcntFallback:
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+
+    def __call__(self, vcpu: Vcpu) -> bool:
+        import capstone.x86 as x86
+        regs = vcpu.get_regs()
+        try:
+            d = decode_at(vcpu, self.memory, regs.rip)
+            if d is None or d.mnemonic != "popcnt" or len(d.operands) != 2:
+                return False
+            dst, src = d.operands
+            if src.type == x86.X86_OP_REG:
+                value = read_reg(regs, reg_name(src.reg))
+            else:
+                addr = mem_address(src, regs, vcpu.get_sregs(), regs.rip + d.size)
+                value = int.from_bytes(read_virt(vcpu, self.memory, addr, src.size), "little")
+        except (GuestAccessError, KeyError):
+            return False
+        write_reg(regs, reg_name(dst.reg), bin(value).count("1"))
+        regs.rflags = (regs.rflags & ~FLAGS) | (ZF if value == 0 else 0)
+        regs.rip += d.size
+        vcpu.set_regs(regs)
+        return True
