@@ -17,6 +17,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Literal, overload
 
+from . import vmgenid
 from .devices import DeviceSetState
 from .errors import ForkError, VmforkError
 from .kvm import Kvm
@@ -210,6 +211,7 @@ class VM(Machine):
         self.pause_on_device_access = False             # stop at the first access to each port no device answers
         self._dm_pending: _DeviceAccess | None = None   # the access that stopped it, for a device model attached late
         self.bus.on_unknown = self._on_device_access
+        self._vmgenid_id: bytes | None = None           # this fork's VM generation ID (vmgenid.py), if it has one
 
     # Every change to the parent's state invalidates the cached state its forks start from.
     def _begin(self) -> None:
@@ -333,6 +335,9 @@ class VM(Machine):
         child.parent = self
         self.children.append(child)
         self.memory.readonly = f"{self.name} has live forks"
+        if vmgenid.present(self):
+            child._vmgenid = True       # type: ignore[attr-defined]
+            vmgenid.new_generation(child)
         return child
 
     # --- reset --------------------------------------------------------------------------------------------------
@@ -371,6 +376,8 @@ class VM(Machine):
             self._generation += 1
             if self.state == "crashed":
                 self.state = "paused"
+        if self._vmgenid_id is not None:
+            vmgenid.renotify(self)
         return pages
 
     # --- device model -------------------------------------------------------------------------------------------
