@@ -256,26 +256,30 @@ class VM(Machine):
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["thread"] = ...,
-             memory_limit_mib: None = ..., pause_on_device_access: bool = ...) -> VM: ...
+             memory_limit_mib: None = ..., pause_on_device_access: bool = ...,
+             new_generation: bool = ...) -> VM: ...
 
     @overload
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["process"],
-             memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...) -> ProcessFork: ...
+             memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...,
+             new_generation: bool = ...) -> ProcessFork: ...
 
     def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
              device_state: DeviceSetState | None = None, console_log: str | None = None,
              memory_mib: int | None = None, vcpus: int | None = None,
              isolation: Literal["thread", "process"] = "thread",
-             memory_limit_mib: int | None = None, pause_on_device_access: bool = False) -> VM | ProcessFork:
+             memory_limit_mib: int | None = None, pause_on_device_access: bool = False,
+             new_generation: bool = True) -> VM | ProcessFork:
         """A new machine identical to this paused one, sharing its RAM copy-on-write.
 
         `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
         "late" give it none (every port access is answered as by absent hardware and counted, see
         `device_accesses()`), and `attach_device_model()` can add them later. `pause_on_device_access`: the fork
         stops (StopEvent "device-access", naming port, direction and size) at the first access to each port no
-        device answers."""
+        device answers. `new_generation`: a machine with a VMGenID device (Linux kernels; vmfork.vmgenid) gives the
+        fork a new generation ID and notifies it, so the guest reseeds its RNG; False keeps the parent's."""
         self.check_forkable()
         if memory_mib is not None and memory_mib != self.shape.memory_mib:
             raise ForkError(f"a fork has its parent's memory: {self.name} has {self.shape.memory_mib} MiB, "
@@ -307,6 +311,9 @@ class VM(Machine):
         child = self._spawn(child_name, image, state, launch_dm=launch_dm, block_interrupts=block_interrupts,
                             console_log=console_log)
         child.pause_on_device_access = pause_on_device_access
+        if new_generation and vmgenid.present(self):
+            child._vmgenid = True       # type: ignore[attr-defined]
+            vmgenid.new_generation(child)
         return child
 
     def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
@@ -335,9 +342,6 @@ class VM(Machine):
         child.parent = self
         self.children.append(child)
         self.memory.readonly = f"{self.name} has live forks"
-        if vmgenid.present(self):
-            child._vmgenid = True       # type: ignore[attr-defined]
-            vmgenid.new_generation(child)
         return child
 
     # --- reset --------------------------------------------------------------------------------------------------
