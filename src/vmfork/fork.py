@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal, overload
 
+from . import vmgenid
 from .devices import DeviceSetState
 from .errors import ForkError, KvmError
 from .kvm import Kvm, PackedPlan
@@ -463,6 +464,7 @@ class VM(Machine):
         self.pause_on_device_access = False             # stop at the first access to each port no device answers
         self._dm_pending: _DeviceAccess | None = None   # the access that stopped it, for a device model attached late
         self.bus.on_unknown = self._on_device_access
+        self._vmgenid_id: bytes | None = None           # this fork's VM generation ID (vmgenid.py), if it has one
 
     # Every change to the parent's state invalidates the cached state its forks start from.
     def _begin(self) -> None:
@@ -508,26 +510,30 @@ class VM(Machine):
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["thread"] = ...,
-             memory_limit_mib: None = ..., pause_on_device_access: bool = ...) -> VM: ...
+             memory_limit_mib: None = ..., pause_on_device_access: bool = ...,
+             new_generation: bool = ...) -> VM: ...
 
     @overload
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["process"],
-             memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...) -> Any: ...
+             memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...,
+             new_generation: bool = ...) -> Any: ...
 
     def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
              device_state: DeviceSetState | None = None, console_log: str | None = None,
              memory_mib: int | None = None, vcpus: int | None = None,
              isolation: Literal["thread", "process"] = "thread",
-             memory_limit_mib: int | None = None, pause_on_device_access: bool = False) -> Any:
+             memory_limit_mib: int | None = None, pause_on_device_access: bool = False,
+             new_generation: bool = True) -> Any:
         """A new machine identical to this paused one, sharing its RAM copy-on-write.
 
         `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
         "late" give it none (every port access is answered as by absent hardware and counted, see
         `device_accesses()`), and `attach_device_model()` can add them later. `pause_on_device_access`: the fork
         stops (StopEvent "device-access", naming port, direction and size) at the first access to each port no
-        device answers."""
+        device answers. `new_generation`: a machine with a VMGenID device (Linux kernels; vmfork.vmgenid) gives the
+        fork a new generation ID and notifies it, so the guest reseeds its RNG; False keeps the parent's."""
         self.check_forkable()
         if memory_mib is not None and memory_mib != self.shape.memory_mib:
             raise ForkError(f"a fork has its parent's memory: {self.name} has {self.shape.memory_mib} MiB, "
@@ -563,6 +569,9 @@ class VM(Machine):
         child = self._spawn(child_name, image, state, launch_dm=launch_dm, block_interrupts=block_interrupts,
                             console_log=console_log)
         child.pause_on_device_access = pause_on_device_access
+        if new_generation and vmgenid.present(self):
+            child._vmgenid = True       # type: ignore[attr-defined]
+            vmgenid.new_generation(child)
         return child
 
     def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
@@ -668,6 +677,8 @@ class VM(Machine):
             self._generation += 1
             if self.state == "crashed":
                 self.state = "paused"
+        if self._vmgenid_id is not None:
+            vmgenid.renotify(self)
         return pages
 
     # --- device model -------------------------------------------------------------------------------------------

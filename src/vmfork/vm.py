@@ -427,17 +427,25 @@ class Machine:
             v.fd.set_msrs(msrs)
 
     def load_kernel(self, path: str | os.PathLike[str], *, cmdline: str = "", initrd: str | None = None,
-                    protocol: str = "auto", acpi: bool = True, acpi_devices: Sequence[Any] = ()) -> str:
+                    protocol: str = "auto", acpi: bool = True, acpi_devices: Sequence[Any] = (),
+                    vmgenid: bool | None = None) -> str:
         """Load a kernel through a standard boot protocol and point the boot vCPU at its entry; returns the
         protocol used. `acpi`: also write ACPI tables describing this machine (its vCPUs, IOAPIC and ISA
         devices, plus `acpi_devices`: arch.x86.acpi.Device values; see arch/x86/acpi) and pass the kernel their
-        address."""
+        address. `vmgenid`: describe a VMGenID device in them, so forks and restores get a new generation ID
+        (vmfork.vmgenid); None: for Linux kernels only (other guests, fuzz targets above all, get no notification
+        interrupt at fork and reset)."""
+        from . import vmgenid as generation
         from .arch.x86 import acpi as acpi_tables
         from .arch.x86.boot import load_kernel
         tables = (acpi_tables.build(self.shape.vcpus, devices=[*acpi_tables.standard_devices(), *acpi_devices])
                   if acpi else None)
         entry = load_kernel(path, self.memory, cmdline=cmdline, initrd=initrd, protocol=protocol,  # type: ignore[arg-type]
                             acpi=tables)
+        if vmgenid is None:
+            vmgenid = str(entry.protocol).startswith("linux")
+        if tables is not None and vmgenid:
+            generation.install(self, tables, extra=acpi_devices)
         bsp = self.vcpus[0]
         regs, sregs = bsp.get_regs(), bsp.get_sregs()
         cpu.apply_entry(entry, regs, sregs)

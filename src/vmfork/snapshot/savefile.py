@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import __version__
+from .. import __version__, vmgenid
 from ..arch.x86 import cpu
 from ..errors import DeviceStateError, SnapshotFormatError, SnapshotHostError, VmStateError
 from ..memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, make_slots
@@ -383,6 +383,7 @@ def restore(path: str | os.PathLike[str], *, paused: bool = True, name: str | No
                 read_ram(f, vm.memory, plan.bits)
                 vm.restore(plan.state)
                 vm.irqs_blocked = plan.block_interrupts
+                vmgenid.new_generation(vm)
                 if plan.state.devices is None:
                     vm.launch_dm = "no"
             except BaseException:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import vmgenid
 from .._libc import libc
 from ..errors import VmforkError
 from ..memory import PAGE_SHIFT, PAGE_SIZE, MemoryImage, make_slots
@@ -310,6 +311,7 @@ def restore_template(f: ContainerFile, *, paused: bool = True, name: str | None 
                             launch_dm="yes" if state.devices is not None else "no", console_log=console_log,
                             block_interrupts=blocked)
     vm.template = str(f.path)
+    vmgenid.new_generation(vm)              # every restore of a template is a new generation (vmgenid.py)
     with _lock:
         m.machines.add(vm)
     if not paused:
@@ -339,6 +341,7 @@ def read_image_copy(f: ContainerFile, *, name: str | None = None, console_log: s
         _walk_image(f, copy)
         vm.restore(state)
         vm.irqs_blocked = blocked
+        vmgenid.new_generation(vm)
         if state.devices is None:
             vm.launch_dm = "no"
     except BaseException:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import vmgenid
 from ..fork import VM, shell_pool
 from ..memory import GuestMemory, MemoryImage, image_from_description
 from ..vm import Machine, MachineState, Shell, open_kvm
@@ -79,6 +80,7 @@ def fork_machine(image: MemoryImage, state: MachineState, *, name: str, with_dev
         vm.launch_dm = "yes" if with_devices else "no"
         vm.fork_state = state
         Machine.restore(vm, state, devices=with_devices)
+        vmgenid.new_generation(vm)
     except BaseException:
         memory.close(unmap_view=False)
         shell.close()

@@ -35,6 +35,10 @@ BUFFER_OP = 0x11
 PACKAGE_OP = 0x12
 METHOD_OP = 0x14
 RETURN_OP = 0xA4
+IF_OP = 0xA0
+LEQUAL_OP = 0x93
+NOTIFY_OP = 0x86
+ARG0_OP = 0x68
 EXT_OP_PREFIX = 0x5B
 DEVICE_OP = 0x82             # after EXT_OP_PREFIX
 ROOT_CHAR = 0x5C             # "\"
@@ -47,6 +51,7 @@ SMALL_IO = 0x47              # I/O port descriptor, 7 bytes of data
 SMALL_IRQ_NO_FLAGS = 0x22    # IRQ descriptor without the information byte
 SMALL_END_TAG = 0x79
 LARGE_MEMORY32_FIXED = 0x86
+LARGE_EXTENDED_IRQ = 0x89
 
 Value = int | str | bytes
 
@@ -171,6 +176,29 @@ def return_(v: Value) -> bytes:
     return bytes((RETURN_OP,)) + value(v)
 
 
+def arg(n: int) -> bytes:
+    """ArgN, a method's argument."""
+    if not 0 <= n <= 6:
+        raise ValueError("a method has Arg0-Arg6")
+    return bytes((ARG0_OP + n,))
+
+
+def lequal(a: Value, b: Value) -> bytes:
+    """LEqual (a, b)."""
+    return bytes((LEQUAL_OP,)) + value(a) + value(b)
+
+
+def if_(predicate: bytes, body: Iterable[bytes]) -> bytes:
+    """If (predicate) { body }."""
+    inner = predicate + _terms(body)
+    return bytes((IF_OP,)) + pkg_length(len(inner)) + inner
+
+
+def notify(path: str, code: int) -> bytes:
+    """Notify (path, code)."""
+    return bytes((NOTIFY_OP,)) + name_string(path) + integer(code)
+
+
 def package(items: Sequence[Value]) -> bytes:
     """Package () { items } (at most 255 elements)."""
     if len(items) > 255:
@@ -207,10 +235,20 @@ def memory32_fixed(base: int, length: int, *, writable: bool = True) -> bytes:
     return struct.pack("<BHBII", LARGE_MEMORY32_FIXED, 9, 1 if writable else 0, base, length)
 
 
+def extended_interrupt(*gsis: int, edge: bool = True, active_low: bool = False, shared: bool = False) -> bytes:
+    """Interrupt (ResourceConsumer, Edge|Level, ActiveHigh|ActiveLow, Exclusive|Shared) {gsis}."""
+    if not 1 <= len(gsis) <= 255:
+        raise ValueError("an Interrupt descriptor lists 1-255 interrupts")
+    flags = 0x01 | (0x02 if edge else 0) | (0x04 if active_low else 0) | (0x08 if shared else 0)
+    data = struct.pack("<BB", flags, len(gsis)) + b"".join(struct.pack("<I", g) for g in gsis)
+    return struct.pack("<BH", LARGE_EXTENDED_IRQ, len(data)) + data
+
+
 def resource_template(descriptors: Iterable[bytes]) -> bytes:
     """ResourceTemplate () { descriptors }: a Buffer ending with an End Tag (checksum 0: "ignore")."""
     return buffer(b"".join(descriptors) + bytes((SMALL_END_TAG, 0)))
 
 
-__all__ = ["buffer", "device", "eisa_id", "integer", "io_port", "irq_no_flags", "memory32_fixed", "method", "name",
-           "name_string", "package", "pkg_length", "resource_template", "return_", "scope", "string", "value"]
+__all__ = ["arg", "buffer", "device", "eisa_id", "extended_interrupt", "if_", "integer", "io_port", "irq_no_flags",
+           "lequal", "memory32_fixed", "method", "name", "name_string", "notify", "package", "pkg_length",
+           "resource_template", "return_", "scope", "string", "value"]

@@ -27,6 +27,7 @@ from . import aml
 
 TABLES_ADDR = 0xE0000               # the region vmfork's ACPI tables may use: [TABLES_ADDR, TABLES_END)
 TABLES_END = 0xF0000
+TABLES_LIMIT = TABLES_END - 0x100   # the last 256 bytes of the area hold small data blocks (acpi/vmgenid.py)
 LAPIC_ADDR = 0xFEE00000
 IOAPIC_ADDR = 0xFEC00000
 IOAPIC_ID = 0
@@ -182,8 +183,8 @@ def build(vcpus: int, *, devices: Sequence[Device] | None = None, base: int = TA
     for sig in order:
         at[sig] = pos
         pos = _align(pos + sizes[sig], 8)
-    if pos > TABLES_END and base == TABLES_ADDR:
-        raise ValueError(f"the ACPI tables need {pos - base} bytes, more than [{TABLES_ADDR:#x}, {TABLES_END:#x})")
+    if pos > TABLES_LIMIT and base == TABLES_ADDR:
+        raise ValueError(f"the ACPI tables need {pos - base} bytes, more than [{TABLES_ADDR:#x}, {TABLES_LIMIT:#x})")
     raw = {
         "XSDT": table(b"XSDT", 1, struct.pack("<QQ", at["FACP"], at["APIC"])),
         "RSDT": table(b"RSDT", 1, struct.pack("<II", at["FACP"], at["APIC"])),
@@ -203,5 +204,5 @@ def build(vcpus: int, *, devices: Sequence[Device] | None = None, base: int = TA
     return AcpiTables(base, bytes(blob), base, {"RSDP": base, **at})
 
 
-__all__ = ["TABLES_ADDR", "TABLES_END", "AcpiTables", "Device", "build", "checksum", "dsdt", "fadt", "madt",
-           "standard_devices", "table"]
+__all__ = ["TABLES_ADDR", "TABLES_END", "TABLES_LIMIT", "AcpiTables", "Device", "build", "checksum", "dsdt", "fadt",
+           "madt", "standard_devices", "table"]
