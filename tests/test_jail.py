@@ -3,7 +3,8 @@
 Like Firecracker's security tests: from inside a jailed domain process (the test-only QMP command
 `vmfork-jail-probe`, present only when VMFORK_JAIL_TEST is set), open /etc/shadow, make a TCP socket, ptrace, execve
 and make a system call outside the allow-list. Each must fail (an errno, or SIGSYS), be recorded in the domain's
-log, and a SIGSYS-killed domain is reported as killed by the jail. Needs root (the jail's default is on for root).
+log, and a SIGSYS-killed domain is reported as killed by the jail.
+Needs root; domains ask for the jail with `jail = 1` (off by default this round).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _ns(pid: int | str, kind: str) -> str:
 
 
 def test_jailed_domain_sees_itself_confined(ts: CliHarness) -> None:
-    domid = ts.create_program("jv", "demo", cap=50)
+    domid = ts.create_program("jv", "demo", cap=50, jail=1)
     ts.wait_state("jv", "paused")
     st = probe(ts, domid, "status")
     uid = JAIL_UID_RANGE[0] + domid
@@ -68,7 +69,7 @@ def test_jailed_domain_sees_itself_confined(ts: CliHarness) -> None:
     assert os.stat(save).st_uid == os.geteuid() and stat.S_IMODE(os.stat(save).st_mode) == 0o600
     assert not any(p.name.startswith("out-") for p in (ts.run_dir / f".jail-{domid}").iterdir())
     ts.ok("destroy", "jv")
-    restored = int(ts.ok("restore", "-p", str(save)).strip())
+    restored = int(ts.ok("restore", "--jail", "-p", str(save)).strip())
     assert probe(ts, restored, "status")["jailed"] is True
     ts.ok("destroy", str(restored))
     assert not (ts.run_dir / f".jail-{domid}").exists()
@@ -76,7 +77,7 @@ def test_jailed_domain_sees_itself_confined(ts: CliHarness) -> None:
 
 @pytest.mark.parametrize(("action", "error"), [("open-shadow", "ENOENT"), ("tcp-socket", "EPERM")])
 def test_breakout_attempts_fail_with_an_errno(ts: CliHarness, action: str, error: str) -> None:
-    domid = ts.create_program("je", "demo")
+    domid = ts.create_program("je", "demo", jail=1)
     ts.wait_state("je", "paused")
     result = probe(ts, domid, action)
     assert result["ok"] is False and result["error"] == error, result
@@ -87,7 +88,7 @@ def test_breakout_attempts_fail_with_an_errno(ts: CliHarness, action: str, error
 
 @pytest.mark.parametrize("action", ["ptrace", "execve", "forbidden"])
 def test_breakout_attempts_are_killed_by_the_jail(ts: CliHarness, action: str) -> None:
-    domid = ts.create_program("jk", "demo")
+    domid = ts.create_program("jk", "demo", jail=1)
     ts.wait_state("jk", "paused")
     p = ts.run("qmp", str(domid), json.dumps({"execute": "vmfork-jail-probe", "arguments": {"action": action}}))
     assert "Traceback" not in p.stderr and "return" not in p.stdout, (p.stdout, p.stderr)
@@ -101,7 +102,7 @@ def test_breakout_attempts_are_killed_by_the_jail(ts: CliHarness, action: str) -
 
 
 def test_forks_are_jailed_too(ts: CliHarness) -> None:
-    ts.create_program("jp", "demo")
+    ts.create_program("jp", "demo", jail=1)
     ts.wait_state("jp", "paused")
     fork = int(ts.ok("fork-vm", "-p", "jp").strip())
     st = probe(ts, fork, "status")
@@ -123,7 +124,7 @@ def test_no_jail_warns_and_runs_unconfined(ts: CliHarness) -> None:
 
 
 def test_a_jail_that_cannot_be_set_up_refuses_the_domain(ts: CliHarness) -> None:
-    err = ts.fail("create", str(ts.config("nu", "demo", jail_user="no-such-user-here")), match="jail_user")
+    err = ts.fail("create", str(ts.config("nu", "demo", jail=1, jail_user="no-such-user-here")), match="jail_user")
     assert "no user named 'no-such-user-here'" in err
     assert ts.list_json() == []
     assert not list(ts.run_dir.glob(".jail-*"))
@@ -156,7 +157,7 @@ def test_a_hostile_guest_in_a_jailed_domain_stays_inside_the_allow_list(ts: CliH
     import base64
     import struct
     import time
-    ts.create_program("hg", "hostile", on_poweroff="preserve", on_crash="preserve")
+    ts.create_program("hg", "hostile", on_poweroff="preserve", on_crash="preserve", jail=1)
     ts.wait_state("hg", "paused")
     fork = int(ts.ok("fork-vm", "-p", "hg").strip())
     buf = ts.execute(fork, "vmfork-regs-get")["rdi"]

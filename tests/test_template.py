@@ -191,9 +191,13 @@ def test_a_linux_template_boots_on_like_a_classic_restore(tmp_path: Path, cache_
     mapped, classic = restore(tpl), restore(sav)
     machines[:0] = [mapped, classic]
     assert mapped.template == str(tpl) and classic.template is None
-    seen = run_for(classic, b"\nNEVER\n", 30)
-    got = run_for(mapped, b"\nNEVER\n", 30)
-    a, b = _lines(seen), _lines(got)
+    seen = run_for(classic, b"\nNEVER\n", 20)
+    # The mapped machine is a fork (dirty-logged: each emulated kernel store is logged here), so it is slower: give
+    # it time to print as many lines as the classic one did.
+    a = _lines(seen)
+    target = a[max(len(a) - 2, 0)] if a else b"\n"
+    got = run_for(mapped, target, 240)
+    b = _lines(got)
     n = min(len(a), len(b)) - 1                         # the last line of each may be cut off
     assert n >= 2, (seen[-800:], got[-800:])
     assert a[:n] == b[:n], (seen[-1500:], got[-1500:])

@@ -30,7 +30,7 @@ from ..snapshot.container import save_target
 from .client import DomainClient, destroy_domain, open_registry, require_control, start_domain, sweep
 from .domfile import live_domains
 from .foreground import check_config_files
-from .jail import NO_JAIL_HELP, jail_spec
+from .jail import JAIL_HELP, NO_JAIL_HELP, jail_spec
 from .qmp import QmpChannel, QmpCommandError
 from .registry import DomainRecord, Registry, record_from_file
 from .runtime import RunDir, ToolstackError
@@ -83,7 +83,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
     # With -c the domain starts paused and runs once the console is attached, so none of its output is missed.
     paused = args.paused or args.console
     domid = start_domain(reg.run_dir, jail_spec({"kind": "create", "config": cfg.to_dict(), "paused": paused},
-                                                no_jail=args.no_jail, config_jail=cfg.jail, label=cfg.name))
+                                                no_jail=args.no_jail, jail=args.jail, config_jail=cfg.jail,
+                                                label=cfg.name))
     print(domid, flush=True)
     if args.console:
         rec = reg.find(domid)
@@ -411,7 +412,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
             raise ToolstackError(f"name {args.name!r} is already used by domain {used.domid}")
     domid = start_domain(reg.run_dir, jail_spec({"kind": "restore", "file": path, "name": args.name,
                                                  "paused": args.paused, "template": args.template},
-                                                no_jail=args.no_jail, label=path))
+                                                no_jail=args.no_jail, jail=args.jail, label=path))
     print(domid, flush=True)
     return 0
 
@@ -453,7 +454,7 @@ def _fork_from_template(args: argparse.Namespace) -> int:
         name = f"{stem}-fork-{n}"
     domid = start_domain(reg.run_dir, jail_spec({"kind": "restore", "file": path, "name": name,
                                                  "paused": args.paused, "template": True},
-                                                no_jail=args.no_jail, label=path))
+                                                no_jail=args.no_jail, jail=args.jail, label=path))
     print(domid, flush=True)
     return 0
 
@@ -494,7 +495,8 @@ def _cmd_fork_vm(args: argparse.Namespace) -> int:
     domid = start_domain(reg.run_dir, jail_spec({
         "kind": "fork", "parent": rec.domid, "name": name, "overrides": overrides, "launch_dm": args.launch_dm,
         "device_state": dm_file, "paused": args.paused, "block_interrupts": args.block_interrupts},
-        no_jail=args.no_jail, config_jail=rec.config.get("jail"), label=f"the fork of {rec.label()}"))
+        no_jail=args.no_jail, jail=args.jail, config_jail=rec.config.get("jail"),
+        label=f"the fork of {rec.label()}"))
     print(domid, flush=True)
     return 0
 
@@ -569,6 +571,7 @@ def add_toolstack_commands(sub: Any) -> None:
 
     p = sub.add_parser("create", help="start a domain from an xl-style config file; prints its domid")
     p.add_argument("--no-jail", action="store_true", help=NO_JAIL_HELP)
+    p.add_argument("--jail", action="store_true", help=JAIL_HELP)
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("-p", dest="paused", action="store_true", help="leave it paused before its first instruction")
     p.add_argument("-c", dest="console", action="store_true", help="attach to its console")
@@ -628,6 +631,7 @@ def add_toolstack_commands(sub: Any) -> None:
     p = sub.add_parser("restore", help="start a domain from a save file and print its domid (--foreground: run "
                                        "it here instead, console on the terminal)")
     p.add_argument("--no-jail", action="store_true", help=NO_JAIL_HELP)
+    p.add_argument("--jail", action="store_true", help=JAIL_HELP)
     p.add_argument("-p", dest="paused", action="store_true", help="leave it paused")
     p.add_argument("-n", "--name", default=None, help="a name for it (default: the saved domain's)")
     p.add_argument("--foreground", action="store_true", help="run it in this process until it stops")
@@ -652,6 +656,7 @@ def add_toolstack_commands(sub: Any) -> None:
     p = sub.add_parser("fork-vm", help="fork a paused domain (or, with --launch-dm late, give a fork its device "
                                        "model)")
     p.add_argument("--no-jail", action="store_true", help=NO_JAIL_HELP)
+    p.add_argument("--jail", action="store_true", help=JAIL_HELP)
     p.add_argument("-C", dest="config", default=None, metavar="CONFIG",
                    help="the fork's config: a new name, on_* actions (see vmfork.toolstack.commands)")
     p.add_argument("-Q", dest="dm_state", default=None, metavar="DM_STATE_FILE",

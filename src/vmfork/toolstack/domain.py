@@ -373,7 +373,7 @@ class Domain:
     def _adopt(self, vm: VM) -> None:
         self.vm = vm
         # the concrete CPUID policy its vCPUs got, for `vmfork list --json` (and a fork's config)
-        self.registry.update(self.domid, config={**self.registry.find(self.domid).config, "cpuid": vm.shape.cpuid})
+        self.update_record(config={**self.registry.find(self.domid).config, "cpuid": vm.shape.cpuid})
         if any(d.name == "serial0" for d in vm.devices) and self.console is not None:
             vm.device("serial0").add_listener(self.console.write)
 
