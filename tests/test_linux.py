@@ -129,6 +129,11 @@ def linux_at_prompt() -> Iterator[Booted]:
             booted.vm.destroy()
 
 
+def _completes_syscalls() -> bool:
+    """Whether user space can make system calls here: natively, or through vmfork's syscall completion."""
+    return True      # every machine has the completion installed where doctor finds syscall stays in user mode
+
+
 def test_linux_prints_its_banner_and_command_line(linux_at_prompt: Booted) -> None:
     out = linux_at_prompt.transcript
     assert b"Linux version 6.1" in out, out[-2000:]
@@ -143,7 +148,7 @@ def test_linux_runs_init(linux_at_prompt: Booted) -> None:
 def test_linux_shell_answers_a_command(linux_at_prompt: Booted) -> None:
     booted = linux_at_prompt
     if booted.vm is None:
-        if b"Run /init as init process" in booted.transcript and syscall_stays_in_user_mode():
+        if b"Run /init as init process" in booted.transcript and not _completes_syscalls():
             pytest.skip(hostprobe.report().reason("syscall_cpl3"))
         pytest.fail(f"Linux did not reach the shell prompt: {booted.reason}\n"
                     f"{booted.transcript[-3000:].decode(errors='replace')}")
