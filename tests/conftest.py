@@ -57,3 +57,6 @@ def machines() -> Iterator[list]:  # type: ignore[type-arg]
     yield made
     for m in reversed(made):
         m.destroy(tree=True)
+
+
+from linux_guest import linux_at_prompt  # noqa: E402,F401  (the session-scoped Linux at its shell prompt)

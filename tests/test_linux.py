@@ -13,120 +13,14 @@ kernel, the initramfs, the vCPU count, the CPU policy and the save-file format; 
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 import hostprobe
+from linux_guest import CMDLINE, COMMAND, LINUX, LINUX_MIN, PROMPT, ROOT, VCPUS, Booted, _run_until
 from vmfork.fork import VM
-from vmfork.snapshot import savefile
 from vmfork.workarounds.installed import syscall_stays_in_user_mode
-
-ROOT = Path(__file__).resolve().parents[1]
-LINUX = ROOT / "build" / "linux"
-LINUX_MIN = ROOT / "build" / "linux-min"
-CACHE = ROOT / "build" / "linux-test"
-CMDLINE = "console=ttyS0"
-PROMPT = b"vmfork# "
-COMMAND = b"uname -r; cat /proc/cpuinfo | grep -c processor\n"
-BOOT_LIMIT = float(os.environ.get("VMFORK_LINUX_BOOT_LIMIT", "1800"))
-VCPUS = 1
-# This host's default policy, and the TSC-deadline timer hidden: on kvm_pvm a Linux that uses it (it does once the
-# MADT gives it the IO-APIC and x2APIC) gets no timer interrupt and stalls in RCU ("rcu_sched kthread timer wakeup
-# didn't happen"); with it hidden the same kernel goes on. TSC-deadline is one of the few bits this host's CPUID
-# table does control. (Measured 2026-12-07; belongs in the default policy.)
-CPUID = "default,tsc-deadline=0"
-
-
-@dataclass
-class Booted:
-    """The machine paused at the shell prompt, and what its console printed on the way."""
-
-    vm: VM | None               # None when the boot did not reach the prompt
-    transcript: bytes
-    how: str                    # "booted in N s" or "restored in N s"
-    reason: str = ""            # why the prompt was not reached
-
-
-def _build() -> tuple[Path, Path, str]:
-    subprocess.run([str(ROOT / "guests" / "linux" / "build.sh")], check=True)
-    subprocess.run([str(ROOT / "guests" / "linux" / "build-kernel.sh")], check=True)
-    return (LINUX_MIN / "vmlinux", LINUX / "initramfs-shell.cpio",
-            (LINUX_MIN / "release").read_text().strip())
-
-
-def _key(kernel: Path, initrd: Path) -> str:
-    h = hashlib.sha256()
-    for f in (kernel, initrd):
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    from vmfork.arch.x86 import emulator_probe
-    from vmfork.vm import open_kvm
-    policy = emulator_probe.concrete(open_kvm(), CPUID)        # the policy as this host makes it concrete
-    h.update(f"{CMDLINE}|{VCPUS}|{policy}|{savefile.FORMAT}|{savefile.MAGIC!r}".encode())
-    h.update((ROOT / "src" / "vmfork" / "snapshot" / "container.py").read_bytes())
-    return h.hexdigest()[:20]
-
-
-def _run_until(vm: VM, marker: bytes, timeout: float, *, since: int = 0) -> bytes:
-    serial = vm.device("serial0")
-    vm.start()
-    deadline = time.monotonic() + timeout
-    try:
-        # wait() returns a "timeout" event while the machine runs, and finishes it once it stopped (a crash)
-        while time.monotonic() < deadline and vm.wait(0.2).reason == "timeout":
-            if marker in bytes(serial.output())[since:]:
-                break
-    finally:
-        if vm.state == "running":
-            vm.pause()
-    return bytes(serial.output())
-
-
-def _boot(kernel: Path, initrd: Path) -> Booted:
-    vm = VM.create(memory_mib=256, vcpus=VCPUS, name="linux", cpuid=CPUID)
-    assert vm.load_kernel(kernel, initrd=str(initrd), cmdline=CMDLINE) == "linux-pvh"
-    t0 = time.monotonic()
-    out = _run_until(vm, PROMPT, BOOT_LIMIT)
-    took = time.monotonic() - t0
-    if PROMPT in out:
-        return Booted(vm, out, f"booted in {took:.0f} s")
-    ev = vm.stop_event
-    reason = f"no prompt within {took:.0f} s ({ev.reason}: {ev.detail})" if ev else f"no prompt within {took:.0f} s"
-    vm.destroy()
-    return Booted(None, out, "", reason)
-
-
-@pytest.fixture(scope="session")
-def linux_at_prompt() -> Iterator[Booted]:
-    kernel, initrd, _ = _build()
-    saved = CACHE / f"{_key(kernel, initrd)}.save"
-    transcript = saved.with_suffix(".log")
-    if saved.exists() and transcript.exists() and not os.environ.get("CI"):
-        t0 = time.monotonic()
-        vm = savefile.restore(saved)
-        booted = Booted(vm, transcript.read_bytes(), f"restored in {time.monotonic() - t0:.2f} s")
-    else:
-        booted = _boot(kernel, initrd)
-        if booted.vm is not None:
-            CACHE.mkdir(parents=True, exist_ok=True)
-            for old in CACHE.glob("*.save"):
-                old.unlink()
-            tmp = saved.with_suffix(".tmp")
-            savefile.save(booted.vm, tmp)
-            transcript.write_bytes(booted.transcript)
-            tmp.rename(saved)
-    print(f"\nLinux at the shell prompt: {booted.how or booted.reason}")
-    try:
-        yield booted
-    finally:
-        if booted.vm is not None:
-            booted.vm.destroy()
 
 
 def _completes_syscalls() -> bool:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from test_linux import PROMPT, Booted, linux_at_prompt  # noqa: F401  (the session fixture: booted once)
+from linux_guest import PROMPT, Booted
 from vmfork.fork import VM
 
 COMMAND = b"head -c 16 /dev/urandom | od -An -tx1\n"
@@ -37,7 +37,7 @@ def _random_bytes(answer: bytes) -> str:
     return m.group(1).decode().replace(" ", "").replace("\n", "")
 
 
-def test_forks_of_a_linux_shell_answer_with_different_random_bytes(linux_at_prompt: Booted) -> None:  # noqa: F811
+def test_forks_of_a_linux_shell_answer_with_different_random_bytes(linux_at_prompt: Booted) -> None:
     if linux_at_prompt.vm is None:
         pytest.skip(f"Linux did not reach its shell here: {linux_at_prompt.reason}")
     parent = linux_at_prompt.vm
