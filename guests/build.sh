@@ -92,6 +92,7 @@ if [[ $force == 1 || ! -f "$kfx" || ! -f "${kfx%.elf}.map" ||
     mv -f "$tmp.map" "${kfx%.elf}.map"
     mv -f "$tmp" "$kfx"
     echo "built $kfx"
+fi
 # the foreign-convention syscall guest (guests/syscallguest/main.asm): a source of its own, no variants
 sg_target="$out/syscallguest.elf"
 if [[ $force == 1 || ! -f "$sg_target" || "$here/syscallguest/main.asm" -nt "$sg_target" ]]; then
