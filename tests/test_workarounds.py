@@ -236,3 +236,14 @@ def test_doctor_lists_every_workaround_and_checks_the_fallbacks() -> None:
             assert r["check"] == "works", r
             assert r["count"] == (1 if r["needed"] else 0) or name in ("clac-stac-cpl0", "xsave-cpl0"), r
     assert "Linux boot to the shell" in doctor.linux_boot_line()
+
+
+def test_an_instruction_with_no_fallback_stops_with_its_mnemonic() -> None:
+    vm, ev = _run_cpl0(b"\x66\x0f\xfe\xc1")          # paddd xmm0, xmm1: no fallback for SSE2 arithmetic
+    with vm:
+        if getattr(ev, "reason", None) == "exit":
+            pytest.skip("this host runs paddd in guest kernel mode: no emulation failure to report")
+        assert getattr(ev, "crashed", False), ev
+        detail = getattr(ev, "detail", "")
+        assert "emulation failure" in detail and "instruction `paddd xmm0, xmm1`" in detail, detail
+        assert "instruction bytes: 66 0f fe c1" in detail

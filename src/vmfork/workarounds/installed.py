@@ -56,6 +56,8 @@ class MachineWorkarounds:
         for name, hook in self.fallbacks.items():
             hooks.add("emulation_failure", name, hook)
         self.syscall: SyscallCompletion | None = None
+        self._seen: dict[int, tuple[int, int, int]] = {}     # vCPU index -> (IDT base, IDT limit, EFER) last looked at
+        self._failures = 0
         if syscall_stays_in_user_mode():
             self.syscall = SyscallCompletion(machine.memory)
             hooks.add("debug", "syscall-completion", self.syscall)
@@ -66,8 +68,15 @@ class MachineWorkarounds:
                 v.debug.release("syscall")
 
     def _refresh_hook(self, vcpu: Vcpu) -> bool:
+        """Look at the guest's IDT again when its IDTR or EFER changed, and at every 64th emulation failure (a gate
+        rewritten in place): not at each one, since clac/stac alone make thousands during a Linux boot."""
         assert self.syscall is not None
-        self.syscall.refresh(vcpu)
+        sregs = vcpu.get_sregs()
+        key = (sregs.idt.base, sregs.idt.limit, sregs.efer)
+        self._failures += 1
+        if key != self._seen.get(vcpu.index) or self._failures % 64 == 0:
+            self._seen[vcpu.index] = key
+            self.syscall.refresh(vcpu)
         return False
 
     def state_loaded(self) -> None:
