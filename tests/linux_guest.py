@@ -24,7 +24,7 @@ CACHE = ROOT / "build" / "linux-test"
 CMDLINE = "console=ttyS0"
 PROMPT = b"vmfork# "
 COMMAND = b"uname -r; cat /proc/cpuinfo | grep -c processor\n"
-BOOT_LIMIT = float(os.environ.get("VMFORK_LINUX_BOOT_LIMIT", "1800"))
+BOOT_LIMIT = float(os.environ.get("VMFORK_LINUX_BOOT_LIMIT", "900"))
 VCPUS = 1
 # This host's default policy, and the TSC-deadline timer hidden: on kvm_pvm a Linux that uses it (it does once the
 # MADT gives it the IO-APIC and x2APIC) gets no timer interrupt and stalls in RCU ("rcu_sched kthread timer wakeup
