@@ -497,8 +497,7 @@ def _bind(target: DomainTarget, host: str, port: int | None) -> GdbServer:
     ports = [port] if port is not None else list(range(GDB_DEFAULT_PORT, GDB_DEFAULT_PORT + GDB_PORT_TRIES))
     for p in ports:
         try:
-            return GdbServer(target, host, p, log=_log,
-                             paused_by_toolstack=lambda: "toolstack" in target.domain.pause_holders)
+            return GdbServer(target, host, p, log=_log)
         except OSError as e:
             if e.errno == errno.EADDRINUSE and port is None and p != ports[-1]:
                 continue
