@@ -598,6 +598,8 @@ class VM(Machine):
             child.launch_dm = launch_dm
             child.fork_state = state
             self._load_fork_state(child, state, devices=launch_dm == "yes", preloaded=preloaded)
+            if child.workarounds is not None:       # as Machine.restore does: the guest's IDT, LSTAR, ... anew
+                child.workarounds.state_loaded()
         except BaseException:
             memory.close(unmap_view=False)
             pool.give_back(shell)
