@@ -363,30 +363,41 @@ _pools: dict[MachineShape, ShellPool] = {}
 
 def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, launch_dm: LaunchDm = "yes",
                        console_log: str | None = None, base: GuestMemory | None = None,
-                       block_interrupts: bool = False) -> VM:
+                       block_interrupts: bool = False, preferred_state: MachineState | None = None,
+                       load: Callable[[VM, MachineState, bool, bool], None] | None = None) -> VM:
     """A machine over `image` (mapped copy-on-write) in `state`, resettable to both: a fork when `image` is a
     parent's frozen RAM (`base`: that parent's in-process RAM, which saves mapping the image twice), a fork of a file
-    when it is a template save file's RAM image. The shell comes from the pool of its shape."""
+    when it is a template save file's RAM image. The shell comes from the pool of its shape (`preferred_state`: the
+    state its shells may be preloaded with). `load(vm, state, devices, preloaded)` loads the state instead of
+    Machine.restore (the fork path, which can use a shell preloaded with this very state)."""
     pool = shell_pool(state.shape)
-    pool.prefer(image)
+    pool.prefer(image, preferred_state)
     shell = pool.take()
-    shell.preloaded = None                  # a shell prepared for another parent's forks: everything is set below
+    preloaded = load is not None and shell.preloaded is state
+    shell.preloaded = None                  # a shell prepared for another state: everything is set below
     try:
         if image.slots != shell.slots or image.size != shell.size:
             raise ForkError(f"the memory image does not fit a {state.shape.memory_mib} MiB machine")
-        premapped = shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
+        # The same descriptor number and the same file: a parent destroyed while a pool thread mapped its RAM
+        # file may leave a shell whose descriptor number a newer parent's RAM file reuses.
+        premapped = (shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
+                     and shell.premapped_file == _file_id(image.base_fd))
         memory = GuestMemory.fork_of(image, shell.host_addr, base=base, premapped=premapped)
         shell.premapped = None
     except BaseException:
         pool.give_back(shell)
         raise
     memory.bind(shell.vm, dirty_logging=True)
+    devices = launch_dm == "yes"
     try:
-        vm = VM(shell, memory, name=name, console_log=console_log, with_devices=launch_dm == "yes")
+        vm = VM(shell, memory, name=name, console_log=console_log, with_devices=devices)
         vm.irqs_blocked = block_interrupts
         vm.launch_dm = launch_dm
         vm.fork_state = state
-        Machine.restore(vm, state, devices=launch_dm == "yes")
+        if load is None:
+            Machine.restore(vm, state, devices=devices)
+        else:
+            load(vm, state, devices, preloaded)
     except BaseException:
         memory.close(unmap_view=False)
         pool.give_back(shell)
@@ -576,34 +587,12 @@ class VM(Machine):
 
     def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
                block_interrupts: bool, console_log: str | None) -> VM:
-        pool = shell_pool(self.shape)
-        pool.prefer(image, self._fork_cache[1] if self._fork_cache is not None else None)
-        shell = pool.take()
-        preloaded = shell.preloaded is state
-        shell.preloaded = None
-        try:
-            # The same descriptor number and the same file: a parent destroyed while a pool thread mapped its RAM
-            # file may leave a shell whose descriptor number a newer parent's RAM file reuses.
-            premapped = (shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
-                         and shell.premapped_file == _file_id(image.base_fd))
-            memory = GuestMemory.fork_of(image, shell.host_addr, base=self.memory, premapped=premapped)
-            shell.premapped = None
-        except BaseException:
-            pool.give_back(shell)
-            raise
-        memory.bind(shell.vm, dirty_logging=True)
-        try:
-            child = VM(shell, memory, name=name, console_log=console_log, with_devices=launch_dm == "yes")
-            child.irqs_blocked = block_interrupts
-            child.launch_dm = launch_dm
-            child.fork_state = state
-            self._load_fork_state(child, state, devices=launch_dm == "yes", preloaded=preloaded)
-            if child.workarounds is not None:       # as Machine.restore does: the guest's IDT, LSTAR, ... anew
-                child.workarounds.state_loaded()
-        except BaseException:
-            memory.close(unmap_view=False)
-            pool.give_back(shell)
-            raise
+        child = machine_from_image(
+            image, state, name=name, launch_dm=launch_dm, console_log=console_log, base=self.memory,
+            block_interrupts=block_interrupts,
+            preferred_state=self._fork_cache[1] if self._fork_cache is not None else None,
+            load=lambda vm, st, devices, preloaded: self._load_fork_state(vm, st, devices=devices,
+                                                                          preloaded=preloaded))
         child.parent = self
         self.children.append(child)
         self.memory.readonly = f"{self.name} has live forks"
@@ -640,6 +629,8 @@ class VM(Machine):
                 DeviceSetState.restore_all(child.devices, saved)
                 self._checked_devices = saved
             child.bus.touched.clear()
+        if child.workarounds is not None:       # as Machine.restore does: the guest's IDT, LSTAR, ... anew
+            child.workarounds.state_loaded()
 
     # --- reset --------------------------------------------------------------------------------------------------
 
