@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from . import Workaround, register
 from .guest_access import GuestAccessError, read_virt, write_virt
-from .operands import decode_at, mem_address
+from .operands import decode_one_of, finish, mem_address
 
 if TYPE_CHECKING:
     from ..memory import GuestMemory
@@ -32,10 +32,10 @@ class Cmpxchg16bFallback:
 
     def __call__(self, vcpu: Vcpu) -> bool:
         regs = vcpu.get_regs()
+        d = decode_one_of(vcpu, self.memory, regs.rip, ("cmpxchg16b",))
+        if d is None:
+            return False
         try:
-            d = decode_at(vcpu, self.memory, regs.rip)
-            if d is None or d.mnemonic != "cmpxchg16b":
-                return False
             addr = mem_address(d.operands[0], regs, vcpu.get_sregs(), regs.rip + d.size)
             if addr & 0xF:
                 return False            # the CPU raises #GP; the crash report says where
@@ -48,6 +48,4 @@ class Cmpxchg16bFallback:
                 regs.rflags &= ~ZF
         except GuestAccessError:
             return False
-        regs.rip += d.size
-        vcpu.set_regs(regs)
-        return True
+        return finish(vcpu, regs, d)

@@ -4,6 +4,7 @@ addresses (base + index * scale + displacement, RIP-relative, FS/GS bases)."""
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from ..memory import GuestMemory
     from ..vcpu import Vcpu
 
-__all__ = ["Decoded", "decode_at", "mem_address", "read_reg", "write_reg"]
+__all__ = ["Decoded", "decode_at", "decode_one_of", "finish", "mem_address", "read_reg", "write_reg"]
 
 _GPR64 = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
           "r15")
@@ -55,6 +56,23 @@ def decode_at(vcpu: Vcpu, memory: GuestMemory, rip: int) -> Decoded | None:
         # capstone names prefixes in the mnemonic ("lock cmpxchg16b"): the instruction is the last word
         return Decoded(str(insn.mnemonic).split()[-1], int(insn.size), list(insn.operands), insn)
     return None
+
+
+def decode_one_of(vcpu: Vcpu, memory: GuestMemory, rip: int, mnemonics: Container[str]) -> Decoded | None:
+    """The instruction at `rip` if it is one of `mnemonics` (what a fallback completes), else None: the common
+    start of every fallback that computes with operands."""
+    try:
+        d = decode_at(vcpu, memory, rip)
+    except GuestAccessError:
+        return None
+    return d if d is not None and d.mnemonic in mnemonics else None
+
+
+def finish(vcpu: Vcpu, regs: s.Regs, d: Decoded) -> bool:
+    """The instruction `d` completed: RIP past it, the registers written back; True for the exit hook."""
+    regs.rip += d.size
+    vcpu.set_regs(regs)
+    return True
 
 
 def reg_name(reg_id: int) -> str:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from . import Workaround, register
 from .guest_access import GuestAccessError, read_virt
-from .operands import decode_at, mem_address, read_reg, reg_name, write_reg
+from .operands import decode_one_of, finish, mem_address, read_reg, reg_name, write_reg
 
 if TYPE_CHECKING:
     from ..memory import GuestMemory
@@ -31,11 +31,11 @@ class PopcntFallback:
     def __call__(self, vcpu: Vcpu) -> bool:
         import capstone.x86 as x86
         regs = vcpu.get_regs()
+        d = decode_one_of(vcpu, self.memory, regs.rip, ("popcnt",))
+        if d is None or len(d.operands) != 2:
+            return False
+        dst, src = d.operands
         try:
-            d = decode_at(vcpu, self.memory, regs.rip)
-            if d is None or d.mnemonic != "popcnt" or len(d.operands) != 2:
-                return False
-            dst, src = d.operands
             if src.type == x86.X86_OP_REG:
                 value = read_reg(regs, reg_name(src.reg))
             else:
@@ -45,6 +45,4 @@ class PopcntFallback:
             return False
         write_reg(regs, reg_name(dst.reg), bin(value).count("1"))
         regs.rflags = (regs.rflags & ~FLAGS) | (ZF if value == 0 else 0)
-        regs.rip += d.size
-        vcpu.set_regs(regs)
-        return True
+        return finish(vcpu, regs, d)
