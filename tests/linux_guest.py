@@ -26,11 +26,9 @@ PROMPT = b"vmfork# "
 COMMAND = b"uname -r; cat /proc/cpuinfo | grep -c processor\n"
 BOOT_LIMIT = float(os.environ.get("VMFORK_LINUX_BOOT_LIMIT", "900"))
 VCPUS = 1
-# This host's default policy, and the TSC-deadline timer hidden: on kvm_pvm a Linux that uses it (it does once the
-# MADT gives it the IO-APIC and x2APIC) gets no timer interrupt and stalls in RCU ("rcu_sched kthread timer wakeup
-# didn't happen"); with it hidden the same kernel goes on. TSC-deadline is one of the few bits this host's CPUID
-# table does control. (Measured 2026-12-07; belongs in the default policy.)
-CPUID = "default,tsc-deadline=0"
+# The host's default policy, nothing more: where guest kernel mode is emulated it hides tsc-deadline too
+# (arch/x86/emulator_probe.py: probe_tsc_deadline), which this kernel's periodic tick needs.
+CPUID = "default"
 
 
 @dataclass
