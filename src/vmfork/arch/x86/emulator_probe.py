@@ -30,7 +30,6 @@ import signal
 import struct
 import tempfile
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -463,7 +462,7 @@ MSR_TSC_DEADLINE = 0x6E0
 X2APIC_SVR, X2APIC_LVT_TIMER = 0x80F, 0x832
 LVT_TSC_DEADLINE = 2 << 17
 DEADLINE_DELTA_TSC = 10_000_000         # a few ms at any TSC rate
-SPEED_LOOP = 50_000                     # iterations of a 2-instruction loop
+SPEED_LOOP = 10_000                     # iterations of a 2-instruction loop, timed by the guest's TSC
 EMULATED_NS = 20.0                      # ns per instruction above which kernel mode is emulated (native: < 1 ns)
 TIMER = "tsc-deadline"
 EARLY = "early"
@@ -508,19 +507,41 @@ _OK = 0x2A                              # run_cpl0's success status
 
 
 def cpl0_ns_per_instruction(kvm: Kvm, host: ctypes.Structure) -> float:
-    """Nanoseconds per instruction of a CPL0 loop (the best of two runs, VM set-up subtracted)."""
-    loop = b"\xb9" + struct.pack("<I", SPEED_LOOP) + b"\xff\xc9\x75\xfc"   # mov ecx, N; 1: dec ecx; jnz 1b
+    """About how many nanoseconds one instruction of a CPL0 loop takes: the guest times the loop with its TSC (so the
+    VM's set-up does not count), converted to ns at the TSC rate KVM gives the vCPU; the best of two runs."""
+    loop = (_RDTSC_RAX + _store_rax(flat.DATA_ADDR)
+            + b"\xb9" + struct.pack("<I", SPEED_LOOP) + b"\xff\xc9\x75\xfc"     # mov ecx, N; 1: dec ecx; jnz 1b
+            + _RDTSC_RAX + _store_rax(flat.DATA_ADDR + 8))
     best = float("inf")
     for _ in range(2):
-        t0 = time.perf_counter()
-        run_cpl0(kvm, b"", cpuid=host)
-        t1 = time.perf_counter()
-        status, detail = run_cpl0(kvm, loop, cpuid=host, timeout=30.0)
-        t2 = time.perf_counter()
+        data = bytearray(16)
+        status, detail = run_cpl0(kvm, loop, cpuid=host, timeout=30.0, out=data)
         if status != WORKS:
             raise VmforkError(f"a CPL0 loop {detail}")
-        best = min(best, max((t2 - t1) - (t1 - t0), 0.0))
-    return best / (2 * SPEED_LOOP) * 1e9
+        start, end = struct.unpack("<QQ", data)
+        best = min(best, (end - start) / (2 * SPEED_LOOP))
+    return best / (_tsc_khz(kvm) / 1e6)
+
+
+_tsc_khz_value: int | None = None
+
+
+def _tsc_khz(kvm: Kvm) -> int:
+    """The vCPU TSC rate KVM uses here (KVM_GET_TSC_KHZ on a throw-away vCPU; 1 GHz if KVM cannot say)."""
+    global _tsc_khz_value
+    if _tsc_khz_value is None:
+        vm = kvm.create_vm()
+        try:
+            vcpu = vm.create_vcpu(0)
+            try:
+                _tsc_khz_value = vcpu.get_tsc_khz() or 1_000_000
+            except VmforkError:
+                _tsc_khz_value = 1_000_000
+            finally:
+                vcpu.close()
+        finally:
+            vm.close()
+    return _tsc_khz_value
 
 
 def probe_tsc_deadline(kvm: Kvm, host: ctypes.Structure, seen: Mapping[str, int] | None = None) -> FamilyResult:
