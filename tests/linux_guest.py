@@ -24,6 +24,7 @@ LINUX_MIN = ROOT / "build" / "linux-min"
 CACHE = ROOT / "build" / "linux-test"
 CMDLINE = "console=ttyS0"
 PROMPT = b"vmfork# "
+PANIC = b"Kernel panic - not syncing"
 COMMAND = b"uname -r; cat /proc/cpuinfo | grep -c processor\n"
 BOOT_LIMIT = float(os.environ.get("VMFORK_LINUX_BOOT_LIMIT", "900"))
 VCPUS = 1
@@ -68,7 +69,8 @@ def _run_until(vm: VM, marker: bytes, timeout: float, *, since: int = 0) -> byte
     try:
         # wait() returns a "timeout" event while the machine runs, and finishes it once it stopped (a crash)
         while time.monotonic() < deadline and vm.wait(0.2).reason == "timeout":
-            if marker in bytes(serial.output())[since:]:
+            out = bytes(serial.output())[since:]
+            if marker in out or PANIC in out:       # a panicked kernel never prints the marker: stop waiting
                 break
     finally:
         if vm.state == "running":
@@ -86,6 +88,9 @@ def _boot(kernel: Path, initrd: Path, vcpus: int = VCPUS) -> Booted:
         return Booted(vm, out, f"booted in {took:.0f} s")
     ev = vm.stop_event
     reason = f"no prompt within {took:.0f} s ({ev.reason}: {ev.detail})" if ev else f"no prompt within {took:.0f} s"
+    if PANIC in out:
+        line = out[out.index(PANIC):].split(b"\n")[0].decode(errors="replace").strip()
+        reason = f"the kernel panicked after {took:.0f} s: {line}"
     vm.destroy()
     return Booted(None, out, "", reason)
 
