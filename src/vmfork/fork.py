@@ -20,7 +20,7 @@ import resource
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, overload
 
 from . import vmgenid
@@ -522,21 +522,21 @@ class VM(Machine):
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["thread"] = ...,
              memory_limit_mib: None = ..., pause_on_device_access: bool = ...,
-             new_generation: bool = ...) -> VM: ...
+             new_generation: bool = ..., env: Mapping[str, str] | None = ...) -> VM: ...
 
     @overload
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["process"],
              memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...,
-             new_generation: bool = ...) -> Any: ...
+             new_generation: bool = ..., env: Mapping[str, str] | None = ...) -> Any: ...
 
     def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
              device_state: DeviceSetState | None = None, console_log: str | None = None,
              memory_mib: int | None = None, vcpus: int | None = None,
              isolation: Literal["thread", "process"] = "thread",
              memory_limit_mib: int | None = None, pause_on_device_access: bool = False,
-             new_generation: bool = True) -> Any:
+             new_generation: bool = True, env: Mapping[str, str] | None = None) -> Any:
         """A new machine identical to this paused one, sharing its RAM copy-on-write.
 
         `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
@@ -544,8 +544,13 @@ class VM(Machine):
         `device_accesses()`), and `attach_device_model()` can add them later. `pause_on_device_access`: the fork
         stops (StopEvent "device-access", naming port, direction and size) at the first access to each port no
         device answers. `new_generation`: a machine with a VMGenID device (Linux kernels; vmfork.vmgenid) gives the
-        fork a new generation ID and notifies it, so the guest reseeds its RNG; False keeps the parent's."""
+        fork a new generation ID and notifies it, so the guest reseeds its RNG; False keeps the parent's. `env`:
+        strings set (added or replaced) in the fork's env channel on top of the parent's (vmfork.devices.envchannel:
+        the guest reads them, e.g. its hostname); they are part of the fork's fork-time state, so reset() keeps
+        them."""
         self.check_forkable()
+        if env is not None:
+            device_state = self._env_devices(device_state, env, launch_dm)
         if memory_mib is not None and memory_mib != self.shape.memory_mib:
             raise ForkError(f"a fork has its parent's memory: {self.name} has {self.shape.memory_mib} MiB, "
                             f"not {memory_mib}")
@@ -584,6 +589,18 @@ class VM(Machine):
             child._vmgenid = True       # type: ignore[attr-defined]
             vmgenid.new_generation(child)
         return child
+
+    def _env_devices(self, device_state: DeviceSetState | None, env: Mapping[str, str],
+                     launch_dm: LaunchDm) -> DeviceSetState:
+        """The fork's device states with `env` set in its env channel."""
+        from .devices.envchannel import set_env
+        if launch_dm != "yes":
+            raise ForkError(f"env needs the fork's device model (launch_dm='yes'), not launch_dm={launch_dm!r}: "
+                            "the env channel is one of its devices")
+        base = device_state if device_state is not None else self._state_for_forks().devices
+        if base is None:
+            raise ForkError(f"{self.name} has no device model, so its forks have no env channel")
+        return set_env(base, env)
 
     def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
                block_interrupts: bool, console_log: str | None) -> VM:
