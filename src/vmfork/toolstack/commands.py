@@ -118,16 +118,19 @@ def _shown_reason(rec: DomainRecord) -> str:
     return reason
 
 
-def _workaround_counts(rec: DomainRecord) -> dict[str, int] | None:
-    """How often each host workaround (vmfork.workarounds) did its work in the domain; None if it cannot say."""
+def _query_extras(rec: DomainRecord) -> tuple[dict[str, int] | None, dict[str, Any] | None]:
+    """How often each host workaround (vmfork.workarounds) did its work in the domain, and whether its guest uses
+    the VMGenID device (vmfork.vmgenid.status); None for what it cannot say."""
     if not rec.alive or rec.held:
-        return None
+        return None, None
     try:
         with QmpChannel.connect(rec.qmp_socket, timeout=2.0) as chan:
-            counts = chan.execute("vmfork-query").get("workarounds")
-            return {str(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else None
+            q = chan.execute("vmfork-query")
     except ToolstackError:
-        return None
+        return None, None
+    counts, generation = q.get("workarounds"), q.get("vmgenid")
+    return ({str(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else None,
+            generation if isinstance(generation, dict) else None)
 
 
 def _entry(rec: DomainRecord, now: float) -> dict[str, Any]:
@@ -224,7 +227,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             history = reg.history()
     if args.json:
         for e, r in zip(entries, records, strict=True):
-            e["workarounds"] = _workaround_counts(r)
+            e["workarounds"], e["vmgenid"] = _query_extras(r)
         ended = [{"domid": h["domid"], "name": h["name"], "state": "ended", "reason": h["why"],
                   "ended": h["ended"]} for h in history]
         print(json.dumps(entries + ended, indent=2))

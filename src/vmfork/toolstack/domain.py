@@ -997,7 +997,16 @@ class Domain:
             "uptime": round(time.time() - self.started, 3),
             "restored_from": self.restored_from,
             "workarounds": vm.workarounds.counts() if vm is not None and vm.workarounds is not None else {},
+            "vmgenid": _vmgenid_status(vm),
         }
+
+
+def _vmgenid_status(vm: Any) -> dict[str, Any] | None:
+    """vmfork.vmgenid.status of the domain's machine (None when it has none)."""
+    if vm is None:
+        return None
+    from .. import vmgenid
+    return vmgenid.status(vm)
 
 
 # --- QMP commands ---------------------------------------------------------------------------------------------------
