@@ -81,8 +81,10 @@ def ask(vm: VM, command: str, timeout: float = 300) -> str:
 
 
 def boot_to_prompt(*, kernel: Path = KERNEL, initrd: Path = INITRD, cmdline: str = CMDLINE, memory_mib: int = 256,
-                   limit: float = 1800, cache: Path | None = CACHE, log: bool = True) -> AtPrompt:
-    """A machine paused at the shell prompt: restored from the cached save file, or booted (and then saved)."""
+                   limit: float = 1800, cache: Path | None = CACHE, log: bool = True,
+                   prompt: bytes = PROMPT) -> AtPrompt:
+    """A machine paused at the shell prompt (or another console marker, `prompt`): restored from the cached save
+    file, or booted (and then saved)."""
     from .snapshot import savefile
     for f in (kernel, initrd):
         if not f.exists():
@@ -98,13 +100,13 @@ def boot_to_prompt(*, kernel: Path = KERNEL, initrd: Path = INITRD, cmdline: str
     vm = VM.create(memory_mib=memory_mib, name="linux", cpuid=CPUID)
     vm.load_kernel(kernel, initrd=str(initrd), cmdline=cmdline)
     t0 = time.monotonic()
-    out = run_until(vm, PROMPT, limit)
+    out = run_until(vm, prompt, limit)
     took = time.monotonic() - t0
-    if PROMPT not in out:
+    if prompt not in out:
         ev = vm.stop_event
         vm.destroy()
         tail = out[-400:].decode(errors="replace")
-        raise VmforkError(f"Linux did not reach its shell prompt within {took:.0f} s"
+        raise VmforkError(f"Linux did not reach {prompt.decode(errors='replace')!r} within {took:.0f} s"
                           f"{f' ({ev.reason}: {ev.detail})' if ev else ''}; console ends: {tail!r}")
     if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)
