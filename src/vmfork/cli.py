@@ -62,10 +62,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.linux:
         from .demo_linux import run_demo_linux
-        return run_demo_linux(forks=args.forks or 20, kernel=args.kernel, initrd=args.initrd,
-                              dirty_log=args.dirty_log)
+        return run_demo_linux(forks=20 if args.forks is None else args.forks, kernel=args.kernel,
+                              initrd=args.initrd, dirty_log=args.dirty_log)
     from .demo import run_demo
-    return run_demo(forks=args.forks or 100, memory_mib=args.memory, kernel=args.kernel)
+    return run_demo(forks=100 if args.forks is None else args.forks, memory_mib=args.memory, kernel=args.kernel)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -151,13 +151,16 @@ def run_demo_linux(*, forks: int = 20, kernel: str | None = None, initrd: str | 
         raise VmforkError(f"--forks must be at least 1, got {forks}")
     k = Path(kernel) if kernel else KERNEL
     i = Path(initrd) if initrd else INITRD
+    for f in (k, i):
+        if not f.exists():
+            raise VmforkError(f"{f} is missing: build it with guests/linux/build.sh and guests/linux/build-kernel.sh")
     which = "the CI kernel (guests/linux/build-kernel.sh)" if kernel is None else str(k)
     print(f"Linux: {which}, busybox shell initramfs, 256 MiB, 1 vCPU")
     if kernel_mode_emulated():
         print("this host's KVM (kvm_pvm) emulates guest kernel mode instruction by instruction (0.5-2 µs each; "
               "user mode runs natively):\n  a boot takes minutes instead of about a second, and every system call, "
               "interrupt and page fault\n  in a fork costs tens of µs to ms; Debian's cloud kernel does not reach "
-              "/init in reasonable time here, hence the CI kernel")
+              "/init in reasonable time here, hence the CI kernel by default")
     at = boot_to_prompt(kernel=k, initrd=i)
     parent = at.vm
     try:
