@@ -151,9 +151,9 @@ def run_demo_linux(*, forks: int = 20, kernel: str | None = None, initrd: str | 
         raise VmforkError(f"--forks must be at least 1, got {forks}")
     k = Path(kernel) if kernel else KERNEL
     i = Path(initrd) if initrd else INITRD
-    for f in (k, i):
-        if not f.exists():
-            raise VmforkError(f"{f} is missing: build it with guests/linux/build.sh and guests/linux/build-kernel.sh")
+    for needed in (k, i):
+        if not needed.exists():
+            raise VmforkError(f"{needed} is missing: build it with guests/linux/build.sh and guests/linux/build-kernel.sh")
     which = "the CI kernel (guests/linux/build-kernel.sh)" if kernel is None else str(k)
     print(f"Linux: {which}, busybox shell initramfs, 256 MiB, 1 vCPU")
     if kernel_mode_emulated():
