@@ -153,7 +153,8 @@ def run_demo_linux(*, forks: int = 20, kernel: str | None = None, initrd: str | 
     i = Path(initrd) if initrd else INITRD
     for needed in (k, i):
         if not needed.exists():
-            raise VmforkError(f"{needed} is missing: build it with guests/linux/build.sh and guests/linux/build-kernel.sh")
+            raise VmforkError(f"{needed} is missing: build it with guests/linux/build.sh and "
+                              "guests/linux/build-kernel.sh")
     which = "the CI kernel (guests/linux/build-kernel.sh)" if kernel is None else str(k)
     print(f"Linux: {which}, busybox shell initramfs, 256 MiB, 1 vCPU")
     if kernel_mode_emulated():
