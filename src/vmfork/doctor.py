@@ -761,6 +761,18 @@ def probe_cpuid_default(quick: bool) -> ProbeItem:
                      f"{emulator_probe.describe_default(kvm)}: \"{policy}\"{note}")
 
 
+def probe_tsc_deadline(quick: bool) -> ProbeItem:
+    """Whether guests may use the LAPIC's TSC-deadline timer here (emulator_probe.probe_tsc_deadline): its interrupt
+    arrives on time, and guest kernel mode is fast enough for a periodic tick driven by a one-shot timer; where not,
+    the default CPUID policy hides `tsc-deadline`."""
+    from .arch.x86 import emulator_probe
+    from .vm import open_kvm
+    r = emulator_probe.report(open_kvm()).result(emulator_probe.TIMER)
+    hidden = r.fails
+    return ProbeItem("tsc_deadline", r.status, not hidden, None, "",
+                     f"{r.detail}{'; the default CPUID policy hides tsc-deadline' if hidden else ''}")
+
+
 Probe = Callable[[bool], ProbeItem]
 
 PROBES: dict[str, tuple[str, Probe]] = {
@@ -784,6 +796,7 @@ PROBES: dict[str, tuple[str, Probe]] = {
     "vpmu": ("a virtual PMU counts guest instructions and interrupts on overflow", probe_vpmu),
     "cpl0_instructions": ("guest kernel mode runs every probed instruction family", probe_cpl0_instructions),
     "cpuid_default": ("the default CPUID policy shows the host's whole CPU", probe_cpuid_default),
+    "tsc_deadline": ("guests may use the TSC-deadline timer", probe_tsc_deadline),
 }
 """Probe name -> (what it checks, function). The report lists the probes in this order."""
 

@@ -30,6 +30,7 @@ import signal
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from ...kvm import structs as s
 from . import cpu, flat
 from .cpuid_policy import FEATURES, CpuidPolicy, feature, hidden_closure, unsupported
 
-PROBE_VERSION = 2
+PROBE_VERSION = 3
 RAM = 4 << 20                       # the flat layout's tables, stacks, code at 1 MiB and data at 2 MiB
 D = flat.DATA_ADDR.to_bytes(4, "little")    # a disp32 operand: [DATA_ADDR], 64-byte aligned, zeroed
 TIMEOUT_S = 2.0
@@ -180,6 +181,7 @@ class EmulatorReport:
     key: Mapping[str, str]
     seen: Mapping[str, int] = dataclasses.field(default_factory=dict)   # the guest's CPUID view, policy host
     stuck: tuple[str, ...] = ()      # features the guest sees even when the CPUID table hides them
+    timers: tuple[FamilyResult, ...] = ()   # the TSC-deadline timer (probe_tsc_deadline)
 
     @property
     def leaks(self) -> tuple[str, ...]:
@@ -188,10 +190,22 @@ class EmulatorReport:
         return tuple(n for n in self.wanted if n in self.stuck)
 
     def result(self, name: str) -> FamilyResult:
-        for r in self.results:
+        for r in (*self.results, *self.timers):
             if r.name == name:
                 return r
         raise KeyError(name)
+
+    @property
+    def failing_timers(self) -> tuple[FamilyResult, ...]:
+        return tuple(r for r in self.timers if r.fails)
+
+    @property
+    def timer_hidden(self) -> tuple[str, ...]:
+        """Features the default policy hides because of the timer probe (not an instruction family)."""
+        names: list[str] = []
+        for r in self.failing_timers:
+            names += [f for f in TIMER_FEATURES[r.name] if f not in names and f not in self.stuck]
+        return tuple(names)
 
     @property
     def failing(self) -> tuple[FamilyResult, ...]:
@@ -205,6 +219,8 @@ class EmulatorReport:
             for f in _FAMILY[r.name].features:
                 if f not in names:
                     names.append(f)
+        for r in self.failing_timers:
+            names += [f for f in TIMER_FEATURES[r.name] if f not in names]
         return tuple(names)
 
     @property
@@ -224,7 +240,8 @@ class EmulatorReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PROBE_VERSION, "key": dict(self.key), "seen": dict(self.seen), "stuck": list(self.stuck),
-                "results": {r.name: {"status": r.status, "detail": r.detail} for r in self.results}}
+                "results": {r.name: {"status": r.status, "detail": r.detail} for r in self.results},
+                "timers": {r.name: {"status": r.status, "detail": r.detail} for r in self.timers}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EmulatorReport:
@@ -234,8 +251,12 @@ class EmulatorReport:
                         for n, v in dict(d["results"]).items())
         if {r.name for r in results} != set(_FAMILY):
             raise ValueError("other families")
+        timers = tuple(FamilyResult(n, str(v["status"]), str(v.get("detail", "")))
+                       for n, v in dict(d.get("timers", {})).items())
+        if {r.name for r in timers} != set(TIMER_FEATURES):
+            raise ValueError("other timers")
         return cls(results, dict(d["key"]), {str(k): int(v) for k, v in dict(d.get("seen", {})).items()},
-                   tuple(str(n) for n in d.get("stuck", ())))
+                   tuple(str(n) for n in d.get("stuck", ())), timers)
 
 
 _FAMILY = {f.name: f for f in FAMILIES}
@@ -270,21 +291,31 @@ def _host_xcr0(host: Any) -> int:
     return XCR0_X87_SSE
 
 
-def _write_flat(buf: mmap.mmap, code: bytes) -> None:
+def _write_flat(buf: mmap.mmap, code: bytes, handlers: Mapping[int, bytes] | None = None) -> None:
     pml4, pdpt, pd = flat.page_table_bytes(preset_dirty=True)
+    gates = {v: flat.STUBS_ADDR + v * flat.STUB_SIZE for v in range(256)}
+    placed = []
+    at = flat.HANDLERS_ADDR
+    for vector, blob in sorted((handlers or {}).items()):
+        gates[vector] = at
+        placed.append((at, blob))
+        at = (at + len(blob) + 15) & ~15
+    if at > flat.HANDLERS_END:
+        raise VmforkError("probe handlers do not fit")
     for addr, blob in ((flat.PML4_ADDR, pml4), (flat.PDPT_ADDR, pdpt), (flat.PD_ADDR, pd),
                        (flat.GDT_ADDR, flat.gdt_bytes()), (flat.TSS_ADDR, flat.tss_bytes()),
                        (flat.STUBS_ADDR, b"".join(flat._default_stub(v) for v in range(256))),
-                       (flat.IDT_ADDR, b"".join(flat._gate(flat.STUBS_ADDR + v * flat.STUB_SIZE, 0)
-                                                for v in range(256))),
-                       (flat.CODE_ADDR, code)):
+                       (flat.IDT_ADDR, b"".join(flat._gate(gates[v], 0) for v in range(256))),
+                       (flat.CODE_ADDR, code), *placed):
         buf[addr:addr + len(blob)] = blob
 
 
 def run_cpl0(kvm: Kvm, code: bytes, *, cpuid: ctypes.Structure, cr4: int = 0, xcr0: int | None = None,
-             timeout: float = TIMEOUT_S, out: bytearray | None = None) -> tuple[str, str]:
+             timeout: float = TIMEOUT_S, out: bytearray | None = None, lapic: bool = False,
+             handlers: Mapping[int, bytes] | None = None) -> tuple[str, str]:
     """Run `code` once in CPL0 of a fresh flat VM; (status, detail). The code is followed by an exit. `out` is
-    filled with the guest's bytes at DATA_ADDR afterwards."""
+    filled with the guest's bytes at DATA_ADDR afterwards. `lapic`: the VM gets KVM's in-kernel irqchip and the
+    vCPU's LAPIC starts in x2APIC mode (the CPUID table must offer x2apic); `handlers`: vector -> handler code."""
     ok = 0x2A
     program = code + flat.exit_with(ok)
     buf = mmap.mmap(-1, RAM, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -293,14 +324,16 @@ def run_cpl0(kvm: Kvm, code: bytes, *, cpuid: ctypes.Structure, cr4: int = 0, xc
     timer: threading.Timer | None = None
     anchor = ctypes.c_char.from_buffer(buf)
     try:
-        _write_flat(buf, program)
+        _write_flat(buf, program, handlers)
         vm.set_tss_addr(0xFFFBD000)
+        if lapic:
+            vm.create_irqchip()
         vm.set_user_memory_region(0, 0, RAM, ctypes.addressof(anchor), 0)
         vcpu = vm.create_vcpu(0)
         vcpu.set_cpuid2(cpuid)
         sregs = s.Sregs()
         vcpu.get_sregs(sregs)
-        flat.long_mode_sregs(sregs, cpl=0, osxsave=xcr0 is not None)
+        flat.long_mode_sregs(sregs, cpl=0, osxsave=xcr0 is not None, x2apic=lapic)
         sregs.cr4 |= cr4
         vcpu.set_sregs(sregs)
         regs = s.Regs()
@@ -412,6 +445,120 @@ def probe_family(kvm: Kvm, fam: Family, host: Any, seen: Mapping[str, int] | Non
     return FamilyResult(fam.name, status, f"{fam.what} in CPL0 {detail}")
 
 
+# --- the TSC-deadline timer ----------------------------------------------------------------------------------------
+#
+# Linux uses the LAPIC's TSC-deadline mode whenever CPUID offers it (and the MADT gives it the APIC). That mode is
+# one-shot only, so a kernel with a periodic tick (Linux without HIGH_RES_TIMERS, e.g. the CI kernel) re-arms it
+# from every tick and, finding the next tick already due, runs it at once (tick_handle_periodic): it catches up on
+# every tick it missed. Where guest kernel mode is emulated, one tick costs milliseconds, and on a busy host about a
+# tick period: the kernel then runs its tick and nothing else. Measured here (2026-12-07, Linux 6.1 HZ=100, host
+# load 10-14): with TSC-deadline, jiffies advanced at 100/s with the vCPU inside the tick (interrupts off) in 8 of
+# 10 samples, and the boot never got past "pnp: PnP ACPI" (RCU stall warnings later); with it hidden, the LAPIC
+# timer's periodic mode drops the ticks the guest misses (jiffies at 70/s, in the tick in 4 of 10 samples) and the
+# boot goes on. The interrupt itself arrives on time here. So the probe checks both: that a TSC-deadline interrupt
+# arrives, not early, and how fast guest kernel mode runs; either failing hides `tsc-deadline`.
+
+TIMER_VECTOR = 0x40
+MSR_TSC_DEADLINE = 0x6E0
+X2APIC_SVR, X2APIC_LVT_TIMER = 0x80F, 0x832
+LVT_TSC_DEADLINE = 2 << 17
+DEADLINE_DELTA_TSC = 10_000_000         # a few ms at any TSC rate
+SPEED_LOOP = 50_000                     # iterations of a 2-instruction loop
+EMULATED_NS = 20.0                      # ns per instruction above which kernel mode is emulated (native: < 1 ns)
+TIMER = "tsc-deadline"
+EARLY = "early"
+NO_INTERRUPT = "no-interrupt"
+EMULATED_TICK = "emulated-tick"
+TIMER_FEATURES: dict[str, tuple[str, ...]] = {TIMER: ("tsc-deadline",)}
+
+
+def _wrmsr(index: int, value: int) -> bytes:
+    return (b"\xb9" + struct.pack("<I", index)                  # mov ecx, index
+            + b"\xb8" + struct.pack("<I", value & 0xFFFFFFFF)   # mov eax, low
+            + b"\xba" + struct.pack("<I", value >> 32)          # mov edx, high
+            + b"\x0f\x30")                                     # wrmsr
+
+
+_RDTSC_RAX = b"\x0f\x31\x48\xc1\xe2\x20\x48\x09\xd0"         # rdtsc; shl rdx, 32; or rax, rdx
+
+
+def _store_rax(addr: int) -> bytes:
+    return b"\x48\x89\x04\x25" + struct.pack("<I", addr)        # mov [addr], rax
+
+
+def tsc_deadline_guest(delta: int = DEADLINE_DELTA_TSC) -> tuple[bytes, bytes]:
+    """(code, handler): the code enables the x2APIC, puts its timer in TSC-deadline mode, arms it `delta` TSC ticks
+    ahead (the deadline stored at DATA_ADDR) and halts with interrupts on; the handler stores the TSC at its arrival
+    (DATA_ADDR + 8) and stops the machine with run_cpl0's success status."""
+    code = (_wrmsr(X2APIC_SVR, 0x1FF)                             # APIC software-enabled
+            + _wrmsr(X2APIC_LVT_TIMER, TIMER_VECTOR | LVT_TSC_DEADLINE)
+            + _RDTSC_RAX
+            + b"\x48\xb9" + struct.pack("<Q", delta)             # mov rcx, delta
+            + b"\x48\x01\xc8"                                    # add rax, rcx
+            + _store_rax(flat.DATA_ADDR)
+            + b"\x48\x89\xc2\x48\xc1\xea\x20"                    # mov rdx, rax; shr rdx, 32
+            + b"\xb9" + struct.pack("<I", MSR_TSC_DEADLINE)       # mov ecx, IA32_TSC_DEADLINE
+            + b"\x0f\x30"                                         # wrmsr
+            + b"\xfb\xf4\xeb\xfd")                                # sti; hlt; jmp to the hlt
+    handler = _RDTSC_RAX + _store_rax(flat.DATA_ADDR + 8) + flat.exit_with(_OK)
+    return code, handler
+
+
+_OK = 0x2A                              # run_cpl0's success status
+
+
+def cpl0_ns_per_instruction(kvm: Kvm, host: ctypes.Structure) -> float:
+    """Nanoseconds per instruction of a CPL0 loop (the best of two runs, VM set-up subtracted)."""
+    loop = b"\xb9" + struct.pack("<I", SPEED_LOOP) + b"\xff\xc9\x75\xfc"   # mov ecx, N; 1: dec ecx; jnz 1b
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        run_cpl0(kvm, b"", cpuid=host)
+        t1 = time.perf_counter()
+        status, detail = run_cpl0(kvm, loop, cpuid=host, timeout=30.0)
+        t2 = time.perf_counter()
+        if status != WORKS:
+            raise VmforkError(f"a CPL0 loop {detail}")
+        best = min(best, max((t2 - t1) - (t1 - t0), 0.0))
+    return best / (2 * SPEED_LOOP) * 1e9
+
+
+def probe_tsc_deadline(kvm: Kvm, host: ctypes.Structure, seen: Mapping[str, int] | None = None) -> FamilyResult:
+    """Whether a kernel can use the TSC-deadline timer here: its interrupt arrives, not before its deadline, and
+    guest kernel mode runs natively (see above)."""
+    has = (lambda n: _sees(seen, n)) if seen else (lambda n: _host_has(host, n))
+    missing = [n for n in ("tsc-deadline", "x2apic") if not has(n)]
+    if missing:
+        return FamilyResult(TIMER, ABSENT, f"the guest does not see {', '.join(missing)} (nothing to hide)")
+    code, handler = tsc_deadline_guest()
+    data = bytearray(16)
+    try:
+        status, detail = run_cpl0(kvm, code, cpuid=host, lapic=True, handlers={TIMER_VECTOR: handler}, out=data)
+    except VmforkError as e:
+        return FamilyResult(TIMER, ERROR, f"cannot be probed: {e}")
+    if status == HANGS:
+        return FamilyResult(TIMER, NO_INTERRUPT, f"a TSC-deadline timer armed {DEADLINE_DELTA_TSC:,} TSC ticks ahead "
+                                                 f"gave no interrupt within {TIMEOUT_S:g} s")
+    if status != WORKS:
+        return FamilyResult(TIMER, status, f"arming the TSC-deadline timer {detail}")
+    deadline, arrived = struct.unpack("<QQ", data)
+    if arrived < deadline:
+        return FamilyResult(TIMER, EARLY, f"the TSC-deadline interrupt came {deadline - arrived:,} TSC ticks before "
+                                          "its deadline")
+    try:
+        ns = cpl0_ns_per_instruction(kvm, host)
+    except VmforkError as e:
+        return FamilyResult(TIMER, ERROR, f"guest kernel-mode speed cannot be measured: {e}")
+    arrives = f"its interrupt arrives {arrived - deadline:,} TSC ticks after the deadline"
+    if ns >= EMULATED_NS:
+        return FamilyResult(TIMER, EMULATED_TICK,
+                            f"{arrives}, but guest kernel mode is emulated here ({ns:,.0f} ns per instruction): a "
+                            "kernel that drives its periodic tick with this one-shot timer catches up on every tick "
+                            "it missed and, where an emulated tick costs about a tick period, does nothing else "
+                            "(Linux 6.1 stalled in its tick); the LAPIC timer's periodic mode drops missed ticks")
+    return FamilyResult(TIMER, WORKS, f"{arrives}; guest kernel mode runs at {ns:.1f} ns per instruction")
+
+
 HIDE_ALL = CpuidPolicy.parse(",".join(["host", *(f"{f.name}=0" for f in FEATURES
                                                  if (f.leaf, f.subleaf) in SEEN_LEAVES and f.name != "hypervisor")]))
 
@@ -428,7 +575,8 @@ def probe(kvm: Kvm) -> EmulatorReport:
     stuck = tuple(f.name for f in FEATURES if (f.leaf, f.subleaf) in SEEN_LEAVES and f.name in HIDE_ALL.hidden
                   and _sees(with_all_hidden, f.name))
     results = tuple(probe_family(kvm, f, host, seen or None) for f in FAMILIES)
-    return EmulatorReport(results, cache_key(), seen, stuck)
+    timers = (probe_tsc_deadline(kvm, host, seen or None),)
+    return EmulatorReport(results, cache_key(), seen, stuck, timers)
 
 
 # --- cache --------------------------------------------------------------------------------------------------------
@@ -558,18 +706,27 @@ def boot_note(kvm: Kvm, policy: str) -> str | None:
 def describe_default(kvm: Kvm) -> str:
     """One line: what the default policy hides here and why, and what it cannot hide."""
     r = report(kvm)
-    hidden = r.hidden
+    timer = set(r.timer_hidden)
+    hidden = tuple(n for n in r.hidden if n not in timer)
     leaks = r.leaks
-    if not hidden and not leaks:
+    if not r.hidden and not leaks:
         return "CPUID policy: host (guest kernel mode runs every probed instruction family here)"
     closure = sorted(hidden_closure(hidden) - set(hidden))
     extra = f" (and with them {', '.join(closure)})" if closure else ""
-    head = (f"CPUID policy: host minus {', '.join(hidden)}{extra}: this host's KVM cannot run those instructions in "
-            "guest kernel mode" if hidden else "CPUID policy: host")
+    parts = []
+    if hidden:
+        parts.append(f"{', '.join(hidden)}{extra}: this host's KVM cannot run those instructions in guest kernel mode")
+    if timer:
+        why = {EMULATED_TICK: "guest kernel mode is emulated, too slow for a periodic tick driven by a one-shot timer",
+               NO_INTERRUPT: "its interrupt does not arrive", EARLY: "its interrupt comes before its deadline"}
+        reasons = "; ".join(why.get(t.status, t.status) for t in r.failing_timers)
+        parts.append(f"{', '.join(sorted(timer))}: the TSC-deadline timer ({reasons})")
+    head = "CPUID policy: host" + (" minus " + "; minus ".join(parts) if parts else "")
     tail = (f"; it cannot run {', '.join(leaks)} either, but shows them to the guest whatever the CPUID table says, "
             "so they need fallbacks" if leaks else "")
     return f"{head}{tail} (vmfork doctor)"
 
 
-__all__ = ["FAMILIES", "EmulatorReport", "Family", "FamilyResult", "boot_note", "cache_path", "concrete",
-           "default_policy", "describe_default", "probe", "report", "resolve", "run_cpl0"]
+__all__ = ["FAMILIES", "TIMER", "EmulatorReport", "Family", "FamilyResult", "boot_note", "cache_path", "concrete",
+           "cpl0_ns_per_instruction", "default_policy", "describe_default", "probe", "probe_tsc_deadline", "report",
+           "resolve", "run_cpl0", "tsc_deadline_guest"]
