@@ -22,7 +22,7 @@ KERNEL = ROOT / "build" / "linux-min" / "vmlinux"
 CACHE = ROOT / "build" / "linux-test"
 READY = b"VMFORK-ENV-READY"
 END = b"VMFORK-ENV-END"
-CPUID = "default,tsc-deadline=0"
+CPUID = "default"
 BOOT_LIMIT = float(os.environ.get("VMFORK_LINUX_BOOT_LIMIT", "900"))
 
 
