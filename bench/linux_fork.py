@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "guests" / "linux"))
-
 from vmfork import demo_linux  # noqa: E402
 from vmfork.fork import VM, kernel_mode_emulated  # noqa: E402
 from vmfork.snapshot import savefile  # noqa: E402
@@ -38,18 +36,9 @@ def _pss_kib() -> int:
 
 
 def _env_initrd() -> Path:
-    import mkinitramfs
-    a = mkinitramfs.Cpio()
-    for d in ("dev", "proc", "sys"):
-        a.dir(d)
-    a.chardev("dev/console", 5, 1, 0o600)
-    a.file("init", mkinitramfs.env_helper())
-    path = ROOT / "build" / "linux-demo" / "env-init.cpio"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = a.finish()
-    if not path.exists() or path.read_bytes() != data:
-        path.write_bytes(data)
-    return path
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_envchannel_linux import env_initrd
+    return env_initrd()
 
 
 def one_command(vm: VM, guest: str) -> float:
@@ -71,7 +60,8 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     if args.guest == "env":
-        at = demo_linux.boot_to_prompt(initrd=_env_initrd(), prompt=b"VMFORK-ENV-READY")
+        at = demo_linux.boot_to_prompt(initrd=_env_initrd(), prompt=b"VMFORK-ENV-READY",
+                                       cache=ROOT / "build" / "linux-test" / "env")
     else:
         at = demo_linux.boot_to_prompt()
     parent = at.vm

@@ -1,32 +1,32 @@
 """The env channel read by a real Linux guest: the CI kernel boots an initramfs whose /init is
 guests/linux/vmfork-env itself (it serves: prints the strings for every line typed on the console), is paused at
 its ready line, and every fork prints its own strings, through the kernel's console, system calls and ioperm.
-The boot is cached as a save file under build/linux-test/ (keyed by kernel, helper and vmfork's save format)."""
+The boot is cached as a save file under build/linux-test/ (vmfork.demo_linux.boot_to_prompt: keyed by kernel,
+initramfs, CPU policy and vmfork's save format); bench/linux_fork.py --guest env shares it."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from vmfork.demo_linux import boot_to_prompt, run_until
+from vmfork.errors import VmforkError
 from vmfork.fork import VM
-from vmfork.snapshot import savefile
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "build" / "linux-min" / "vmlinux"
-CACHE = ROOT / "build" / "linux-test"
+CACHE = ROOT / "build" / "linux-test" / "env"      # not beside the shell fixture's *.save (it clears those)
 READY = b"VMFORK-ENV-READY"
 END = b"VMFORK-ENV-END"
-CPUID = "default"
 BOOT_LIMIT = float(os.environ.get("VMFORK_LINUX_BOOT_LIMIT", "900"))
 
 
-def _initramfs() -> bytes:
+def env_initrd() -> Path:
+    """The initramfs whose /init is vmfork-env (written to build/linux-test/env/env-init.cpio when it changed)."""
     sys.path.insert(0, str(ROOT / "guests" / "linux"))
     try:
         import mkinitramfs
@@ -37,51 +37,27 @@ def _initramfs() -> bytes:
         a.dir(d)
     a.chardev("dev/console", 5, 1, 0o600)
     a.file("init", mkinitramfs.env_helper())
-    return a.finish()
-
-
-def run_until(vm: VM, marker: bytes, timeout: float) -> bytes:
-    serial = vm.device("serial0")
-    since = len(serial.output())
-    vm.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and vm.wait(0.2).reason == "timeout":
-            if marker in bytes(serial.output())[since:]:
-                break
-    finally:
-        if vm.state == "running":
-            vm.pause()
-    return bytes(serial.output())[since:]
+    data = a.finish()
+    path = CACHE / "env-init.cpio"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_bytes() != data:
+        path.write_bytes(data)
+    return path
 
 
 @pytest.fixture(scope="module")
-def env_linux(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
+def env_linux() -> Iterator[VM]:
     if not KERNEL.exists():
         pytest.skip("no CI kernel in build/linux-min (guests/linux/build-kernel.sh)")
-    cpio = _initramfs()
-    key = hashlib.sha256(KERNEL.read_bytes() + cpio + f"{CPUID}|{savefile.FORMAT}".encode()).hexdigest()[:16]
-    saved = CACHE / f"env-{key}.save"
-    if saved.exists() and not os.environ.get("CI"):
-        vm = savefile.restore(saved)
-    else:
-        initrd = tmp_path_factory.mktemp("envlinux") / "env.cpio"
-        initrd.write_bytes(cpio)
-        vm = VM.create(memory_mib=256, name="envlinux", cpuid=CPUID)
-        vm.load_kernel(KERNEL, initrd=str(initrd), cmdline="console=ttyS0")
-        out = run_until(vm, READY, BOOT_LIMIT)
-        if READY not in out:
-            vm.destroy()
-            pytest.fail(f"the env helper as /init did not start within {BOOT_LIMIT:.0f} s: {out[-2000:]!r}")
-        CACHE.mkdir(parents=True, exist_ok=True)
-        for old in CACHE.glob("env-*.save"):
-            old.unlink()
-        savefile.save(vm, saved.with_suffix(".tmp"))
-        saved.with_suffix(".tmp").rename(saved)
     try:
-        yield vm
+        at = boot_to_prompt(kernel=KERNEL, initrd=env_initrd(), prompt=READY, cache=CACHE, limit=BOOT_LIMIT,
+                            log=False)
+    except VmforkError as e:
+        pytest.fail(f"the env helper as /init did not start: {e}")
+    try:
+        yield at.vm
     finally:
-        vm.destroy(tree=True)
+        at.vm.destroy(tree=True)
 
 
 def ask(vm: VM, timeout: float = 120) -> str:
