@@ -177,3 +177,11 @@ def test_fork_vm_set(ts: CliHarness) -> None:
     ts.fail("fork-vm", "--set", "novalue", "parent", match="expected KEY=VALUE")
     ts.fail("fork-vm", "--launch-dm", "no", "--set", "A=1", "parent", match="--launch-dm yes")
     assert [(d["domid"], d["name"]) for d in ts.list_json()] == [(d["domid"], d["name"]) for d in before]
+
+
+def test_process_forks_get_their_strings(parent: VM) -> None:
+    p = parent.fork(isolation="process", env={"hostname": "proc-1"})
+    try:
+        assert p.capture().devices["env"].env == {"hostname": "proc-1"}  # type: ignore[union-attr, attr-defined]
+    finally:
+        p.destroy()
