@@ -87,3 +87,11 @@ def test_each_linux_fork_reads_its_own_strings(env_linux: VM) -> None:
     finally:
         for f in [*forks, plain]:
             f.destroy(tree=True)
+
+
+def test_linux_enabled_the_vmgenid_notification(env_linux: VM) -> None:
+    """This kernel (CONFIG_VMGENID, ACPI GED) loads the DSDT and binds the GED: vmgenid.status says active (a guest
+    without the driver reads inactive: tests/test_vmgenid.py)."""
+    from vmfork import vmgenid
+    st = vmgenid.status(env_linux)
+    assert (st["present"], st["active"]) == (True, True), st
