@@ -7,6 +7,7 @@ initramfs, CPU policy and vmfork's save format); bench/linux_fork.py --guest env
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,3 +96,33 @@ def test_linux_enabled_the_vmgenid_notification(env_linux: VM) -> None:
     from vmfork import vmgenid
     st = vmgenid.status(env_linux)
     assert (st["present"], st["active"]) == (True, True), st
+
+
+def _random(out: str) -> str:
+    m = re.search(r"# random ([0-9a-f]{32})", out)
+    assert m, out
+    return m.group(1)
+
+
+def test_linux_forks_and_restores_reseed_their_rng(env_linux: VM, tmp_path: Path) -> None:
+    """VMGenID end to end: every fork (and every restore of one save file) reads different getrandom() bytes;
+    forks made with new_generation=False keep the parent's RNG state and read the same (the test can fail)."""
+    from vmfork.snapshot import restore, save
+    fresh = [env_linux.fork() for _ in range(3)]
+    same = [env_linux.fork(new_generation=False) for _ in range(2)]
+    try:
+        got = [_random(ask(f)) for f in fresh]
+        assert len(set(got)) == 3, got
+        kept = [_random(ask(f)) for f in same]
+        assert kept[0] == kept[1] and kept[0] not in got, (kept, got)
+    finally:
+        for f in fresh + same:
+            f.destroy()
+    save(env_linux, tmp_path / "env.save")
+    restored = [restore(tmp_path / "env.save") for _ in range(3)]
+    try:
+        got = [_random(ask(r)) for r in restored]
+        assert len(set(got)) == 3, got
+    finally:
+        for r in restored:
+            r.destroy()

@@ -4,7 +4,8 @@
  *   vmfork-env --serve        as /init of a test initramfs: prints VMFORK-ENV-READY, then for every line read on the
  *                             console prints the exports again and VMFORK-ENV-END (for tests without a shell)
  *
- * Output, one line each: `# vmfork env generation N`, then `export NAME='value'` (single quotes escaped as '\''),
+ * Output, one line each: `# vmfork env generation N`, `# random HEX` (16 bytes of getrandom(2): the guest's RNG,
+ * which Linux reseeds when vmfork's VMGenID notifies it, so forks differ), then `export NAME='value'` (single quotes escaped as '\''),
  * in the order the host gave them. Exit status 0; 1 (and a message on stderr) when ioperm fails or no channel
  * answers (the signature at selector 0 is not "VMFKENV1").
  *
@@ -34,6 +35,7 @@ static long sys_write(int fd, const void *buf, long n) { return sys3(1, fd, (lon
 static long sys_ioperm(long from, long num, long on) { return sys3(173, from, num, on); }
 static long sys_sethostname(const char *name, long len) { return sys3(170, (long)name, len, 0); }
 static long sys_getpid(void) { return sys3(39, 0, 0, 0); }
+static long sys_getrandom(void *buf, long n) { return sys3(318, (long)buf, n, 0); }
 static void sys_exit(int status) { for (;;) sys3(60, status, 0, 0); }
 
 static void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
@@ -75,6 +77,14 @@ static int emit(void) {
     select_item(1);
     read_bytes(dir, count * 64);
     puts_("# vmfork env generation "); putu(generation); puts_("\n");
+    u8 rnd[16];                     /* the kernel's RNG as this fork sees it (VMGenID reseeds it per fork) */
+    if (sys_getrandom(rnd, 16) == 16) {
+        static const char hex[] = "0123456789abcdef";
+        char line[33];
+        for (int i = 0; i < 16; i++) { line[2 * i] = hex[rnd[i] >> 4]; line[2 * i + 1] = hex[rnd[i] & 15]; }
+        line[32] = 0;
+        puts_("# random "); puts_(line); puts_("\n");
+    }
     static u8 value[MAX_VALUE + 1];
     for (u32 i = 0; i < count; i++) {
         const u8 *e = dir + i * 64;
