@@ -1179,7 +1179,8 @@ def test_standard_devices_names_order_and_ports(tmp_path: Path) -> None:
     log = tmp_path / "c.log"
     ctx = FakeCtx()
     devices = standard_devices(ctx, ram_size=128 * MIB, console_log=str(log))
-    assert [d.name for d in devices] == list(STANDARD_DEVICE_NAMES) == ["serial0", "i8042", "rtc", "exit", "harness"]
+    assert [d.name for d in devices] == list(STANDARD_DEVICE_NAMES) == ["serial0", "i8042", "rtc", "exit", "harness",
+                                                                        "env"]
     bus = PortBus(devices)
     expected = {0x3F8: "serial0", 0x3FF: "serial0", 0x60: "i8042", 0x64: "i8042", 0x70: "rtc", 0x71: "rtc",
                 0xF4: "exit", 0xF6: "harness"}
@@ -1254,10 +1255,10 @@ def test_restore_all_refuses_a_different_device_set() -> None:
     fewer = DeviceSetState({k: v for k, v in state.states.items() if k != "harness"})
     with pytest.raises(DeviceStateError) as e:
         DeviceSetState.restore_all(devices, fewer)
-    assert str(e.value) == ("device-state file has devices serial0, i8042, rtc, exit, "
-                            "this VM has serial0, i8042, rtc, exit, harness")
+    assert str(e.value) == ("device-state file has devices serial0, i8042, rtc, exit, env, "
+                            "this VM has serial0, i8042, rtc, exit, harness, env")
     with pytest.raises(DeviceStateError, match=r"device-state file has devices serial0, i8042, rtc, exit, harness, "
-                                               "this VM has serial0, i8042, rtc, exit$"):
+                                               "env, this VM has serial0, i8042, rtc, exit$"):
         DeviceSetState.restore_all(devices[:4], state)
     with pytest.raises(DeviceStateError, match=r"device-state file has devices \(none\)"):
         DeviceSetState.restore_all(devices, DeviceSetState({}))

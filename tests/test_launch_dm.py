@@ -99,7 +99,7 @@ def test_late_device_model_from_a_device_state_file(demo, tmp_path) -> None:
     save_device_state(parent, tmp_path / "parent.dm")
     child.attach_device_model(load_device_state(tmp_path / "parent.dm"))
     assert child.launch_dm == "yes"
-    assert [d.name for d in child.devices] == ["serial0", "i8042", "rtc", "exit", "harness"]
+    assert [d.name for d in child.devices] == ["serial0", "i8042", "rtc", "exit", "harness", "env"]
     ev = child.run(timeout=20)
     assert ev.reason == "exit" and ev.status == fnv1a64(INPUT) & 0x3F
     assert console(child) == line
@@ -128,8 +128,8 @@ def test_attach_refuses_another_device_set_and_changes_nothing(demo, tmp_path) -
     fewer = DeviceSetState({name: s for name, s in full.states.items() if name != "rtc"})
     write_device_state(fewer, tmp_path / "fewer.dm")
     child = parent.fork(launch_dm="no")
-    with pytest.raises(DeviceStateError, match="device-state file has devices serial0, i8042, exit, harness, "
-                                               "this VM has serial0, i8042, rtc, exit, harness"):
+    with pytest.raises(DeviceStateError, match="device-state file has devices serial0, i8042, exit, harness, env, "
+                                               "this VM has serial0, i8042, rtc, exit, harness, env"):
         child.attach_device_model(load_device_state(tmp_path / "fewer.dm"))
     assert child.devices == [] and child.bus.device_at(COM1) is None and child.launch_dm == "no"
     wrong_kind = DeviceSetState({**full.states, "rtc": full.states["i8042"]})

@@ -52,3 +52,128 @@ def test_forks_of_a_linux_shell_answer_with_different_random_bytes(linux_at_prom
     finally:
         for f in fresh + same:
             f.destroy()
+
+
+def _parent(booted: Booted) -> VM:
+    if booted.vm is None:
+        pytest.skip(f"Linux did not reach its shell here: {booted.reason}")
+    return booted.vm
+
+
+def _uptime(answer: bytes) -> list[float]:
+    return [float(x) for x in re.findall(rb"UP:(\d+\.\d+)", answer)]
+
+
+def test_a_fork_answers_keeps_time_and_forks_again(linux_at_prompt: Booted) -> None:
+    parent = _parent(linux_at_prompt)
+    child = parent.fork()
+    try:
+        # the clock: a 1 s sleep takes about 1 s of guest time, and the fork's time never goes back
+        out = _ask(child, b"echo UP:$(cut -d' ' -f1 /proc/uptime); sleep 1; echo UP:$(cut -d' ' -f1 /proc/uptime)\n")
+        before, after = _uptime(out)
+        assert 0.9 <= after - before <= 5, out
+        assert b"soft lockup" not in out and b"BUG" not in out, out
+        assert b"answer-42" in _ask(child, b"echo answer-$((6*7))\n")
+        # forks of forks: the grandchild starts where the child stopped (a shell variable set in the child)
+        _ask(child, b"MARK=child-was-here\n")
+        grandchild = child.fork()
+        try:
+            assert b"child-was-here" in _ask(grandchild, b"echo $MARK\n")
+            (later,) = _uptime(_ask(grandchild, b"echo UP:$(cut -d' ' -f1 /proc/uptime)\n"))
+            assert later >= after
+        finally:
+            grandchild.destroy()
+        # reset: back to the prompt at the fork point (the variable is gone), and it answers again
+        child.reset()
+        assert b"[]" in _ask(child, b"echo [$MARK]\n")
+        assert b"answer-43" in _ask(child, b"echo answer-$((6*7+1))\n")
+    finally:
+        child.destroy(tree=True)
+
+
+def test_console_input_while_paused_is_delivered_on_unpause(linux_at_prompt: Booted) -> None:
+    parent = _parent(linux_at_prompt)
+    child = parent.fork()
+    try:
+        line = b"echo typed-while-paused-" + b"x" * 40 + b"\n"       # more than the UART's 16-byte FIFO
+        child.feed_console(line)
+        time.sleep(0.5)
+        assert child.state == "paused"
+        out = _ask(child, b"\n")
+        assert b"typed-while-paused-" + b"x" * 40 in out.replace(b"\r", b""), out
+    finally:
+        child.destroy()
+
+
+def test_process_forks_of_linux_survive_a_killed_sibling(linux_at_prompt: Booted) -> None:
+    import os
+    import signal
+    parent = _parent(linux_at_prompt)
+    forks = [parent.fork(isolation="process", env={"hostname": f"p{i}"}) for i in range(3)]
+    try:
+        os.kill(forks[1].pid, signal.SIGKILL)
+        for i in (0, 2):
+            f = forks[i]
+            since = len(f.console())
+            f.feed_console(b"eval \"$(vmfork-env)\"; echo host-$(hostname)\n")
+            f.start()
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and f.wait(0.5).reason == "timeout":
+                if f.console()[since:].count(PROMPT) >= 1:
+                    break
+            f.pause()
+            assert f"host-p{i}".encode() in f.console()[since:], f.console()[since:]
+        assert not forks[1].alive()
+        # the parent still forks and answers
+        again = parent.fork()
+        try:
+            assert b"still-42" in _ask(again, b"echo still-$((40+2))\n")
+        finally:
+            again.destroy()
+    finally:
+        for f in forks:
+            f.destroy()
+
+
+def test_domain_forks_of_linux_take_console_input_and_strings(linux_at_prompt: Booted, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Through domains: the Linux at its prompt restored paused, two fork-vm --set forks (paused); console input
+    typed while a fork is paused arrives when it is unpaused; SIGKILL of one fork leaves the parent and its sibling
+    working; list --json says what the guest does with VMGenID."""
+    import os
+    import signal
+    import subprocess
+
+    from cli_harness import CliHarness
+    from linux_guest import CACHE
+    _parent(linux_at_prompt)
+    saved = sorted(CACHE.glob("*.save"))
+    assert saved, "the fixture saves the machine at the prompt"
+    with CliHarness(tmp_path, saved[0]) as ts:
+        ts.ok("restore", "-p", str(saved[0]))
+        parent = ts.list_json()[0]["name"]
+        forks = []
+        for i in range(2):
+            ts.ok("fork-vm", "-p", "--set", f"hostname=dom{i}", parent)
+        forks = [e for e in ts.list_json() if e["parent"] is not None]
+        assert len(forks) == 2
+        gen = ts.listed(parent)["vmgenid"]
+        assert gen["present"] is True and isinstance(gen["active"], bool) and gen["why"], gen
+        # SIGKILL the second fork: the first and the parent go on
+        os.kill(ts.record(forks[1]["domid"]).pid, signal.SIGKILL)
+        first = forks[0]["name"]
+        con = subprocess.Popen(ts.argv("console", first), env=ts.env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert con.stdin is not None
+            con.stdin.write(b"eval \"$(vmfork-env)\"; echo via-console-$(hostname)\n")
+            con.stdin.flush()
+            ts.wait("the console input to arrive",
+                    lambda: ts.execute(first, "vmfork-query")["console_input_bytes"] > 0, timeout=30)
+            assert ts.record(first).state == "paused"
+            ts.ok("unpause", first)
+            ts.wait("the answer", lambda: "via-console-dom0" in ts.log(forks[0]["domid"]), timeout=300)
+        finally:
+            con.kill()
+            con.wait()
+        assert ts.record(parent).state == "paused"
+        ts.ok("fork-vm", "-p", parent)             # the parent still forks

@@ -157,7 +157,7 @@ def test_zero_pages_are_not_stored(pvh_guest, machines, tmp_path) -> None:
     hdr = info(tmp_path / "demo.vmfork")
     assert hdr["memory"]["stored_pages"] == result.stored_pages
     assert hdr["machine"] == {"name": "test", "memory_mib": 256, "vcpus": 1, "block_interrupts": False,
-                              "devices": ["serial0", "i8042", "rtc", "exit", "harness"]}
+                              "devices": ["serial0", "i8042", "rtc", "exit", "harness", "env"]}
     # Every non-zero page is there and nothing else: the restored RAM equals the saved one.
     bits = savefile.nonzero_pages(vm.memory)
     assert int(bits.sum()) == result.stored_pages
@@ -485,7 +485,7 @@ def test_cli_save_restore_and_save_devices_state(pvh_guest, tmp_path, capfd, mon
     out = capfd.readouterr().out
     assert out.count("det ") == 4 and "ready" not in out          # it starts after the ready line
     assert main(["save-devices-state", str(cfg), str(tmp_path / "det.dm")]) == 0
-    assert load_device_state(tmp_path / "det.dm").names == ("serial0", "i8042", "rtc", "exit", "harness")
+    assert load_device_state(tmp_path / "det.dm").names == ("serial0", "i8042", "rtc", "exit", "harness", "env")
     capfd.readouterr()
 
     # Errors are one line, never a traceback.

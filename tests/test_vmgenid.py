@@ -86,3 +86,25 @@ def test_vmgenid_can_be_asked_for_and_refused(pvh_guest: Path, linux_machine: VM
     off.load_kernel(LINUX / "vmlinux", initrd=str(LINUX / "initramfs.cpio.gz"), cmdline="console=ttyS0",
                     vmgenid=False)
     assert not vmgenid.present(off)
+
+
+def test_a_guest_without_the_driver_boots_and_the_device_reads_inactive(pvh_guest: Path,
+                                                                         machines: list) -> None:  # type: ignore[type-arg]
+    """The test guest knows no ACPI: it leaves the GED line masked. It runs to its ready marker with the device
+    described, its forks get new IDs in memory, and vmgenid.status says the device is inactive and why."""
+    vm = VM.create(memory_mib=64, name="t")
+    machines.append(vm)
+    vm.load_kernel(pvh_guest, cmdline="demo", vmgenid=True)
+    assert vm.run(timeout=30).reason == "harness-start"
+    st = vmgenid.status(vm)
+    assert (st["present"], st["active"]) == (True, False), st
+    assert "GSI 5 is masked" in st["why"] and "not notified" in st["why"], st
+    child = vm.fork()
+    machines.insert(0, child)
+    assert vmgenid.current(child) != vmgenid.current(vm)
+    assert vmgenid.status(child)["active"] is False
+    assert child.run(timeout=30).reason == "exit"
+    plain = VM.create(memory_mib=64, name="p")
+    machines.append(plain)
+    plain.load_kernel(pvh_guest, cmdline="demo")
+    assert vmgenid.status(plain) == {"present": False, "active": None, "why": vmgenid.status(plain)["why"]}

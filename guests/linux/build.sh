@@ -26,8 +26,8 @@ outputs_current() {
     [ -e "$out/vmlinuz" ] &&
     newer "$out/vmlinux" "$out/vmlinuz" "$here/extract_vmlinux.py" &&
     newer "$out/kernel.env" "$out/vmlinux" "$here/build.sh" &&
-    newer "$out/initramfs.cpio.gz" "$busybox" "$bb_list" "$here/init" "$here/mkinitramfs.py" &&
-    newer "$out/initramfs-shell.cpio.gz" "$busybox" "$bb_list" "$here/init-shell" "$here/mkinitramfs.py" &&
+    newer "$out/initramfs.cpio.gz" "$busybox" "$bb_list" "$here/init" "$here/mkinitramfs.py" "$here/vmfork-env.c" &&
+    newer "$out/initramfs-shell.cpio.gz" "$busybox" "$bb_list" "$here/init-shell" "$here/mkinitramfs.py" "$here/vmfork-env.c" &&
     newer "$out/initramfs-shell.cpio" "$out/initramfs-shell.cpio.gz"
 }
 
@@ -167,13 +167,13 @@ if [ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok
     fi
 fi
 [ -x "$busybox" ] || die "$busybox is missing although busybox-static is installed"
-if ! newer "$out/initramfs.cpio.gz" "$busybox" "$bb_list" "$here/init" "$here/mkinitramfs.py"; then
+if ! newer "$out/initramfs.cpio.gz" "$busybox" "$bb_list" "$here/init" "$here/mkinitramfs.py" "$here/vmfork-env.c"; then
     say "build initramfs.cpio.gz"
     run python3 "$here/mkinitramfs.py" "$busybox" "$here/init" "$out/initramfs.cpio.gz"
 fi
 # the same busybox with an interactive shell as /init (tests/test_linux.py, bench/linux.py), also uncompressed:
 # unpacking gzip costs the kernel about 50 s where its mode is emulated
-if ! newer "$out/initramfs-shell.cpio.gz" "$busybox" "$bb_list" "$here/init-shell" "$here/mkinitramfs.py"; then
+if ! newer "$out/initramfs-shell.cpio.gz" "$busybox" "$bb_list" "$here/init-shell" "$here/mkinitramfs.py" "$here/vmfork-env.c"; then
     say "build initramfs-shell.cpio.gz"
     run python3 "$here/mkinitramfs.py" "$busybox" "$here/init-shell" "$out/initramfs-shell.cpio.gz"
 fi

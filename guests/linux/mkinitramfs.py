@@ -9,6 +9,8 @@ Contents (all owned by root, mtime 0, so the output is reproducible for the same
   /bin/<applet>       a symlink to busybox for every applet `BUSYBOX --list` names
   /bin/vmfork-exit    a 196-byte static ELF: `vmfork-exit [N]` writes the byte N (default 0) to the exit device
                       port 0xf4 after ioperm(0xf4, 1, 1); exit status 0 if the write was made, 1 if ioperm failed
+  /bin/vmfork-env     vmfork-env.c beside this script, compiled here (gcc, freestanding, static): reads vmfork's env
+                      channel (per-fork strings, `fork-vm --set`); `eval "$(vmfork-env)"` applies them
   /sbin -> bin, /usr/bin -> ../bin, /usr/sbin -> ../bin
   /dev/console (c 5:1), /dev/null (c 1:3), and empty /dev /proc /sys /tmp /root /etc /mnt
 """
@@ -132,6 +134,29 @@ def applets(busybox: str) -> list[str]:
     return names
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV_HELPER_SOURCE = os.path.join(HERE, "vmfork-env.c")
+GCC_FLAGS = ["-Os", "-static", "-nostdlib", "-ffreestanding", "-fno-stack-protector", "-fno-pie", "-no-pie",
+             "-fcf-protection=none", "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-Wl,--build-id=none",
+             "-Wall", "-Werror"]
+
+
+def env_helper(source: str = ENV_HELPER_SOURCE) -> bytes:
+    """vmfork-env compiled from `source` (needs gcc; the same compiler gives the same bytes)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "vmfork-env")
+        try:
+            subprocess.run(["gcc", *GCC_FLAGS, "-o", out, source], capture_output=True, check=True, text=True)
+        except FileNotFoundError:
+            raise SystemExit("mkinitramfs: gcc is missing (apt-get install gcc)") from None
+        except subprocess.CalledProcessError as exc:
+            raise SystemExit(f"mkinitramfs: compiling {source} failed:\n{exc.stderr}") from None
+        subprocess.run(["strip", out], check=False)
+        with open(out, "rb") as f:
+            return f.read()
+
+
 def build(busybox: str, init: str) -> bytes:
     with open(busybox, "rb") as f:
         bb = f.read()
@@ -153,6 +178,7 @@ def build(busybox: str, init: str) -> bytes:
     for name in applets(busybox):
         a.symlink(f"bin/{name}", "busybox")
     a.file("bin/vmfork-exit", tiny_elf(EXIT_CODE))
+    a.file("bin/vmfork-env", env_helper())
     a.file("init", init_data)
     return gzip.compress(a.finish(), compresslevel=9, mtime=0)
 

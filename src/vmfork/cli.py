@@ -60,8 +60,12 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.linux:
+        from .demo_linux import run_demo_linux
+        return run_demo_linux(forks=20 if args.forks is None else args.forks, kernel=args.kernel,
+                              initrd=args.initrd, dirty_log=args.dirty_log)
     from .demo import run_demo
-    return run_demo(forks=args.forks, memory_mib=args.memory, kernel=args.kernel)
+    return run_demo(forks=100 if args.forks is None else args.forks, memory_mib=args.memory, kernel=args.kernel)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="boot a guest, fork it many times, run every fork with its own input")
-    demo.add_argument("-n", "--forks", type=int, default=100, help="number of forks (default 100)")
+    demo.add_argument("-n", "--forks", type=int, default=None, help="number of forks (default 100; 20 with --linux)")
     demo.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
-    demo.add_argument("--kernel", default=None, help="demo guest kernel (default: the built test guest)")
+    demo.add_argument("--kernel", default=None, help="demo guest kernel (default: the built test guest; with --linux "
+                                                     "the CI kernel build/linux-min/vmlinux)")
+    demo.add_argument("--linux", action="store_true",
+                      help="fork a Linux at its shell prompt (booted once, then restored from build/linux-demo/)")
+    demo.add_argument("--initrd", default=None, help="with --linux: the initramfs (default: the busybox shell one)")
+    demo.add_argument("--dirty-log", choices=("auto", "ring", "bitmap"), default="auto",
+                      help="with --linux: how forks track written pages (default auto: bitmap where guest kernel "
+                           "mode is emulated)")
     demo.set_defaults(func=_cmd_demo)
 
     run = sub.add_parser("run", help="boot a domain from an xl-style config file in the foreground")

@@ -20,7 +20,7 @@ import resource
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, overload
 
 from . import vmgenid
@@ -34,6 +34,7 @@ from .vcpu import ResetPlan, VcpuState
 from .vm import Machine, MachineShape, MachineState, Shell, StopEvent, open_kvm
 
 LaunchDm = Literal["yes", "no", "late"]
+DirtyLog = Literal["auto", "ring", "bitmap"]
 LAPIC_TPR = 0x80
 FDS_PER_SHELL = 2           # the VM and its vCPU (one more per extra vCPU)
 SHELL_WAIT_S = 0.05         # how long a fork waits for a shell in flight before making its own
@@ -65,9 +66,10 @@ class ShellPool:
     IDLE_DECAY_S = 1.0
 
     def __init__(self, kvm: Kvm, shape: MachineShape, *, target: int = 2, makers: int = 16,
-                 max_ready: int = 64) -> None:
+                 max_ready: int = 64, dirty_ring: bool = True) -> None:
         self.kvm = kvm
         self.shape = shape
+        self.dirty_ring = dirty_ring        # False: shells log into bitmaps (fork(dirty_log="bitmap"))
         self.target = target
         self.makers = makers
         self.max_ready = max_ready
@@ -93,7 +95,7 @@ class ShellPool:
 
     def _new_shell(self) -> Shell:
         try:
-            shell = Shell(self.kvm, self.shape, dirty_logging=True)
+            shell = Shell(self.kvm, self.shape, dirty_logging=True, dirty_ring=self.dirty_ring)
         except KvmError as e:
             if e.errno == errno.EMFILE:
                 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -358,19 +360,21 @@ class ShellPool:
             sh.close()
 
 
-_pools: dict[MachineShape, ShellPool] = {}
+_pools: dict[tuple[MachineShape, bool], ShellPool] = {}
 
 
 def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, launch_dm: LaunchDm = "yes",
                        console_log: str | None = None, base: GuestMemory | None = None,
                        block_interrupts: bool = False, preferred_state: MachineState | None = None,
-                       load: Callable[[VM, MachineState, bool, bool], None] | None = None) -> VM:
+                       load: Callable[[VM, MachineState, bool, bool], None] | None = None,
+                       dirty_ring: bool = True) -> VM:
     """A machine over `image` (mapped copy-on-write) in `state`, resettable to both: a fork when `image` is a
     parent's frozen RAM (`base`: that parent's in-process RAM, which saves mapping the image twice), a fork of a file
     when it is a template save file's RAM image. The shell comes from the pool of its shape (`preferred_state`: the
     state its shells may be preloaded with). `load(vm, state, devices, preloaded)` loads the state instead of
-    Machine.restore (the fork path, which can use a shell preloaded with this very state)."""
-    pool = shell_pool(state.shape)
+    Machine.restore (the fork path, which can use a shell preloaded with this very state). `dirty_ring`: a shell
+    that logs into dirty rings (else bitmaps; see dirty_log_mode)."""
+    pool = shell_pool(state.shape, dirty_ring=dirty_ring)
     pool.prefer(image, preferred_state)
     shell = pool.take()
     preloaded = load is not None and shell.preloaded is state
@@ -405,11 +409,29 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
     return vm
 
 
-def shell_pool(shape: MachineShape) -> ShellPool:
-    pool = _pools.get(shape)
+def kernel_mode_emulated() -> bool:
+    """Whether this host's KVM emulates guest kernel mode instruction by instruction (kvm_pvm; host-kvm notes)."""
+    return os.path.isdir("/sys/module/kvm_pvm")
+
+
+def dirty_log_mode(parent: Machine, asked: str = "auto") -> str:
+    """How forks of `parent` track written pages: "ring" or "bitmap" as asked; "auto" is "bitmap" for a Linux
+    guest (a machine with vmfork's VMGenID device, which Linux kernels get by default) on a host that emulates
+    guest kernel mode, "ring" otherwise. Why: emulated kernel-mode stores each log a ring entry (the bitmap
+    dedupes them), so a Linux fork fills its 8,192-entry ring within one exit, exits to empty it again and again,
+    and overflows (then a reset must scan the page tables); a fuzz target that writes a few pages per input resets
+    faster from rings. VMFORK_DIRTY_RING=0 makes every fork use bitmaps."""
+    if asked != "auto":
+        return asked
+    return "bitmap" if kernel_mode_emulated() and vmgenid.present(parent) else "ring"
+
+
+def shell_pool(shape: MachineShape, *, dirty_ring: bool = True) -> ShellPool:
+    """The pool of shells of this shape (`dirty_ring`: shells that log into dirty rings, else bitmaps)."""
+    pool = _pools.get((shape, dirty_ring))
     if pool is None:
         raise_fd_limit()
-        pool = _pools[shape] = ShellPool(open_kvm(), shape)
+        pool = _pools[(shape, dirty_ring)] = ShellPool(open_kvm(), shape, dirty_ring=dirty_ring)
     return pool
 
 
@@ -509,10 +531,10 @@ class VM(Machine):
         if self.state == "crashed":
             raise ForkError(f"cannot fork {self.name}: it has crashed")
 
-    def prepare_forks(self, n: int) -> None:
+    def prepare_forks(self, n: int, *, dirty_log: DirtyLog = "auto") -> None:
         """Have n VM shells ready for forks of this machine (made now, a few ms each), so forks skip creating a
-        KVM VM and, for a root machine, mapping its RAM file."""
-        pool = shell_pool(self.shape)
+        KVM VM and, for a root machine, mapping its RAM file (`dirty_log`: for forks made with that mode)."""
+        pool = shell_pool(self.shape, dirty_ring=dirty_log_mode(self, dirty_log) == "ring")
         pool.prefer(self.memory.freeze(), self._state_for_forks() if self.state == "paused" else None)
         pool.refresh(n)
         pool.prefill(n)
@@ -522,21 +544,24 @@ class VM(Machine):
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["thread"] = ...,
              memory_limit_mib: None = ..., pause_on_device_access: bool = ...,
-             new_generation: bool = ...) -> VM: ...
+             new_generation: bool = ..., env: Mapping[str, str] | None = ...,
+             dirty_log: DirtyLog = ...) -> VM: ...
 
     @overload
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
              device_state: DeviceSetState | None = ..., console_log: str | None = ...,
              memory_mib: int | None = ..., vcpus: int | None = ..., isolation: Literal["process"],
              memory_limit_mib: int | None = ..., pause_on_device_access: bool = ...,
-             new_generation: bool = ...) -> Any: ...
+             new_generation: bool = ..., env: Mapping[str, str] | None = ...,
+             dirty_log: DirtyLog = ...) -> Any: ...
 
     def fork(self, *, name: str | None = None, block_interrupts: bool = False, launch_dm: LaunchDm = "yes",
              device_state: DeviceSetState | None = None, console_log: str | None = None,
              memory_mib: int | None = None, vcpus: int | None = None,
              isolation: Literal["thread", "process"] = "thread",
              memory_limit_mib: int | None = None, pause_on_device_access: bool = False,
-             new_generation: bool = True) -> Any:
+             new_generation: bool = True, env: Mapping[str, str] | None = None,
+             dirty_log: DirtyLog = "auto") -> Any:
         """A new machine identical to this paused one, sharing its RAM copy-on-write.
 
         `launch_dm`: "yes" gives the fork devices with this machine's device state (or `device_state`); "no" and
@@ -544,8 +569,16 @@ class VM(Machine):
         `device_accesses()`), and `attach_device_model()` can add them later. `pause_on_device_access`: the fork
         stops (StopEvent "device-access", naming port, direction and size) at the first access to each port no
         device answers. `new_generation`: a machine with a VMGenID device (Linux kernels; vmfork.vmgenid) gives the
-        fork a new generation ID and notifies it, so the guest reseeds its RNG; False keeps the parent's."""
+        fork a new generation ID and notifies it, so the guest reseeds its RNG; False keeps the parent's. `env`:
+        strings set (added or replaced) in the fork's env channel on top of the parent's (vmfork.devices.envchannel:
+        the guest reads them, e.g. its hostname); they are part of the fork's fork-time state, so reset() keeps
+        them. `dirty_log`: how the fork's written pages are tracked, "ring" (KVM's dirty rings), "bitmap"
+        (KVM_GET_DIRTY_LOG) or "auto" (see dirty_log_mode)."""
+        if dirty_log not in ("auto", "ring", "bitmap"):
+            raise ForkError(f"dirty_log must be auto, ring or bitmap, not {dirty_log!r}")
         self.check_forkable()
+        if env is not None:
+            device_state = self._env_devices(device_state, env, launch_dm)
         if memory_mib is not None and memory_mib != self.shape.memory_mib:
             raise ForkError(f"a fork has its parent's memory: {self.name} has {self.shape.memory_mib} MiB, "
                             f"not {memory_mib}")
@@ -578,18 +611,30 @@ class VM(Machine):
         self._fork_count += 1
         child_name = name or f"{self.name}-fork-{self._fork_count}"
         child = self._spawn(child_name, image, state, launch_dm=launch_dm, block_interrupts=block_interrupts,
-                            console_log=console_log)
+                            console_log=console_log, dirty_ring=dirty_log_mode(self, dirty_log) == "ring")
         child.pause_on_device_access = pause_on_device_access
         if new_generation and vmgenid.present(self):
             child._vmgenid = True       # type: ignore[attr-defined]
             vmgenid.new_generation(child)
         return child
 
+    def _env_devices(self, device_state: DeviceSetState | None, env: Mapping[str, str],
+                     launch_dm: LaunchDm) -> DeviceSetState:
+        """The fork's device states with `env` set in its env channel."""
+        from .devices.envchannel import set_env
+        if launch_dm != "yes":
+            raise ForkError(f"env needs the fork's device model (launch_dm='yes'), not launch_dm={launch_dm!r}: "
+                            "the env channel is one of its devices")
+        base = device_state if device_state is not None else self._state_for_forks().devices
+        if base is None:
+            raise ForkError(f"{self.name} has no device model, so its forks have no env channel")
+        return set_env(base, env)
+
     def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
-               block_interrupts: bool, console_log: str | None) -> VM:
+               block_interrupts: bool, console_log: str | None, dirty_ring: bool = True) -> VM:
         child = machine_from_image(
             image, state, name=name, launch_dm=launch_dm, console_log=console_log, base=self.memory,
-            block_interrupts=block_interrupts,
+            block_interrupts=block_interrupts, dirty_ring=dirty_ring,
             preferred_state=self._fork_cache[1] if self._fork_cache is not None else None,
             load=lambda vm, st, devices, preloaded: self._load_fork_state(vm, st, devices=devices,
                                                                           preloaded=preloaded))
@@ -768,13 +813,14 @@ class VM(Machine):
 
     def _release(self) -> None:
         if self.fork_state is None and self.memory.fd is not None:
-            pool = _pools.get(self.shape)
-            if pool is not None:
-                pool.forget(self.memory.fd)
+            for ring in (True, False):
+                pool = _pools.get((self.shape, ring))
+                if pool is not None:
+                    pool.forget(self.memory.fd)
         shell = self.shell
         if self.fork_state is not None and shell.owns_addr and shell.vcpus:
             self.memory.close(unmap_view=False)
-            shell_pool(self.shape).give_back(shell)
+            shell_pool(self.shape, dirty_ring=shell.dirty_ring).give_back(shell)
             return
         super()._release()
 
@@ -787,4 +833,4 @@ def create(*, memory_mib: int = 256, vcpus: int = 1, name: str = "vm", console_l
     return vm
 
 
-__all__ = ["VM", "ShellPool", "create", "shell_pool"]
+__all__ = ["VM", "ShellPool", "create", "dirty_log_mode", "shell_pool"]

@@ -1041,6 +1041,10 @@ class _Server:
                 vm.bus.touched.clear()
         else:
             Machine.restore(vm, state, devices=launch_dm == "yes")
+        from . import vmgenid
+        if vmgenid.present(vm):          # as VM.fork does: a new generation, so a Linux guest reseeds its RNG
+            vm._vmgenid = True      # type: ignore[attr-defined]
+            vmgenid.new_generation(vm)
         self.vm = vm
         signal.signal(PAUSE_SIGNAL, self._on_pause_signal)
         return {"us": (time.perf_counter() - t0) * 1e6}

@@ -205,12 +205,14 @@ class Shell:
     content yet. Creating one costs milliseconds here (KVM_CREATE_IRQCHIP alone about 15 ms), so forks take shells
     from a pool prepared in advance."""
 
-    def __init__(self, kvm: Kvm, shape: MachineShape, *, dirty_logging: bool, host_addr: int | None = None) -> None:
+    def __init__(self, kvm: Kvm, shape: MachineShape, *, dirty_logging: bool, host_addr: int | None = None,
+                 dirty_ring: bool = True) -> None:
         self.kvm = kvm
         self.shape = shape
         self.slots: tuple[Slot, ...] = make_slots(shape.regions())
         self.size = sum(sl.size for sl in self.slots)
         self.dirty_logging = dirty_logging
+        self.dirty_ring = dirty_ring          # asked for rings (the host may have none: vm.dirty_ring_bytes == 0)
         self.vm: VmFd = kvm.create_vm()
         self.vcpus: list[Vcpu] = []
         self.premapped: int | None = None     # fd of the RAM file mapped at host_addr ahead of time, if any
@@ -225,7 +227,7 @@ class Shell:
             vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
             vm.create_irqchip()
             vm.create_pit2()
-            if dirty_logging:
+            if dirty_logging and dirty_ring:         # else KVM_GET_DIRTY_LOG bitmaps (see fork.dirty_log_mode)
                 ring = dirty_ring_bytes(kvm)
                 if ring:
                     vm.enable_dirty_ring(ring)

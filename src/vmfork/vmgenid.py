@@ -22,7 +22,7 @@ from .arch.x86.acpi.tables import AcpiTables
 if TYPE_CHECKING:
     from .vm import Machine
 
-__all__ = ["current", "install", "new_generation", "present", "renotify"]
+__all__ = ["current", "install", "new_generation", "present", "renotify", "status"]
 
 
 def install(machine: Machine, tables: AcpiTables, *, extra: Sequence[Any] = ()) -> None:
@@ -77,3 +77,37 @@ def renotify(machine: Machine) -> None:
     if guid is not None:
         machine.memory.write(acpi_vmgenid.GUID_ADDR, guid)
         _notify(machine)
+
+
+_IOAPIC_REDIRTBL = 24        # struct kvm_ioapic_state: base_address u64, ioregsel, id, irr, pad (u32 each), then
+_REDIR_MASKED = 1 << 16      # 24 redirection entries of 64 bits; bit 16 masks the pin
+
+
+def status(machine: Machine) -> dict[str, Any]:
+    """Whether the guest uses the device, as the host can tell: {"present": bool, "active": bool | None, "why": str}.
+
+    Active means the guest unmasked the Generic Event Device's line (GSI 5) in its IO-APIC, which its ACPI GED
+    driver does when it binds the device from the DSDT: then the notification reaches the DSDT's _EVT, which
+    notifies VGEN. A guest whose ACPI interpreter rejected the tables (or that has no ACPI, or no GED driver) leaves
+    the line masked: forks still get a new ID in memory, but the guest is not told. Before the guest has booted
+    that far, it is inactive too (the reason says so)."""
+    from .kvm import constants as c
+    from .kvm import structs as s
+    if not present(machine):
+        return {"present": False, "active": None,
+                "why": "no VMGenID device (only Linux kernels get one by default; load_kernel(vmgenid=True) asks)"}
+    chip = s.IrqChip()
+    chip.chip_id = c.KVM_IRQCHIP_IOAPIC
+    try:
+        machine.vm.get_irqchip(chip)
+    except Exception as e:          # a machine without an in-kernel irqchip cannot be told either
+        return {"present": True, "active": False, "why": f"cannot read the IO-APIC: {e}"}
+    entry = int.from_bytes(bytes(chip.data[_IOAPIC_REDIRTBL + 8 * acpi_vmgenid.GSI:
+                                           _IOAPIC_REDIRTBL + 8 * acpi_vmgenid.GSI + 8]), "little")
+    if entry & _REDIR_MASKED:
+        return {"present": True, "active": False,
+                "why": f"the guest has not enabled the Generic Event Device (GSI {acpi_vmgenid.GSI} is masked in its "
+                       "IO-APIC): its ACPI interpreter rejected the tables, it has no ACPI GED driver, or it has not "
+                       "booted that far; forks get a new ID in memory, but the guest is not notified"}
+    return {"present": True, "active": True,
+            "why": f"the guest enabled the Generic Event Device (GSI {acpi_vmgenid.GSI}): forks notify it"}

@@ -4,10 +4,11 @@
 
     serial0  16550A UART, COM1 0x3f8-0x3ff, IRQ 4      rtc      CMOS/RTC, 0x70-0x71
     i8042    PS/2 controller, 0x60 and 0x64              exit     exit device, 0xf4
-                                                         harness  harness port, 0xf6
+    env      env channel, 0x520-0x521 (per-fork strings)  harness  harness port, 0xf6
 
 `DeviceSetState` is the state of such a set ({name: state}); `capture_all()`/`restore_all()` take and load it,
-checking that a stored set fits the machine's devices before touching any of them.
+checking that a stored set fits the machine's devices before touching any of them. A stored set from before the env
+channel existed (the five other devices) restores with the env channel empty.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 from ..errors import DeviceStateError
 from .base import DeviceContext, DeviceState, PortBus, PortDevice, UnknownPortHook, all_ones
+from .envchannel import ENV_NAME, EnvChannel, EnvChannelState
 from .exit_device import ExitDevice, ExitDeviceState
 from .harness import HarnessPort, HarnessState
 from .i8042 import I8042, I8042State
@@ -32,6 +34,8 @@ __all__ = [
     "DeviceContext",
     "DeviceSetState",
     "DeviceState",
+    "EnvChannel",
+    "EnvChannelState",
     "ExitDevice",
     "ExitDeviceState",
     "HarnessPort",
@@ -51,7 +55,7 @@ __all__ = [
     "standard_devices",
 ]
 
-STANDARD_DEVICE_NAMES = ("serial0", "i8042", "rtc", "exit", "harness")
+STANDARD_DEVICE_NAMES = ("serial0", "i8042", "rtc", "exit", "harness", "env")
 
 STATE_TYPES: dict[str, type[DeviceState]] = {}
 """State class by KIND, for reading stored device states back."""
@@ -66,7 +70,7 @@ def register_state_type(cls: type[DeviceState]) -> type[DeviceState]:
     return cls
 
 
-for _cls in (SerialState, I8042State, RtcState, ExitDeviceState, HarnessState):
+for _cls in (SerialState, I8042State, RtcState, ExitDeviceState, HarnessState, EnvChannelState):
     register_state_type(_cls)
 
 
@@ -81,6 +85,7 @@ def standard_devices(ctx: DeviceContext, *, ram_size: int, console_log: str | No
         Rtc(ctx, name="rtc", ram_size=ram_size),
         ExitDevice(ctx, name="exit"),
         HarnessPort(ctx, name="harness"),
+        EnvChannel(ctx, name=ENV_NAME),
     ]
 
 
@@ -160,6 +165,10 @@ class DeviceSetState:
         each device a state of its own type and version. On a mismatch nothing is restored."""
         have = [d.name for d in devices]
         stored = list(state.states)
+        if stored and ENV_NAME in have and ENV_NAME not in stored:
+            # a set stored before the env channel existed: the channel starts empty
+            state = DeviceSetState({**state.states, ENV_NAME: EnvChannelState()})
+            stored.append(ENV_NAME)
         if sorted(have) != sorted(stored) or len(set(have)) != len(have):
             raise DeviceStateError(f"device-state file has devices {_names(stored)}, this VM has {_names(have)}")
         for device in devices:

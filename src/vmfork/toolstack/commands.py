@@ -118,16 +118,19 @@ def _shown_reason(rec: DomainRecord) -> str:
     return reason
 
 
-def _workaround_counts(rec: DomainRecord) -> dict[str, int] | None:
-    """How often each host workaround (vmfork.workarounds) did its work in the domain; None if it cannot say."""
+def _query_extras(rec: DomainRecord) -> tuple[dict[str, int] | None, dict[str, Any] | None]:
+    """How often each host workaround (vmfork.workarounds) did its work in the domain, and whether its guest uses
+    the VMGenID device (vmfork.vmgenid.status); None for what it cannot say."""
     if not rec.alive or rec.held:
-        return None
+        return None, None
     try:
         with QmpChannel.connect(rec.qmp_socket, timeout=2.0) as chan:
-            counts = chan.execute("vmfork-query").get("workarounds")
-            return {str(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else None
+            q = chan.execute("vmfork-query")
     except ToolstackError:
-        return None
+        return None, None
+    counts, generation = q.get("workarounds"), q.get("vmgenid")
+    return ({str(k): int(v) for k, v in counts.items()} if isinstance(counts, dict) else None,
+            generation if isinstance(generation, dict) else None)
 
 
 def _entry(rec: DomainRecord, now: float) -> dict[str, Any]:
@@ -224,7 +227,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             history = reg.history()
     if args.json:
         for e, r in zip(entries, records, strict=True):
-            e["workarounds"] = _workaround_counts(r)
+            e["workarounds"], e["vmgenid"] = _query_extras(r)
         ended = [{"domid": h["domid"], "name": h["name"], "state": "ended", "reason": h["why"],
                   "ended": h["ended"]} for h in history]
         print(json.dumps(entries + ended, indent=2))
@@ -433,7 +436,8 @@ def _fork_from_template(args: argparse.Namespace) -> int:
     if args.domain is not None:
         raise ToolstackError(f"fork-vm --from {args.template_file} forks the file: give no parent domain "
                              f"(got {args.domain})")
-    if args.launch_dm != "yes" or args.dm_state or args.block_interrupts or args.max_vcpus is not None:
+    if args.launch_dm != "yes" or args.dm_state or args.block_interrupts or args.max_vcpus is not None \
+            or args.env:
         raise ToolstackError("fork-vm --from takes -C (name) and -p only")
     path = os.path.abspath(args.template_file)
     from ..snapshot.template import is_template
@@ -464,6 +468,13 @@ def _cmd_fork_vm(args: argparse.Namespace) -> int:
         return _fork_from_template(args)
     if args.domain is None:
         raise ToolstackError("fork-vm needs the parent domain (or --from TEMPLATE_FILE)")
+    env: dict[str, str] = {}
+    if args.env:
+        from ..devices.envchannel import parse_assignments
+        env = parse_assignments(args.env)
+        if args.launch_dm != "yes":
+            raise ToolstackError(f"--set gives strings to the fork's env channel, one of its devices: it goes with "
+                                 f"--launch-dm yes, not {args.launch_dm}")
     reg = _registry()
     rec = reg.find(args.domain)
     dm_file = os.path.abspath(args.dm_state) if args.dm_state else None
@@ -494,7 +505,7 @@ def _cmd_fork_vm(args: argparse.Namespace) -> int:
     sweep(reg)
     domid = start_domain(reg.run_dir, jail_spec({
         "kind": "fork", "parent": rec.domid, "name": name, "overrides": overrides, "launch_dm": args.launch_dm,
-        "device_state": dm_file, "paused": args.paused, "block_interrupts": args.block_interrupts},
+        "device_state": dm_file, "paused": args.paused, "block_interrupts": args.block_interrupts, "env": env},
         no_jail=args.no_jail, jail=args.jail, config_jail=rec.config.get("jail"),
         label=f"the fork of {rec.label()}"))
     print(domid, flush=True)
@@ -665,6 +676,9 @@ def add_toolstack_commands(sub: Any) -> None:
     p.add_argument("-m", "--max-vcpus", dest="max_vcpus", type=int, default=None, metavar="MAX_VCPUS",
                    help="must equal the parent's vCPU count")
     p.add_argument("--block-interrupts", action="store_true", help="the fork gets no external or timer interrupts")
+    p.add_argument("--set", dest="env", action="append", default=[], metavar="KEY=VALUE",
+                   help="a string for the fork's env channel (repeatable; the guest reads them with "
+                        "guests/linux/vmfork-env, e.g. hostname=web-3)")
     p.add_argument("--launch-dm", choices=("yes", "no", "late"), default="yes",
                    help="yes: a fork with its device model (default); no: none; late: give the fork named by "
                         "DOMAIN its device model")

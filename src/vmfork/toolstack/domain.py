@@ -9,7 +9,7 @@ and reads one line from the report pipe: `ready <domid>` once the domain is regi
 
     {"kind": "create", "config": {DomainConfig fields}, "paused": bool}
     {"kind": "fork", "parent": DOMID, "name": str | null, "overrides": {on_* keys}, "launch_dm": "yes" | "no",
-     "device_state": PATH | null, "paused": bool, "block_interrupts": bool}
+     "device_state": PATH | null, "paused": bool, "block_interrupts": bool, "env": {NAME: VALUE} (optional)}
     {"kind": "restore", "file": PATH, "name": str | null, "paused": bool, "template": bool | null}
 
 Threads: the main thread owns everything (registry writes, sockets, every change to the machine) and waits in a
@@ -347,6 +347,9 @@ class Domain:
         if spec.get("device_state"):
             from ..snapshot import load_device_state
             state = dataclasses.replace(state, devices=load_device_state(spec["device_state"]))
+        if spec.get("env") and state.devices is not None:       # fork-vm --set: the fork's env channel strings
+            from ..devices.envchannel import set_env
+            state = dataclasses.replace(state, devices=set_env(state.devices, spec["env"]))
         block = bool(spec.get("block_interrupts"))
         if block:
             state = dataclasses.replace(state, vcpus=tuple(_blocked(v) for v in state.vcpus))
@@ -994,7 +997,16 @@ class Domain:
             "uptime": round(time.time() - self.started, 3),
             "restored_from": self.restored_from,
             "workarounds": vm.workarounds.counts() if vm is not None and vm.workarounds is not None else {},
+            "vmgenid": _vmgenid_status(vm),
         }
+
+
+def _vmgenid_status(vm: Any) -> dict[str, Any] | None:
+    """vmfork.vmgenid.status of the domain's machine (None when it has none)."""
+    if vm is None:
+        return None
+    from .. import vmgenid
+    return vmgenid.status(vm)
 
 
 # --- QMP commands ---------------------------------------------------------------------------------------------------
