@@ -115,6 +115,7 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
         self._hooked: object | None = None
         self._settling = 0
         self._lent_selector = 0
+        self.user_int3_unseen: str | None = None         # why user-mode int3s are not seen (_kernel_mode_suffices)
 
     def _valid_stub_gpa(self, gpa: int) -> int:
         """A stub address is page-aligned guest RAM with room for the whole debug area (checked before any use; that
@@ -291,8 +292,29 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
         if not user and self._cpl0_int3_is_exit():
             return
         if self._stub is None:
-            self._install_stub()
+            try:
+                self._install_stub()
+            except BreakpointError as e:
+                if not self._kernel_mode_suffices():
+                    raise
+                self.user_int3_unseen = str(e)
+                return
         self._sync_stub()
+
+    def _kernel_mode_suffices(self) -> bool:
+        """The stub cannot be placed (e.g. Linux maps low memory nowhere executable), but nothing needs it for sure:
+        kernel-mode int3s are exits of their own on this host, no breakpoint of vmfork's is in user-mode code and no
+        vCPU is parked in a stub. Then the debugger runs on kernel-mode exits alone, and the guest's own user-mode
+        int3s (watch_guest_int3) go unseen to its handler; `user_int3_unseen` says why. A KF/x harness in a kernel
+        module is the case this is for."""
+        if not self._cpl0_int3_is_exit() or self._parked_in_stub():
+            return False
+        self._settle_modes()
+        for gpa in self._inserted():
+            temp = self._temps.get(gpa)
+            if (temp.user if temp is not None else self.breakpoints[gpa].user) is not False:
+                return False
+        return True
 
     def _disarm(self) -> None:
         if self.mechanism == "kvm":
