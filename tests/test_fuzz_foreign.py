@@ -307,5 +307,8 @@ def test_the_kernel_mode_target_finds_both_bugs(kfx: tuple[Path, SymbolTable]) -
             assert (one.vector, one.rip) == (14, symbols.address("parse.bug1_load"))
             assert (two.vector, two.rip) == (14, symbols.address("parse.bug2_store"))
             assert one.system is not None and one.system["cpl"] == 0
+        with Fuzzer(vm, int3_markers=True, budget_s=2.0) as fz:     # no coverage: no breakpoint, only the markers
+            assert [fz.execute(bug("0")).outcome for _ in range(3)] == ["ok"] * 3
+            assert fz.execute(bug("1")).vector == 14
     finally:
         vm.destroy(tree=True)

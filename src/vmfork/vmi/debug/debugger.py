@@ -334,7 +334,8 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
                 return
             want = self._inserted()
             stub_needed = self.mechanism == "stub" and self._needs_stub()
-            armed = bool(want) or stub_needed
+            # a watcher needs the kernel-mode exit hooks even with no breakpoint and no stub (kernel_only)
+            armed = bool(want) or stub_needed or (self.mechanism == "stub" and self._guest_int3 is not None)
             if armed:
                 self._arm(user=stub_needed)
             for gpa, original in self._known.items():
