@@ -44,8 +44,13 @@ class HwBreakpoint:
 class DebugClaims:
     """The merged guest-debug wishes of one vCPU's owners. `apply()` happens on every change."""
 
-    def __init__(self, fd: VcpuFd) -> None:
+    def __init__(self, fd: VcpuFd, supported: int = 0) -> None:
         self._fd = fd
+        # Single-steps block interrupts where KVM can (KVM_GUESTDBG_BLOCKIRQ, KVM_CAP_SET_GUEST_DEBUG2): otherwise an
+        # interrupt injected during a step pushes RFLAGS with KVM's TF, and once the step is released the handler's
+        # iret brings TF back and the guest takes a #DB of its own (Linux: asm_exc_debug) after the stepped
+        # instruction. On this host a step right after an emulation-failure stop met the timer interrupt that way.
+        self._blockirq = c.KVM_GUESTDBG_BLOCKIRQ if supported & c.KVM_GUESTDBG_BLOCKIRQ else 0
         self._control: dict[str, int] = {}
         self._bps: dict[str, tuple[HwBreakpoint, ...]] = {}
         self._slots: list[tuple[str, HwBreakpoint] | None] = [None] * SLOTS
@@ -129,6 +134,8 @@ class DebugClaims:
             if slot is not None:
                 dbg.debugreg[i] = slot[1].address
                 dr7 |= slot[1].dr7_bits(i)
+        if control & c.KVM_GUESTDBG_SINGLESTEP:
+            control |= self._blockirq
         if dr7:
             control |= c.KVM_GUESTDBG_USE_HW_BP
             dbg.debugreg[7] = dr7 | 0x400

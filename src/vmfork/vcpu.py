@@ -256,7 +256,7 @@ class Vcpu:
             self.sync_addr + s.SyncRegs.sregs.offset + s.Sregs.apic_base.offset)
         self.exit_reason = ctypes.c_uint32.from_address(run_addr + s.Run.exit_reason.offset)
         # KVM_SET_GUEST_DEBUG, shared by the debugger, host workarounds and the fuzzer (vmfork.guest_debug).
-        self.debug = DebugClaims(fd)
+        self.debug = DebugClaims(fd, kvm.check_extension(c.KVM_CAP_SET_GUEST_DEBUG2))
 
     # --- registers ----------------------------------------------------------------------------------------------
 

@@ -113,6 +113,10 @@ def register_fuzz_commands(sub: Any) -> None:
                              "paused) (--cmdline and --memory are for --kernel)")
     p.add_argument("--cmdline", default=None, help="with --kernel: its command line (default: the test guest's 'fuzz')")
     p.add_argument("--memory", type=int, default=None, help="with --kernel: guest memory in MiB (default 64)")
+    p.add_argument("--initrd", "--ramdisk", default=None, metavar="FILE",
+                   help="with --kernel: an initial ramdisk (a Linux target's initramfs)")
+    p.add_argument("--cpuid", default=None, metavar="POLICY",
+                   help="with --kernel: the CPU the vCPUs are shown (libxl syntax, as the config key `cpuid`)")
     p.add_argument("--corpus", default=None, help="directory of seed inputs (default: one input of 8 zero bytes)")
     p.add_argument("--out", default=None, help="output directory: crashes/ (input + .json), corpus/, hangs/")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to fuzz (default 10)")
@@ -207,7 +211,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
         print(f"vmfork fuzz: --boot-timeout {args.boot_timeout:g}: must be more than 0 seconds", file=sys.stderr)
         return 2
     if args.domain is not None:
-        given = [opt for opt, value in (("--cmdline", args.cmdline), ("--memory", args.memory)) if value is not None]
+        given = [opt for opt, value in (("--cmdline", args.cmdline), ("--memory", args.memory),
+                                        ("--initrd", args.initrd), ("--cpuid", args.cpuid)) if value is not None]
         if given:
             print(f"vmfork fuzz: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for --kernel: a domain "
                   "is already booted (its config sets them)", file=sys.stderr)

@@ -34,7 +34,7 @@ is detached, so the parent carries no breakpoint and forks resume at the start w
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,9 @@ INT3_START = 0x13371337
 INT3_END = 0x13371338
 KINDS = ("port", "int3", "breakpoint")
 ATTACH_SLICE_S = 0.005
-_PASSED_OVER = ("timeout", "harness-start", "harness-end", "harness")    # stops on the way to the start
+# stops on the way to the start
+_PASSED_OVER = ("timeout", "harness-start", "harness-end", "harness", "harness-pending")
+_EARLY_HOOK = "fuzz-start-pending"            # _hold_early_marker's name in the exit hooks
 
 
 class HarnessError(FuzzError):
@@ -207,26 +209,65 @@ def _stopped(ev: Any) -> str:
 
 def _attach(parent: Any, harness: Harness, deadline: float, timeout: float) -> Debugger:
     """A debugger on `parent` with the start breakpoint or the int3 hook in place, running the boot in slices
-    until the guest can take them."""
+    until the guest can take them. With the int3 harness, a start marker the guest reaches in kernel mode during a
+    slice is held (`_hold_early_marker`) rather than missed."""
     start = None
     if harness.start is not None:
         start = resolve(harness.start, harness.symbols, "start")
-    while True:
-        dbg = debugger(parent, symbols=harness.symbols, stub_gpa=harness.stub_gpa)
+    hooks = getattr(parent, "exit_hooks", None) if harness.kind == "int3" else None
+    try:
+        while True:
+            dbg = debugger(parent, symbols=harness.symbols, stub_gpa=harness.stub_gpa)
+            try:
+                if start is None:
+                    dbg.watch_guest_int3(int3_marker)
+                else:
+                    dbg.add_breakpoint(start, owner="start")
+                return dbg
+            except BreakpointError as e:
+                dbg.detach()
+                if time.monotonic() >= deadline:
+                    raise HarnessError(f"the target never got to where vmfork can catch its "
+                                       f"{harness.start_name()} within {timeout:g} s (--boot-timeout): {e}") from None
+            if hooks is not None:
+                hooks.add("emulation_failure", _EARLY_HOOK, _hold_early_marker(parent), first=True)
+            ev = parent.run(timeout=ATTACH_SLICE_S)
+            if ev.reason not in _PASSED_OVER:
+                raise HarnessError(f"the target stopped before its {harness.start_name()}: {_stopped(ev)}")
+    finally:
+        if hooks is not None:
+            hooks.remove(_EARLY_HOOK)
+
+
+def _hold_early_marker(parent: Any) -> Callable[[Any], bool]:
+    """An emulation-failure hook for the attach slices: the guest's kernel-mode int3 with the start magic stops
+    the machine ON the int3 (nothing of the guest's changed; reason "harness-pending"), so the debugger attached
+    next sees that very int3 again when the guest resumes.
+
+    Why: on hosts that emulate guest kernel mode (kvm_pvm), the watcher of the int3 harness can attach only between
+    slices of ATTACH_SLICE_S; a kernel-mode target that reaches its first start marker inside a slice had it
+    delivered to its own #BP handler, ran its input, and the first magic vmfork saw was the END marker (KF/x's
+    harnesses use one magic at both ends), so the parent was left after the end marker and every fuzz fork ended
+    at once without running the parser. There an int3 in kernel mode is an emulation failure, which this hook sees
+    whether or not the debugger is attached (on hosts that run kernel mode natively it never fires)."""
+    from ..workarounds.guest_access import GuestAccessError, read_virt
+
+    def hook(vcpu: Any) -> bool:
+        sregs = vcpu.get_sregs()
+        if sregs.cs.dpl != 0 or not sregs.cr0 & 1:
+            return False
+        regs = vcpu.get_regs()
+        if regs.rax != INT3_START:
+            return False
         try:
-            if start is None:
-                dbg.watch_guest_int3(int3_marker)
-            else:
-                dbg.add_breakpoint(start, owner="start")
-            return dbg
-        except BreakpointError as e:
-            dbg.detach()
-            if time.monotonic() >= deadline:
-                raise HarnessError(f"the target never got to where vmfork can catch its {harness.start_name()} "
-                                   f"within {timeout:g} s (--boot-timeout): {e}") from None
-        ev = parent.run(timeout=ATTACH_SLICE_S)
-        if ev.reason not in _PASSED_OVER:
-            raise HarnessError(f"the target stopped before its {harness.start_name()}: {_stopped(ev)}")
+            if read_virt(vcpu, parent.memory, regs.rip, 1) != b"\xcc":
+                return False
+        except GuestAccessError:
+            return False
+        parent.request_stop("harness-pending", None)
+        return True
+
+    return hook
 
 
 def _run_until_start(dbg: Debugger, harness: Harness, deadline: float, timeout: float) -> Any:

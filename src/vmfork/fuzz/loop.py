@@ -266,7 +266,10 @@ class Fuzzer:
                 raise FuzzError(f"{where} is a sink and an end: which should it be?")
             self.ends[bp.address] = bp.label or f"{bp.address:#x}"
         if self.int3_markers:
-            dbg.watch_guest_int3(int3_end_marker)
+            # markers in kernel mode (the parent's start marker was): no #BP stub needed for them where kernel-mode
+            # int3s exit by themselves (a Linux module target: Linux maps the stub's page nowhere executable)
+            kernel = self.parent.vcpus[0].get_sregs().cs.selector & 3 == 0
+            dbg.watch_guest_int3(int3_end_marker, kernel_only=kernel)
         if self.coverage is not None:
             for block in self.coverage.remaining:
                 if block not in self.sinks and block not in self.ends:

@@ -110,20 +110,21 @@ def open_target(args: argparse.Namespace) -> Target:
         return domain_target(args.domain, input_given=args.input_addr is not None and sized,
                              harness=harness, timeout=timeout)
     return kernel_target(args.kernel, cmdline="fuzz" if args.cmdline is None else args.cmdline,
-                         memory_mib=64 if args.memory is None else args.memory, timeout=timeout, harness=harness)
+                         memory_mib=64 if args.memory is None else args.memory, timeout=timeout, harness=harness,
+                         initrd=getattr(args, "initrd", None), cpuid=getattr(args, "cpuid", None))
 
 
 # --- --kernel -------------------------------------------------------------------------------------------------------
 
 def kernel_target(kernel: str, *, cmdline: str, memory_mib: int, timeout: float,
-                  harness: Harness | None = None) -> Target:
-    """Boot `kernel` in this process until its start marker pauses it (the ready marker, or another `harness`'s
-    start: fuzz/harness.py)."""
+                  harness: Harness | None = None, initrd: str | None = None, cpuid: str | None = None) -> Target:
+    """Boot `kernel` (with `initrd`, shown the CPU policy `cpuid`) in this process until its start marker pauses it
+    (the ready marker, or another `harness`'s start: fuzz/harness.py)."""
     from ..fork import VM
     from .harness import Harness, run_to_start
-    parent = VM.create(memory_mib=memory_mib, name="fuzz-target")
+    parent = VM.create(memory_mib=memory_mib, name="fuzz-target", cpuid=cpuid)
     try:
-        parent.load_kernel(kernel, cmdline=cmdline)
+        parent.load_kernel(kernel, cmdline=cmdline, initrd=initrd)
         run_to_start(parent, harness or Harness(), timeout=timeout)
     except BaseException:
         parent.destroy(tree=True)

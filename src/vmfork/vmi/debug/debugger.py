@@ -115,6 +115,7 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
         self._hooked: object | None = None
         self._settling = 0
         self._lent_selector = 0
+        self._watch_kernel_only = False                  # see watch_guest_int3(kernel_only=)
 
     def _valid_stub_gpa(self, gpa: int) -> int:
         """A stub address is page-aligned guest RAM with room for the whole debug area (checked before any use; that
@@ -233,17 +234,23 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
         the stub's port question, e.g. vmfork.fuzz.traps.ForkTraps), else None."""
         return self._stub.va if self._stub is not None else None
 
-    def watch_guest_int3(self, hook: GuestInt3Hook | None) -> None:
+    def watch_guest_int3(self, hook: GuestInt3Hook | None, *, kernel_only: bool = False) -> None:
         """See the guest's own int3s (those at no breakpoint of vmfork's) before its #BP handler does.
 
         `hook(vcpu, regs)` runs in the vCPU's exit with the interrupted code's registers (RIP right after the
         int3). Returning (reason, status) stops the machine there with StopEvent(reason, status) and consumes the
         int3: the guest's handler never sees it, and continuing resumes after it. Returning None passes it to the
         guest's handler as usual. The #BP route stays armed while a hook is set, breakpoints or not; forks'
-        debuggers inherit it (e.g. a fuzzer's magic-value markers, vmfork.fuzz.harness). None removes it."""
+        debuggers inherit it (e.g. a fuzzer's magic-value markers, vmfork.fuzz.harness). None removes it.
+
+        `kernel_only`: the int3s to watch run in guest kernel mode (a KF/x harness in a kernel module). Where such
+        int3s are exits of their own (the emulation failure on hosts that emulate kernel mode) the #BP stub is then
+        not needed for them, which matters for guests that map the stub's page nowhere executable (Linux maps low
+        memory non-executable): the guest's user-mode int3s go to its handler unseen."""
         with self._lock:
             self._require_paused("watch the int3s of")
             self._guest_int3 = hook
+            self._watch_kernel_only = kernel_only
             if hook is not None:
                 self._install_kernel_hooks()     # kernel-mode int3s reach vmfork as emulation failures on some hosts
             self.sync()
@@ -251,7 +258,9 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
     def _needs_stub(self) -> bool:
         """The #BP stub is needed: an int3 of ours may be hit in guest user mode (or, on hosts where an int3 in
         kernel mode is no exit of its own, anywhere), a vCPU is parked in it, or the guest's int3s are watched."""
-        if self._guest_int3 is not None or self._parked_in_stub():
+        if self._parked_in_stub():
+            return True
+        if self._guest_int3 is not None and not (self._watch_kernel_only and self._cpl0_int3_is_exit()):
             return True
         inserted = self._inserted()
         if not self._cpl0_int3_is_exit():
@@ -325,7 +334,8 @@ class Debugger(StubMixin, KernelMixin, StepMixin, KvmMixin):
                 return
             want = self._inserted()
             stub_needed = self.mechanism == "stub" and self._needs_stub()
-            armed = bool(want) or stub_needed
+            # a watcher needs the kernel-mode exit hooks even with no breakpoint and no stub (kernel_only)
+            armed = bool(want) or stub_needed or (self.mechanism == "stub" and self._guest_int3 is not None)
             if armed:
                 self._arm(user=stub_needed)
             for gpa, original in self._known.items():
@@ -686,6 +696,7 @@ def _inherit(child: Debugger, parent: Debugger) -> None:
                                                 user=bp.user)
         child._known = dict(parent._known)
         child._guest_int3 = parent._guest_int3
+        child._watch_kernel_only = parent._watch_kernel_only
         child._skip = dict(parent._skip)
         child._parked = {v: _Parked(p.frame, p.address, p.reason, child.breakpoints.get(
             p.breakpoint.gpa) if p.breakpoint else None, p.reported) for v, p in parent._parked.items()}
