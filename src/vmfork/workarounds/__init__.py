@@ -55,11 +55,15 @@ class ExitHooks:
 
     def add(self, kind: str, name: str, hook: ExitHook, *, first: bool = False) -> None:
         hooks = self.emulation_failure if kind == "emulation_failure" else self.debug
-        self.remove(name)
+        if self.has(name):          # (a fork adds nine hooks to empty lists: no rebuild of them on that path)
+            self.remove(name)
         if first:
             hooks.insert(0, (name, hook))
         else:
             hooks.append((name, hook))
+
+    def has(self, name: str) -> bool:
+        return any(h[0] == name for h in self.emulation_failure) or any(h[0] == name for h in self.debug)
 
     def remove(self, name: str) -> None:
         self.emulation_failure[:] = [h for h in self.emulation_failure if h[0] != name]
