@@ -4,6 +4,7 @@ for the two example targets.
     .venv/bin/python bench/fuzz.py [--target fuzz|jsmn|all] [--seconds 5] [--runs 5] [--afl-seconds 15] [--markdown]
     .venv/bin/python bench/fuzz.py --target jsmn --afl-only [--afl-seconds 15]      # only the afl-fuzz rows
     .venv/bin/python bench/fuzz.py --target fuzz --jobs-only [--seconds 5]          # only `vmfork fuzz --jobs 1 vs 2`
+    .venv/bin/python bench/fuzz.py --target jsmn --fixed-only [--rounds 9]         # only the per-input cost rows
     .venv/bin/python bench/fuzz.py --target jsmn --baseline /work/main [--rounds 3] # this tree vs another, alternating
 
 Targets (guests/README.md):
@@ -291,31 +292,45 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
                 raise SystemExit(f"{t.name}: the fixed input {t.fixed!r} does not run to the end marker")
             # Blocks with the fork's hot pages on (the default) and off (hot_limit 0: every page the input writes
             # is write-protected again at each reset), alternating; the best block of each counts.
+            # And the one-call iteration (VM.reset_and_run: reset, input and KVM_RUN in one C call, the default)
+            # against the three steps apart, with hot pages on: (hot_limit, compiled_iteration) per block.
+            # Each block's thread CPU time too: on a shared host it is what one core of our own would give.
             default_limit = fz.fork.memory.hot_limit
-            per_input = {default_limit: float("inf"), 0: float("inf")}
-            reset_of = dict.fromkeys(per_input, 0.0)
+            modes = [(default_limit, True), (default_limit, False), (0, False)]
+            per_input = dict.fromkeys(modes, float("inf"))
+            cpu_of = dict.fromkeys(modes, float("inf"))
+            reset_of = dict.fromkeys(modes, 0.0)
             n = 1000
-            for _ in range(2):
-                for limit in per_input:
-                    fz.fork.memory.hot_limit = limit
+            for _ in range(args.rounds):
+                for mode in modes:
+                    fz.fork.memory.hot_limit, fz.compiled_iteration = mode
                     fz.execute(t.fixed)
                     fz.reset_s = 0.0
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     for _ in range(n):
                         fz.execute(t.fixed)
-                    per = (time.perf_counter() - t0) / n
-                    if per < per_input[limit]:
-                        per_input[limit], reset_of[limit] = per, fz.reset_s / n
-            fz.fork.memory.hot_limit = default_limit
-        per, reset = per_input[default_limit], reset_of[default_limit]
-        rows.append((f"one fixed input ({len(t.fixed)} bytes), reset + write + run to the end marker",
-                     f"{1 / per:,.0f} execs/s",
-                     f"{per * 1e6:,.0f} µs per input, of which reset {reset * 1e6:,.0f} µs ({reset / per:.0%})"))
-        per_off, reset_off = per_input[0], reset_of[0]
+                    per, cpu = (time.perf_counter() - t0) / n, (time.thread_time() - c0) / n
+                    cpu_of[mode] = min(cpu_of[mode], cpu)
+                    if per < per_input[mode]:
+                        per_input[mode], reset_of[mode] = per, fz.reset_s / n
+            fz.fork.memory.hot_limit, fz.compiled_iteration = default_limit, True
+        per, cpu = per_input[modes[0]], cpu_of[modes[0]]
+        rows.append((f"one fixed input ({len(t.fixed)} bytes), reset + write + run to the end marker, one call "
+                     "(`VM.reset_and_run`, the default)", f"{1 / per:,.0f} execs/s",
+                     f"{per * 1e6:,.0f} µs per input; CPU {cpu * 1e6:,.0f} µs per input ({1 / cpu:,.0f}/s of one "
+                     f"core); best of {args.rounds} blocks of {n}, alternating with the next two rows"))
+        per, reset, cpu = per_input[modes[1]], reset_of[modes[1]], cpu_of[modes[1]]
+        rows.append(("the same, reset + write + run as three calls", f"{1 / per:,.0f} execs/s",
+                     f"{per * 1e6:,.0f} µs per input, of which reset {reset * 1e6:,.0f} µs ({reset / per:.0%}); CPU "
+                     f"{cpu * 1e6:,.0f} µs per input; the one call is {per / per_input[modes[0]]:.2f}x faster "
+                     f"(CPU {cpu / cpu_of[modes[0]]:.2f}x)"))
+        per_off, reset_off = per_input[modes[2]], reset_of[modes[2]]
         rows.append(("the same, hot pages off (each written page write-protected again at every reset)",
                      f"{1 / per_off:,.0f} execs/s",
                      f"{per_off * 1e6:,.0f} µs per input, of which reset {reset_off * 1e6:,.0f} µs; hot pages make "
                      f"an input {per_off / per:.2f}x faster"))
+        if args.fixed_only:
+            return rows
         rows += write_rows(t, vm)
         rows.append(faults_row(t, vm))
         for label, cov in (("no coverage", None), ("block coverage of the parser", [(start, end)])):
@@ -359,9 +374,10 @@ def main() -> int:
     ap.add_argument("--afl-seconds", type=int, default=15, help="length of the AFL++ run (0: none)")
     ap.add_argument("--afl-only", action="store_true", help="only the afl-fuzz rows")
     ap.add_argument("--jobs-only", action="store_true", help="only the `vmfork fuzz --jobs 1` vs `--jobs 2` row")
+    ap.add_argument("--fixed-only", action="store_true", help="only the fixed-input rows (one call vs three calls)")
     ap.add_argument("--baseline", default=None, metavar="TREE",
                     help="only: the jsmn campaign of this tree vs another checkout's (e.g. /work/main), alternating")
-    ap.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (--baseline, the fixed-input rows)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
 

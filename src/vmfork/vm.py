@@ -521,9 +521,13 @@ class Machine:
         for v in self.vcpus:
             self._kicker.kick(v.index)
 
-    def run(self, timeout: float | None = None) -> StopEvent:
-        """Run in the calling thread until the machine stops (single-vCPU machines run inline, others in threads)."""
+    def run(self, timeout: float | None = None, *, enter: Callable[[], int] | None = None) -> StopEvent:
+        """Run in the calling thread until the machine stops (single-vCPU machines run inline, others in threads).
+        `enter`: a single-vCPU machine's first KVM_RUN is this call instead (it returns what VcpuFd.run_once
+        returns; vmfork.fork's reset_and_run puts its reset and input into the same C call)."""
         if len(self.vcpus) > 1:
+            if enter is not None:
+                raise VmforkError("run(enter=) is for single-vCPU machines")
             self.start()
             return self.wait(timeout, pause_on_timeout=True)
         self._check_runnable()
@@ -531,7 +535,7 @@ class Machine:
         if timeout is not None:
             self._arm_watchdog(timeout)
         try:
-            self._vcpu_loop(self.vcpus[0])
+            self._vcpu_loop(self.vcpus[0], enter)
         finally:
             self._disarm_watchdog()
         return self._finish()
@@ -618,7 +622,7 @@ class Machine:
 
     # --- the exit loop ------------------------------------------------------------------------------------------
 
-    def _vcpu_loop(self, vcpu: Vcpu) -> None:
+    def _vcpu_loop(self, vcpu: Vcpu, enter: Callable[[], int] | None = None) -> None:
         run = vcpu.run
         fd = vcpu.fd
         run_addr = fd.run_addr
@@ -629,7 +633,10 @@ class Machine:
             while True:
                 if self._pending_stop is not None:
                     run.immediate_exit = 1
-                ret = fd.run_once()
+                if enter is None:
+                    ret = fd.run_once()
+                else:
+                    ret, enter = enter(), None
                 vcpu.after_run()
                 if ret < 0:
                     run.immediate_exit = 0

@@ -3,8 +3,8 @@ tests/test_kvm_abi.py)."""
 
 from __future__ import annotations
 
-import functools
 import ctypes
+import functools
 from ctypes import c_int64, c_uint8, c_uint16, c_uint32, c_uint64
 
 
