@@ -216,11 +216,12 @@ def main() -> int:
     # alive: the shells are made by the pool's background threads as the forks use them.
     burst_note = ""
     if args.burst:
-        rate, first, last = sustained_forks(parent, args.burst)
+        rate, first, last, cpu = sustained_forks(parent, args.burst)
         rows.append((f"{args.burst} forks in a row, no prepare_forks", f"{rate:,.0f}/s", "",
-                     f"p50 of the first 20 {fmt(first)}, of the last 20 {fmt(last)}"))
+                     f"p50 of the first 20 {fmt(first)}, of the last 20 {fmt(last)}; CPU {fmt(cpu)} per fork, all "
+                     f"threads ({1 / cpu:,.0f} forks/s per core)"))
         burst_note = f"{args.burst} forks in a row without prepare_forks: {rate:,.0f} forks/s, last-20 p50 " \
-                     f"{last / first:.2f}x the first 20"
+                     f"{last / first:.2f}x the first 20; {1 / cpu:,.0f} forks per CPU-second"
 
     # Memory: 100 live forks, each having written 1 MiB (256 pages).
     parent.prepare_forks(100)
