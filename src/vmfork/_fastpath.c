@@ -69,7 +69,8 @@ struct piece {         /* laid out as vmfork.kvm.api.Piece: `size` bytes of the 
  *
  * One fuzzing iteration's way into the guest, with the GIL released once: the copies (a reset's page copy-back and
  * the vCPUs' sync-area images), `data` scattered over the pieces (the input buffer), the ioctl steps (the reset's
- * state sets), then KVM_RUN on vcpu_fd. Returns KVM_RUN's result (0, or -errno: -EINTR when interrupted), or
+ * state sets), then KVM_RUN on vcpu_fd (none when it is -1). Returns KVM_RUN's result (0, or -errno: -EINTR when
+ * interrupted; 0 without KVM_RUN), or
  * (index, errno) of the step that failed (nothing after it ran). The caller handles the exit as after any KVM_RUN. */
 static PyObject *iterate(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -118,7 +119,7 @@ static PyObject *iterate(PyObject *self, PyObject *const *args, Py_ssize_t nargs
             break;
         }
     }
-    if (failed < 0) {
+    if (failed < 0 && vcpu_fd >= 0) {       /* vcpu_fd -1: a reset alone */
         ret = ioctl((int)vcpu_fd, KVM_RUN, 0);
         if (ret < 0)
             ret = -errno;

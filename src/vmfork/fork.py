@@ -477,10 +477,11 @@ class VM(Machine):
         self._dm_pending: _DeviceAccess | None = None   # the access that stopped it, for a device model attached late
         self.bus.on_unknown = self._on_device_access
         self._vmgenid_id: bytes | None = None           # this fork's VM generation ID (vmgenid.py), if it has one
-        # reset_and_run: ((pieces, compiled), host pieces, where pages start, {k: pages}, {...: Entry}), and the
-        # pages the current input writes
-        self._entry_cache: tuple[Any, list[tuple[int, int]], list[tuple[int, int]], dict[int, frozenset[int]],
-                                 dict[Any, Any]] | None = None
+        # reset_and_run: ((pieces, compiled), host pieces, where pages start, {k: pages}), the pages the current
+        # input writes, and the kvm.Entry values of steady-state resets (_steady_entry)
+        self._entry_cache: tuple[Any, list[tuple[int, int]], list[tuple[int, int]],
+                                 dict[int, frozenset[int]]] | None = None
+        self._entries: dict[Any, tuple[Any, Any, Entry]] = {}
         self._steady_pages: frozenset[int] = frozenset()
 
     # Every change to the parent's state invalidates the cached state its forks start from.
@@ -655,14 +656,19 @@ class VM(Machine):
         if self.children:
             names = ", ".join(ch.name for ch in self.children)
             raise ForkError(f"cannot reset {self.name}: its forks ({names}) depend on its current state")
-        pages = self.memory.reset_to_base() if memory else 0
+        st = self.fork_state
+        plan = self._plan_for_reset()
+        steady = self._steady_entry(None, (), -1, plan._full.compiled) if memory and state else None
+        if steady is not None:
+            # the loop's steady state: page copy-back, sync-area image and state ioctls in one call
+            self.memory.steady_done(frozenset())
+            steady[0].enter(b"")
+            pages = steady[1]
+        else:
+            pages = self.memory.reset_to_base() if memory else 0
+            if state:
+                plan.restore()
         if state:
-            st = self.fork_state
-            prepared = self._reset_plan
-            if prepared is None or prepared[0] is not st:
-                prepared = self._reset_plan = (st, ResetPlan(self.vcpus, st.vcpus, self.vm.fd,
-                                                             st.platform.restore_plan()))
-            prepared[1].restore()
             # The fork-time device states were checked when the fork was made: restore them directly, and only
             # when a port access (or console input) may have changed a device since the last restore.
             touched = self.bus.touched
@@ -715,16 +721,40 @@ class VM(Machine):
         self.memory.steady_done(written)
         return self.run(timeout=timeout, enter=lambda: entry.enter(data))
 
+    def _plan_for_reset(self) -> ResetPlan:
+        st = self.fork_state
+        assert st is not None
+        prepared = self._reset_plan
+        if prepared is None or prepared[0] is not st:
+            prepared = self._reset_plan = (st, ResetPlan(self.vcpus, st.vcpus, self.vm.fd,
+                                                         st.platform.restore_plan()))
+        return prepared[1]
+
+    def _steady_entry(self, key: object, pieces: list[tuple[int, int]] | tuple[()], vcpu_fd: int,
+                      compiled: bool) -> tuple[Entry, int] | None:
+        """A kvm.Entry for a reset in the steady state (GuestMemory.steady_copies, ResetPlan.entry_parts) with
+        `pieces` for an input (`key` names them) and KVM_RUN on `vcpu_fd` (-1: none), and the pages it restores;
+        None when the reset needs its full path."""
+        copies = self.memory.steady_copies()
+        parts = self._plan_for_reset().entry_parts()
+        if copies is None or parts is None:
+            return None
+        sync, plan = parts
+        # copy list and plan are cached objects: one Entry per pair (and input, fd), a dict lookup per reset
+        ekey = (id(copies[0]), id(plan), key, vcpu_fd, compiled)
+        entry = self._entries.get(ekey)
+        if entry is None or entry[0] is not copies[0] or entry[1] is not plan:
+            if len(self._entries) > 16:
+                self._entries.clear()
+            entry = self._entries[ekey] = (copies[0], plan, Entry(copies[0] + sync, list(pieces), plan, vcpu_fd,
+                                                                  compiled=compiled))
+        return entry[2], copies[1]
+
     def _iteration_entry(self, data: bytes, at: tuple[tuple[int, int], ...], compiled: bool) -> Any:
         """The kvm.Entry of reset_and_run's compiled call for this iteration, or None (take the three calls)."""
         if (self.fork_state is None or self.broken is not None or self.state not in ("paused", "crashed")
                 or self.children or self._vmgenid_id is not None or self.memory.readonly):
             return None         # reset() says why, or does what the compiled call cannot
-        st = self.fork_state
-        prepared = self._reset_plan
-        if prepared is None or prepared[0] is not st:
-            prepared = self._reset_plan = (st, ResetPlan(self.vcpus, st.vcpus, self.vm.fd,
-                                                         st.platform.restore_plan()))
         cached = self._entry_cache
         if cached is None or cached[0] != (at, compiled):
             memory = self.memory
@@ -739,29 +769,19 @@ class VM(Machine):
                         starts.append((pos + max(0, (page << PAGE_SHIFT) - off), page))
                         page += 1
                     pos += k
-            cached = self._entry_cache = ((at, compiled), pieces, starts, {}, {})
-        _, pieces, starts, by_pages, entries = cached
+            cached = self._entry_cache = ((at, compiled), pieces, starts, {})
+        key, pieces, starts, by_pages = cached
         # the pages this input writes: the first k of `starts`, one frozenset per k
         n = len(data)
         k = bisect.bisect_left(starts, (n, -1)) if n else 0
         written = by_pages.get(k)
         if written is None:
             written = by_pages[k] = frozenset(page for _, page in starts[:k])
-        copies = self.memory.steady_copies()
-        state = prepared[1].entry_parts()
-        if copies is None or state is None:
+        steady = self._steady_entry(key, pieces, self.vcpus[0].fd.fd, compiled)
+        if steady is None:
             return None
-        sync, plan = state
-        # one Entry per (copy list, plan) pair: both are cached objects, so this is a dict lookup per input
-        ekey = (id(copies[0]), id(plan))
-        entry = entries.get(ekey)
-        if entry is None or entry[0] is not copies[0] or entry[1] is not plan:
-            if len(entries) > 8:
-                entries.clear()
-            entry = entries[ekey] = (copies[0], plan, Entry(copies[0] + sync, pieces, plan, self.vcpus[0].fd.fd,
-                                                             compiled=compiled))
         self._steady_pages = written
-        return entry[2]
+        return steady[0]
 
     # --- device model -------------------------------------------------------------------------------------------
 

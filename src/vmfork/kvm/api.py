@@ -132,9 +132,10 @@ class PackedPlan:
 class Entry:
     """A prepared way into the guest: memmoves (`copies`: (dst, src, size) host addresses), then the data of each
     call scattered over `pieces` ((host address, size), in order, as far as the data goes), then the ioctls of
-    `plan`, then KVM_RUN on `vcpu_fd`. `enter(data)` does it all in one C call (vmfork._fastpath.iterate, the GIL
-    released once) when that module is built and `compiled`, else with the same steps in Python. The addresses and
-    the plan's structures must outlive the entry. Returns what VcpuFd.run_once returns."""
+    `plan`, then KVM_RUN on `vcpu_fd` (none when it is -1). `enter(data)` does it all in one C call
+    (vmfork._fastpath.iterate, the GIL released once) when that module is built and `compiled`, else with the same
+    steps in Python. The addresses and the plan's structures must outlive the entry. Returns what
+    VcpuFd.run_once returns (0 without KVM_RUN)."""
 
     __slots__ = (
         "_copies",
@@ -181,6 +182,8 @@ class Entry:
             move(dst, data[pos:pos + n], n)
             pos += n
         run_fd_plan(self._plan._plan)
+        if self.vcpu_fd < 0:
+            return 0
         ret = _ioctl(self.vcpu_fd, c.KVM_RUN, None)
         if ret < 0:
             err = ctypes.get_errno()
