@@ -174,8 +174,10 @@ assert vm.run(timeout=60).reason == "harness-start"
 m = re.search(rb"parse=(0x[0-9a-f]+) end=(0x[0-9a-f]+)", vm.device("serial0").output())
 seeds = [open(p, "rb").read() for p in sys.argv[5:]]
 with Fuzzer(vm, coverage=[(int(m.group(1), 16), int(m.group(2), 16))], budget_s=0.05) as fz:
+    c0 = time.process_time()
     st = fz.fuzz(seeds, seconds=float(sys.argv[4]), rng_seed=1)
-print(json.dumps({"execs_per_s": st.execs_per_s}))
+    cpu = time.process_time() - c0
+print(json.dumps({"execs_per_s": st.execs_per_s, "execs_per_cpu_s": st.execs / cpu}))
 vm.destroy(tree=True)
 """
 
@@ -187,18 +189,22 @@ def baseline_row(t: Target, other: Path, seconds: float, rounds: int) -> tuple[s
     if t.harness != "port" or not seeds:
         raise SystemExit("--baseline compares the jsmn campaign")
     rates: dict[str, list[float]] = {"this": [], "other": []}
+    per_cpu: dict[str, list[float]] = {"this": [], "other": []}
     for _ in range(rounds):
         for which, tree in (("this", ROOT), ("other", other)):
             image = tree / "build" / "guests" / t.image.name
-            out = subprocess.run([sys.executable, "-c", BASELINE_SNIPPET, str(tree), str(image), t.cmdline,
-                                  str(seconds), *seeds], capture_output=True, text=True, check=True,
-                                 timeout=seconds + 120).stdout
-            rates[which].append(json.loads(out)["execs_per_s"])
+            out = json.loads(subprocess.run([sys.executable, "-c", BASELINE_SNIPPET, str(tree), str(image),
+                                             t.cmdline, str(seconds), *seeds], capture_output=True, text=True,
+                                            check=True, timeout=seconds + 120).stdout)
+            rates[which].append(out["execs_per_s"])
+            per_cpu[which].append(out["execs_per_cpu_s"])
     this, base = statistics.median(rates["this"]), statistics.median(rates["other"])
+    this_cpu, base_cpu = statistics.median(per_cpu["this"]), statistics.median(per_cpu["other"])
     return (f"campaign with coverage, {seconds:g} s: this tree vs {other}", f"{this / base:.2f}x",
             f"this tree {', '.join(f'{x:,.0f}' for x in rates['this'])} execs/s; {other}: "
             f"{', '.join(f'{x:,.0f}' for x in rates['other'])} execs/s ({rounds} alternating rounds, medians "
-            f"{this:,.0f} vs {base:,.0f})")
+            f"{this:,.0f} vs {base:,.0f}); per CPU-second of the process (what one core of its own would give): "
+            f"{this_cpu:,.0f} vs {base_cpu:,.0f} ({this_cpu / base_cpu:.2f}x)")
 
 
 def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = False) -> tuple[str, str, str]:
