@@ -6,6 +6,7 @@ for the two example targets.
     .venv/bin/python bench/fuzz.py --target fuzz --jobs-only [--seconds 5]          # only `vmfork fuzz --jobs 1 vs 2`
     .venv/bin/python bench/fuzz.py --target jsmn --fixed-only [--rounds 9]         # only the per-input cost rows
     .venv/bin/python bench/fuzz.py --target jsmn --baseline /work/main [--rounds 3] # this tree vs another, alternating
+    .venv/bin/python bench/fuzz.py --target jsmn --afl-only --baseline TREE          # the same under afl-fuzz
 
 Targets (guests/README.md):
   fuzz   the test guest's `fuzz` program: a tiny parser in assembly whose "FUZZ" + 'B' record with a nonzero bank
@@ -207,11 +208,15 @@ def baseline_row(t: Target, other: Path, seconds: float, rounds: int) -> tuple[s
             f"{this_cpu:,.0f} vs {base_cpu:,.0f} ({this_cpu / base_cpu:.2f}x)")
 
 
-def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = False) -> tuple[str, str, str]:
+def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = False,
+            tree: Path | None = None) -> tuple[str, str, str]:
     """execs/s under the real afl-fuzz (fork-server mode), its edge map fed by persistent block breakpoints, or
-    (`guest_map`) copied from the map the target's instrumented build keeps itself (t.afl_image)."""
+    (`guest_map`) copied from the map the target's instrumented build keeps itself (t.afl_image). `tree`: run
+    another checkout's vmfork (its src/ first on PYTHONPATH) with this tree's guest."""
     env = {**os.environ, "AFL_SKIP_BIN_CHECK": "1", "AFL_NO_UI": "1", "AFL_SKIP_CPUFREQ": "1",
            "AFL_NO_AFFINITY": "1", "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1", "AFL_FORKSRV_INIT_TMOUT": "60000"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree / "src")
     # Breakpoint edges: every block hit is an exit, so a seed of a few hundred bytes takes tens of milliseconds;
     # AFL++ aborts when its seeds time out. AFL++'s own timer sees hangs before vmfork's.
     budget_ms = 400 if guest_map else max(1000, int(t.budget_s * 1000))
@@ -238,6 +243,20 @@ def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = 
                 "trace-pc callback counts edges, one copy of its 64 KiB map per input")
     return (f"under afl-fuzz, breakpoint edges (`--cover`), {seconds} s", f"{execs / seconds:,.0f} execs/s",
             f"{execs} inputs incl. start-up, {found}, {crashes} crashes saved; every block hit is an exit")
+
+
+def afl_baseline_row(t: Target, other: Path, seconds: int, start: int, end: int,
+                     rounds: int) -> tuple[str, str, str]:
+    """The guest-edge-map afl-fuzz run with this tree's vmfork and another checkout's, alternating."""
+    rates: dict[str, list[float]] = {"this": [], "other": []}
+    for _ in range(rounds):
+        for which, tree in (("this", None), ("other", other)):
+            cell = afl_row(t, seconds, start, end, guest_map=True, tree=tree)[1]
+            rates[which].append(float(cell.split()[0].replace(",", "")))
+    this, base = statistics.median(rates["this"]), statistics.median(rates["other"])
+    return (f"under afl-fuzz, guest edge map, {seconds} s: this tree vs {other}", f"{this / base:.2f}x",
+            f"this tree {', '.join(f'{x:,.0f}' for x in rates['this'])} execs/s; {other}: "
+            f"{', '.join(f'{x:,.0f}' for x in rates['other'])} execs/s ({rounds} alternating rounds, same guest)")
 
 
 def afl_rows(t: Target, args: argparse.Namespace, start: int, end: int) -> list[tuple[str, str, str]]:
@@ -285,11 +304,13 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     if args.jobs_only:
         return [jobs_row(t, args.seconds)]
-    if args.baseline is not None:
+    if args.baseline is not None and not args.afl_only:
         return [baseline_row(t, Path(args.baseline), args.seconds, args.rounds)]
     vm, start, end = ready_vm(t)
     if args.afl_only:
         vm.destroy(tree=True)
+        if args.baseline is not None:
+            return [afl_baseline_row(t, Path(args.baseline), args.afl_seconds, start, end, args.rounds)]
         return afl_rows(t, args, start, end)
     campaign_seeds = list(t.corpora[0][1])
     try:
