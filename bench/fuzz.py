@@ -4,7 +4,9 @@ for the two example targets.
     .venv/bin/python bench/fuzz.py [--target fuzz|jsmn|all] [--seconds 5] [--runs 5] [--afl-seconds 15] [--markdown]
     .venv/bin/python bench/fuzz.py --target jsmn --afl-only [--afl-seconds 15]      # only the afl-fuzz rows
     .venv/bin/python bench/fuzz.py --target fuzz --jobs-only [--seconds 5]          # only `vmfork fuzz --jobs 1 vs 2`
+    .venv/bin/python bench/fuzz.py --target jsmn --fixed-only [--rounds 9]         # only the per-input cost rows
     .venv/bin/python bench/fuzz.py --target jsmn --baseline /work/main [--rounds 3] # this tree vs another, alternating
+    .venv/bin/python bench/fuzz.py --target jsmn --afl-only --baseline TREE          # the same under afl-fuzz
 
 Targets (guests/README.md):
   fuzz   the test guest's `fuzz` program: a tiny parser in assembly whose "FUZZ" + 'B' record with a nonzero bank
@@ -173,8 +175,10 @@ assert vm.run(timeout=60).reason == "harness-start"
 m = re.search(rb"parse=(0x[0-9a-f]+) end=(0x[0-9a-f]+)", vm.device("serial0").output())
 seeds = [open(p, "rb").read() for p in sys.argv[5:]]
 with Fuzzer(vm, coverage=[(int(m.group(1), 16), int(m.group(2), 16))], budget_s=0.05) as fz:
+    c0 = time.process_time()
     st = fz.fuzz(seeds, seconds=float(sys.argv[4]), rng_seed=1)
-print(json.dumps({"execs_per_s": st.execs_per_s}))
+    cpu = time.process_time() - c0
+print(json.dumps({"execs_per_s": st.execs_per_s, "execs_per_cpu_s": st.execs / cpu}))
 vm.destroy(tree=True)
 """
 
@@ -186,25 +190,33 @@ def baseline_row(t: Target, other: Path, seconds: float, rounds: int) -> tuple[s
     if t.harness != "port" or not seeds:
         raise SystemExit("--baseline compares the jsmn campaign")
     rates: dict[str, list[float]] = {"this": [], "other": []}
+    per_cpu: dict[str, list[float]] = {"this": [], "other": []}
     for _ in range(rounds):
         for which, tree in (("this", ROOT), ("other", other)):
             image = tree / "build" / "guests" / t.image.name
-            out = subprocess.run([sys.executable, "-c", BASELINE_SNIPPET, str(tree), str(image), t.cmdline,
-                                  str(seconds), *seeds], capture_output=True, text=True, check=True,
-                                 timeout=seconds + 120).stdout
-            rates[which].append(json.loads(out)["execs_per_s"])
+            out = json.loads(subprocess.run([sys.executable, "-c", BASELINE_SNIPPET, str(tree), str(image),
+                                             t.cmdline, str(seconds), *seeds], capture_output=True, text=True,
+                                            check=True, timeout=seconds + 120).stdout)
+            rates[which].append(out["execs_per_s"])
+            per_cpu[which].append(out["execs_per_cpu_s"])
     this, base = statistics.median(rates["this"]), statistics.median(rates["other"])
+    this_cpu, base_cpu = statistics.median(per_cpu["this"]), statistics.median(per_cpu["other"])
     return (f"campaign with coverage, {seconds:g} s: this tree vs {other}", f"{this / base:.2f}x",
             f"this tree {', '.join(f'{x:,.0f}' for x in rates['this'])} execs/s; {other}: "
             f"{', '.join(f'{x:,.0f}' for x in rates['other'])} execs/s ({rounds} alternating rounds, medians "
-            f"{this:,.0f} vs {base:,.0f})")
+            f"{this:,.0f} vs {base:,.0f}); per CPU-second of the process (what one core of its own would give): "
+            f"{this_cpu:,.0f} vs {base_cpu:,.0f} ({this_cpu / base_cpu:.2f}x)")
 
 
-def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = False) -> tuple[str, str, str]:
+def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = False,
+            tree: Path | None = None) -> tuple[str, str, str]:
     """execs/s under the real afl-fuzz (fork-server mode), its edge map fed by persistent block breakpoints, or
-    (`guest_map`) copied from the map the target's instrumented build keeps itself (t.afl_image)."""
+    (`guest_map`) copied from the map the target's instrumented build keeps itself (t.afl_image). `tree`: run
+    another checkout's vmfork (its src/ first on PYTHONPATH) with this tree's guest."""
     env = {**os.environ, "AFL_SKIP_BIN_CHECK": "1", "AFL_NO_UI": "1", "AFL_SKIP_CPUFREQ": "1",
            "AFL_NO_AFFINITY": "1", "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1", "AFL_FORKSRV_INIT_TMOUT": "60000"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree / "src")
     # Breakpoint edges: every block hit is an exit, so a seed of a few hundred bytes takes tens of milliseconds;
     # AFL++ aborts when its seeds time out. AFL++'s own timer sees hangs before vmfork's.
     budget_ms = 400 if guest_map else max(1000, int(t.budget_s * 1000))
@@ -231,6 +243,20 @@ def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = 
                 "trace-pc callback counts edges, one copy of its 64 KiB map per input")
     return (f"under afl-fuzz, breakpoint edges (`--cover`), {seconds} s", f"{execs / seconds:,.0f} execs/s",
             f"{execs} inputs incl. start-up, {found}, {crashes} crashes saved; every block hit is an exit")
+
+
+def afl_baseline_row(t: Target, other: Path, seconds: int, start: int, end: int,
+                     rounds: int) -> tuple[str, str, str]:
+    """The guest-edge-map afl-fuzz run with this tree's vmfork and another checkout's, alternating."""
+    rates: dict[str, list[float]] = {"this": [], "other": []}
+    for _ in range(rounds):
+        for which, tree in (("this", None), ("other", other)):
+            cell = afl_row(t, seconds, start, end, guest_map=True, tree=tree)[1]
+            rates[which].append(float(cell.split()[0].replace(",", "")))
+    this, base = statistics.median(rates["this"]), statistics.median(rates["other"])
+    return (f"under afl-fuzz, guest edge map, {seconds} s: this tree vs {other}", f"{this / base:.2f}x",
+            f"this tree {', '.join(f'{x:,.0f}' for x in rates['this'])} execs/s; {other}: "
+            f"{', '.join(f'{x:,.0f}' for x in rates['other'])} execs/s ({rounds} alternating rounds, same guest)")
 
 
 def afl_rows(t: Target, args: argparse.Namespace, start: int, end: int) -> list[tuple[str, str, str]]:
@@ -278,11 +304,13 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     if args.jobs_only:
         return [jobs_row(t, args.seconds)]
-    if args.baseline is not None:
+    if args.baseline is not None and not args.afl_only:
         return [baseline_row(t, Path(args.baseline), args.seconds, args.rounds)]
     vm, start, end = ready_vm(t)
     if args.afl_only:
         vm.destroy(tree=True)
+        if args.baseline is not None:
+            return [afl_baseline_row(t, Path(args.baseline), args.afl_seconds, start, end, args.rounds)]
         return afl_rows(t, args, start, end)
     campaign_seeds = list(t.corpora[0][1])
     try:
@@ -291,31 +319,45 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
                 raise SystemExit(f"{t.name}: the fixed input {t.fixed!r} does not run to the end marker")
             # Blocks with the fork's hot pages on (the default) and off (hot_limit 0: every page the input writes
             # is write-protected again at each reset), alternating; the best block of each counts.
+            # And the one-call iteration (VM.reset_and_run: reset, input and KVM_RUN in one C call, the default)
+            # against the three steps apart, with hot pages on: (hot_limit, compiled_iteration) per block.
+            # Each block's thread CPU time too: on a shared host it is what one core of our own would give.
             default_limit = fz.fork.memory.hot_limit
-            per_input = {default_limit: float("inf"), 0: float("inf")}
-            reset_of = dict.fromkeys(per_input, 0.0)
+            modes = [(default_limit, True), (default_limit, False), (0, False)]
+            per_input = dict.fromkeys(modes, float("inf"))
+            cpu_of = dict.fromkeys(modes, float("inf"))
+            reset_of = dict.fromkeys(modes, 0.0)
             n = 1000
-            for _ in range(2):
-                for limit in per_input:
-                    fz.fork.memory.hot_limit = limit
+            for _ in range(args.rounds):
+                for mode in modes:
+                    fz.fork.memory.hot_limit, fz.compiled_iteration = mode
                     fz.execute(t.fixed)
                     fz.reset_s = 0.0
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     for _ in range(n):
                         fz.execute(t.fixed)
-                    per = (time.perf_counter() - t0) / n
-                    if per < per_input[limit]:
-                        per_input[limit], reset_of[limit] = per, fz.reset_s / n
-            fz.fork.memory.hot_limit = default_limit
-        per, reset = per_input[default_limit], reset_of[default_limit]
-        rows.append((f"one fixed input ({len(t.fixed)} bytes), reset + write + run to the end marker",
-                     f"{1 / per:,.0f} execs/s",
-                     f"{per * 1e6:,.0f} µs per input, of which reset {reset * 1e6:,.0f} µs ({reset / per:.0%})"))
-        per_off, reset_off = per_input[0], reset_of[0]
+                    per, cpu = (time.perf_counter() - t0) / n, (time.thread_time() - c0) / n
+                    cpu_of[mode] = min(cpu_of[mode], cpu)
+                    if per < per_input[mode]:
+                        per_input[mode], reset_of[mode] = per, fz.reset_s / n
+            fz.fork.memory.hot_limit, fz.compiled_iteration = default_limit, True
+        per, cpu = per_input[modes[0]], cpu_of[modes[0]]
+        rows.append((f"one fixed input ({len(t.fixed)} bytes), reset + write + run to the end marker, one call "
+                     "(`VM.reset_and_run`, the default)", f"{1 / per:,.0f} execs/s",
+                     f"{per * 1e6:,.0f} µs per input; CPU {cpu * 1e6:,.0f} µs per input ({1 / cpu:,.0f}/s of one "
+                     f"core); best of {args.rounds} blocks of {n}, alternating with the next two rows"))
+        per, reset, cpu = per_input[modes[1]], reset_of[modes[1]], cpu_of[modes[1]]
+        rows.append(("the same, reset + write + run as three calls", f"{1 / per:,.0f} execs/s",
+                     f"{per * 1e6:,.0f} µs per input, of which reset {reset * 1e6:,.0f} µs ({reset / per:.0%}); CPU "
+                     f"{cpu * 1e6:,.0f} µs per input; the one call is {per / per_input[modes[0]]:.2f}x faster "
+                     f"(CPU {cpu / cpu_of[modes[0]]:.2f}x)"))
+        per_off, reset_off = per_input[modes[2]], reset_of[modes[2]]
         rows.append(("the same, hot pages off (each written page write-protected again at every reset)",
                      f"{1 / per_off:,.0f} execs/s",
                      f"{per_off * 1e6:,.0f} µs per input, of which reset {reset_off * 1e6:,.0f} µs; hot pages make "
                      f"an input {per_off / per:.2f}x faster"))
+        if args.fixed_only:
+            return rows
         rows += write_rows(t, vm)
         rows.append(faults_row(t, vm))
         for label, cov in (("no coverage", None), ("block coverage of the parser", [(start, end)])):
@@ -359,9 +401,10 @@ def main() -> int:
     ap.add_argument("--afl-seconds", type=int, default=15, help="length of the AFL++ run (0: none)")
     ap.add_argument("--afl-only", action="store_true", help="only the afl-fuzz rows")
     ap.add_argument("--jobs-only", action="store_true", help="only the `vmfork fuzz --jobs 1` vs `--jobs 2` row")
+    ap.add_argument("--fixed-only", action="store_true", help="only the fixed-input rows (one call vs three calls)")
     ap.add_argument("--baseline", default=None, metavar="TREE",
                     help="only: the jsmn campaign of this tree vs another checkout's (e.g. /work/main), alternating")
-    ap.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (--baseline, the fixed-input rows)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
 

@@ -10,6 +10,7 @@ paused).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import dataclasses
 import errno
@@ -26,10 +27,10 @@ from typing import Any, Literal, overload
 from . import vmgenid
 from .devices import DeviceSetState
 from .errors import ForkError, KvmError
-from .kvm import Kvm, PackedPlan
+from .kvm import Entry, Kvm, PackedPlan
 from .kvm import constants as c
 from .kvm import structs as s
-from .memory import GuestMemory, MemoryImage, clear_address_space, map_image
+from .memory import PAGE_SHIFT, GuestMemory, MemoryImage, clear_address_space, map_image
 from .vcpu import ResetPlan, VcpuState
 from .vm import Machine, MachineShape, MachineState, Shell, StopEvent, open_kvm
 
@@ -498,6 +499,12 @@ class VM(Machine):
         self._dm_pending: _DeviceAccess | None = None   # the access that stopped it, for a device model attached late
         self.bus.on_unknown = self._on_device_access
         self._vmgenid_id: bytes | None = None           # this fork's VM generation ID (vmgenid.py), if it has one
+        # reset_and_run: ((pieces, compiled), host pieces, where pages start, {k: pages}), the pages the current
+        # input writes, and the kvm.Entry values of steady-state resets (_steady_entry)
+        self._entry_cache: tuple[Any, list[tuple[int, int]], list[tuple[int, int]],
+                                 dict[int, frozenset[int]]] | None = None
+        self._entries: dict[Any, tuple[Any, Any, Entry]] = {}
+        self._steady_pages: frozenset[int] = frozenset()
 
     # Every change to the parent's state invalidates the cached state its forks start from.
     def _begin(self) -> None:
@@ -694,14 +701,19 @@ class VM(Machine):
         if self.children:
             names = ", ".join(ch.name for ch in self.children)
             raise ForkError(f"cannot reset {self.name}: its forks ({names}) depend on its current state")
-        pages = self.memory.reset_to_base() if memory else 0
+        st = self.fork_state
+        plan = self._plan_for_reset()
+        steady = self._steady_entry(None, (), -1, plan._full.compiled) if memory and state else None
+        if steady is not None:
+            # the loop's steady state: page copy-back, sync-area image and state ioctls in one call
+            self.memory.steady_done(frozenset())
+            steady[0].enter(b"")
+            pages = steady[1]
+        else:
+            pages = self.memory.reset_to_base() if memory else 0
+            if state:
+                plan.restore()
         if state:
-            st = self.fork_state
-            prepared = self._reset_plan
-            if prepared is None or prepared[0] is not st:
-                prepared = self._reset_plan = (st, ResetPlan(self.vcpus, st.vcpus, self.vm.fd,
-                                                             st.platform.restore_plan()))
-            prepared[1].restore()
             # The fork-time device states were checked when the fork was made: restore them directly, and only
             # when a port access (or console input) may have changed a device since the last restore.
             touched = self.bus.touched
@@ -718,6 +730,103 @@ class VM(Machine):
         if self._vmgenid_id is not None:
             vmgenid.renotify(self)
         return pages
+
+    def reset_and_run(self, data: bytes, at: tuple[tuple[int, int], ...], *, timeout: float | None = None,
+                      compiled: bool = True) -> StopEvent:
+        """`reset()`, write `data` across the guest-physical pieces `at` ((address, length) in order, as far as the
+        data goes: a fuzzer's input buffer), then `run(timeout)`: a fuzzing iteration. In the loop's steady state
+        (a one-vCPU fork whose last reset left nothing to harvest, see GuestMemory.steady_copies) the page
+        copy-back, the vCPU's sync-area image, the input, the state ioctls and the first KVM_RUN are one call into
+        vmfork._fastpath (`compiled`; else the same steps in Python); otherwise those three calls as written. The
+        results are the same either way (tests/test_fastpath.py)."""
+        entry = self._iteration_entry(data, at, compiled) if len(self.vcpus) == 1 else None
+        if entry is None:
+            self.reset()
+            for gpa, n in at:
+                if not data:
+                    break
+                self.memory.write(gpa, data[:n])
+                data = data[n:]
+            return self.run(timeout=timeout)
+        written = self._steady_pages
+        # reset()'s bookkeeping, which the compiled call does not do
+        touched = self.bus.touched
+        if touched:
+            states = self.fork_state.devices.states if self.fork_state and self.fork_state.devices else {}
+            for d in touched:
+                saved = states.get(d.name)
+                if saved is not None:
+                    d.restore(saved)
+            touched.clear()
+        self._generation += 1
+        if self.state == "crashed":
+            self.state = "paused"
+        # the pages vmfork writes from here on (the input, and whatever the run's exit handlers write) are the
+        # next reset's to copy back
+        self.memory.steady_done(written)
+        return self.run(timeout=timeout, enter=lambda: entry.enter(data))
+
+    def _plan_for_reset(self) -> ResetPlan:
+        st = self.fork_state
+        assert st is not None
+        prepared = self._reset_plan
+        if prepared is None or prepared[0] is not st:
+            prepared = self._reset_plan = (st, ResetPlan(self.vcpus, st.vcpus, self.vm.fd,
+                                                         st.platform.restore_plan()))
+        return prepared[1]
+
+    def _steady_entry(self, key: object, pieces: list[tuple[int, int]] | tuple[()], vcpu_fd: int,
+                      compiled: bool) -> tuple[Entry, int] | None:
+        """A kvm.Entry for a reset in the steady state (GuestMemory.steady_copies, ResetPlan.entry_parts) with
+        `pieces` for an input (`key` names them) and KVM_RUN on `vcpu_fd` (-1: none), and the pages it restores;
+        None when the reset needs its full path."""
+        copies = self.memory.steady_copies()
+        parts = self._plan_for_reset().entry_parts()
+        if copies is None or parts is None:
+            return None
+        sync, plan = parts
+        # copy list and plan are cached objects: one Entry per pair (and input, fd), a dict lookup per reset
+        ekey = (id(copies[0]), id(plan), key, vcpu_fd, compiled)
+        entry = self._entries.get(ekey)
+        if entry is None or entry[0] is not copies[0] or entry[1] is not plan:
+            if len(self._entries) > 16:
+                self._entries.clear()
+            entry = self._entries[ekey] = (copies[0], plan, Entry(copies[0] + sync, list(pieces), plan, vcpu_fd,
+                                                                  compiled=compiled))
+        return entry[2], copies[1]
+
+    def _iteration_entry(self, data: bytes, at: tuple[tuple[int, int], ...], compiled: bool) -> Any:
+        """The kvm.Entry of reset_and_run's compiled call for this iteration, or None (take the three calls)."""
+        if (self.fork_state is None or self.broken is not None or self.state not in ("paused", "crashed")
+                or self.children or self._vmgenid_id is not None or self.memory.readonly):
+            return None         # reset() says why, or does what the compiled call cannot
+        cached = self._entry_cache
+        if cached is None or cached[0] != (at, compiled):
+            memory = self.memory
+            pieces: list[tuple[int, int]] = []
+            starts: list[tuple[int, int]] = []          # (input byte where a page starts, that page), in order
+            pos = 0
+            for gpa, n in at:
+                for off, k in memory._chunks(gpa, n):
+                    pieces.append((memory.host_addr + off, k))
+                    page = off >> PAGE_SHIFT
+                    while (page << PAGE_SHIFT) < off + k:
+                        starts.append((pos + max(0, (page << PAGE_SHIFT) - off), page))
+                        page += 1
+                    pos += k
+            cached = self._entry_cache = ((at, compiled), pieces, starts, {})
+        key, pieces, starts, by_pages = cached
+        # the pages this input writes: the first k of `starts`, one frozenset per k
+        n = len(data)
+        k = bisect.bisect_left(starts, (n, -1)) if n else 0
+        written = by_pages.get(k)
+        if written is None:
+            written = by_pages[k] = frozenset(page for _, page in starts[:k])
+        steady = self._steady_entry(key, pieces, self.vcpus[0].fd.fd, compiled)
+        if steady is None:
+            return None
+        self._steady_pages = written
+        return steady[0]
 
     # --- device model -------------------------------------------------------------------------------------------
 

@@ -331,6 +331,8 @@ class GuestMemory:
         self._lost = False
         self._ever_lost = False
         self._hot_runs: list[tuple[int, int, int]] | None = []   # memmove arguments for _hot; None: rebuild
+        # steady_copies(): (the _hot_runs and host pages it was made for, memmoves, count)
+        self._steady: tuple[list[tuple[int, int, int]], frozenset[int], list[tuple[int, int, int]], int] | None = None
         self._frozen: MemoryImage | None = None
         self._layer_fds: list[int] = []
         self.closed = False
@@ -745,6 +747,47 @@ class GuestMemory:
         if count:
             self._frozen = None
         return count
+
+    # --- the fuzzing loop's reset in one compiled call (fork.VM.reset_and_run) ------------------------------------
+
+    def steady_copies(self) -> tuple[list[tuple[int, int, int]], int] | None:
+        """The memmoves the next reset_to_base() would make, when that is all it would do (the fuzzing loop's
+        steady state): dirty rings, none lost, every ring empty, nothing folded in by sync_dirty_log(), and the hot
+        pages with the pages vmfork wrote since within hot_limit. Returns (memmoves, pages restored), or None: then
+        reset_to_base() it is. The caller calls steady_done(the pages its input writes), then makes the copies and
+        writes its input, before anything else writes guest RAM."""
+        if not self._rings or self._lost or self._guest_any or self.base_pages is None:
+            return None
+        runs = self._hot_runs
+        if runs is None:
+            return None
+        for ring in self._rings:
+            if ring.words[(ring.fetch & ring.mask) << 1] & 1:      # an entry pending: the full path harvests it
+                return None
+        host = self._dirty.host
+        cached = self._steady
+        if cached is None or cached[0] is not runs or cached[1] != host:
+            hot = self._hot
+            more = sorted(host - hot)
+            count = len(hot) + len(more)
+            if hot and count > self.hot_limit:
+                return None
+            cached = self._steady = (runs, frozenset(host),
+                                     runs + _page_runs(self.host_addr, self._base_pages_addr, more), count)
+        return cached[2], cached[3]
+
+    def steady_done(self, written: frozenset[int]) -> None:
+        """The bookkeeping of reset_to_base() and write() for the copies of steady_copies() and an input written
+        into the pages `written`: those pages count as written by vmfork (for the next reset and owned_pages()),
+        and nothing else since the reset."""
+        d = self._dirty
+        host = d.host
+        if host != written:
+            host.clear()
+            host.update(written)
+        if not written <= d.host_ever:
+            d.host_ever.update(written)
+        self._frozen = None
 
     # --- forking ------------------------------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ from .kvm import structs as s
 SYNC_ALL = c.KVM_SYNC_X86_REGS | c.KVM_SYNC_X86_SREGS | c.KVM_SYNC_X86_EVENTS
 _SYNC_SIZE = ctypes.sizeof(s.SyncRegs)
 _RUNNING_EXITS = frozenset((c.KVM_EXIT_IO, c.KVM_EXIT_MMIO))
+_DIRTY_REGS_OFFSET = s.Run.kvm_dirty_regs.offset
+_SYNC_ALL_WORD = ctypes.c_uint64(SYNC_ALL)      # the source of an Entry's kvm_dirty_regs copy
 _memmove = ctypes.memmove
 _addressof = ctypes.addressof
 
@@ -450,6 +452,24 @@ class ResetPlan:
         (self._without_mp_state if running else self._full).run()
         for v in self._stopped:
             v.exit_reason.value = c.KVM_EXIT_UNKNOWN
+
+    def entry_parts(self) -> tuple[list[tuple[int, int, int]], PackedPlan] | None:
+        """What restore() would do, as values for a kvm.Entry (one C call with the next KVM_RUN): the memmoves of
+        the sync-area images and of kvm_dirty_regs, and the ioctl plan; None where restore() must run as is (a
+        vCPU whose sync area is stale or whose APIC base would change, a saved state that is not RUNNABLE)."""
+        if not (self._fast and self._runnable):
+            return None
+        running = True
+        for v, _, _, apic_base in self._sync:
+            if not (v.sync_valid and v.sync_apic_base.value == apic_base):
+                return None
+            if v.exit_reason.value not in _RUNNING_EXITS:
+                running = False
+        copies = []
+        for v, dst, src, _ in self._sync:
+            copies.append((dst, src, _SYNC_SIZE))
+            copies.append((v.fd.run_addr + _DIRTY_REGS_OFFSET, _addressof(_SYNC_ALL_WORD), 8))
+        return copies, (self._without_mp_state if running else self._full)
 
     def _restore_each(self) -> None:
         for v, vs in zip(self.vcpus, self.states, strict=True):

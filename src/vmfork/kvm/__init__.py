@@ -3,6 +3,7 @@
 from . import constants, structs
 from .api import (
                   DirtyRing,
+                  Entry,
                   FdPlan,
                   IoctlPlan,
                   Kvm,
@@ -16,5 +17,5 @@ from .api import (
                   run_plan,
 )
 
-__all__ = ["DirtyRing", "FdPlan", "IoctlPlan", "Kvm", "PackedPlan", "VcpuFd", "VmFd", "constants", "fastpath_built",
-           "ioctl", "plan_entry", "run_fd_plan", "run_plan", "structs"]
+__all__ = ["DirtyRing", "Entry", "FdPlan", "IoctlPlan", "Kvm", "PackedPlan", "VcpuFd", "VmFd", "constants",
+           "fastpath_built", "ioctl", "plan_entry", "run_fd_plan", "run_plan", "structs"]

@@ -78,13 +78,26 @@ class Step(ctypes.Structure):
     _fields_ = [("fd", ctypes.c_int64), ("request", ctypes.c_uint64), ("arg", ctypes.c_uint64)]
 
 
+class Copy(ctypes.Structure):
+    """One memmove of an Entry (the layout vmfork._fastpath reads)."""
+
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("size", ctypes.c_uint64)]
+
+
+class Piece(ctypes.Structure):
+    """Where the next `size` bytes of an Entry's data go (a host address)."""
+
+    _fields_ = [("dst", ctypes.c_uint64), ("size", ctypes.c_uint64)]
+
+
 # VMFORK_FASTPATH=0 uses the Python loop even when the extension is built (for comparisons).
 try:
+    from .._fastpath import iterate as _c_iterate
     from .._fastpath import run_steps as _c_run_steps
 except ImportError:         # not built (e.g. a source tree without `pip install`): the Python loop below
-    _c_run_steps = None
+    _c_run_steps = _c_iterate = None
 if os.environ.get("VMFORK_FASTPATH", "1") == "0":
-    _c_run_steps = None
+    _c_run_steps = _c_iterate = None
 
 
 class PackedPlan:
@@ -114,6 +127,70 @@ class PackedPlan:
                 raise KvmError(_NAMES.get(request, hex(request)), failed[1])
         else:
             run_fd_plan(self._plan)
+
+
+class Entry:
+    """A prepared way into the guest: memmoves (`copies`: (dst, src, size) host addresses), then the data of each
+    call scattered over `pieces` ((host address, size), in order, as far as the data goes), then the ioctls of
+    `plan`, then KVM_RUN on `vcpu_fd` (none when it is -1). `enter(data)` does it all in one C call
+    (vmfork._fastpath.iterate, the GIL released once) when that module is built and `compiled`, else with the same
+    steps in Python. The addresses and the plan's structures must outlive the entry. Returns what
+    VcpuFd.run_once returns (0 without KVM_RUN)."""
+
+    __slots__ = (
+        "_copies",
+        "_copy_list",
+        "_ncopies",
+        "_npieces",
+        "_piece_list",
+        "_pieces",
+        "_plan",
+        "compiled",
+        "vcpu_fd",
+    )
+
+    def __init__(self, copies: list[tuple[int, int, int]], pieces: list[tuple[int, int]], plan: PackedPlan,
+                 vcpu_fd: int, *, compiled: bool = True) -> None:
+        self._copy_list = list(copies)
+        self._piece_list = list(pieces)
+        self._ncopies, self._npieces = len(copies), len(pieces)
+        self._copies = (Copy * max(1, len(copies)))(*(Copy(*x) for x in copies))
+        self._pieces = (Piece * max(1, len(pieces)))(*(Piece(*x) for x in pieces))
+        self._plan = plan
+        self.vcpu_fd = vcpu_fd
+        self.compiled = compiled and _c_iterate is not None
+
+    def enter(self, data: bytes) -> int:
+        if self.compiled:
+            plan = self._plan
+            ret = _c_iterate(ctypes.addressof(self._copies), self._ncopies, data,  # type: ignore[misc]
+                             ctypes.addressof(self._pieces), self._npieces, plan._addr, plan._count, self.vcpu_fd)
+            if isinstance(ret, tuple):
+                request = plan._plan[ret[0]][1]
+                raise KvmError(_NAMES.get(request, hex(request)), ret[1])
+            if ret < 0 and -ret not in (_errno.EINTR, _errno.EAGAIN):
+                raise KvmError("KVM_RUN", -ret)
+            return int(ret)
+        move = ctypes.memmove
+        for dst, src, size in self._copy_list:
+            move(dst, src, size)
+        pos, end = 0, len(data)
+        for dst, size in self._piece_list:
+            if pos >= end:
+                break
+            n = min(size, end - pos)
+            move(dst, data[pos:pos + n], n)
+            pos += n
+        run_fd_plan(self._plan._plan)
+        if self.vcpu_fd < 0:
+            return 0
+        ret = _ioctl(self.vcpu_fd, c.KVM_RUN, None)
+        if ret < 0:
+            err = ctypes.get_errno()
+            if err in (_errno.EINTR, _errno.EAGAIN):
+                return -err
+            raise KvmError("KVM_RUN", err)
+        return 0
 
 
 def fastpath_built() -> bool:

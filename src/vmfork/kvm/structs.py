@@ -4,6 +4,7 @@ tests/test_kvm_abi.py)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 from ctypes import c_int64, c_uint8, c_uint16, c_uint32, c_uint64
 
 
@@ -59,8 +60,10 @@ class MsrsHeader(ctypes.Structure):
     _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
 
 
+@functools.cache
 def msrs_type(n: int) -> type[ctypes.Structure]:
-    """struct kvm_msrs with room for n entries."""
+    """struct kvm_msrs with room for n entries (one class per n: making a ctypes class costs about 10 µs, which a
+    fork paid for every machine's syscall completion)."""
 
     class Msrs(ctypes.Structure):
         _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", MsrEntry * n)]
@@ -68,6 +71,7 @@ def msrs_type(n: int) -> type[ctypes.Structure]:
     return Msrs
 
 
+@functools.cache
 def msr_list_type(n: int) -> type[ctypes.Structure]:
     class MsrList(ctypes.Structure):
         _fields_ = [("nmsrs", c_uint32), ("indices", c_uint32 * n)]

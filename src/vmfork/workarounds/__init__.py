@@ -52,18 +52,22 @@ class ExitHooks:
     emulation_failure: list[tuple[str, ExitHook]] = field(default_factory=list)
     debug: list[tuple[str, ExitHook]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    names: set[str] = field(default_factory=set)      # of the hooks in both lists (every fork adds nine: cheaply)
 
     def add(self, kind: str, name: str, hook: ExitHook, *, first: bool = False) -> None:
         hooks = self.emulation_failure if kind == "emulation_failure" else self.debug
-        self.remove(name)
+        if name in self.names:
+            self.remove(name)
         if first:
             hooks.insert(0, (name, hook))
         else:
             hooks.append((name, hook))
+        self.names.add(name)
 
     def remove(self, name: str) -> None:
         self.emulation_failure[:] = [h for h in self.emulation_failure if h[0] != name]
         self.debug[:] = [h for h in self.debug if h[0] != name]
+        self.names.discard(name)
 
     def dispatch(self, hooks: list[tuple[str, ExitHook]], vcpu: Vcpu) -> bool:
         for name, hook in hooks:
