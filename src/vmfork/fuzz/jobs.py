@@ -12,12 +12,14 @@ What the workers share, and why this way:
                  campaign's --execs), a stop word comes down. Workers read it when they look at the clock (every 32
                  inputs), so --execs, --stop-on-crash (the first crash in any worker) and the end of a failed campaign
                  reach every worker within a few dozen inputs.
-  OUT/corpus/    the shared corpus, AFL++ -S style: a worker writes an input that reached blocks new to it there
-                 (atomically: a temporary name, then rename), and every SYNC_S runs, unchanged, the inputs the others
-                 added since it last looked; those that reach blocks new to it join its own corpus too.
-  OUT/.jobs/     the campaign's scratch directory, removed at the end: crash claims (a worker saves a crash only if it
-                 creates its signature's claim file first, O_EXCL, so the same bug found by two workers is one file)
-                 and each worker's final report for the supervisor.
+  OUT/NAME-i/    each worker is an AFL++ instance of the sync dir OUT (syncdir.py; NAME is --name, default
+                 `vmfork`): its finds go to its queue/ and every SYNC_S it runs, unchanged, the entries the other
+                 instances queued since it last looked (AFL++'s .synced/ bookkeeping), those of afl-fuzz instances
+                 and of other machines' workers (an rsync'ed sync dir) included; those that reach blocks new to it
+                 join its own queue too. fuzzer_stats and plot_data are AFL++'s, so afl-whatsup and afl-plot work.
+  OUT/.NAME.jobs/  the campaign's scratch directory, removed at the end: crash claims (a worker saves a crash only
+                 if it creates its signature's claim file first, O_EXCL, so the same bug found by two workers is one
+                 file) and each worker's final report for the supervisor.
 
 Signals: workers ignore SIGINT (a terminal sends Ctrl-C to the whole process group); the supervisor turns Ctrl-C or
 SIGTERM into one SIGTERM per worker, which a worker turns into KeyboardInterrupt once (its cleanup runs: forks
@@ -47,17 +49,18 @@ from typing import Any, NoReturn
 
 from ..errors import user_error_line
 from .loop import FuzzError, Stats
+from .syncdir import InstanceDir, InstanceSync
 
 __all__ = ["Worker", "cpu_count", "run_jobs"]
 
 SYNC_S = 1.0                # how often a worker looks for the others' new inputs
 STATUS_S = 0.5              # the supervisor's status line
 GRACE_S = 15.0              # how long a stopped worker may take to clean up before SIGKILL
-JOBS_DIR = ".jobs"
+DEFAULT_NAME = "vmfork"      # the workers' names without --name: vmfork-1, vmfork-2, ...
 
 # The board: a header word (stop), then one slot of signed 64-bit counters per worker.
 FIELDS = ("state", "start_ns", "execs", "ok", "crashes", "unique_crashes", "hangs", "rejected", "corpus",
-          "blocks_hit", "blocks_total", "imported")
+          "blocks_hit", "blocks_total", "imported", "last_find")
 _SLOT = struct.Struct(f"<{len(FIELDS)}q")
 _HEADER = 64
 STARTING, FUZZING = 0, 1
@@ -95,81 +98,72 @@ class Board:
         self.mem.close()
 
 
-def _name(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()      # OUT/corpus/ names, as in a one-process campaign
-
-
 class Worker:
-    """One worker's side of the campaign: the loop's CampaignSync (loop.py), plus what the worker tells the
-    supervisor at the end (`finish`)."""
+    """One worker of the campaign, in its process: its AFL++ instance NAME-<index + 1> in the sync dir (syncdir.py),
+    whose loop sync (`sync`) also keeps the campaign's board and crash claims, and what it tells the supervisor at
+    the end (`finish`)."""
 
-    def __init__(self, index: int, jobs: int, board: Board, out: Path, known: set[str], *, seed: int | None,
+    def __init__(self, index: int, jobs: int, board: Board, scratch: Path, base: str, *, seed: int | None,
                  max_execs: int | None) -> None:
         self.index = index
         self.jobs = jobs
         self.seed = seed
         self.board = board
-        self.corpus_dir = out / "corpus"
-        self.scratch = out / JOBS_DIR
+        self.scratch = scratch
+        self.name = f"{base}-{index + 1}"
         self.max_execs = max_execs
-        self.seen = set(known)              # OUT/corpus/ names this worker knows (it wrote, ran, or found there)
-        self.names: set[str] = set()        # its own corpus, by name
-        self.added: list[str] = []          # inputs it found and shared
-        self.from_others: set[str] = set()  # inputs it ran from the others
-        self.imported_new = 0               # of those, inputs that reached blocks new to it
-        self.start = 0.0
-        self.next_sync = 0.0
+        self.loop_sync: _WorkerSync | None = None
 
-    # --- loop.CampaignSync ----------------------------------------------------------------------------------------
+    def sync(self, instance: InstanceDir) -> _WorkerSync:
+        """The loop's CampaignSync for this worker's instance."""
+        self.loop_sync = _WorkerSync(instance, self)
+        return self.loop_sync
+
+    def finish(self, st: Stats, hit: Sequence[int]) -> None:
+        """The worker's final numbers, for the supervisor (atomically: it reads the file once the worker is gone)."""
+        ls = self.loop_sync
+        assert ls is not None
+        inst = ls.instance
+        report = {"execs": st.execs, "ok": st.ok, "crashes": st.crashes, "unique_crashes": st.unique_crashes,
+                  "hangs": st.hangs, "rejected": st.rejected, "corpus": st.corpus, "seconds": st.elapsed_s,
+                  "start": ls.start, "reset_s": st.reset_s, "first_crash_s": st.first_crash_s,
+                  "crash_files": st.crash_files, "blocks_total": st.blocks_total, "blocks": sorted(hit),
+                  "names": sorted(inst.known), "added": inst.found, "imported": ls.ran_imports,
+                  "imported_new": inst.imported, "seed": self.seed, "name": self.name}
+        _write_report(self.scratch, self.index, report)
+
+    def fail(self, line: str) -> None:
+        _write_report(self.scratch, self.index, {"error": line})
+
+
+class _WorkerSync(InstanceSync):
+    """InstanceSync plus the campaign: live numbers up to the board, its stop word and --execs down; a crash saved
+    by the worker that claims its signature first (O_EXCL in the campaign's scratch directory), so one bug found by
+    two workers is one file."""
+
+    def __init__(self, instance: InstanceDir, worker: Worker) -> None:
+        super().__init__(instance)
+        self.worker = worker
 
     def begin(self, start: float, corpus: Sequence[bytes]) -> None:
-        self.start = start
-        self.next_sync = start + SYNC_S
-        self.names.update(_name(d) for d in corpus)
-        self.board.put(self.index, {"state": FUZZING, "start_ns": int(start * 1e9)})
+        super().begin(start, corpus)
+        self.worker.board.put(self.worker.index, {"state": FUZZING, "start_ns": int(start * 1e9)})
 
     def tick(self, st: Stats, now: float) -> list[bytes] | None:
-        self.board.put(self.index, {"state": FUZZING, "start_ns": int(self.start * 1e9), "execs": st.execs,
-                                    "ok": st.ok, "crashes": st.crashes, "unique_crashes": st.unique_crashes,
-                                    "hangs": st.hangs, "rejected": st.rejected, "corpus": st.corpus,
-                                    "blocks_hit": st.blocks_hit, "blocks_total": st.blocks_total,
-                                    "imported": len(self.from_others)})
-        if self.board.stopped():
+        w = self.worker
+        w.board.put(w.index, {"state": FUZZING, "start_ns": int(self.start * 1e9), "execs": st.execs,
+                              "ok": st.ok, "crashes": st.crashes, "unique_crashes": st.unique_crashes,
+                              "hangs": st.hangs, "rejected": st.rejected, "corpus": st.corpus,
+                              "blocks_hit": st.blocks_hit, "blocks_total": st.blocks_total,
+                              "imported": self.ran_imports, "last_find": int(self.instance.last_find)})
+        if w.board.stopped():
             return None
-        if self.max_execs is not None and self.board.total_execs() >= self.max_execs:
+        if w.max_execs is not None and w.board.total_execs() >= w.max_execs:
             return None
-        if now < self.next_sync:
-            return []
-        self.next_sync = now + SYNC_S
-        incoming: list[bytes] = []
-        for name in sorted(os.listdir(self.corpus_dir)):
-            if name in self.seen or name.startswith("."):       # ".": another worker's file being written
-                continue
-            self.seen.add(name)
-            try:
-                data = (self.corpus_dir / name).read_bytes()
-            except OSError:
-                continue                    # removed meanwhile (by the user): nothing to run
-            self.from_others.add(name)
-            incoming.append(data)
-        return incoming
-
-    def add(self, data: bytes) -> None:
-        name = _name(data)
-        self.names.add(name)
-        if name in self.from_others:
-            self.imported_new += 1
-            return
-        if name in self.seen:
-            return                          # already in OUT/corpus/ (an earlier campaign)
-        self.seen.add(name)
-        self.added.append(name)
-        tmp = self.corpus_dir / f".{name}.{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.corpus_dir / name)     # the others never read half an input
+        return super().tick(st, now)
 
     def claim(self, signature: tuple[str, str, int | None]) -> bool:
-        path = self.scratch / f"crash-{hashlib.sha1(repr(signature).encode()).hexdigest()}"
+        path = self.worker.scratch / f"crash-{hashlib.sha1(repr(signature).encode()).hexdigest()}"
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
@@ -177,22 +171,7 @@ class Worker:
         return True
 
     def crashed(self) -> None:
-        self.board.stop()
-
-    # --- the report -----------------------------------------------------------------------------------------------
-
-    def finish(self, st: Stats, hit: Sequence[int]) -> None:
-        """The worker's final numbers, for the supervisor (atomically: it reads the file once the worker is gone)."""
-        report = {"execs": st.execs, "ok": st.ok, "crashes": st.crashes, "unique_crashes": st.unique_crashes,
-                  "hangs": st.hangs, "rejected": st.rejected, "corpus": st.corpus, "seconds": st.elapsed_s,
-                  "start": self.start, "reset_s": st.reset_s, "first_crash_s": st.first_crash_s,
-                  "crash_files": st.crash_files, "blocks_total": st.blocks_total, "blocks": sorted(hit),
-                  "names": sorted(self.names), "added": len(self.added), "imported": len(self.from_others),
-                  "imported_new": self.imported_new, "seed": self.seed}
-        _write_report(self.scratch, self.index, report)
-
-    def fail(self, line: str) -> None:
-        _write_report(self.scratch, self.index, {"error": line})
+        self.worker.board.stop()
 
 
 def _write_report(scratch: Path, index: int, report: dict[str, Any]) -> None:
@@ -256,19 +235,18 @@ def run_jobs(args: argparse.Namespace, campaign: Callable[[Worker], int]) -> int
     progress, and print the campaign's summary (the one-process summary's keys, plus `jobs` and `workers`)."""
     jobs = int(args.jobs)
     out = Path(args.out)
+    base = args.name or DEFAULT_NAME
     created = not out.exists()
-    scratch = out / JOBS_DIR
+    scratch = out / f".{base}.jobs"     # a dot entry: AFL++ and the instances' imports skip it
     shutil.rmtree(scratch, ignore_errors=True)      # what a campaign killed outright left
     try:
         scratch.mkdir(parents=True)
     except OSError as e:
         raise FuzzError(f"--out {out}: {e.strerror or e}") from None
-    corpus = out / "corpus"         # the workers' loops make OUT/crashes, corpus and hangs, as in one process
-    known = {p.name for p in corpus.iterdir()} if corpus.is_dir() else set()  # earlier campaigns' inputs
     board = Board(jobs)
 
     def make(index: int) -> Worker:
-        return Worker(index, jobs, board, out, known, seed=None if args.seed is None else args.seed + index,
+        return Worker(index, jobs, board, scratch, base, seed=None if args.seed is None else args.seed + index,
                       max_execs=args.execs)
 
     pids: dict[int, int] = {}
@@ -300,12 +278,9 @@ def run_jobs(args: argparse.Namespace, campaign: Callable[[Worker], int]) -> int
             shutil.rmtree(scratch, ignore_errors=True)
             board.close()
             if created and not done:        # a campaign that failed before it found anything leaves no OUT
-                subdirs = [out / "crashes", out / "corpus", out / "hangs"]
                 with contextlib.suppress(OSError):
-                    if not any(any(d.iterdir()) for d in subdirs if d.is_dir()):
-                        for d in [*subdirs, out]:
-                            with contextlib.suppress(FileNotFoundError):
-                                d.rmdir()
+                    if not any(any((out / f"{base}-{i + 1}" / "crashes").glob("id:*")) for i in range(jobs)):
+                        shutil.rmtree(out)
     failed = [i for i in sorted(codes) if codes[i] != 0]
     if failed:
         # The workers' own error lines, each once (all of them fail alike on a missing --corpus, say); the others
@@ -434,7 +409,7 @@ def summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "reset_share": round(sum(r["reset_s"] for r in reports) / busy, 3) if busy > 0 else 0.0,
             "first_crash_s": round(min(firsts), 3) if firsts else None,
             "crash_files": [f for r in reports for f in r["crash_files"]], "jobs": len(reports),
-            "workers": [{"worker": i, "seed": r["seed"], "execs": r["execs"],
+            "workers": [{"worker": i, "name": r["name"], "seed": r["seed"], "execs": r["execs"],
                          "execs_per_s": round(r["execs"] / r["seconds"], 1) if r["seconds"] > 0 else 0.0,
                          "crashes": r["crashes"], "unique_crashes": r["unique_crashes"], "corpus": r["corpus"],
                          "added": r["added"], "imported": r["imported"], "imported_new": r["imported_new"]}
