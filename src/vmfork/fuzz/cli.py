@@ -339,6 +339,10 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
                 return REPLAY_STATUS.get(res.outcome, REPLAY_ERROR)
             named = _load_corpus(args.corpus)
             seeds = [data for _, data in named]
+            instance = None                 # this process's AFL++ instance OUT/NAME (fuzz/syncdir.py), locked
+            if worker is not None or args.name is not None:
+                instance = _instance(args, worker.name if worker is not None else args.name,
+                                     main=args.main and (worker is None or worker.index == 0))
             if worker is None or worker.index == 0:
                 print(f"vmfork fuzz: input buffer {fz.input.describe()}, {len(seeds)} seeds"
                       + (f", {len(fz.coverage.blocks)} blocks to cover" if fz.coverage else "")
@@ -347,7 +351,7 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
                       + (f", {worker.jobs} jobs" if worker is not None else ""), file=sys.stderr, flush=True)
             if worker is not None:          # the campaign's --execs and status line are the CLI process's
                 # (a worker's own numbers go only to its held fork's stats file, if it holds one: target.status)
-                instance = _instance(args, worker.name, main=args.main and worker.index == 0)
+                assert instance is not None
                 wsync = worker.sync(instance)
                 st = fz.fuzz(instance.initial_corpus(named), seconds=args.seconds, rng_seed=worker.seed,
                              stop_on_crash=args.stop_on_crash, out_dir=instance.scratch, max_len=args.max_len,
@@ -357,9 +361,8 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
                 return 0
             sync = None
             out_dir = args.out
-            if args.name is not None:       # one AFL++ instance of the sync dir --out (fuzz/syncdir.py)
+            if instance is not None:        # one AFL++ instance of the sync dir --out
                 from .syncdir import InstanceSync
-                instance = _instance(args, args.name, main=args.main)
                 sync = InstanceSync(instance)
                 seeds = instance.initial_corpus(named)
                 out_dir = str(instance.scratch)
