@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -371,6 +373,9 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
             progress = target.progress()
             if view is not None:
                 progress = _both(ProgressView(view, args.name or ""), progress)
+            handlers: dict[int, Any] = {}
+            if sync is not None and threading.current_thread() is threading.main_thread():
+                handlers = {sig: signal.signal(sig, sync.stop_soon) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 st = fz.fuzz(seeds, seconds=args.seconds, rng_seed=args.seed, max_execs=args.execs,
                              stop_on_crash=args.stop_on_crash, out_dir=out_dir,
@@ -379,6 +384,8 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
                 if view is not None and progress is not None:
                     progress(st)            # the last numbers stay on the terminal
             finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
                 if view is not None:
                     view.close()
             if sync is not None:
@@ -389,6 +396,9 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
                               "blocks_total": st.blocks_total, "seconds": round(st.elapsed_s, 3),
                               "reset_share": round(st.reset_share, 3), "first_crash_s": st.first_crash_s,
                               "crash_files": st.crash_files}, indent=2))
+            if sync is not None and sync.stopping:     # Ctrl-C or SIGTERM: the numbers so far, then as interrupted
+                print("vmfork: interrupted", file=sys.stderr)
+                return 130
             crash = fz.last_crash
             for kept in fz.kept:
                 rip = kept.vcpus[0].get_regs().rip

@@ -117,6 +117,9 @@ class Worker:
     def sync(self, instance: InstanceDir) -> _WorkerSync:
         """The loop's CampaignSync for this worker's instance."""
         self.loop_sync = _WorkerSync(instance, self)
+        # From here on the supervisor's SIGTERM ends the loop at its next look at the clock (within 32 inputs), so
+        # the instance gets its last crashes' ids and numbers (_WorkerSync.finish puts the KeyboardInterrupt back).
+        signal.signal(signal.SIGTERM, self.loop_sync.stop_soon)
         return self.loop_sync
 
     def finish(self, st: Stats, hit: Sequence[int]) -> None:
@@ -172,6 +175,12 @@ class _WorkerSync(InstanceSync):
 
     def crashed(self) -> None:
         self.worker.board.stop()
+
+    def finish(self, st: Stats) -> None:
+        try:
+            super().finish(st)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if self.stopping else _interrupt_once)
 
 
 def _write_report(scratch: Path, index: int, report: dict[str, Any]) -> None:
@@ -276,11 +285,10 @@ def run_jobs(args: argparse.Namespace, campaign: Callable[[Worker], int]) -> int
             signal.signal(signal.SIGTERM, previous)
             reports = _reports(scratch, jobs)
             shutil.rmtree(scratch, ignore_errors=True)
+            started = any(board.get(i)["state"] == FUZZING for i in range(jobs))
             board.close()
-            if created and not done:        # a campaign that failed before it found anything leaves no OUT
-                with contextlib.suppress(OSError):
-                    if not any(any((out / f"{base}-{i + 1}" / "crashes").glob("id:*")) for i in range(jobs)):
-                        shutil.rmtree(out)
+            if created and not done and not started:    # a campaign that failed before it fuzzed leaves no OUT
+                shutil.rmtree(out, ignore_errors=True)
     failed = [i for i in sorted(codes) if codes[i] != 0]
     if failed:
         # The workers' own error lines, each once (all of them fail alike on a missing --corpus, say); the others

@@ -449,8 +449,17 @@ class InstanceSync:
         self.next_plot = start + PLOT_S
         self._eps = (start, 0)
 
+    def stop_soon(self, signum: int = 0, frame: object = None) -> None:
+        """End the loop at its next look at the clock (a signal handler: Ctrl-C or SIGTERM end a campaign with its
+        last numbers written and its summary, as afl-fuzz does)."""
+        self.stopping = True
+
+    stopping = False
+
     def tick(self, st: Stats, now: float) -> list[bytes] | None:
         self.st = st
+        if self.stopping:
+            return None
         if (st.unique_crashes, st.hangs) != self._seen:
             self._seen = (st.unique_crashes, st.hangs)
             self.moved.update(self.instance.collect(self.millis(now), st.execs))
