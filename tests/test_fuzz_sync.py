@@ -269,3 +269,65 @@ def test_afl_fuzz_secondary_and_vmfork_worker_pick_up_each_others_finds(guest_di
     assert (sync / "native" / ".synced" / "other").stat().st_size == 4
     assert (sync / "other" / ".synced" / "native").exists()     # AFL++'s own record (written when it finishes one)
     assert not [w for w in err.splitlines() if "warning" in w], err                # AFL++'s layout is not foreign
+
+
+# --- the live status for people ---------------------------------------------------------------------------------------
+
+def _run_on_a_terminal(argv: list[str], columns: int) -> tuple[int, str, str]:
+    """`argv` with its stderr on a pseudo-terminal of `columns` columns (stdout a pipe, as `| jq` would have it)."""
+    import fcntl
+    import pty
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color"}
+    env.pop("COLUMNS", None)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:             # EIO: the other side closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    proc.wait(timeout=60)
+    return proc.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("columns", [100, 60])
+def test_the_live_status_is_a_panel_that_fits_the_terminal(guest_dir: Path, tmp_path: Path, columns: int) -> None:
+    code, out, screen = _run_on_a_terminal(vmfork(*kfx_args(guest_dir), "--corpus",
+                                                  str(seeds(tmp_path / "seeds", KFX_SEED)), "--out",
+                                                  str(tmp_path / "sync"), "--name", "tty", "--seconds", "3"),
+                                           columns)
+    assert code == 0 and json.loads(out)["execs"] > 0, screen
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)          # without the terminal's escape sequences
+    assert "vmfork fuzz: tty" in text and "execs/s" in text and "coverage" in text and "last find" in text, text
+    assert "crashes" in text and "blocks" in text and "╭" in text, text
+    panel = [line for line in text.replace("\r", "\n").splitlines() if line.strip()[:1] in ("╭", "│", "╰")]
+    assert panel and max(len(line.rstrip()) for line in panel) <= columns, panel
+    assert "[    " not in text                                    # not the plain status line
+
+
+def test_without_a_terminal_the_status_is_plain_lines(guest_dir: Path, tmp_path: Path) -> None:
+    r = subprocess.run(vmfork(*kfx_args(guest_dir), "--corpus", str(seeds(tmp_path / "seeds", KFX_SEED)), "--out",
+                              str(tmp_path / "sync"), "--name", "pipe", "--seconds", "2"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "\x1b[" not in r.stderr and "╭" not in r.stderr, r.stderr
+    assert re.search(r"\[\s*\d+\.\ds\] execs \d+", r.stderr), r.stderr
+
+
+def test_the_jobs_panel_has_a_row_per_worker(guest_dir: Path, tmp_path: Path) -> None:
+    code, out, screen = _run_on_a_terminal(vmfork(*kfx_args(guest_dir), "--corpus",
+                                                  str(seeds(tmp_path / "seeds", KFX_SEED)), "--out",
+                                                  str(tmp_path / "sync"), "--name", "k", "--jobs", "2",
+                                                  "--seconds", "4"), 80)
+    assert code == 0 and json.loads(out)["jobs"] == 2, screen
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+    assert "vmfork fuzz: k-1..2" in text and re.search(r"│\s*k-1\s+\d", text) and re.search(r"│\s*k-2\s+\d", text), \
+        text

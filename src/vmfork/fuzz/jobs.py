@@ -49,6 +49,7 @@ from typing import Any, NoReturn
 
 from ..errors import user_error_line
 from .loop import FuzzError, Stats
+from .status import LiveView, Numbers
 from .syncdir import InstanceDir, InstanceSync
 
 __all__ = ["Worker", "cpu_count", "run_jobs"]
@@ -276,7 +277,13 @@ def run_jobs(args: argparse.Namespace, campaign: Callable[[Worker], int]) -> int
                 pids[index] = pid
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        shown = _supervise(pids, codes, board, None if args.quiet else sys.stderr)
+        view = None if args.quiet else LiveView.open(sys.stderr, f"{base}-1..{jobs} in {out}")
+        try:
+            shown = _supervise(pids, codes, board, None if args.quiet else view or sys.stderr, names=base)
+        finally:
+            if view is not None:
+                view.close()
+                shown = False
         done = all(code == 0 for code in codes.values())
     finally:
         try:
@@ -317,11 +324,13 @@ def run_jobs(args: argparse.Namespace, campaign: Callable[[Worker], int]) -> int
     return 0
 
 
-def _supervise(pids: dict[int, int], codes: dict[int, int], board: Board, status: Any) -> bool:
-    """Until every worker has ended: reap them and show the combined progress (True if it did); return early when
-    one fails (then _end stops the others)."""
+def _supervise(pids: dict[int, int], codes: dict[int, int], board: Board, status: Any, names: str = "") -> bool:
+    """Until every worker has ended: reap them and show the combined progress (True if it did: a status line on
+    `status`, a stream, or a LiveView's panel with a row per worker); return early when one fails (then _end stops
+    the others)."""
     next_status = time.monotonic() + STATUS_S
     line = ""
+    rates = Rates()
     while len(codes) < len(pids):
         for index, pid in pids.items():
             if index in codes:
@@ -332,7 +341,12 @@ def _supervise(pids: dict[int, int], codes: dict[int, int], board: Board, status
                 if codes[index] != 0:
                     return bool(line)
         now = time.monotonic()
-        if status is not None and now >= next_status:
+        if isinstance(status, LiveView) and now >= next_status:
+            total, rows = rates.numbers(board, now, names)
+            if total is not None:
+                status.update(total, rows)
+            next_status = now + STATUS_S
+        elif status is not None and now >= next_status:
             line = live_line(board, now)
             if line:
                 status.write("\r" + line)
@@ -377,6 +391,45 @@ def _reports(scratch: Path, jobs: int) -> dict[int, dict[str, Any]]:
         with contextlib.suppress(OSError, ValueError):
             reports[i] = json.loads((scratch / f"worker-{i}.json").read_text())
     return reports
+
+
+class Rates:
+    """The panel's numbers from the board: each worker's execs/s over the last status interval, and the times of
+    the last find and crash (when its corpus or unique crashes last grew)."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, tuple[float, int]] = {}
+        self.crash: dict[int, tuple[int, float]] = {}
+
+    def numbers(self, board: Board, now: float, base: str) -> tuple[Numbers | None, list[Numbers]]:
+        rows: list[Numbers] = []
+        wall = time.time()
+        for i in range(board.workers):
+            s = board.get(i)
+            if s["state"] != FUZZING:
+                continue
+            seconds = max(0.0, now - s["start_ns"] / 1e9)
+            prev = self.last.get(i)
+            rate = (s["execs"] - prev[1]) / (now - prev[0]) if prev and now > prev[0] else \
+                (s["execs"] / seconds if seconds > 0 else 0.0)
+            self.last[i] = (now, s["execs"])
+            seen = self.crash.get(i, (0, 0.0))
+            if s["unique_crashes"] > seen[0]:
+                seen = (s["unique_crashes"], wall)
+                self.crash[i] = seen
+            rows.append(Numbers(f"{base}-{i + 1}", seconds, s["execs"], rate, s["corpus"], s["blocks_hit"],
+                                s["blocks_total"], s["crashes"], s["unique_crashes"], s["hangs"],
+                                float(s["last_find"]) or None, seen[1] or None))
+        if not rows:
+            return None, rows
+        finds = [r.last_find for r in rows if r.last_find]
+        crashes = [r.last_crash for r in rows if r.last_crash]
+        total = Numbers("all", max(r.seconds for r in rows), sum(r.execs for r in rows),
+                        sum(r.execs_per_s for r in rows), max(r.corpus for r in rows),
+                        max(r.blocks_hit for r in rows), max(r.blocks_total for r in rows),
+                        sum(r.crashes for r in rows), sum(r.unique_crashes for r in rows), sum(r.hangs for r in rows),
+                        max(finds) if finds else None, max(crashes) if crashes else None)
+        return total, rows
 
 
 def live_line(board: Board, now: float) -> str:
