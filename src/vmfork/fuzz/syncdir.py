@@ -116,6 +116,7 @@ class InstanceDir:
         self.exec_timeout_ms = exec_timeout_ms
         self.command_line = " ".join(command_line)
         self.warned: set[str] = set()
+        self._looked: dict[str, int] = {}       # other instance -> its queue/'s mtime when last listed
         try:
             self.sync_dir.mkdir(parents=True, exist_ok=True)
             self.path.mkdir(exist_ok=True)
@@ -320,6 +321,9 @@ class InstanceDir:
                 continue
             queue = Path(entry.path) / "queue"
             try:
+                stamp = os.stat(queue).st_mtime_ns
+                if self._looked.get(other) == stamp:
+                    continue                    # nothing added or renamed there since the last look
                 names = os.listdir(queue)
             except FileNotFoundError:
                 continue                        # not (yet) an instance: AFL++ skips it too
@@ -329,6 +333,9 @@ class InstanceDir:
             if not _NAME.match(other):
                 self._warn_once(entry.path, f"{entry.path}: not a name an instance can have, skipped")
                 continue
+            if time.time_ns() - stamp > 1_000_000_000:
+                # (a directory changed within the last second may change again with the same coarse timestamp)
+                self._looked[other] = stamp
             first = self._synced(other)
             todo: list[tuple[int, str]] = []
             for name in names:
