@@ -266,7 +266,7 @@ def test_errors_are_one_line(ts: CliHarness, seeds: Path) -> None:
     ts.fail("fuzz", "--domain", "spin", "--out", out, match="spin (domain 1) is not running: its process")
 
     p = ts.run("fuzz", "--out", out)
-    assert p.returncode == 2 and "one of the arguments --kernel --domain is required" in p.stderr
+    assert p.returncode == 2 and "one of the arguments --kernel --template --domain is required" in p.stderr
     p = ts.run("fuzz", "--domain", "demo", "--kernel", str(ts.kernel), "--out", out)
     assert p.returncode == 2 and "not allowed with argument" in p.stderr
     assert _fuzz_entries(ts) == []

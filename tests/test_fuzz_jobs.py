@@ -1,6 +1,7 @@
 """`vmfork fuzz --jobs N` (fuzz/jobs.py) end to end: the real CLI in a subprocess, N worker processes fuzzing the
 test guest's `fuzz` program (its planted bug: a 'B' record with a nonzero bank, #PF), one crash file per crash,
-the shared corpus, the campaign's limits, signals, and refusals."""
+the corpus shared through AFL++'s sync-dir layout (each worker an instance OUT/vmfork-N), the campaign's limits,
+signals, and refusals."""
 
 from __future__ import annotations
 
@@ -65,10 +66,13 @@ def test_two_jobs_find_the_bug_and_stop_together(pvh_guest: Path, tmp_path: Path
     assert all(w["execs"] > 0 for w in st["workers"]), st["workers"]
     assert st["execs"] == sum(w["execs"] for w in st["workers"])
     (crash,) = st["crash_files"]
-    assert Path(crash).name.startswith("vector-14-") and sorted(p.name for p in (out / "crashes").iterdir()) == \
-        sorted([Path(crash).name, Path(crash).with_suffix(".json").name])
+    # AFL++'s layout: the workers are instances vmfork-1 and vmfork-2 of the sync dir OUT (fuzz/syncdir.py)
+    assert Path(crash).name.startswith("id:000000,sig:11,") and ",vec:14," in Path(crash).name, crash
+    assert sorted(p.name for w in ("vmfork-1", "vmfork-2") for p in (out / w / "crashes").iterdir()) == \
+        [Path(crash).name]
+    assert (Path(crash).parent.parent / "crash_reports" / f"{Path(crash).name}.json").is_file()
     assert "2 jobs" in r.stderr and "19 blocks to cover" in r.stderr
-    assert not (out / ".jobs").exists()                             # the campaign's scratch directory went
+    assert sorted(p.name for p in out.iterdir()) == ["vmfork-1", "vmfork-2"]    # the scratch directory went
 
 
 def test_one_crash_file_per_crash_and_a_shared_corpus(pvh_guest: Path, tmp_path: Path) -> None:
@@ -80,16 +84,22 @@ def test_one_crash_file_per_crash_and_a_shared_corpus(pvh_guest: Path, tmp_path:
     st = _summary(r)
     w0, w1 = st["workers"]
     assert w0["crashes"] >= 1 and w1["crashes"] >= 1, st["workers"]       # each ran BUG
-    files = sorted(p.name for p in (out / "crashes").glob("*.bin"))
+    files = sorted(p.name for w in ("vmfork-1", "vmfork-2") for p in (out / w / "crashes").glob("id:*"))
     assert st["unique_crashes"] == w0["unique_crashes"] + w1["unique_crashes"] == len(files), (files, st)
-    assert len([f for f in files if f.startswith("vector-14-")]) == 1, files     # (the fuzzer may find `TF` too)
-    corpus = sorted(p.name for p in (out / "corpus").iterdir())
-    assert not [name for name in corpus if name.startswith(".")]           # no temporary file left
-    # (both may find the same input before either has seen the other's: one file)
-    assert max(w0["added"], w1["added"]) <= len(corpus) <= w0["added"] + w1["added"], (corpus, st["workers"])
+    assert len([f for f in files if ",vec:14," in f]) == 1, files          # (the fuzzer may find `TF` too)
+    queues = {w: sorted(p.name for p in (out / w / "queue").iterdir()) for w in ("vmfork-1", "vmfork-2")}
+    for w, names in queues.items():
+        assert all(name.startswith("id:") for name in names), names       # no temporary file left
+        assert [n.split(",")[0] for n in names] == [f"id:{i:06d}" for i in range(len(names))]  # AFL++'s numbering
+        assert sum(",orig:" in n for n in names) == 2                      # the seeds
+        found = [n for n in names if ",op:havoc,+cov" in n]
+        assert len(found) == w0["added"] if w == "vmfork-1" else w1["added"]
+    # each ran the inputs the other queued (AFL++'s .synced/ bookkeeping), those new to it joined its queue
     assert w0["imported"] <= w1["added"] and w1["imported"] <= w0["added"]
     assert w0["imported"] + w1["imported"] > 0, st["workers"]
-    assert st["corpus"] == 2 + len(corpus)                          # the seeds and what the workers added
+    assert sum(",sync:vmfork-2," in n for n in queues["vmfork-1"]) == w0["imported_new"]
+    assert sum(",sync:vmfork-1," in n for n in queues["vmfork-2"]) == w1["imported_new"]
+    assert (out / "vmfork-1" / ".synced" / "vmfork-2").stat().st_size == 4
     assert st["blocks_hit"] <= st["blocks_total"] == 19
     assert r.stderr.count("input buffer") == 1                     # one banner, no live line with --quiet
 
@@ -151,7 +161,7 @@ def test_stopping_the_campaign_leaves_no_worker_behind(pvh_guest: Path, tmp_path
         assert not _alive(workers) and _ours(tmp_path / "out") == []
         if how != "sigkill":
             assert proc.returncode == 130 and "Traceback" not in err and err.endswith("vmfork: interrupted\n"), err
-            assert not (tmp_path / "out" / ".jobs").exists()
+            assert not (tmp_path / "out" / ".vmfork.jobs").exists()
     finally:
         if proc.poll() is None:
             proc.kill()

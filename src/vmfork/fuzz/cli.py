@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +109,9 @@ def register_fuzz_commands(sub: Any) -> None:
     p = sub.add_parser("fuzz", help="fuzz a guest paused at its ready marker, in forks (or replay one input)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--kernel", help="target kernel (Multiboot, PVH or Linux), booted in-process")
+    target.add_argument("--template", metavar="FILE",
+                        help="a template save file of a target paused at its start marker (vmfork save --template): "
+                             "each fuzzer maps it copy-on-write (give --cover START-END: a file keeps no console)")
     target.add_argument("--domain", metavar="NAME|DOMID",
                         help="a domain paused at its ready marker (vmfork create): fuzz forks of it in this process, "
                              "shown as its fork `NAME-fuzz-N` while the fuzzer runs; with --harness int3 or --start, "
@@ -193,6 +199,14 @@ def register_fuzz_commands(sub: Any) -> None:
                    help="fuzz in N processes (default 1), one target each, sharing --out: its corpus (each runs "
                         "what the others found), its crashes (one file per crash) and --seconds, --execs and "
                         "--stop-on-crash; the summary adds each worker's numbers (fuzz/jobs.py)")
+    p.add_argument("--name", default=None, metavar="NAME",
+                   help="write --out as an AFL++ sync dir: this fuzzer is the instance OUT/NAME (queue/, crashes/, "
+                        "hangs/, fuzzer_stats, plot_data: afl-whatsup and afl-plot read it) and imports the other "
+                        "instances' queues (afl-fuzz -M/-S ones too); with --jobs N the workers are NAME-1..N "
+                        "(default name `vmfork`) (fuzz/syncdir.py)")
+    p.add_argument("--main", action="store_true",
+                   help="with --name: be the sync dir's main node (is_main_node: afl-fuzz -S secondaries import "
+                        "from main nodes only); with --jobs, the first worker")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.set_defaults(func=run_fuzz)
 
@@ -210,12 +224,14 @@ def run_fuzz(args: argparse.Namespace) -> int:
     if args.boot_timeout is not None and not args.boot_timeout > 0:     # (NaN too)
         print(f"vmfork fuzz: --boot-timeout {args.boot_timeout:g}: must be more than 0 seconds", file=sys.stderr)
         return 2
-    if args.domain is not None:
+    if args.domain is not None or args.template is not None:
         given = [opt for opt, value in (("--cmdline", args.cmdline), ("--memory", args.memory),
                                         ("--initrd", args.initrd), ("--cpuid", args.cpuid)) if value is not None]
         if given:
-            print(f"vmfork fuzz: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for --kernel: a domain "
-                  "is already booted (its config sets them)", file=sys.stderr)
+            what = "a domain is already booted (its config sets them)" if args.domain is not None else \
+                "a template is a booted machine (its file sets them)"
+            print(f"vmfork fuzz: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for --kernel: {what}",
+                  file=sys.stderr)
             return 2
         if args.boot_timeout is not None and args.harness in (None, "port") and args.start is None:
             print("vmfork fuzz: --boot-timeout is for --kernel, or for --domain with --harness int3 or --start: a "
@@ -233,7 +249,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
         if args.afl or args.replay is not None:
             print("vmfork fuzz: --gdb is for a campaign (not --afl or --replay)", file=sys.stderr)
             return 2
-    problem = _check_jobs(args)
+    problem = _check_jobs(args) or _check_sync(args)
     if problem is not None:
         print(f"vmfork fuzz: {problem}", file=sys.stderr)
         return 2
@@ -268,6 +284,21 @@ def _check_jobs(args: argparse.Namespace) -> str | None:
                "--gdb": "a kept fork lives in the one process that found the crash"}[alone[0]]
         return f"--jobs {jobs} and {alone[0]}: {why}"
     return None
+
+
+def _check_sync(args: argparse.Namespace) -> str | None:
+    """--name and --main: an instance name AFL++'s tools can read, for a campaign with --out."""
+    from .syncdir import check_name
+    if args.main and args.name is None and args.jobs == 1:
+        return "--main is for an AFL++ sync dir: give --name NAME too"
+    if args.name is None:
+        return None
+    if args.afl or args.replay is not None:
+        return f"--name is for a campaign of vmfork's own (with {'--afl' if args.afl else '--replay'}, afl-fuzz " \
+               "-o/-S or nothing writes the instance)"
+    if args.keep or args.gdb is not None:
+        return "--name and --keep: a kept fork ends the campaign at its first crash; fuzz without --name to keep one"
+    return check_name(args.name) if args.jobs == 1 else check_name(f"{args.name}-{args.jobs}")
 
 
 def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int] | None,
@@ -313,7 +344,12 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
                 res = fz.execute(Path(args.replay).read_bytes())
                 print(json.dumps(res.to_json(), indent=2))
                 return REPLAY_STATUS.get(res.outcome, REPLAY_ERROR)
-            seeds = _load_corpus(args.corpus)
+            named = _load_corpus(args.corpus)
+            seeds = [data for _, data in named]
+            instance = None                 # this process's AFL++ instance OUT/NAME (fuzz/syncdir.py), locked
+            if worker is not None or args.name is not None:
+                instance = _instance(args, worker.name if worker is not None else args.name,
+                                     main=args.main and (worker is None or worker.index == 0))
             if worker is None or worker.index == 0:
                 print(f"vmfork fuzz: input buffer {fz.input.describe()}, {len(seeds)} seeds"
                       + (f", {len(fz.coverage.blocks)} blocks to cover" if fz.coverage else "")
@@ -322,20 +358,52 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
                       + (f", {worker.jobs} jobs" if worker is not None else ""), file=sys.stderr, flush=True)
             if worker is not None:          # the campaign's --execs and status line are the CLI process's
                 # (a worker's own numbers go only to its held fork's stats file, if it holds one: target.status)
-                st = fz.fuzz(seeds, seconds=args.seconds, rng_seed=worker.seed, stop_on_crash=args.stop_on_crash,
-                             out_dir=args.out, max_len=args.max_len, sync=worker, progress=target.progress())
+                assert instance is not None
+                wsync = worker.sync(instance)
+                st = fz.fuzz(instance.initial_corpus(named), seconds=args.seconds, rng_seed=worker.seed,
+                             stop_on_crash=args.stop_on_crash, out_dir=instance.scratch, max_len=args.max_len,
+                             sync=wsync, progress=target.progress())
+                wsync.finish(st)
                 worker.finish(st, sorted(fz.coverage.hit) if fz.coverage is not None else [])
                 return 0
-            st = fz.fuzz(seeds, seconds=args.seconds, rng_seed=args.seed, max_execs=args.execs,
-                         stop_on_crash=args.stop_on_crash, out_dir=args.out,
-                         status=None if args.quiet else sys.stderr, progress=target.progress(), max_len=args.max_len,
-                         keep=args.keep or gdb_listen is not None)
+            sync = None
+            out_dir = args.out
+            if instance is not None:        # one AFL++ instance of the sync dir --out
+                from .syncdir import InstanceSync
+                sync = InstanceSync(instance)
+                seeds = instance.initial_corpus(named)
+                out_dir = str(instance.scratch)
+            from .status import LiveView, ProgressView
+            view = None if args.quiet else LiveView.open(sys.stderr, args.name or Path(str(target.what)).name)
+            progress = target.progress()
+            if view is not None:
+                progress = _both(ProgressView(view, args.name or ""), progress)
+            handlers: dict[int, Any] = {}
+            if sync is not None and threading.current_thread() is threading.main_thread():
+                handlers = {sig: signal.signal(sig, sync.stop_soon) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                st = fz.fuzz(seeds, seconds=args.seconds, rng_seed=args.seed, max_execs=args.execs,
+                             stop_on_crash=args.stop_on_crash, out_dir=out_dir,
+                             status=None if args.quiet or view is not None else sys.stderr, progress=progress,
+                             max_len=args.max_len, keep=args.keep or gdb_listen is not None, sync=sync)
+                if view is not None and progress is not None:
+                    progress(st)            # the last numbers stay on the terminal
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+                if view is not None:
+                    view.close()
+            if sync is not None:
+                sync.finish(st)
             print(json.dumps({"execs": st.execs, "execs_per_s": round(st.execs_per_s, 1), "ok": st.ok,
                               "crashes": st.crashes, "unique_crashes": st.unique_crashes, "hangs": st.hangs,
                               "rejected": st.rejected, "corpus": st.corpus, "blocks_hit": st.blocks_hit,
                               "blocks_total": st.blocks_total, "seconds": round(st.elapsed_s, 3),
                               "reset_share": round(st.reset_share, 3), "first_crash_s": st.first_crash_s,
                               "crash_files": st.crash_files}, indent=2))
+            if sync is not None and sync.stopping:     # Ctrl-C or SIGTERM: the numbers so far, then as interrupted
+                print("vmfork: interrupted", file=sys.stderr)
+                return 130
             crash = fz.last_crash
             for kept in fz.kept:
                 rip = kept.vcpus[0].get_regs().rip
@@ -380,13 +448,32 @@ def _check_harness(args: argparse.Namespace, symbols: Any) -> str | None:
     return None
 
 
-def _load_corpus(directory: str | None) -> list[bytes]:
+def _load_corpus(directory: str | None) -> list[tuple[str, bytes]]:
+    """The seeds, as (file name, content)."""
     if directory is None:
         return []
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(directory)
-    return [p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()]
+    return [(p.name, p.read_bytes()) for p in sorted(d.iterdir()) if p.is_file()]
+
+
+def _both(first: Callable[[Any], None], second: Callable[[Any], None] | None) -> Callable[[Any], None]:
+    """Two progress callbacks as one (the terminal view and a held fork's stats file)."""
+    if second is None:
+        return first
+
+    def both(st: Any) -> None:
+        first(st)
+        second(st)
+    return both
+
+
+def _instance(args: argparse.Namespace, name: str, *, main: bool) -> Any:
+    """This process's AFL++ instance directory OUT/NAME (fuzz/syncdir.py)."""
+    from .syncdir import InstanceDir
+    return InstanceDir(Path(args.out), name, command_line=["vmfork", *sys.argv[1:]],
+                       exec_timeout_ms=int(args.budget_ms), main=main)
 
 
 def _serve_gdb_once(vm: Any, host: str, port: int) -> None:

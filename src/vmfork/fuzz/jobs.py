@@ -12,12 +12,14 @@ What the workers share, and why this way:
                  campaign's --execs), a stop word comes down. Workers read it when they look at the clock (every 32
                  inputs), so --execs, --stop-on-crash (the first crash in any worker) and the end of a failed campaign
                  reach every worker within a few dozen inputs.
-  OUT/corpus/    the shared corpus, AFL++ -S style: a worker writes an input that reached blocks new to it there
-                 (atomically: a temporary name, then rename), and every SYNC_S runs, unchanged, the inputs the others
-                 added since it last looked; those that reach blocks new to it join its own corpus too.
-  OUT/.jobs/     the campaign's scratch directory, removed at the end: crash claims (a worker saves a crash only if it
-                 creates its signature's claim file first, O_EXCL, so the same bug found by two workers is one file)
-                 and each worker's final report for the supervisor.
+  OUT/NAME-i/    each worker is an AFL++ instance of the sync dir OUT (syncdir.py; NAME is --name, default
+                 `vmfork`): its finds go to its queue/ and every SYNC_S it runs, unchanged, the entries the other
+                 instances queued since it last looked (AFL++'s .synced/ bookkeeping), those of afl-fuzz instances
+                 and of other machines' workers (an rsync'ed sync dir) included; those that reach blocks new to it
+                 join its own queue too. fuzzer_stats and plot_data are AFL++'s, so afl-whatsup and afl-plot work.
+  OUT/.NAME.jobs/  the campaign's scratch directory, removed at the end: crash claims (a worker saves a crash only
+                 if it creates its signature's claim file first, O_EXCL, so the same bug found by two workers is one
+                 file) and each worker's final report for the supervisor.
 
 Signals: workers ignore SIGINT (a terminal sends Ctrl-C to the whole process group); the supervisor turns Ctrl-C or
 SIGTERM into one SIGTERM per worker, which a worker turns into KeyboardInterrupt once (its cleanup runs: forks
@@ -47,17 +49,19 @@ from typing import Any, NoReturn
 
 from ..errors import user_error_line
 from .loop import FuzzError, Stats
+from .status import LiveView, Numbers
+from .syncdir import InstanceDir, InstanceSync
 
 __all__ = ["Worker", "cpu_count", "run_jobs"]
 
 SYNC_S = 1.0                # how often a worker looks for the others' new inputs
 STATUS_S = 0.5              # the supervisor's status line
 GRACE_S = 15.0              # how long a stopped worker may take to clean up before SIGKILL
-JOBS_DIR = ".jobs"
+DEFAULT_NAME = "vmfork"      # the workers' names without --name: vmfork-1, vmfork-2, ...
 
 # The board: a header word (stop), then one slot of signed 64-bit counters per worker.
 FIELDS = ("state", "start_ns", "execs", "ok", "crashes", "unique_crashes", "hangs", "rejected", "corpus",
-          "blocks_hit", "blocks_total", "imported")
+          "blocks_hit", "blocks_total", "imported", "last_find")
 _SLOT = struct.Struct(f"<{len(FIELDS)}q")
 _HEADER = 64
 STARTING, FUZZING = 0, 1
@@ -95,81 +99,75 @@ class Board:
         self.mem.close()
 
 
-def _name(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()      # OUT/corpus/ names, as in a one-process campaign
-
-
 class Worker:
-    """One worker's side of the campaign: the loop's CampaignSync (loop.py), plus what the worker tells the
-    supervisor at the end (`finish`)."""
+    """One worker of the campaign, in its process: its AFL++ instance NAME-<index + 1> in the sync dir (syncdir.py),
+    whose loop sync (`sync`) also keeps the campaign's board and crash claims, and what it tells the supervisor at
+    the end (`finish`)."""
 
-    def __init__(self, index: int, jobs: int, board: Board, out: Path, known: set[str], *, seed: int | None,
+    def __init__(self, index: int, jobs: int, board: Board, scratch: Path, base: str, *, seed: int | None,
                  max_execs: int | None) -> None:
         self.index = index
         self.jobs = jobs
         self.seed = seed
         self.board = board
-        self.corpus_dir = out / "corpus"
-        self.scratch = out / JOBS_DIR
+        self.scratch = scratch
+        self.name = f"{base}-{index + 1}"
         self.max_execs = max_execs
-        self.seen = set(known)              # OUT/corpus/ names this worker knows (it wrote, ran, or found there)
-        self.names: set[str] = set()        # its own corpus, by name
-        self.added: list[str] = []          # inputs it found and shared
-        self.from_others: set[str] = set()  # inputs it ran from the others
-        self.imported_new = 0               # of those, inputs that reached blocks new to it
-        self.start = 0.0
-        self.next_sync = 0.0
+        self.loop_sync: _WorkerSync | None = None
 
-    # --- loop.CampaignSync ----------------------------------------------------------------------------------------
+    def sync(self, instance: InstanceDir) -> _WorkerSync:
+        """The loop's CampaignSync for this worker's instance."""
+        self.loop_sync = _WorkerSync(instance, self)
+        # From here on the supervisor's SIGTERM ends the loop at its next look at the clock (within 32 inputs), so
+        # the instance gets its last crashes' ids and numbers (_WorkerSync.finish puts the KeyboardInterrupt back).
+        signal.signal(signal.SIGTERM, self.loop_sync.stop_soon)
+        return self.loop_sync
+
+    def finish(self, st: Stats, hit: Sequence[int]) -> None:
+        """The worker's final numbers, for the supervisor (atomically: it reads the file once the worker is gone)."""
+        ls = self.loop_sync
+        assert ls is not None
+        inst = ls.instance
+        report = {"execs": st.execs, "ok": st.ok, "crashes": st.crashes, "unique_crashes": st.unique_crashes,
+                  "hangs": st.hangs, "rejected": st.rejected, "corpus": st.corpus, "seconds": st.elapsed_s,
+                  "start": ls.start, "reset_s": st.reset_s, "first_crash_s": st.first_crash_s,
+                  "crash_files": st.crash_files, "blocks_total": st.blocks_total, "blocks": sorted(hit),
+                  "names": sorted(inst.known), "added": inst.found, "imported": ls.ran_imports,
+                  "imported_new": inst.imported, "seed": self.seed, "name": self.name}
+        _write_report(self.scratch, self.index, report)
+
+    def fail(self, line: str) -> None:
+        _write_report(self.scratch, self.index, {"error": line})
+
+
+class _WorkerSync(InstanceSync):
+    """InstanceSync plus the campaign: live numbers up to the board, its stop word and --execs down; a crash saved
+    by the worker that claims its signature first (O_EXCL in the campaign's scratch directory), so one bug found by
+    two workers is one file."""
+
+    def __init__(self, instance: InstanceDir, worker: Worker) -> None:
+        super().__init__(instance)
+        self.worker = worker
 
     def begin(self, start: float, corpus: Sequence[bytes]) -> None:
-        self.start = start
-        self.next_sync = start + SYNC_S
-        self.names.update(_name(d) for d in corpus)
-        self.board.put(self.index, {"state": FUZZING, "start_ns": int(start * 1e9)})
+        super().begin(start, corpus)
+        self.worker.board.put(self.worker.index, {"state": FUZZING, "start_ns": int(start * 1e9)})
 
     def tick(self, st: Stats, now: float) -> list[bytes] | None:
-        self.board.put(self.index, {"state": FUZZING, "start_ns": int(self.start * 1e9), "execs": st.execs,
-                                    "ok": st.ok, "crashes": st.crashes, "unique_crashes": st.unique_crashes,
-                                    "hangs": st.hangs, "rejected": st.rejected, "corpus": st.corpus,
-                                    "blocks_hit": st.blocks_hit, "blocks_total": st.blocks_total,
-                                    "imported": len(self.from_others)})
-        if self.board.stopped():
+        w = self.worker
+        w.board.put(w.index, {"state": FUZZING, "start_ns": int(self.start * 1e9), "execs": st.execs,
+                              "ok": st.ok, "crashes": st.crashes, "unique_crashes": st.unique_crashes,
+                              "hangs": st.hangs, "rejected": st.rejected, "corpus": st.corpus,
+                              "blocks_hit": st.blocks_hit, "blocks_total": st.blocks_total,
+                              "imported": self.ran_imports, "last_find": int(self.instance.last_find)})
+        if w.board.stopped():
             return None
-        if self.max_execs is not None and self.board.total_execs() >= self.max_execs:
+        if w.max_execs is not None and w.board.total_execs() >= w.max_execs:
             return None
-        if now < self.next_sync:
-            return []
-        self.next_sync = now + SYNC_S
-        incoming: list[bytes] = []
-        for name in sorted(os.listdir(self.corpus_dir)):
-            if name in self.seen or name.startswith("."):       # ".": another worker's file being written
-                continue
-            self.seen.add(name)
-            try:
-                data = (self.corpus_dir / name).read_bytes()
-            except OSError:
-                continue                    # removed meanwhile (by the user): nothing to run
-            self.from_others.add(name)
-            incoming.append(data)
-        return incoming
-
-    def add(self, data: bytes) -> None:
-        name = _name(data)
-        self.names.add(name)
-        if name in self.from_others:
-            self.imported_new += 1
-            return
-        if name in self.seen:
-            return                          # already in OUT/corpus/ (an earlier campaign)
-        self.seen.add(name)
-        self.added.append(name)
-        tmp = self.corpus_dir / f".{name}.{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.corpus_dir / name)     # the others never read half an input
+        return super().tick(st, now)
 
     def claim(self, signature: tuple[str, str, int | None]) -> bool:
-        path = self.scratch / f"crash-{hashlib.sha1(repr(signature).encode()).hexdigest()}"
+        path = self.worker.scratch / f"crash-{hashlib.sha1(repr(signature).encode()).hexdigest()}"
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
@@ -177,22 +175,13 @@ class Worker:
         return True
 
     def crashed(self) -> None:
-        self.board.stop()
+        self.worker.board.stop()
 
-    # --- the report -----------------------------------------------------------------------------------------------
-
-    def finish(self, st: Stats, hit: Sequence[int]) -> None:
-        """The worker's final numbers, for the supervisor (atomically: it reads the file once the worker is gone)."""
-        report = {"execs": st.execs, "ok": st.ok, "crashes": st.crashes, "unique_crashes": st.unique_crashes,
-                  "hangs": st.hangs, "rejected": st.rejected, "corpus": st.corpus, "seconds": st.elapsed_s,
-                  "start": self.start, "reset_s": st.reset_s, "first_crash_s": st.first_crash_s,
-                  "crash_files": st.crash_files, "blocks_total": st.blocks_total, "blocks": sorted(hit),
-                  "names": sorted(self.names), "added": len(self.added), "imported": len(self.from_others),
-                  "imported_new": self.imported_new, "seed": self.seed}
-        _write_report(self.scratch, self.index, report)
-
-    def fail(self, line: str) -> None:
-        _write_report(self.scratch, self.index, {"error": line})
+    def finish(self, st: Stats) -> None:
+        try:
+            super().finish(st)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if self.stopping else _interrupt_once)
 
 
 def _write_report(scratch: Path, index: int, report: dict[str, Any]) -> None:
@@ -256,19 +245,18 @@ def run_jobs(args: argparse.Namespace, campaign: Callable[[Worker], int]) -> int
     progress, and print the campaign's summary (the one-process summary's keys, plus `jobs` and `workers`)."""
     jobs = int(args.jobs)
     out = Path(args.out)
+    base = args.name or DEFAULT_NAME
     created = not out.exists()
-    scratch = out / JOBS_DIR
+    scratch = out / f".{base}.jobs"     # a dot entry: AFL++ and the instances' imports skip it
     shutil.rmtree(scratch, ignore_errors=True)      # what a campaign killed outright left
     try:
         scratch.mkdir(parents=True)
     except OSError as e:
         raise FuzzError(f"--out {out}: {e.strerror or e}") from None
-    corpus = out / "corpus"         # the workers' loops make OUT/crashes, corpus and hangs, as in one process
-    known = {p.name for p in corpus.iterdir()} if corpus.is_dir() else set()  # earlier campaigns' inputs
     board = Board(jobs)
 
     def make(index: int) -> Worker:
-        return Worker(index, jobs, board, out, known, seed=None if args.seed is None else args.seed + index,
+        return Worker(index, jobs, board, scratch, base, seed=None if args.seed is None else args.seed + index,
                       max_execs=args.execs)
 
     pids: dict[int, int] = {}
@@ -289,7 +277,13 @@ def run_jobs(args: argparse.Namespace, campaign: Callable[[Worker], int]) -> int
                 pids[index] = pid
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        shown = _supervise(pids, codes, board, None if args.quiet else sys.stderr)
+        view = None if args.quiet else LiveView.open(sys.stderr, f"{base}-1..{jobs} in {out}")
+        try:
+            shown = _supervise(pids, codes, board, None if args.quiet else view or sys.stderr, names=base)
+        finally:
+            if view is not None:
+                view.close()
+                shown = False
         done = all(code == 0 for code in codes.values())
     finally:
         try:
@@ -298,14 +292,10 @@ def run_jobs(args: argparse.Namespace, campaign: Callable[[Worker], int]) -> int
             signal.signal(signal.SIGTERM, previous)
             reports = _reports(scratch, jobs)
             shutil.rmtree(scratch, ignore_errors=True)
+            started = any(board.get(i)["state"] == FUZZING for i in range(jobs))
             board.close()
-            if created and not done:        # a campaign that failed before it found anything leaves no OUT
-                subdirs = [out / "crashes", out / "corpus", out / "hangs"]
-                with contextlib.suppress(OSError):
-                    if not any(any(d.iterdir()) for d in subdirs if d.is_dir()):
-                        for d in [*subdirs, out]:
-                            with contextlib.suppress(FileNotFoundError):
-                                d.rmdir()
+            if created and not done and not started:    # a campaign that failed before it fuzzed leaves no OUT
+                shutil.rmtree(out, ignore_errors=True)
     failed = [i for i in sorted(codes) if codes[i] != 0]
     if failed:
         # The workers' own error lines, each once (all of them fail alike on a missing --corpus, say); the others
@@ -334,11 +324,13 @@ def run_jobs(args: argparse.Namespace, campaign: Callable[[Worker], int]) -> int
     return 0
 
 
-def _supervise(pids: dict[int, int], codes: dict[int, int], board: Board, status: Any) -> bool:
-    """Until every worker has ended: reap them and show the combined progress (True if it did); return early when
-    one fails (then _end stops the others)."""
+def _supervise(pids: dict[int, int], codes: dict[int, int], board: Board, status: Any, names: str = "") -> bool:
+    """Until every worker has ended: reap them and show the combined progress (True if it did: a status line on
+    `status`, a stream, or a LiveView's panel with a row per worker); return early when one fails (then _end stops
+    the others)."""
     next_status = time.monotonic() + STATUS_S
     line = ""
+    rates = Rates()
     while len(codes) < len(pids):
         for index, pid in pids.items():
             if index in codes:
@@ -349,7 +341,12 @@ def _supervise(pids: dict[int, int], codes: dict[int, int], board: Board, status
                 if codes[index] != 0:
                     return bool(line)
         now = time.monotonic()
-        if status is not None and now >= next_status:
+        if isinstance(status, LiveView) and now >= next_status:
+            total, rows = rates.numbers(board, now, names)
+            if total is not None:
+                status.update(total, rows)
+            next_status = now + STATUS_S
+        elif status is not None and now >= next_status:
             line = live_line(board, now)
             if line:
                 status.write("\r" + line)
@@ -396,6 +393,45 @@ def _reports(scratch: Path, jobs: int) -> dict[int, dict[str, Any]]:
     return reports
 
 
+class Rates:
+    """The panel's numbers from the board: each worker's execs/s over the last status interval, and the times of
+    the last find and crash (when its corpus or unique crashes last grew)."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, tuple[float, int]] = {}
+        self.crash: dict[int, tuple[int, float]] = {}
+
+    def numbers(self, board: Board, now: float, base: str) -> tuple[Numbers | None, list[Numbers]]:
+        rows: list[Numbers] = []
+        wall = time.time()
+        for i in range(board.workers):
+            s = board.get(i)
+            if s["state"] != FUZZING:
+                continue
+            seconds = max(0.0, now - s["start_ns"] / 1e9)
+            prev = self.last.get(i)
+            rate = (s["execs"] - prev[1]) / (now - prev[0]) if prev and now > prev[0] else \
+                (s["execs"] / seconds if seconds > 0 else 0.0)
+            self.last[i] = (now, s["execs"])
+            seen = self.crash.get(i, (0, 0.0))
+            if s["unique_crashes"] > seen[0]:
+                seen = (s["unique_crashes"], wall)
+                self.crash[i] = seen
+            rows.append(Numbers(f"{base}-{i + 1}", seconds, s["execs"], rate, s["corpus"], s["blocks_hit"],
+                                s["blocks_total"], s["crashes"], s["unique_crashes"], s["hangs"],
+                                float(s["last_find"]) or None, seen[1] or None))
+        if not rows:
+            return None, rows
+        finds = [r.last_find for r in rows if r.last_find]
+        crashes = [r.last_crash for r in rows if r.last_crash]
+        total = Numbers("all", max(r.seconds for r in rows), sum(r.execs for r in rows),
+                        sum(r.execs_per_s for r in rows), max(r.corpus for r in rows),
+                        max(r.blocks_hit for r in rows), max(r.blocks_total for r in rows),
+                        sum(r.crashes for r in rows), sum(r.unique_crashes for r in rows), sum(r.hangs for r in rows),
+                        max(finds) if finds else None, max(crashes) if crashes else None)
+        return total, rows
+
+
 def live_line(board: Board, now: float) -> str:
     """The one-process status line, over all workers: counters summed; corpus and coverage the largest worker's
     (their union is in the summary)."""
@@ -434,7 +470,7 @@ def summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "reset_share": round(sum(r["reset_s"] for r in reports) / busy, 3) if busy > 0 else 0.0,
             "first_crash_s": round(min(firsts), 3) if firsts else None,
             "crash_files": [f for r in reports for f in r["crash_files"]], "jobs": len(reports),
-            "workers": [{"worker": i, "seed": r["seed"], "execs": r["execs"],
+            "workers": [{"worker": i, "name": r["name"], "seed": r["seed"], "execs": r["execs"],
                          "execs_per_s": round(r["execs"] / r["seconds"], 1) if r["seconds"] > 0 else 0.0,
                          "crashes": r["crashes"], "unique_crashes": r["unique_crashes"], "corpus": r["corpus"],
                          "added": r["added"], "imported": r["imported"], "imported_new": r["imported_new"]}

@@ -135,8 +135,9 @@ class CampaignSync(Protocol):
         """A look at the clock (every 32 inputs, sooner after an interesting one): publish `st`; None stops this
         process's loop (the campaign is over), else inputs other processes found, to run next."""
 
-    def add(self, data: bytes) -> None:
-        """`data` joined this process's corpus: share it (unless it came from another process)."""
+    def add(self, data: bytes, src: int) -> None:
+        """`data` joined this process's corpus: share it (unless it came from another process). `src`: the index
+        in the corpus of the input it was mutated from (-1 for a seed or an input from `tick`)."""
 
     def claim(self, signature: tuple[str, str, int | None]) -> bool:
         """A crash with this signature, new to this process: True if no other process saved it first (then this
@@ -528,9 +529,11 @@ class Fuzzer:
         countdown = 0                   # inputs until the next look at the clock (every 32, and after slow ones)
         if sync is not None:
             sync.begin(start, corpus)
+        src = -1                        # the corpus entry the input was mutated from (-1: a seed or an import)
         while not stop:
             if pending:
                 data = pending.pop()
+                src = -1
             else:
                 countdown -= 1
                 if countdown <= 0:
@@ -559,7 +562,8 @@ class Fuzzer:
                         if progress is not None:
                             progress(st)
                         next_status = now + status_interval
-                data = mutate(corpus[rng.randrange(len(corpus))], corpus)
+                src = rng.randrange(len(corpus))
+                data = mutate(corpus[src], corpus)
             res = execute(data)
             st.execs += 1
             if res is None:
@@ -569,7 +573,7 @@ class Fuzzer:
             if res.new_blocks and res.outcome == "ok" and data not in corpus:
                 corpus.append(data)
                 if sync is not None:
-                    sync.add(data)
+                    sync.add(data, src)
                 elif out is not None:
                     (out / "corpus" / hashlib.sha1(data).hexdigest()).write_bytes(data)
             o = res.outcome

@@ -109,6 +109,8 @@ def open_target(args: argparse.Namespace) -> Target:
         sized = args.input_size is not None or getattr(args, "input_limit", None) is not None
         return domain_target(args.domain, input_given=args.input_addr is not None and sized,
                              harness=harness, timeout=timeout)
+    if getattr(args, "template", None) is not None:
+        return template_target(args.template, harness=harness, timeout=timeout)
     return kernel_target(args.kernel, cmdline="fuzz" if args.cmdline is None else args.cmdline,
                          memory_mib=64 if args.memory is None else args.memory, timeout=timeout, harness=harness,
                          initrd=getattr(args, "initrd", None), cpuid=getattr(args, "cpuid", None))
@@ -130,6 +132,27 @@ def kernel_target(kernel: str, *, cmdline: str, memory_mib: int, timeout: float,
         parent.destroy(tree=True)
         raise
     return Target(parent, lambda: parent.device("serial0").output(), lambda: parent.destroy(tree=True), kernel)
+
+
+# --- --template -----------------------------------------------------------------------------------------------------
+
+def template_target(path: str, *, harness: Harness | None = None, timeout: float = START_TIMEOUT) -> Target:
+    """Map the template save file `path` copy-on-write (snapshot/template.py: every fuzzer of every process on this
+    machine shares its pages); with a harness other than the port's, run it on to its start marker."""
+    from ..snapshot.savefile import restore
+    from ..snapshot.template import is_template
+    from .harness import Harness, run_to_start
+    if not is_template(path):
+        raise FuzzError(f"--template {path}: not a template save file (write one with `vmfork save --template "
+                        "DOMAIN FILE`)")
+    parent = restore(path, paused=True, name="fuzz-template", template=True)
+    try:
+        if harness is not None and harness.kind != "port":
+            run_to_start(parent, harness or Harness(), timeout=timeout)
+    except BaseException:
+        parent.destroy(tree=True)
+        raise
+    return Target(parent, lambda: parent.device("serial0").output(), lambda: parent.destroy(tree=True), path)
 
 
 # --- --domain -------------------------------------------------------------------------------------------------------
