@@ -141,9 +141,7 @@ def wanted(spec: dict[str, Any], run_dir: str) -> bool:
                 from .runtime import RunDir
                 value = Registry(RunDir.open(run_dir)).find(int(spec["parent"])).config.get("jail")
     if value is None:
-        # Off unless asked for (`jail = 1`, `--jail`), this round: reboots, console-log rotation, saves to FIFOs and
-        # stdout, and the registry's repair from domain files do not work inside the jail yet (issue 16).
-        return False
+        return os.geteuid() == 0
     if not value:
         return False
     if os.geteuid() != 0:
@@ -222,7 +220,7 @@ def _supervise(pid: int, sock: socket.socket, leaf: Any, run_dir: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda s, f: os.kill(pid, signal.SIGTERM))
     _leave_cgroup(leaf)
-    broker = Broker(sock)
+    broker = Broker(sock, run_dir)
     status = 0
     done = 0
     try:
@@ -351,7 +349,7 @@ class Jail:
         from .jail_seccomp import install
         install(log_only=os.environ.get(SECCOMP_ENV) == "log")
         from .jail_files import jail_file_commands
-        jail_file_commands(self)
+        jail_file_commands(self, domain)
         self.entered = True
 
     def _build_root(self, root: str, domain: Domain) -> None:
@@ -408,13 +406,17 @@ class Jail:
                       f"{domain.rd.registry}-shm"}
         if domain.record is not None:
             keep_paths.add(domain.record.console_log)
+        keep_fds = set()
+        if domain.domfile is not None:
+            keep_fds.add(domain.domfile.fd)     # its lock is the domain's liveness (domfile.py): held for life
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             try:
                 target = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
                 continue
-            if fd <= 2 or not target.startswith("/") or target.startswith("/memfd:") or target in keep_paths:
+            if (fd <= 2 or fd in keep_fds or not target.startswith("/") or target.startswith("/memfd:")
+                    or target in keep_paths):
                 continue
             if os.environ.get("VMFORK_DOMAIN_STDERR") and target == os.path.abspath(os.environ["VMFORK_DOMAIN_STDERR"]):
                 continue
