@@ -15,8 +15,8 @@ each domain process, before its guest's first instruction:
   reboot), /dev/kvm and a read-only /proc; every other file descriptor is closed;
 - switches to its own unprivileged uid and gid (JAIL_UID_RANGE + domid, or the config's `jail_user`), with no
   supplementary groups and so no capabilities;
-- sets no_new_privs and installs the seccomp allow-list (jail_seccomp.py; a call outside it kills the process with
-  SIGSYS).
+- sets no_new_privs and installs the seccomp allow-list (vmfork/jail_seccomp.py, shared with process forks'
+  workers: procfork_jail.py; a call outside it kills the process with SIGSYS).
 
 The jailer (the parent outside the namespaces, root, about a page of work) then waits for the domain to end and
 cleans what the domain cannot: its socket files, the staging directory, the cgroup leaf. It reports a domain killed
@@ -346,7 +346,7 @@ class Jail:
         except OSError as e:
             raise JailError(f"the jail cannot switch to uid {self.uid}: {e.strerror}; {NO_JAIL_HINT}") from None
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        from .jail_seccomp import install
+        from ..jail_seccomp import install
         install(log_only=os.environ.get(SECCOMP_ENV) == "log")
         from .jail_files import jail_file_commands
         jail_file_commands(self, domain)

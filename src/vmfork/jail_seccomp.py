@@ -18,7 +18,7 @@ import os
 import socket
 from typing import Any
 
-from ..errors import VmforkError
+from .errors import VmforkError
 
 __all__ = ["ALLOWED", "KVM_IOCTLS", "install"]
 
@@ -59,7 +59,7 @@ CLONE_NAMESPACES = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x100000
 
 
 def _kvm_ioctls() -> tuple[int, ...]:
-    from ..kvm import constants as c
+    from .kvm import constants as c
     return tuple(sorted({v for k, v in vars(c).items()
                          if k.startswith("KVM_") and isinstance(v, int) and v >= 0xAE00
                          and (v >> 8) & 0xFF == c.KVMIO}))
