@@ -144,3 +144,17 @@ def test_non_root_users_run_unjailed_without_a_warning(monkeypatch: pytest.Monke
         assert jail.wanted(jail.jail_spec(spec, no_jail=no_jail, config_jail=config_jail, label="x"),
                            "/nonexistent") is False
     assert capsys.readouterr().err == ""                                 # and no warning about it
+
+
+def test_a_host_without_cgroup_controllers_refuses_jailed_domains(ts: CliHarness) -> None:
+    """No cgroup v2 controllers and no v1 fallback: the domain is refused with one line naming what is missing and
+    how to run without the jail, never started unjailed; with jail = 0 it starts."""
+    empty = ts.base / "no-cgroups"
+    empty.mkdir()
+    ts.env["VMFORK_JAIL_CGROUP_ROOT"] = str(empty)
+    err = ts.fail("create", str(ts.config("ncg", "demo")), match="the jail needs the cgroup controllers")
+    assert "this host lacks memory, pids, cpu" in err and "jail = 0" in err and "--no-jail" in err
+    assert ts.list_json() == [] and not list(ts.run_dir.glob("*.dom")) and not list(ts.run_dir.glob(".jail-*"))
+    ts.ok("create", "--no-jail", str(ts.config("ncg", "demo")))
+    ts.wait_state("ncg", "paused")
+    assert not _jailed(ts, "ncg")

@@ -19,15 +19,18 @@ each domain process, before its guest's first instruction:
   workers: procfork_jail.py; a call outside it kills the process with SIGSYS).
 
 The jailer (the parent outside the namespaces, root, about a page of work) then waits for the domain to end and
-cleans what the domain cannot: its socket files, the staging directory, the cgroup leaf. It reports a domain killed
-by SIGSYS as "killed by the jail" (registry reason and a line in the console log). It is also the domain's one way
-to files outside its root: QMP commands that name a file (`vmfork-save`, `xen-save-devices-state`, a late device
-model's `vmfork-attach-dm`) are run against the staging directory and the jailer moves the result to the path asked
-for, or opens a device-state file for reading and passes the descriptor (jail_files.py).
+cleans what the domain cannot: its socket files, its domain file, an empty console log, the staging directory, the
+cgroup leaf. It reports a domain killed by SIGSYS as "killed by the jail" (registry reason and a line in the
+console log). It writes no file a domain names: saves, device-state files and late device models' files are opened
+by the CLI as the invoking user and passed to the domain as descriptors (passfd.py), and a QMP message naming a
+`filename` is refused by a jailed domain; the jailer only rotates the domain's own console log and makes the GDB
+server's TCP listener (jail_files.py).
 
 On by default when vmfork runs as root; `jail = 0` in the config, or `--no-jail`, turns it off (with a warning).
-A jail that cannot be set up (not root, no cgroup controllers, no libseccomp) refuses the domain with one line
-naming what is missing and how to run without the jail: never a silently unjailed domain.
+For other users it is off by default, silently (they cannot set it up); asking for it (`jail = 1`, `--jail`) is
+refused saying it needs root. A jail that cannot be set up (no cgroup controllers, no namespaces, no libseccomp)
+refuses the domain with one line naming what is missing and how to run without the jail: never a silently unjailed
+domain. Process forks' workers are jailed by procfork_jail.py (the same seccomp allow-list).
 """
 
 from __future__ import annotations
