@@ -28,6 +28,7 @@ _RUNTIME = (
     "futex", "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "sched_yield", "sched_getaffinity",
     "exit", "exit_group", "gettid", "getpid", "getppid", "tgkill", "kill",
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
+    "restart_syscall",      # a sleep or wait interrupted by SIGSTOP/SIGCONT (or a debugger) goes on through it
     "clock_gettime", "clock_getres", "gettimeofday", "nanosleep", "clock_nanosleep",
     "getrandom", "getuid", "geteuid", "getgid", "getegid", "getgroups", "getresuid", "getresgid", "uname",
     "getrlimit", "prlimit64", "umask", "getcwd", "prctl", "arch_prctl",
