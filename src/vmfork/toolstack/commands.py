@@ -30,7 +30,7 @@ from .client import DomainClient, destroy_domain, open_registry, require_control
 from .domfile import live_domains
 from .foreground import check_config_files
 from .jail import JAIL_HELP, NO_JAIL_HELP, jail_spec
-from .passfd import OutputFile, open_input
+from .passfd import OutputFile, named, open_input
 from .qmp import QmpChannel, QmpCommandError
 from .registry import DomainRecord, Registry, record_from_file
 from .runtime import RunDir, ToolstackError
@@ -373,8 +373,8 @@ def _cmd_save(args: argparse.Namespace) -> int:
         try:
             c.execute("getfd", fdname="vmfork-save-out", fds=[out.fd])
             c.execute("vmfork-save", fdname="vmfork-save-out", **template)
-        except QmpCommandError:
-            raise
+        except QmpCommandError as e:
+            raise named(e, path) from None
         except ToolstackError:
             if not _ended(rec, 2.0):
                 raise
@@ -423,7 +423,10 @@ def _cmd_save_devices_state(args: argparse.Namespace) -> int:
     with OutputFile(os.path.abspath(args.file), "device-state file") as out, \
             DomainClient(args.domain, registry=reg) as c:
         c.execute("getfd", fdname="vmfork-dm-out", fds=[out.fd])
-        c.execute("xen-save-devices-state", fdname="vmfork-dm-out", live=False)
+        try:
+            c.execute("xen-save-devices-state", fdname="vmfork-dm-out", live=False)
+        except QmpCommandError as e:
+            raise named(e, out.path) from None
         out.commit()
     return 0
 
@@ -529,7 +532,10 @@ def _late_dm(args: argparse.Namespace, reg: Registry, rec: DomainRecord, dm_file
             finally:
                 os.close(fd)
             arguments["fdname"] = "vmfork-dm-in"
-        c.execute("vmfork-attach-dm", **arguments)
+        try:
+            c.execute("vmfork-attach-dm", **arguments)
+        except QmpCommandError as e:
+            raise named(e, dm_file) if dm_file is not None else e from None
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import sys
 from types import TracebackType
@@ -27,8 +28,11 @@ from types import TracebackType
 from .._libc import link_open_file
 from ..errors import VmforkError
 from ..snapshot.container import remove_stale_temporaries, save_target
+from .qmp import QmpCommandError
 
-__all__ = ["OutputFile", "open_input"]
+__all__ = ["OutputFile", "named", "open_input"]
+
+_PROC_FD = re.compile(r"/proc/self/fd/\d+")
 
 
 class OutputFile:
@@ -109,3 +113,9 @@ def open_input(path: str, what: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
         raise VmforkError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def named(e: QmpCommandError, path: str) -> QmpCommandError:
+    """The domain's error about the descriptor it was passed (`/proc/self/fd/N` in its messages), naming the file."""
+    desc = _PROC_FD.sub(path, e.desc)
+    return QmpCommandError(e.command, e.cls, desc)
