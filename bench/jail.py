@@ -1,4 +1,5 @@
-"""The cost of the jail (issue 16): domain start, fork and reset, jailed and unjailed, side by side in one run.
+"""The cost of the jail (issue 16): domain start, fork and reset, jailed and unjailed, side by side in one run;
+and the same for process forks (`isolation="process"`, procfork_jail.py).
 
     sudo .venv/bin/python bench/jail.py [--rounds 10] [--resets 200] [--markdown]
 
@@ -7,6 +8,9 @@ noise falls on both alike. Measured from the toolstack's client, as `vmfork crea
 it: start = spawn until the domain reports ready (paused at the `loop` guest's ready marker); fork = `fork-vm -p`
 of that paused domain until the fork reports ready; reset = one QMP `vmfork-reset` round trip on the fork after it
 wrote 16 pages (the seccomp filter runs on every system call of the reset, the socket calls included).
+Process forks: each round runs one child process per setting (VMFORK_PROCFORK_JAIL=1 / 0, alternating first):
+a cold process fork (the worker started on demand, its jail included), five warm ones (a worker started and
+jailed ahead, as the pool does) and resets after 16 written pages, from the VMM's side.
 """
 
 from __future__ import annotations
@@ -66,7 +70,59 @@ def one_round(rd: RunDir, reg: Registry, jailed: bool, n: int, resets: int) -> t
     time.sleep(0.2)
     with DomainClient(parent, registry=reg) as c:
         c.execute("quit")
+    deadline = time.monotonic() + 10       # the jailers' clean-up done before the next round (and the rmtree)
+    while time.monotonic() < deadline and (reg.all() or list(rd.path.glob(".jail-*"))):
+        time.sleep(0.02)
     return start_s, fork_s, samples
+
+
+def procfork_child(resets: int) -> None:
+    """(in a child process, the jail setting from its environment) one cold and one warm process fork, resets."""
+    import json
+
+    from vmfork.fork import VM
+    from vmfork.procfork import fork_process, worker_pool
+    parent = VM.create(memory_mib=64, name="pj")
+    parent.load_kernel(GUEST, cmdline="loop")
+    assert parent.run(timeout=30).reason == "harness-start"
+    addr = parent.vcpus[0].get_regs().rdi
+    pool = worker_pool(parent.shape)
+    pool.target = 0
+    t = time.perf_counter()
+    cold = fork_process(parent)
+    cold_s = time.perf_counter() - t
+    cold.destroy()
+    warm = []
+    for _ in range(5):
+        pool.prefill(1)
+        time.sleep(0.3)
+        t = time.perf_counter()
+        h = fork_process(parent)
+        warm.append(time.perf_counter() - t)
+        h.destroy()
+    pool.prefill(1)
+    time.sleep(0.3)
+    h = fork_process(parent)
+    h.memory_write(addr, struct.pack("<QQ", 16, 1))
+    h.run(timeout=30)
+    samples = []
+    for _ in range(resets):
+        t = time.perf_counter()
+        h.reset()
+        samples.append(time.perf_counter() - t)
+    h.destroy()
+    parent.destroy(tree=True)
+    print(json.dumps({"cold": cold_s, "warm": warm, "reset": samples}))
+
+
+def procfork_round(jailed: bool, resets: int) -> dict[str, list[float]]:
+    import json
+    import subprocess
+    env = dict(os.environ, VMFORK_PROCFORK_JAIL="1" if jailed else "0")
+    p = subprocess.run([sys.executable, __file__, "--procfork-child", "--resets", str(resets)], env=env,
+                       capture_output=True, text=True, check=True, timeout=300)
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"cold": [out["cold"]], "warm": out["warm"], "preset": out["reset"]}
 
 
 def main() -> None:
@@ -74,10 +130,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--resets", type=int, default=200)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--procfork-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.procfork_child:
+        procfork_child(args.resets)
+        return
     if os.geteuid() != 0:
         raise SystemExit("bench/jail.py: the jail needs root")
-    with tempfile.TemporaryDirectory(prefix="vmfork-bench-jail-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vmfork-bench-jail-", ignore_cleanup_errors=True) as tmp:
         rd = RunDir.open(Path(tmp) / "run")
         reg = Registry(rd)
         res: dict[bool, dict[str, list[float]]] = {j: {"start": [], "fork": [], "reset": []} for j in (True, False)}
@@ -87,8 +147,14 @@ def main() -> None:
                 res[jailed]["start"].append(s)
                 res[jailed]["fork"].append(f)
                 res[jailed]["reset"].extend(r)
+            for jailed in ((True, False) if n % 2 == 0 else (False, True)):
+                for k, v in procfork_round(jailed, args.resets).items():
+                    res[jailed].setdefault(k, []).extend(v)
     rows = [("domain start (create to ready marker)", "start"), ("fork-vm -p (to ready)", "fork"),
-            ("fork-reset after 16 pages (QMP round trip)", "reset")]
+            ("fork-reset after 16 pages (QMP round trip)", "reset"),
+            ("process fork, cold (worker started on demand)", "cold"),
+            ("process fork, warm (worker started ahead)", "warm"),
+            ("process fork reset after 16 pages", "preset")]
     print(f"{args.rounds} rounds, {args.resets} resets per fork; medians")
     if args.markdown:
         print("| operation | unjailed | jailed | jailed / unjailed |\n|---|---:|---:|---:|")

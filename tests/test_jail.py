@@ -4,7 +4,7 @@ Like Firecracker's security tests: from inside a jailed domain process (the test
 `vmfork-jail-probe`, present only when VMFORK_JAIL_TEST is set), open /etc/shadow, make a TCP socket, ptrace, execve
 and make a system call outside the allow-list. Each must fail (an errno, or SIGSYS), be recorded in the domain's
 log, and a SIGSYS-killed domain is reported as killed by the jail.
-Needs root; domains ask for the jail with `jail = 1` (off by default this round).
+Needs root (the jail is on by default for root; some tests still ask for it with `jail = 1` or `--jail`).
 """
 
 from __future__ import annotations

@@ -1165,6 +1165,10 @@ def _worker_main(argv: list[str]) -> int:
     chan = _Channel(socket.socket(fileno=sock_fd))
     try:
         server = _Server(chan, MachineShape(memory_mib, vcpus, cpuid))
+        # the jail (root's default): once the shell is built, before "ready"
+        from . import procfork_jail
+        if procfork_jail.wanted():
+            procfork_jail.confine_worker(keep_fds={sock_fd}, parent_pid=parent_pid)
     except Exception as e:
         chan.send({"error": _error_payload(e)})
         return 1

@@ -27,6 +27,9 @@ Where a file goes depends on what is at the target path (`save_target`):
 - a FIFO, a character device, or an open descriptor (`/proc/self/fd/N`, how a domain gets the CLI's stdout for
   `vmfork save DOM -`): the file is built in an unnamed temporary file and then streamed to the target as it is
   (`/dev/null` stays a device, a pipe gets the bytes).
+- an open descriptor of an empty regular file (`/proc/self/fd/N`; how the CLI hands a domain the unnamed temporary
+  file it made for a save, so the domain never opens a path): written in place, holes kept; naming it, its mode
+  and the rename over the target are the descriptor's owner's business (toolstack/passfd.py).
 - anything else (a directory, a socket, a block device) is refused with one line, before anything is written.
 The preamble (with the magic) is the last thing written before fsync and rename: an interrupted write leaves
 neither a file at the target path nor a temporary file that passes for a complete one.
@@ -159,6 +162,14 @@ def _unnamed_file(directory: str | os.PathLike[str]) -> int:
     return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
 
 
+def _empty_regular_file(fd: int) -> bool:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 @dataclass(frozen=True, slots=True)
 class SectionSpec:
     """A section to write: its name, exact size in bytes and alignment in the file."""
@@ -207,7 +218,11 @@ class ContainerWriter:
         self._tmp = directory / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         self._named = False             # whether the temporary file has a name yet (else it is O_TMPFILE)
         try:
-            if self.mode == "stream":
+            m = _PROC_FD.fullmatch(os.fspath(self.path))
+            if m is not None and _empty_regular_file(int(m.group(1))):
+                self.mode = "fd"
+                self._fd = os.dup(int(m.group(1)))
+            elif self.mode == "stream":
                 self._fd = _unnamed_file(tempfile.gettempdir())
             else:
                 remove_stale_temporaries(directory)
@@ -316,6 +331,12 @@ class ContainerWriter:
             os.pwrite(self._fd, header, PREAMBLE_SIZE)
             os.pwrite(self._fd, PREAMBLE.pack(self._magic, FORMAT_VERSION, 0, len(header), zlib.crc32(header),
                                               self.file_size), 0)
+            if self.mode == "fd":
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+                self._committed = True
+                return
             if self.mode == "stream":
                 self._stream_out()
                 os.close(self._fd)
@@ -396,8 +417,11 @@ class ContainerFile:
     def open(cls, path: str | os.PathLike[str], magic: bytes, fmt: str) -> ContainerFile:
         path = Path(path)
         what = KINDS[magic]
+        m = _PROC_FD.fullmatch(os.fspath(path))
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # an open descriptor (`/proc/self/fd/N`, passed by a client) is used as it is: reopening it by that path
+            # would check the file's permissions against this process (a jailed domain's uid may not read it)
+            fd = os.dup(int(m.group(1))) if m else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise SnapshotFormatError(f"cannot open {what} {path}: {e.strerror or e}") from None
         try:

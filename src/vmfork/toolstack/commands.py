@@ -26,11 +26,11 @@ from typing import Any
 
 from ..config import DomainConfig, load_config
 from ..errors import ConfigError
-from ..snapshot.container import save_target
 from .client import DomainClient, destroy_domain, open_registry, require_control, start_domain, sweep
 from .domfile import live_domains
 from .foreground import check_config_files
 from .jail import JAIL_HELP, NO_JAIL_HELP, jail_spec
+from .passfd import OutputFile, named, open_input
 from .qmp import QmpChannel, QmpCommandError
 from .registry import DomainRecord, Registry, record_from_file
 from .runtime import RunDir, ToolstackError
@@ -361,8 +361,6 @@ def _cmd_save(args: argparse.Namespace) -> int:
     rec = reg.find(args.domain)
     to_stdout = args.file == "-"
     path = "-" if to_stdout else os.path.abspath(args.file)
-    if not to_stdout:
-        save_target(path, "save file")          # a directory, a socket...: refused before anything changes
     existed = not to_stdout and os.path.lexists(path)
     keep = not args.destroy
     if not keep:
@@ -370,18 +368,16 @@ def _cmd_save(args: argparse.Namespace) -> int:
         if live:
             raise ToolstackError(f"cannot save and destroy {rec.label()}: it has live forks "
                                  f"({', '.join(r.label() for r in live)}); without --destroy it is kept")
-    with DomainClient(rec, registry=reg) as c:
+    # This command opens the file (as the invoking user) and the domain writes to the descriptor it is passed
+    # (passfd.py): a domain, jailed or not, never opens a path for a save. A directory, a socket...: refused here.
+    with OutputFile(path, "save file", mode=0o444 if args.template else 0o600) as out, \
+            DomainClient(rec, registry=reg) as c:
         template: dict[str, Any] = {"template": True} if args.template else {}
         try:
-            if to_stdout:
-                # The domain writes to this command's stdout (passed along getfd, as QEMU takes descriptors).
-                sys.stdout.flush()
-                c.execute("getfd", fdname="vmfork-save-out", fds=[sys.stdout.fileno()])
-                c.execute("vmfork-save", fdname="vmfork-save-out", **template)
-            else:
-                c.execute("vmfork-save", filename=path, **template)
-        except QmpCommandError:
-            raise
+            c.execute("getfd", fdname="vmfork-save-out", fds=[out.fd])
+            c.execute("vmfork-save", fdname="vmfork-save-out", **template)
+        except QmpCommandError as e:
+            raise named(e, path) from None
         except ToolstackError:
             if not _ended(rec, 2.0):
                 raise
@@ -389,6 +385,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
                 f"{path} was not written"
             raise ToolstackError(f"{rec.label()} died during the save (its process, pid {rec.pid}, is gone); "
                                  f"{what}") from None
+        out.commit()
         if args.paused:
             c.execute("stop")
     if not keep:
@@ -426,8 +423,14 @@ def _cmd_save_devices_state(args: argparse.Namespace) -> int:
         from .foreground import cmd_save_devices_state_config as save_config
         args.config = args.domain
         return save_config(args)
-    with DomainClient(args.domain, registry=reg) as c:
-        c.execute("xen-save-devices-state", filename=os.path.abspath(args.file), live=False)
+    with OutputFile(os.path.abspath(args.file), "device-state file") as out, \
+            DomainClient(args.domain, registry=reg) as c:
+        c.execute("getfd", fdname="vmfork-dm-out", fds=[out.fd])
+        try:
+            c.execute("xen-save-devices-state", fdname="vmfork-dm-out", live=False)
+        except QmpCommandError as e:
+            raise named(e, out.path) from None
+        out.commit()
     return 0
 
 
@@ -531,10 +534,19 @@ def _late_dm(args: argparse.Namespace, reg: Registry, rec: DomainRecord, dm_file
             arguments["name"] = cfg.name
         if overrides:
             arguments["actions"] = overrides
-    if dm_file is not None:
-        arguments["filename"] = dm_file
     with DomainClient(rec, registry=reg) as c:
-        c.execute("vmfork-attach-dm", **arguments)
+        if dm_file is not None:
+            # read by the domain from a descriptor this command opened (passfd.py), never by its path
+            fd = open_input(dm_file, "device-state file")
+            try:
+                c.execute("getfd", fdname="vmfork-dm-in", fds=[fd])
+            finally:
+                os.close(fd)
+            arguments["fdname"] = "vmfork-dm-in"
+        try:
+            c.execute("vmfork-attach-dm", **arguments)
+        except QmpCommandError as e:
+            raise named(e, dm_file) if dm_file is not None else e from None
     return 0
 
 

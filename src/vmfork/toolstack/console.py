@@ -60,6 +60,9 @@ class ConsoleHub:
         self._lock = threading.Lock()
         self.clients: dict[int, ConsoleClient] = {}
         self._wake = wake
+        # How a full log is replaced: renamed here, or (a jailed domain, which cannot see the path) by its jailer,
+        # which returns the new log's descriptor (jail_files.py).
+        self.rotate_log: Callable[[], int] | None = None
 
     def write(self, data: bytes) -> None:
         wake = False
@@ -91,8 +94,11 @@ class ConsoleHub:
         """(lock held) The log is full: it becomes `<log>.1` (replacing an older one) and a new log starts, so at
         most twice log_max is kept, the newest output always. A failure keeps appending to the old one."""
         try:
-            os.replace(self.log_path, self.log_path + ".1")
-            new = self._open_log()
+            if self.rotate_log is not None:
+                new = self.rotate_log()
+            else:
+                os.replace(self.log_path, self.log_path + ".1")
+                new = self._open_log()
         except OSError:
             return
         if self._log is not None:

@@ -1106,8 +1106,30 @@ def _system_powerdown(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
                    f"system_reset (vmfork reboot {d.domid})")
 
 
-@qmp_command("xen-save-devices-state", filename=ArgSpec(str, True, _absolute), live=ArgSpec(bool),
-             help="write the device model's state to a file (QEMU's command for Xen)")
+def _file_argument(conn: Connection, args: dict[str, Any]) -> tuple[str, int | None]:
+    """A file command's target: its `filename`, or `/proc/self/fd/N` for the descriptor named `fdname` (passed with
+    getfd; the caller closes it with `_drop_fd`). Exactly one of the two."""
+    if ("filename" in args) == ("fdname" in args):
+        raise QmpError("give either 'filename' or 'fdname'")
+    if "fdname" not in args:
+        return args["filename"], None
+    fd = conn.named_fds.get(args["fdname"])
+    if fd is None:
+        raise QmpError(f"File descriptor named '{args['fdname']}' not found")
+    return f"/proc/self/fd/{fd}", fd
+
+
+def _drop_fd(conn: Connection, args: dict[str, Any]) -> None:
+    if "fdname" in args:
+        fd = conn.named_fds.pop(args["fdname"], None)
+        if fd is not None:
+            os.close(fd)
+
+
+@qmp_command("xen-save-devices-state", filename=ArgSpec(str, False, _absolute), fdname=ArgSpec(str),
+             live=ArgSpec(bool),
+             help="write the device model's state to a file (QEMU's command for Xen), or to a descriptor passed "
+                  "with getfd (fdname)")
 def _xen_save_devices_state(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     vm = d.machine
     if not vm.devices:
@@ -1116,8 +1138,14 @@ def _xen_save_devices_state(d: Domain, conn: Connection, args: dict[str, Any]) -
     # vmfork's device models have no disk images, and the state is written while the domain is paused either way.
     from ..snapshot import save_device_state
     from ..snapshot.container import save_target
-    save_target(args["filename"], "device-state file")     # refused before the domain is paused
-    d.paused_for(lambda: save_device_state(vm, args["filename"]))
+    if "filename" not in args and "fdname" not in args:
+        raise QmpError("Parameter 'filename' is missing")
+    target, _fd = _file_argument(conn, args)
+    try:
+        save_target(target, "device-state file")     # refused before the domain is paused
+        d.paused_for(lambda: save_device_state(vm, target))
+    finally:
+        _drop_fd(conn, args)
     return {}
 
 
@@ -1276,27 +1304,19 @@ def _vmfork_save(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     vm = d.machine
     from ..snapshot import save
     from ..snapshot.container import save_target
-    if ("filename" in args) == ("fdname" in args):
-        raise QmpError("give either 'filename' or 'fdname'")
-    if "fdname" in args:
-        fd = conn.named_fds.get(args["fdname"])
-        if fd is None:
-            raise QmpError(f"File descriptor named '{args['fdname']}' not found")
-        target = f"/proc/self/fd/{fd}"
-    else:
-        target = args["filename"]
-    save_target(target, "save file")        # refused before the domain is paused or anything is written
+    target, _fd = _file_argument(conn, args)
     try:
+        save_target(target, "save file")        # refused before the domain is paused or anything is written
         d.paused_for(lambda: save(vm, target, template=bool(args.get("template", False))))
     finally:
-        if "fdname" in args:
-            os.close(conn.named_fds.pop(args["fdname"]))
+        _drop_fd(conn, args)
     return {}
 
 
-@qmp_command("vmfork-attach-dm", filename=ArgSpec(str, False, _absolute), actions=ArgSpec(dict), name=ArgSpec(str),
-             help="give a fork without a device model its devices, from a device-state file (default: the "
-                  "device state it was forked with)")
+@qmp_command("vmfork-attach-dm", filename=ArgSpec(str, False, _absolute), fdname=ArgSpec(str), actions=ArgSpec(dict),
+             name=ArgSpec(str),
+             help="give a fork without a device model its devices, from a device-state file or a descriptor of one "
+                  "passed with getfd (fdname) (default: the device state it was forked with)")
 def _vmfork_attach_dm(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     vm = d.machine
     if vm.devices:
@@ -1316,9 +1336,13 @@ def _vmfork_attach_dm(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
         if other is not None and other.domid != d.domid:
             raise QmpError(f"name {config.name!r} is already used by domain {other.domid}")
     device_state: DeviceSetState | None
-    if "filename" in args:
+    if "filename" in args or "fdname" in args:
         from ..snapshot import load_device_state
-        device_state = load_device_state(args["filename"])
+        source, _fd = _file_argument(conn, args)
+        try:
+            device_state = load_device_state(source)
+        finally:
+            _drop_fd(conn, args)
     else:
         device_state = vm.fork_state.devices if vm.fork_state is not None else None
     if rename:

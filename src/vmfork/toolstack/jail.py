@@ -15,19 +15,22 @@ each domain process, before its guest's first instruction:
   reboot), /dev/kvm and a read-only /proc; every other file descriptor is closed;
 - switches to its own unprivileged uid and gid (JAIL_UID_RANGE + domid, or the config's `jail_user`), with no
   supplementary groups and so no capabilities;
-- sets no_new_privs and installs the seccomp allow-list (jail_seccomp.py; a call outside it kills the process with
-  SIGSYS).
+- sets no_new_privs and installs the seccomp allow-list (vmfork/jail_seccomp.py, shared with process forks'
+  workers: procfork_jail.py; a call outside it kills the process with SIGSYS).
 
 The jailer (the parent outside the namespaces, root, about a page of work) then waits for the domain to end and
-cleans what the domain cannot: its socket files, the staging directory, the cgroup leaf. It reports a domain killed
-by SIGSYS as "killed by the jail" (registry reason and a line in the console log). It is also the domain's one way
-to files outside its root: QMP commands that name a file (`vmfork-save`, `xen-save-devices-state`, a late device
-model's `vmfork-attach-dm`) are run against the staging directory and the jailer moves the result to the path asked
-for, or opens a device-state file for reading and passes the descriptor (jail_files.py).
+cleans what the domain cannot: its socket files, its domain file, an empty console log, the staging directory, the
+cgroup leaf. It reports a domain killed by SIGSYS as "killed by the jail" (registry reason and a line in the
+console log). It writes no file a domain names: saves, device-state files and late device models' files are opened
+by the CLI as the invoking user and passed to the domain as descriptors (passfd.py), and a QMP message naming a
+`filename` is refused by a jailed domain; the jailer only rotates the domain's own console log and makes the GDB
+server's TCP listener (jail_files.py).
 
 On by default when vmfork runs as root; `jail = 0` in the config, or `--no-jail`, turns it off (with a warning).
-A jail that cannot be set up (not root, no cgroup controllers, no libseccomp) refuses the domain with one line
-naming what is missing and how to run without the jail: never a silently unjailed domain.
+For other users it is off by default, silently (they cannot set it up); asking for it (`jail = 1`, `--jail`) is
+refused saying it needs root. A jail that cannot be set up (no cgroup controllers, no namespaces, no libseccomp)
+refuses the domain with one line naming what is missing and how to run without the jail: never a silently unjailed
+domain. Process forks' workers are jailed by procfork_jail.py (the same seccomp allow-list).
 """
 
 from __future__ import annotations
@@ -141,9 +144,7 @@ def wanted(spec: dict[str, Any], run_dir: str) -> bool:
                 from .runtime import RunDir
                 value = Registry(RunDir.open(run_dir)).find(int(spec["parent"])).config.get("jail")
     if value is None:
-        # Off unless asked for (`jail = 1`, `--jail`), this round: reboots, console-log rotation, saves to FIFOs and
-        # stdout, and the registry's repair from domain files do not work inside the jail yet (issue 16).
-        return False
+        return os.geteuid() == 0
     if not value:
         return False
     if os.geteuid() != 0:
@@ -222,7 +223,7 @@ def _supervise(pid: int, sock: socket.socket, leaf: Any, run_dir: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda s, f: os.kill(pid, signal.SIGTERM))
     _leave_cgroup(leaf)
-    broker = Broker(sock)
+    broker = Broker(sock, run_dir)
     status = 0
     done = 0
     try:
@@ -348,10 +349,10 @@ class Jail:
         except OSError as e:
             raise JailError(f"the jail cannot switch to uid {self.uid}: {e.strerror}; {NO_JAIL_HINT}") from None
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        from .jail_seccomp import install
+        from ..jail_seccomp import install
         install(log_only=os.environ.get(SECCOMP_ENV) == "log")
         from .jail_files import jail_file_commands
-        jail_file_commands(self)
+        jail_file_commands(self, domain)
         self.entered = True
 
     def _build_root(self, root: str, domain: Domain) -> None:
@@ -408,13 +409,17 @@ class Jail:
                       f"{domain.rd.registry}-shm"}
         if domain.record is not None:
             keep_paths.add(domain.record.console_log)
+        keep_fds = set()
+        if domain.domfile is not None:
+            keep_fds.add(domain.domfile.fd)     # its lock is the domain's liveness (domfile.py): held for life
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             try:
                 target = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
                 continue
-            if fd <= 2 or not target.startswith("/") or target.startswith("/memfd:") or target in keep_paths:
+            if (fd <= 2 or fd in keep_fds or not target.startswith("/") or target.startswith("/memfd:")
+                    or target in keep_paths):
                 continue
             if os.environ.get("VMFORK_DOMAIN_STDERR") and target == os.path.abspath(os.environ["VMFORK_DOMAIN_STDERR"]):
                 continue

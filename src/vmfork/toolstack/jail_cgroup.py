@@ -18,7 +18,9 @@ from ..errors import VmforkError
 
 __all__ = ["CPU_PERIOD_US", "CgroupLeaf", "JailCgroupError"]
 
-ROOT = Path("/sys/fs/cgroup")
+# Where the cgroup hierarchies are mounted; VMFORK_JAIL_CGROUP_ROOT points it elsewhere (the tests: a host without
+# the controllers).
+ROOT = Path(os.environ.get("VMFORK_JAIL_CGROUP_ROOT", "/sys/fs/cgroup"))
 CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
 

@@ -1,34 +1,33 @@
-"""Files outside a jailed domain's root: the jailer's side (Broker) and the domain's QMP commands that name files.
+"""Files outside a jailed domain's root: the jailer's side (Broker) and the domain's file commands.
 
-A jailed domain sees only its private root, so a command that names a file anywhere (`vmfork-save`,
-`xen-save-devices-state`, `vmfork-attach-dm`) cannot open it itself. Instead:
+A jailed domain sees only its private root. What it writes or reads for a command comes as a descriptor:
 
-- writing: the domain writes the file with the ordinary code into its staging directory (`<run dir>/.jail-<domid>`,
-  owned by the jail's uid and visible in its root), then asks the jailer to deliver it: the jailer (the domain
-  process's parent, outside the jail, with the invoking user's identity) moves it to the path asked for (a rename on
-  the same file system, else a copy to a temporary beside the target and a rename), owned by the invoking user; a
-  FIFO or character device at that path is streamed to in place; a directory or socket is refused;
-- reading: the jailer copies the file into the staging directory, only if it is a regular file that starts with one
-  of vmfork's own magics (a device-state or save file), so the domain cannot read anything else through it.
+- saves, device-state files and late device models' files are opened by the command that asks for them (the CLI,
+  as the invoking user; passfd.py) and passed with QMP `getfd` (SCM_RIGHTS), then named with `fdname`. The domain
+  writes to (or reads from) that descriptor and nothing else. A QMP message that names a `filename` is refused with
+  one line saying so: the domain has no way to open it, and the jailer writes nothing on a path the domain names.
+- its console log is the descriptor it opened before entering the jail; rotating it (`console_log_max`) is the
+  jailer's job: the domain asks, the jailer renames `<domid>.log` to `<domid>.log.1` in the run directory and passes
+  back a descriptor of the new log. The domid is the one the domain gave in its first message, before its guest
+  ran; the jailer touches no other path for it.
+- a FIFO or stdout target gets the finished file streamed to it; the domain builds it first in an unnamed
+  temporary file in its staging directory (`<run dir>/.jail-<domid>`, the jail's own, removed by the jailer).
+- TCP listeners (the GDB server's) are made by the jailer in the host's network namespace, on unprivileged ports.
 
-What a compromised domain can still do through the jailer (it names the paths in its requests): create or replace
-files wherever the invoking user can write, with contents of its choosing; read any vmfork-format file the invoking
-user can read (other domains' save files hold their guests' RAM); listen on unprivileged TCP ports. It cannot read
-other files, run programs, or open connections. Closing that door needs the QMP client to open the file and pass
-the descriptor (QEMU's `getfd`/`add-fd`), which the CLI does not do yet.
+What a compromised domain can still do through the jailer: rotate its own console log as often as it likes, and
+listen on unprivileged TCP ports of the host (it cannot connect anywhere or accept on other sockets than those).
+It cannot open, create or replace any file by name, read other files, or run programs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import json
 import os
 import shutil
 import signal
 import socket
-import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,13 +35,12 @@ from ..errors import VmforkError
 from .qmp import QmpError
 
 if TYPE_CHECKING:
+    from .domain import Domain
     from .jail import Jail
 
 __all__ = ["KILLED_BY_JAIL", "Broker", "jail_file_commands"]
 
-MAGICS = (b"VMFKSAVE", b"VMFKDEVS")
 KILLED_BY_JAIL = "killed by the jail: a system call outside its seccomp allow-list (SIGSYS)"
-COPY_CHUNK = 1 << 20
 
 
 class _Refused(Exception):
@@ -60,12 +58,12 @@ class _Errno(Exception):
 class Broker:
     """The jailer's loop body: one request from the domain, one reply (with a descriptor for "open")."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, run_dir: str) -> None:
         self.sock = sock
+        self.run_dir = run_dir
         self.domid: int | None = None
         self.staging: Path | None = None
         self.root: str | None = None
-        self.fetched = 0
 
     def serve_one(self) -> bool:
         """Handle one request; False when the domain's end is closed."""
@@ -103,66 +101,20 @@ class Broker:
             self.staging = Path(msg["staging"])
             self.root = make_root_dir()
             return {"root": self.root}, None
-        if op == "deliver" and self.staging is not None:
-            self._deliver(Path(msg["src"]), str(msg["dst"]))
-            return {}, None
         if op == "listen":
             return {}, self._listen(str(msg["host"]), int(msg["port"]))
-        if op == "fetch" and self.staging is not None:
-            return {"path": self._fetch(str(msg["path"]))}, None
+        if op == "rotate-log" and self.domid is not None:
+            return {}, self._rotate_log()
         raise _Refused(f"unknown request {op!r}")
 
-    def _staged(self, src: Path) -> Path:
-        """A file the domain wrote in its staging directory: a regular file with one link (not a symlink or a hard
-        link to something else the domain wants moved or copied)."""
-        assert self.staging is not None
-        try:
-            st = os.lstat(src)
-        except FileNotFoundError:
-            raise _Refused(f"{src} is not a file in the staging directory") from None
-        if src.parent != self.staging or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            raise _Refused(f"{src} is not a file in the staging directory")
-        return src
-
-    def _deliver(self, src: Path, dst: str) -> None:
-        src = self._staged(src)
-        if not os.path.isabs(dst):
-            raise _Refused(f"{dst}: not an absolute path")
-        try:
-            st: os.stat_result | None = os.stat(dst)
-        except FileNotFoundError:
-            st = None
-        uid, gid = os.geteuid(), os.getegid()
-        try:
-            if st is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-                with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fin, open(dst, "wb") as fout:
-                    shutil.copyfileobj(fin, fout, COPY_CHUNK)
-                return
-            if st is not None and not stat.S_ISREG(st.st_mode):
-                raise _Refused(f"{dst}: not a regular file, FIFO or device (it is a "
-                               f"{'directory' if stat.S_ISDIR(st.st_mode) else 'socket or special file'})")
-            try:
-                os.chown(src, uid, gid, follow_symlinks=False)
-                os.rename(src, dst)
-                return
-            except OSError as e:
-                if e.errno != 18:           # EXDEV: another file system, copy
-                    raise
-            tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.jail.tmp")
-            try:
-                with open(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fin, open(tmp, "xb") as fout:
-                    os.fchmod(fout.fileno(), stat.S_IMODE(os.fstat(fin.fileno()).st_mode) & 0o644)
-                    shutil.copyfileobj(fin, fout, COPY_CHUNK)
-                    fout.flush()
-                    os.fsync(fout.fileno())
-                os.replace(tmp, dst)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(src)
+    def _rotate_log(self) -> int:
+        """The domain's console log is full: `<domid>.log` becomes `<domid>.log.1` (replacing an older one) and a
+        new log starts; its descriptor goes back to the domain."""
+        assert self.domid is not None
+        from .runtime import RunDir
+        log = str(RunDir(Path(self.run_dir)).console_log(self.domid))
+        os.replace(log, log + ".1")
+        return os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     @staticmethod
     def _listen(host: str, port: int) -> int:
@@ -175,36 +127,9 @@ class Broker:
             raise _Errno(e.errno or 0, e.strerror or str(e)) from None
         return sock.detach()
 
-    def _fetch(self, path: str) -> str:
-        """Copy a vmfork file into the staging directory (owned by the domain's uid); its path there."""
-        assert self.staging is not None
-        fd = self._open_vmfork_file(path)
-        self.fetched += 1
-        dst = self.staging / f"in-{self.fetched}"
-        st = os.stat(self.staging)
-        try:
-            with open(fd, "rb", closefd=False) as fin, open(dst, "xb") as fout:
-                shutil.copyfileobj(fin, fout, COPY_CHUNK)
-            os.chown(dst, st.st_uid, st.st_gid)
-        finally:
-            os.close(fd)
-        return str(dst)
-
-    @staticmethod
-    def _open_vmfork_file(path: str) -> int:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise _Refused(f"{path}: not a regular file")
-            if os.pread(fd, 8, 0) not in MAGICS:
-                raise _Refused(f"{path}: not a vmfork device-state or save file")
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
     def after_exit(self, status: int, run_dir: str) -> None:
         """The domain has ended: report a jail kill, remove what the domain could not."""
+        from .domfile import remove_stale
         from .registry import Registry
         from .runtime import RunDir
         if self.domid is not None:
@@ -221,9 +146,16 @@ class Broker:
                     if rec is not None:
                         reg.mark_crashed(self.domid, KILLED_BY_JAIL)
                 if rec is None:
+                    # What the domain's own clean-up could not reach from inside its root: its sockets, its domain
+                    # file (no longer locked: the process is gone), a log its guest never wrote to.
                     for path in (rd.qmp_socket(self.domid), rd.console_socket(self.domid)):
                         with contextlib.suppress(OSError):
                             path.unlink()
+                    remove_stale(rd.path, self.domid)
+                    log = rd.console_log(self.domid)
+                    with contextlib.suppress(OSError):
+                        if log.stat().st_size == 0:
+                            log.unlink()
                 reg.close()
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -234,58 +166,24 @@ class Broker:
 
 # --- the domain's side ------------------------------------------------------------------------------------------------
 
-_WRITERS = ("vmfork-save", "xen-save-devices-state")
-_READERS = ("vmfork-attach-dm",)
+FILE_COMMANDS = ("vmfork-save", "xen-save-devices-state", "vmfork-attach-dm")
 
 
-def jail_file_commands(jail: Jail) -> None:
-    """Re-route the domain's QMP commands that name files through the staging directory and the jailer."""
+def jail_file_commands(jail: Jail, domain: Domain) -> None:
+    """The domain's side, set up as it enters its jail: file commands take descriptors only, console-log rotation
+    and TCP listeners go through the jailer, temporary files go to the staging directory."""
     import dataclasses
+    import tempfile
 
     from . import domain as dom
-    counter = itertools.count(1)
 
-    def writer(orig: Any) -> Any:
+    def by_descriptor(orig: Any) -> Any:
         def handler(d: Any, conn: Any, args: dict[str, Any]) -> Any:
-            assert jail.staging is not None
-            dst = args["filename"]
-            staged = jail.staging / f"out-{next(counter)}"
-            try:
-                result = orig(d, conn, {**args, "filename": str(staged)})
-            except BaseException as e:
-                with contextlib.suppress(OSError):
-                    staged.unlink()
-                if isinstance(e, QmpError):
-                    raise QmpError(e.desc.replace(str(staged), dst), e.cls) from None
-                if isinstance(e, VmforkError):
-                    raise QmpError(str(e).replace(str(staged), dst)) from None
-                if isinstance(e, OSError):
-                    raise QmpError(f"{dst}: {e.strerror or e}") from None
-                raise
-            reply, _ = jail.request({"op": "deliver", "src": str(staged), "dst": dst})
-            if "error" in reply:
-                raise QmpError(reply["error"])
-            return result
-        return handler
-
-    def reader(orig: Any) -> Any:
-        def handler(d: Any, conn: Any, args: dict[str, Any]) -> Any:
-            if "filename" not in args:
-                return orig(d, conn, args)
-            path = args["filename"]
-            reply, _ = jail.request({"op": "fetch", "path": path})
-            if "error" in reply:
-                raise QmpError(reply["error"])
-            staged = reply["path"]
-            try:
-                return orig(d, conn, {**args, "filename": staged})
-            except QmpError as e:
-                raise QmpError(e.desc.replace(staged, path), e.cls) from None
-            except VmforkError as e:
-                raise QmpError(str(e).replace(staged, path)) from None
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(staged)
+            if "filename" in args:
+                raise QmpError(f"{d.label()} runs in the jail and opens no file by name ({args['filename']}): pass "
+                               "the file's descriptor with getfd and name it with 'fdname' (vmfork save, "
+                               "save-devices-state and fork-vm -Q do so), or run the domain with jail = 0")
+            return orig(d, conn, args)
         return handler
 
     def create_server(address: tuple[Any, ...], *, family: int = socket.AF_INET, backlog: int | None = None,
@@ -295,11 +193,21 @@ def jail_file_commands(jail: Jail) -> None:
             raise OSError(reply.get("errno", errno.EPERM), reply.get("error", "the jailer refused"))
         return socket.socket(fileno=fd)
 
+    def reopen_log() -> int:
+        reply, fd = jail.request({"op": "rotate-log"})
+        if fd is None:
+            raise OSError(errno.EPERM, reply.get("error", "the jailer refused"))
+        return fd
+
     # TCP listeners (the GDB server's) come from the jailer, in the host's network namespace: the domain has no
     # network of its own and its seccomp filter refuses AF_INET sockets.
     socket.create_server = create_server        # type: ignore[assignment]
-    for name in _WRITERS + _READERS:
+    for name in FILE_COMMANDS:
         cmd = dom.COMMANDS.get(name)
         if cmd is not None:
-            wrap = writer if name in _WRITERS else reader
-            dom.COMMANDS[name] = dataclasses.replace(cmd, handler=wrap(cmd.handler))
+            dom.COMMANDS[name] = dataclasses.replace(cmd, handler=by_descriptor(cmd.handler))
+    if domain.console is not None:
+        domain.console.rotate_log = reopen_log
+    # Saves streamed to a FIFO or stdout are built in an unnamed temporary file first: in the staging directory,
+    # the one writable place in the jail's root.
+    tempfile.tempdir = str(jail.staging)

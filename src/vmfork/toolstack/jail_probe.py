@@ -10,6 +10,9 @@ set it); without it the module adds nothing. `vmfork-jail-probe {"action": A}`:
     ptrace          ptrace(PTRACE_ATTACH, 1)        -> SIGSYS (the process is killed)
     execve          execve("/bin/sh")               -> SIGSYS
     forbidden       personality(0xffffffff), a call outside the list -> SIGSYS
+    write-outside   {"path": P}: create P directly (open O_CREAT), then ask the jailer to write it for the domain
+                    (the requests an older jailer served: "deliver" a staged file to P, "fetch" P) -> every one
+                    refused; the results of each
 
 Each attempt is noted in the domain's console log first, so a killed domain leaves the line of what it tried.
 """
@@ -49,6 +52,23 @@ def _status(d: Any) -> dict[str, Any]:
             "root": sorted(os.listdir("/")), "shadow_visible": os.path.exists("/etc/shadow")}
 
 
+def _write_outside(d: Any, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"open": _errno_of(lambda: os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)))}
+    jail = getattr(d, "jail", None)
+    if jail is None or jail.staging is None:
+        return out
+    staged = jail.staging / "probe-out"
+    with open(staged, "wb") as f:
+        f.write(b"VMFKSAVE written by a jailed domain")
+    for op, msg in (("deliver", {"src": str(staged), "dst": path}), ("fetch", {"path": path}),
+                    ("rotate-log", {"path": path})):
+        reply, fd = jail.request({"op": op, **msg})
+        if fd is not None:
+            os.close(fd)
+        out[op] = reply
+    return out
+
+
 def _syscall(nr: int, *args: int) -> dict[str, Any]:
     ret = _libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
     e = ctypes.get_errno()
@@ -68,13 +88,16 @@ if os.environ.get(TEST_ENV):
     from .domain import qmp_command
     from .qmp import ArgSpec, QmpError
 
-    @qmp_command("vmfork-jail-probe", action=ArgSpec(str, True),
+    @qmp_command("vmfork-jail-probe", action=ArgSpec(str, True), path=ArgSpec(str),
                  help="(tests only) try something the jail must refuse, from inside the domain process")
     def _probe(d: Any, conn: Any, args: dict[str, Any]) -> Any:
         action = args["action"]
         if action == "status":
             return _status(d)
         fn = ACTIONS.get(action)
+        if action == "write-outside":
+            def fn(d: Any) -> dict[str, Any]:
+                return _write_outside(d, args.get("path", "/tmp/vmfork-jail-probe"))
         if fn is None:
             raise QmpError(f"unknown action {action!r} (known: status, {', '.join(ACTIONS)})")
         if d.console is not None:

@@ -18,7 +18,7 @@ import os
 import socket
 from typing import Any
 
-from ..errors import VmforkError
+from .errors import VmforkError
 
 __all__ = ["ALLOWED", "KVM_IOCTLS", "install"]
 
@@ -28,6 +28,7 @@ _RUNTIME = (
     "futex", "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "sched_yield", "sched_getaffinity",
     "exit", "exit_group", "gettid", "getpid", "getppid", "tgkill", "kill",
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
+    "restart_syscall",      # a sleep or wait interrupted by SIGSTOP/SIGCONT (or a debugger) goes on through it
     "clock_gettime", "clock_getres", "gettimeofday", "nanosleep", "clock_nanosleep",
     "getrandom", "getuid", "geteuid", "getgid", "getegid", "getgroups", "getresuid", "getresgid", "uname",
     "getrlimit", "prlimit64", "umask", "getcwd", "prctl", "arch_prctl",
@@ -59,7 +60,7 @@ CLONE_NAMESPACES = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x100000
 
 
 def _kvm_ioctls() -> tuple[int, ...]:
-    from ..kvm import constants as c
+    from .kvm import constants as c
     return tuple(sorted({v for k, v in vars(c).items()
                          if k.startswith("KVM_") and isinstance(v, int) and v >= 0xAE00
                          and (v >> 8) & 0xFF == c.KVMIO}))
