@@ -105,18 +105,19 @@ def _random(out: str) -> str:
 
 
 def test_linux_forks_and_restores_reseed_their_rng(env_linux: VM, tmp_path: Path) -> None:
-    """VMGenID end to end: every fork (and every restore of one save file) reads different getrandom() bytes;
-    forks made with new_generation=False keep the parent's RNG state and read the same (the test can fail)."""
+    """Every fork (and every restore of one save file) reads different getrandom() bytes.
+
+    Measured 2026-12-07: forks made with new_generation=False differed too, so this guest cannot show VMGenID's own
+    effect: its kernel is minutes into its boot (the crng reseeds from the input pool every few seconds that early)
+    and interrupt timings, which differ between forks under emulation, feed that pool. The test checks what users
+    rely on; that the notification reaches the guest is test_linux_enabled_the_vmgenid_notification."""
     from vmfork.snapshot import restore, save
     fresh = [env_linux.fork() for _ in range(3)]
-    same = [env_linux.fork(new_generation=False) for _ in range(2)]
     try:
         got = [_random(ask(f)) for f in fresh]
         assert len(set(got)) == 3, got
-        kept = [_random(ask(f)) for f in same]
-        assert kept[0] == kept[1] and kept[0] not in got, (kept, got)
     finally:
-        for f in fresh + same:
+        for f in fresh:
             f.destroy()
     save(env_linux, tmp_path / "env.save")
     restored = [restore(tmp_path / "env.save") for _ in range(3)]
