@@ -1,6 +1,8 @@
 """Forks of a Linux at its shell prompt (issue 15): each fork's console answers, and no two forks produce the same
-"random" bytes, because each gets a new VMGenID generation and Linux reseeds (add_vmfork_randomness). Forks made
-with new_generation=False keep the parent's RNG state and print the same bytes: the test can fail."""
+"random" bytes, because each gets a new VMGenID generation and Linux reseeds (add_vmfork_randomness, which says
+"crng reseeded due to virtual machine fork" on the console). Forks made with new_generation=False get no
+notification and never say it: the test can fail. (Their bytes are not compared: a kernel a minute into its boot
+reseeds every few seconds from interrupt timings, which differ between forks where kernel mode is emulated.)"""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from linux_guest import PROMPT, Booted
 from vmfork.fork import VM
 
 COMMAND = b"head -c 16 /dev/urandom | od -An -tx1\n"
+RESEEDED = b"crng reseeded due to virtual machine fork"
 
 
 def _ask(vm: VM, command: bytes, timeout: float = 300) -> bytes:
@@ -44,11 +47,12 @@ def test_forks_of_a_linux_shell_answer_with_different_random_bytes(linux_at_prom
     fresh = [parent.fork() for _ in range(3)]
     same = [parent.fork(new_generation=False) for _ in range(2)]
     try:
-        got = [_random_bytes(_ask(f, COMMAND)) for f in fresh]
+        answers = [_ask(f, COMMAND) for f in fresh]
+        got = [_random_bytes(a) for a in answers]
         assert len(set(got)) == len(got), got
-        kept = [_random_bytes(_ask(f, COMMAND)) for f in same]
-        assert kept[0] == kept[1], kept
-        assert kept[0] not in got
+        assert all(RESEEDED in a for a in answers), answers
+        for f in same:
+            assert RESEEDED not in _ask(f, COMMAND)
     finally:
         for f in fresh + same:
             f.destroy()
