@@ -71,12 +71,6 @@ def _uptime(answer: bytes) -> list[float]:
     return [float(x) for x in re.findall(rb"UP:(\d+\.\d+)", answer)]
 
 
-@pytest.mark.xfail(reason="not run (each failure waits out its 300 s answer limit): known bug (2026-12-07, "
-                   "not yet diagnosed): a Linux fork that ran commands which start "
-                   "processes (`$(cut ...)`, `sleep`) and is then reset crashes its shell (sh: segfault at ip 0, init "
-                   "killed). RAM after the reset equals the parent's (but for the VMGenID block and KVM's wall_clock "
-                   "page); a reset after shell builtins only works. Suspects: the TSC not rewound by a quick reset, "
-                   "vCPU state outside the saved set", run=False)
 def test_a_fork_answers_keeps_time_and_forks_again(linux_at_prompt: Booted) -> None:
     parent = _parent(linux_at_prompt)
     child = parent.fork()

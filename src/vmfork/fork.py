@@ -498,6 +498,9 @@ class VM(Machine):
         self.pause_on_device_access = False             # stop at the first access to each port no device answers
         self._dm_pending: _DeviceAccess | None = None   # the access that stopped it, for a device model attached late
         self.bus.on_unknown = self._on_device_access
+        # Reset drops KVM's derived translations (memory.reregister_slots) after restoring pages: set for forks of
+        # guests that rewrite their page tables (Linux: processes come and go) on hosts that shadow them.
+        self.flush_translations_on_reset = False
         self._vmgenid_id: bytes | None = None           # this fork's VM generation ID (vmgenid.py), if it has one
         # reset_and_run: ((pieces, compiled), host pieces, where pages start, {k: pages}), the pages the current
         # input writes, and the kvm.Entry values of steady-state resets (_steady_entry)
@@ -620,6 +623,7 @@ class VM(Machine):
         child = self._spawn(child_name, image, state, launch_dm=launch_dm, block_interrupts=block_interrupts,
                             console_log=console_log, dirty_ring=dirty_log_mode(self, dirty_log) == "ring")
         child.pause_on_device_access = pause_on_device_access
+        child.flush_translations_on_reset = kernel_mode_emulated() and vmgenid.present(self)
         if new_generation and vmgenid.present(self):
             child._vmgenid = True       # type: ignore[attr-defined]
             vmgenid.new_generation(child)
@@ -703,7 +707,8 @@ class VM(Machine):
             raise ForkError(f"cannot reset {self.name}: its forks ({names}) depend on its current state")
         st = self.fork_state
         plan = self._plan_for_reset()
-        steady = self._steady_entry(None, (), -1, plan._full.compiled) if memory and state else None
+        steady = (self._steady_entry(None, (), -1, plan._full.compiled)
+                  if memory and state and not self.flush_translations_on_reset else None)
         if steady is not None:
             # the loop's steady state: page copy-back, sync-area image and state ioctls in one call
             self.memory.steady_done(frozenset())
@@ -711,6 +716,8 @@ class VM(Machine):
             pages = steady[1]
         else:
             pages = self.memory.reset_to_base() if memory else 0
+            if pages and self.flush_translations_on_reset:
+                self.memory.reregister_slots()
             if state:
                 plan.restore()
         if state:
@@ -739,7 +746,8 @@ class VM(Machine):
         copy-back, the vCPU's sync-area image, the input, the state ioctls and the first KVM_RUN are one call into
         vmfork._fastpath (`compiled`; else the same steps in Python); otherwise those three calls as written. The
         results are the same either way (tests/test_fastpath.py)."""
-        entry = self._iteration_entry(data, at, compiled) if len(self.vcpus) == 1 else None
+        simple = len(self.vcpus) == 1 and not self.flush_translations_on_reset
+        entry = self._iteration_entry(data, at, compiled) if simple else None
         if entry is None:
             self.reset()
             for gpa, n in at:

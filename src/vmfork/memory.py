@@ -390,6 +390,19 @@ class GuestMemory:
         self._vm = vm
         self._dirty_logging = dirty_logging
 
+    def reregister_slots(self) -> None:
+        """Remove and register again this RAM's slots in its VM, which makes KVM drop every translation it derived
+        from guest memory. Needed after a reset rewrote guest page tables from the host on a host that shadows them
+        (kvm_pvm: guest kernel mode emulated): its shadow page tables keep mappings built from the old page-table
+        contents, because host writes to an already private page reach KVM neither through its write tracking nor
+        through an MMU notifier. (Seen on Linux: after a reset, a shell jumped into another process's vDSO.)"""
+        if self._vm is None:
+            return
+        flags = KVM_MEM_LOG_DIRTY_PAGES if self._dirty_logging else 0
+        for s in self.slots:
+            self._vm.set_user_memory_region(s.index, s.gpa, 0, self.host_addr + s.offset, 0)
+            self._vm.set_user_memory_region(s.index, s.gpa, s.size, self.host_addr + s.offset, flags)
+
     def bind(self, vm: VmFd, *, dirty_logging: bool) -> None:
         """Adopt slots that a VM shell registered already at this host address (and its dirty rings, if the VM
         logs into rings)."""
