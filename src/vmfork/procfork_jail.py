@@ -35,10 +35,11 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from .errors import ForkError
 
-__all__ = ["ENV", "WORKER_UID_RANGE", "confine_worker", "wanted"]
+__all__ = ["ENV", "WORKER_UID_RANGE", "confine_worker", "pivot_into", "wanted"]
 
 ENV = "VMFORK_PROCFORK_JAIL"                # "0": process forks' workers run unjailed
 WORKER_UID_RANGE = (465536, 65536)          # above the domains' range (toolstack/jail.py: 400000 + 65536)
@@ -72,6 +73,20 @@ def _check(ret: int, what: str) -> None:
 def _mount(src: str | None, dst: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     _check(_libc.mount(src.encode() if src else None, dst.encode(), fstype.encode() if fstype else None,
                        ctypes.c_ulong(flags), data.encode() if data else None), f"mount {dst}")
+
+
+def pivot_into(root: str, check: Callable[[int, str], None]) -> None:
+    """Make `root` the process's root (pivot_root, the old root detached and its mount point removed), then the new
+    root read-only: shared by process-fork workers and the domains' jail (toolstack/jail.py), each with the
+    `check` that raises its own error."""
+    old = os.path.join(root, ".old")
+    os.mkdir(old, 0o700)
+    check(_libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), root.encode(), old.encode()), "pivot_root")
+    os.chdir("/")
+    check(_libc.umount2(b"/.old", MNT_DETACH), "umount the old root")
+    os.rmdir("/.old")
+    flags = MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+    check(_libc.mount(None, b"/", None, ctypes.c_ulong(flags), None), "mount /")
 
 
 def runtime_dirs() -> list[str]:
@@ -158,13 +173,7 @@ def confine_worker(*, keep_fds: set[int], parent_pid: int) -> None:
     root = _mount_point(["/dev/kvm", "/proc", *runtime_dirs()])
     _build_root(root)
     _close_path_fds(keep_fds)
-    old = os.path.join(root, ".old")
-    os.mkdir(old, 0o700)
-    _check(_libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), root.encode(), old.encode()), "pivot_root")
-    os.chdir("/")
-    _check(_libc.umount2(b"/.old", MNT_DETACH), "umount the old root")
-    os.rmdir("/.old")
-    _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    pivot_into(root, _check)
     uid = _uid()
     try:
         os.setgroups([])

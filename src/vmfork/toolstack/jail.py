@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VmforkError
+from ..procfork_jail import pivot_into
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -69,9 +70,7 @@ NO_JAIL_HINT = "set jail = 0 in the config or use --no-jail to run without the j
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
-MNT_DETACH = 2
 PR_SET_NO_NEW_PRIVS = 38
-SYS_PIVOT_ROOT = 155
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -394,13 +393,7 @@ class Jail:
                 bind(path, readonly=True)
 
     def _pivot(self, root: str) -> None:
-        old = os.path.join(root, ".old")
-        os.mkdir(old, 0o700)
-        _check(_libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), root.encode(), old.encode()), "pivot_root")
-        os.chdir("/")
-        _check(_libc.umount2(b"/.old", MNT_DETACH), "umount the old root")
-        os.rmdir("/.old")
-        _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        pivot_into(root, _check)
 
     def _close_other_fds(self, domain: Domain) -> None:
         """Keep the descriptors a domain uses (sockets, pipes, KVM's anonymous inodes, memfds, /dev/kvm, its
