@@ -424,7 +424,13 @@ def dirty_log_mode(parent: Machine, asked: str = "auto") -> str:
     faster from rings. VMFORK_DIRTY_RING=0 makes every fork use bitmaps."""
     if asked != "auto":
         return asked
-    return "bitmap" if kernel_mode_emulated() and vmgenid.present(parent) else "ring"
+    return "bitmap" if _linux_where_kernel_mode_is_emulated(parent) else "ring"
+
+
+def _linux_where_kernel_mode_is_emulated(parent: Machine) -> bool:
+    """A Linux guest (vmfork's VMGenID device, which Linux kernels get by default) on a host that emulates guest
+    kernel mode: its forks log into bitmaps (dirty_log_mode) and drop KVM's translations at reset."""
+    return kernel_mode_emulated() and vmgenid.present(parent)
 
 
 def shell_pool(shape: MachineShape, *, dirty_ring: bool = True) -> ShellPool:
@@ -623,7 +629,7 @@ class VM(Machine):
         child = self._spawn(child_name, image, state, launch_dm=launch_dm, block_interrupts=block_interrupts,
                             console_log=console_log, dirty_ring=dirty_log_mode(self, dirty_log) == "ring")
         child.pause_on_device_access = pause_on_device_access
-        child.flush_translations_on_reset = kernel_mode_emulated() and vmgenid.present(self)
+        child.flush_translations_on_reset = _linux_where_kernel_mode_is_emulated(self)
         if new_generation and vmgenid.present(self):
             child._vmgenid = True       # type: ignore[attr-defined]
             vmgenid.new_generation(child)
