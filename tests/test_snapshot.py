@@ -23,6 +23,7 @@ from vmfork.devices import DeviceSetState
 from vmfork.errors import DeviceStateError, SnapshotFormatError, SnapshotHostError, VmforkError, VmStateError
 from vmfork.fork import VM, _pools
 from vmfork.snapshot import (
+    compact,
     container,
     cpufeatures,
     info,
@@ -159,7 +160,7 @@ def test_zero_pages_are_not_stored(pvh_guest, machines, tmp_path) -> None:
     assert hdr["machine"] == {"name": "test", "memory_mib": 256, "vcpus": 1, "block_interrupts": False,
                               "devices": ["serial0", "i8042", "rtc", "exit", "harness", "env"]}
     # Every non-zero page is there and nothing else: the restored RAM equals the saved one.
-    bits = savefile.nonzero_pages(vm.memory)
+    bits = compact.nonzero_pages(vm.memory)
     assert int(bits.sum()) == result.stored_pages
     copy = restore(tmp_path / "demo.vmfork")
     machines.append(copy)
@@ -215,7 +216,7 @@ def test_a_failed_save_leaves_no_file_and_keeps_the_old_one(pvh_guest, machines,
     vm = boot(pvh_guest, "det 3", machines, memory_mib=64)
     run_to_ready(vm)
     target = tmp_path / "vm.vmfork"
-    real = savefile.write_ram
+    real = compact.write_ram
 
     def disk_full(w, mem, bits):  # type: ignore[no-untyped-def]
         some = bits.copy()
@@ -223,7 +224,7 @@ def test_a_failed_save_leaves_no_file_and_keeps_the_old_one(pvh_guest, machines,
         real(w, mem, some)                              # a few pages reach the file, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(savefile, "write_ram", disk_full)
+    monkeypatch.setattr(compact, "write_ram", disk_full)
     with pytest.raises(OSError, match="No space"):
         save(vm, target)
     assert list(tmp_path.iterdir()) == [], "an interrupted save left a file behind"
@@ -236,7 +237,7 @@ def test_a_failed_save_leaves_no_file_and_keeps_the_old_one(pvh_guest, machines,
     assert vm.state == "paused"
 
     # A real write failure halfway (disk full inside the container writer) is reported as a VmforkError.
-    monkeypatch.setattr(savefile, "write_ram", real)
+    monkeypatch.setattr(compact, "write_ram", real)
     real_write_all = container._write_all
     written = [0]
 

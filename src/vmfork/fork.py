@@ -638,14 +638,13 @@ class VM(Machine):
     def _env_devices(self, device_state: DeviceSetState | None, env: Mapping[str, str],
                      launch_dm: LaunchDm) -> DeviceSetState:
         """The fork's device states with `env` set in its env channel."""
-        from .devices.envchannel import set_env
         if launch_dm != "yes":
             raise ForkError(f"env needs the fork's device model (launch_dm='yes'), not launch_dm={launch_dm!r}: "
                             "the env channel is one of its devices")
         base = device_state if device_state is not None else self._state_for_forks().devices
         if base is None:
             raise ForkError(f"{self.name} has no device model, so its forks have no env channel")
-        return set_env(base, env)
+        return base.with_env(env)
 
     def _spawn(self, name: str, image: MemoryImage, state: MachineState, *, launch_dm: LaunchDm,
                block_interrupts: bool, console_log: str | None, dirty_ring: bool = True) -> VM:

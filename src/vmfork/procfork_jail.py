@@ -94,10 +94,9 @@ def runtime_dirs() -> list[str]:
     binds: a Python VMM imports lazily. They hold code that is public anyway."""
     import sysconfig
 
-    import vmfork
     paths = sysconfig.get_paths()
     dirs = {os.path.realpath(paths[k]) for k in ("stdlib", "purelib", "platlib")}
-    dirs.update(os.path.realpath(p) for p in vmfork.__path__)
+    dirs.add(os.path.realpath(os.path.dirname(__file__)))       # vmfork's own package
     return sorted(d for d in dirs if os.path.isdir(d) and not any(d.startswith(o + os.sep) for o in dirs))
 
 

@@ -115,6 +115,14 @@ class DeviceSetState:
     def __hash__(self) -> int:
         return hash(tuple(self.states.items()))
 
+    def with_env(self, env: Mapping[str, str]) -> DeviceSetState:
+        """This set with `env` set (added or replaced) in its env channel (an empty channel if the set has none
+        yet); an EnvError for bad strings."""
+        current = self.states.get(ENV_NAME)
+        if not isinstance(current, EnvChannelState):
+            current = EnvChannelState()
+        return DeviceSetState({**self.states, ENV_NAME: current.with_env(env)})
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: {"version": 1, "devices": {name: state.to_dict(), ...}}."""
         return {"version": self.VERSION, "devices": {name: s.to_dict() for name, s in self.states.items()}}

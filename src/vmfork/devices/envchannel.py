@@ -31,16 +31,13 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from ..errors import DeviceStateError, VmforkError
 from .base import DeviceContext, DeviceState, all_ones
 
-if TYPE_CHECKING:
-    from . import DeviceSetState
-
 __all__ = ["DATA_PORT", "ENV_NAME", "MAX_STRINGS", "MAX_VALUE", "SELECTOR_PORT", "SIGNATURE", "EnvChannel",
-           "EnvChannelState", "EnvError", "parse_assignments", "set_env", "validate_env"]
+           "EnvChannelState", "EnvError", "parse_assignments", "validate_env"]
 
 SELECTOR_PORT = 0x520
 DATA_PORT = 0x521
@@ -194,13 +191,3 @@ class EnvChannel:
         self._state = state
         if rebuild:
             self._build()
-
-
-def set_env(devices: DeviceSetState, env: Mapping[str, str]) -> DeviceSetState:
-    """A device-state set with `env` set (added or replaced) in its env channel (an empty channel if the set has
-    none yet); an EnvError for bad strings."""
-    from . import DeviceSetState as SetState
-    current = devices.states.get(ENV_NAME)
-    if not isinstance(current, EnvChannelState):
-        current = EnvChannelState()
-    return SetState({**devices.states, ENV_NAME: current.with_env(env)})

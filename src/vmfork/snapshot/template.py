@@ -42,8 +42,8 @@ from .. import vmgenid
 from .._libc import libc
 from ..errors import VmforkError
 from ..memory import PAGE_SHIFT, PAGE_SIZE, MemoryImage, make_slots
+from .compact import FORMAT, MAGIC, SaveInfo, header_for, layout_of, nonzero_pages, read_machine
 from .container import ContainerFile, ContainerWriter, SectionSpec, crc32_zeros
-from .savefile import FORMAT, MAGIC, SaveInfo, header_for, nonzero_pages, read_machine
 
 if TYPE_CHECKING:
     from ..fork import VM
@@ -352,6 +352,5 @@ def read_image_copy(f: ContainerFile, *, name: str | None = None, console_log: s
 
 def is_template(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is a template save file (container checks only)."""
-    from .savefile import layout_of
     with ContainerFile.open(path, MAGIC, FORMAT) as f:
         return layout_of(f) == "image"

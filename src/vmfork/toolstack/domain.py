@@ -279,7 +279,7 @@ class Domain:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.set_wakeup_fd(self.wake_w)
         if self.jail is not None:
-            self.jail.enter(self)       # before the guest's first instruction
+            self.jail.enter(self, COMMANDS)       # before the guest's first instruction
         if self.spec.get("paused"):
             self._set_state("paused", self.fork_point_reason or "created paused")
         else:
@@ -348,8 +348,7 @@ class Domain:
             from ..snapshot import load_device_state
             state = dataclasses.replace(state, devices=load_device_state(spec["device_state"]))
         if spec.get("env") and state.devices is not None:       # fork-vm --set: the fork's env channel strings
-            from ..devices.envchannel import set_env
-            state = dataclasses.replace(state, devices=set_env(state.devices, spec["env"]))
+            state = dataclasses.replace(state, devices=state.devices.with_env(spec["env"]))
         block = bool(spec.get("block_interrupts"))
         if block:
             state = dataclasses.replace(state, vcpus=tuple(_blocked(v) for v in state.vcpus))

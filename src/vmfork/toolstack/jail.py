@@ -45,7 +45,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +52,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import VmforkError
 from ..procfork_jail import pivot_into
+from .jail_files import Broker, jail_file_commands
 
 if TYPE_CHECKING:
-    from .domain import Domain
+    from .domain import Command, Domain
 
 __all__ = ["Jail", "JailError", "host_pid", "start", "wanted"]
 
@@ -218,7 +218,6 @@ def _leave_cgroup(leaf: Any) -> None:
 
 def _supervise(pid: int, sock: socket.socket, leaf: Any, run_dir: str) -> None:
     """The jailer: serve the domain's file requests until it ends, then clean up after it and exit."""
-    from .jail_files import Broker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda s, f: os.kill(pid, signal.SIGTERM))
     _leave_cgroup(leaf)
@@ -315,8 +314,9 @@ class Jail:
         reply = json.loads(data or b"{}")
         return reply, (fds[0] if fds else None)
 
-    def enter(self, domain: Domain) -> None:
-        """Everything after the namespaces: limits, private root, uid, no_new_privs, seccomp."""
+    def enter(self, domain: Domain, commands: dict[str, Command]) -> None:
+        """Everything after the namespaces: limits, private root, uid, no_new_privs, seccomp (`commands`: the
+        domain's QMP command table, whose file commands then take descriptors only)."""
         rec = domain.record
         cfg = domain.config
         assert rec is not None
@@ -350,8 +350,7 @@ class Jail:
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         from ..jail_seccomp import install
         install(log_only=os.environ.get(SECCOMP_ENV) == "log")
-        from .jail_files import jail_file_commands
-        jail_file_commands(self, domain)
+        jail_file_commands(self, domain, commands)
         self.entered = True
 
     def _build_root(self, root: str, domain: Domain) -> None:
@@ -418,11 +417,6 @@ class Jail:
                 continue
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def make_root_dir() -> str:
-    """The (empty, host-visible) directory the domain mounts its private root on; the jailer removes it."""
-    return tempfile.mkdtemp(prefix="vmfork-jail-")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--jailer"]:

@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ from ..errors import VmforkError
 from .qmp import QmpError
 
 if TYPE_CHECKING:
-    from .domain import Domain
+    from .domain import Command, Domain
     from .jail import Jail
 
 __all__ = ["KILLED_BY_JAIL", "Broker", "jail_file_commands"]
@@ -96,10 +97,9 @@ class Broker:
     def _handle(self, msg: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         op = msg.get("op")
         if op == "hello" and self.domid is None:
-            from .jail import make_root_dir
             self.domid = int(msg["domid"])
             self.staging = Path(msg["staging"])
-            self.root = make_root_dir()
+            self.root = tempfile.mkdtemp(prefix="vmfork-jail-")     # the jailer removes it
             return {"root": self.root}, None
         if op == "listen":
             return {}, self._listen(str(msg["host"]), int(msg["port"]))
@@ -169,13 +169,11 @@ class Broker:
 FILE_COMMANDS = ("vmfork-save", "xen-save-devices-state", "vmfork-attach-dm")
 
 
-def jail_file_commands(jail: Jail, domain: Domain) -> None:
+def jail_file_commands(jail: Jail, domain: Domain, commands: dict[str, Command]) -> None:
     """The domain's side, set up as it enters its jail: file commands take descriptors only, console-log rotation
-    and TCP listeners go through the jailer, temporary files go to the staging directory."""
+    and TCP listeners go through the jailer, temporary files go to the staging directory. `commands`: the domain's
+    QMP command table, whose file commands are wrapped."""
     import dataclasses
-    import tempfile
-
-    from . import domain as dom
 
     def by_descriptor(orig: Any) -> Any:
         def handler(d: Any, conn: Any, args: dict[str, Any]) -> Any:
@@ -203,9 +201,9 @@ def jail_file_commands(jail: Jail, domain: Domain) -> None:
     # network of its own and its seccomp filter refuses AF_INET sockets.
     socket.create_server = create_server        # type: ignore[assignment]
     for name in FILE_COMMANDS:
-        cmd = dom.COMMANDS.get(name)
+        cmd = commands.get(name)
         if cmd is not None:
-            dom.COMMANDS[name] = dataclasses.replace(cmd, handler=by_descriptor(cmd.handler))
+            commands[name] = dataclasses.replace(cmd, handler=by_descriptor(cmd.handler))
     if domain.console is not None:
         domain.console.rotate_log = reopen_log
     # Saves streamed to a FIFO or stdout are built in an unnamed temporary file first: in the staging directory,
