@@ -18,7 +18,7 @@ import pytest
 from cli_harness import CliHarness
 from guest import boot, console, run_to_exit, run_to_ready, write_input
 from vmfork.errors import ForkError, SnapshotFormatError, VmStateError
-from vmfork.fork import VM
+from vmfork.fork import VM, kernel_mode_emulated
 from vmfork.snapshot import restore, save
 from vmfork.snapshot.template import TemplateError
 
@@ -163,9 +163,6 @@ def _lines(out: bytes) -> list[bytes]:
 
 
 @pytest.mark.skipif(not (LINUX / "vmlinux").exists(), reason="no Debian kernel in build/linux (guests/linux/build.sh)")
-@pytest.mark.xfail(reason="known: the mapped machine is a dirty-logged fork, and where kernel mode is emulated every "
-                          "kernel store logs a ring entry, so it may not print the classic restore's lines within the "
-                          "limit (passed in 2 of 3 runs this session)", strict=False)
 def test_a_linux_template_boots_on_like_a_classic_restore(tmp_path: Path, cache_dir: Path,
                                                           machines: list) -> None:  # type: ignore[type-arg]
     """A foreign guest: Debian's kernel saved mid-boot, once as a template and once as a classic save file. The
@@ -194,9 +191,11 @@ def test_a_linux_template_boots_on_like_a_classic_restore(tmp_path: Path, cache_
     mapped, classic = restore(tpl), restore(sav)
     machines[:0] = [mapped, classic]
     assert mapped.template == str(tpl) and classic.template is None
+    # Where kernel mode is emulated, a Linux template logs into bitmaps like a Linux fork (rings: the crawl above).
+    assert mapped.flush_translations_on_reset == kernel_mode_emulated()
     seen = run_for(classic, b"\nNEVER\n", 20)
-    # The mapped machine is a fork (dirty-logged: each emulated kernel store is logged here), so it is slower: give
-    # it time to print as many lines as the classic one did.
+    # The mapped machine is a fork (dirty-logged into bitmaps where kernel mode is emulated), so it may be slower:
+    # give it time to print as many lines as the classic one did.
     a = _lines(seen)
     target = a[max(len(a) - 2, 0)] if a else b"\n"
     got = run_for(mapped, target, 240)

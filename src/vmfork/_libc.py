@@ -47,3 +47,14 @@ def link_open_file(fd: int, path: str | os.PathLike[str]) -> None:
     if _linkat(AT_FDCWD, f"/proc/self/fd/{fd}".encode(), AT_FDCWD, os.fsencode(path), AT_SYMLINK_FOLLOW) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fspath(path))
+
+
+def replace_durably(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Rename the finished file `tmp` over `path` and fsync the directory, so the new name survives a crash.
+    Raises OSError."""
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .arch.x86 import flat
+from .arch.x86.emulator_probe import cpu_model
 from .arch.x86.flat import DATA_ADDR, exit_with
 from .errors import VmforkError
 from .kvm import constants as c
@@ -804,17 +805,6 @@ PROBES: dict[str, tuple[str, Probe]] = {
 # --- host identity and caching --------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _vmfork_version() -> str:
     try:
         from importlib.metadata import version
@@ -824,7 +814,7 @@ def _vmfork_version() -> str:
 
 
 def _cache_key() -> dict[str, str]:
-    return {"kernel": platform.release(), "cpu": _cpu_model(), "vmfork": _vmfork_version()}
+    return {"kernel": platform.release(), "cpu": cpu_model(), "vmfork": _vmfork_version()}
 
 
 def cache_path() -> Path:

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from .._libc import link_open_file
+from .._libc import link_open_file, replace_durably
 from ..errors import SnapshotFormatError, VmforkError
 
 FORMAT_VERSION = 1
@@ -351,13 +351,8 @@ class ContainerWriter:
                 self._named = True
             os.close(self._fd)
             self._fd = -1
-            os.replace(self._tmp, self.path)
+            replace_durably(self._tmp, self.path)
             self._committed = True
-            dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
         except OSError as e:
             raise VmforkError(f"cannot write {self.what} {self.path}: {e.strerror or e}") from None
 

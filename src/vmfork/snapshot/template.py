@@ -40,6 +40,7 @@ import numpy as np
 
 from .. import vmgenid
 from .._libc import libc
+from ..arch.x86.acpi import vmgenid as acpi_vmgenid
 from ..errors import VmforkError
 from ..memory import PAGE_SHIFT, PAGE_SIZE, MemoryImage, make_slots
 from .compact import FORMAT, MAGIC, SaveInfo, header_for, layout_of, nonzero_pages, read_machine
@@ -295,7 +296,7 @@ def _checked_section(f: ContainerFile, size: int) -> None:
 def restore_template(f: ContainerFile, *, paused: bool = True, name: str | None = None,
                      console_log: str | None = None, cpuid: str | None = None) -> VM:
     """Map the template open as `f` copy-on-write into a new machine, a fork of the file (see the module doc)."""
-    from ..fork import machine_from_image
+    from ..fork import kernel_mode_emulated, machine_from_image
     saved_name, shape, state, blocked = read_machine(f, cpuid)
     slots = make_slots(shape.regions())
     size = sum(s.size for s in slots)
@@ -307,9 +308,13 @@ def restore_template(f: ContainerFile, *, paused: bool = True, name: str | None 
     check_image(f)
     m = _open_mapped(f.path, st)
     image = MemoryImage(size, slots, m.fd, base_offset=f.section(SECTION).offset)
+    # A Linux guest where kernel mode is emulated: bitmaps and the translation flush, as for its forks (fork.py,
+    # dirty_log_mode): with rings, each emulated kernel store logs an entry and the machine crawls.
+    linux = kernel_mode_emulated() and _carries_vmgenid(image)
     vm = machine_from_image(image, state, name=name or saved_name,
                             launch_dm="yes" if state.devices is not None else "no", console_log=console_log,
-                            block_interrupts=blocked)
+                            block_interrupts=blocked, dirty_ring=not linux)
+    vm.flush_translations_on_reset = linux
     vm.template = str(f.path)
     vmgenid.new_generation(vm)              # every restore of a template is a new generation (vmgenid.py)
     with _lock:
@@ -317,6 +322,17 @@ def restore_template(f: ContainerFile, *, paused: bool = True, name: str | None 
     if not paused:
         vm.start()
     return vm
+
+
+def _carries_vmgenid(image: MemoryImage) -> bool:
+    """Whether the image's ACPI reserved memory holds vmfork's VMGenID block (what vmgenid.present reads from a
+    live machine): the sign of a Linux guest booted by vmfork."""
+    gpa = acpi_vmgenid.BLOCK_ADDR
+    for slot in image.slots:
+        if slot.gpa <= gpa and gpa + len(acpi_vmgenid.MAGIC) <= slot.gpa + slot.size:
+            where = image.base_offset + slot.offset + gpa - slot.gpa
+            return os.pread(image.base_fd, len(acpi_vmgenid.MAGIC), where) == acpi_vmgenid.MAGIC
+    return False
 
 
 def read_image_copy(f: ContainerFile, *, name: str | None = None, console_log: str | None = None,

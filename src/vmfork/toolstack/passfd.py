@@ -25,7 +25,7 @@ import secrets
 import sys
 from types import TracebackType
 
-from .._libc import link_open_file
+from .._libc import link_open_file, replace_durably
 from ..errors import VmforkError
 from ..snapshot.container import remove_stale_temporaries, save_target
 from .qmp import QmpCommandError
@@ -79,13 +79,8 @@ class OutputFile:
             if not self._named:
                 link_open_file(self.fd, self._tmp)
                 self._named = True
-            os.replace(self._tmp, self.path)
+            replace_durably(self._tmp, self.path)
             self._tmp = None
-            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
         except OSError as e:
             raise VmforkError(f"cannot write {self.what} {self.path}: {e.strerror or e}") from None
 

@@ -615,7 +615,8 @@ def _kvm_modules() -> str:
     return ",".join(out)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo): part of the keys of cached host measurements."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -627,7 +628,7 @@ def _cpu_model() -> str:
 
 
 def cache_key() -> dict[str, str]:
-    return {"kernel": platform.release(), "kvm": _kvm_modules(), "cpu": _cpu_model(),
+    return {"kernel": platform.release(), "kvm": _kvm_modules(), "cpu": cpu_model(),
             "probe": str(PROBE_VERSION)}
 
 
