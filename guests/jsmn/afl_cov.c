@@ -17,7 +17,7 @@
 /* 8 KiB, not AFL++'s default 64 KiB: jsmn has about 210 edges (a few collisions expected in 8,192 slots), and
  * every byte of the map costs per input: the fork's reset copies back each map page an input wrote (the hash spreads
  * one input's edges over all of them), vmfork copies the map into AFL++'s, and afl-fuzz clears, classifies and
- * compares the size the fork server announces (docs/benchmarks.md, "To the floor, third round: AFL++": 1.4-1.8x
+ * compares the size the fork server announces (docs/benchmarks.md, "To the floor, third round: AFL++": 1.3-1.8x
  * the execs/s of the 64 KiB map under afl-fuzz). */
 #define AFL_MAP_SHIFT 13
 #define AFL_MAP_SIZE (1UL << AFL_MAP_SHIFT)
