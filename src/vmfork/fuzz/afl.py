@@ -25,7 +25,8 @@ counts once per entry), two under the Debugger.
 A target compiled with its own edge map needs no breakpoints: `--afl-map ADDR:SIZE`, or `--afl-map auto` for the
 map the target printed on its console before its ready marker as `afl-map=0x... size=0x...` (the jsmn example's
 jsmn-afl-pvh.elf: gcc's -fsanitize-coverage=trace-pc callback in guests/jsmn/afl_cov.c counts AFL-style edges into
-64 KiB of its .bss at 0x410000). The guest map must be zero in the parent paused at the ready marker; a fork's reset
+8 KiB of its .bss at 0x410000: a map no bigger than the target's edges need, since afl-fuzz, the copy and the reset
+all pay per byte of it). The guest map must be zero in the parent paused at the ready marker; a fork's reset
 then brings it back to zero before every input, so there is no clearing pass. Per input vmfork runs the fork
 without any breakpoint (no exit but the markers) and then copies the guest's map into AFL++'s in one go (a read of
 the fork's RAM, no exit). AFL++ zeroes its whole map before each run, so a guest map smaller than AFL++'s fills its
