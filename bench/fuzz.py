@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,11 +209,78 @@ def baseline_row(t: Target, other: Path, seconds: float, rounds: int) -> tuple[s
             f"{this_cpu:,.0f} vs {base_cpu:,.0f} ({this_cpu / base_cpu:.2f}x)")
 
 
-def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = False,
-            tree: Path | None = None) -> tuple[str, str, str]:
-    """execs/s under the real afl-fuzz (fork-server mode), its edge map fed by persistent block breakpoints, or
-    (`guest_map`) copied from the map the target's instrumented build keeps itself (t.afl_image). `tree`: run
-    another checkout's vmfork (its src/ first on PYTHONPATH) with this tree's guest."""
+def _cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of process `pid` so far (None once it is gone)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class AflRun:
+    stats: dict[str, str]           # afl-fuzz's fuzzer_stats
+    afl_cpu_us: float               # CPU per input of afl-fuzz's own process, from its first queue cycle to its end
+    vmfork_cpu_us: float            # the same for the fork server (vmfork)
+
+    @property
+    def execs_per_s(self) -> float:
+        return float(self.stats["execs_per_sec"])
+
+
+def run_afl(command: list[str], env: dict[str, str], seconds: int) -> AflRun:
+    """Run afl-fuzz (`-o` inside `command`) to its -V limit, sampling the CPU time of afl-fuzz and of its fork
+    server (its one child) from /proc: from "All set and ready to roll" (seeds and calibration done) to the last
+    sample before it ends, per input of the whole run (the calibration's few dozen inputs are in the count)."""
+    out = Path(command[command.index("-o") + 1])
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    ready = threading.Event()
+    tail: list[bytes] = []
+
+    def read_output() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail[:] = [*tail[-40:], line]
+            if b"ready to roll" in line:
+                ready.set()
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
+    server: int | None = None
+    first = last = None
+    deadline = time.monotonic() + seconds + 180
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("afl-fuzz did not end")
+        time.sleep(0.1)
+        if server is None:
+            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split() \
+                if Path(f"/proc/{proc.pid}").exists() else []
+            server = int(kids[0]) if kids else None
+        sample = (_cpu_s(proc.pid), _cpu_s(server))
+        if sample[0] is None or sample[1] is None:
+            continue
+        if first is None and ready.is_set():
+            first = sample
+        last = sample
+    reader.join(timeout=5)
+    if proc.returncode != 0 or first is None or last is None:
+        raise SystemExit(f"afl-fuzz failed ({proc.returncode}):\n" + b"".join(tail).decode(errors="replace"))
+    text = (out / "default/fuzzer_stats").read_text()
+    stats = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+    execs = int(stats["execs_done"])
+    return AflRun(stats, (last[0] - first[0]) / execs * 1e6, (last[1] - first[1]) / execs * 1e6)
+
+
+def afl_run(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = False,
+            tree: Path | None = None) -> AflRun:
+    """One afl-fuzz run (fork-server mode), its edge map fed by persistent block breakpoints, or (`guest_map`)
+    copied from the map the target's instrumented build keeps itself (t.afl_image). `tree`: run another checkout's
+    vmfork (its src/ first on PYTHONPATH) with that checkout's build of the guest (this tree's if it has none)."""
     env = {**os.environ, "AFL_SKIP_BIN_CHECK": "1", "AFL_NO_UI": "1", "AFL_SKIP_CPUFREQ": "1",
            "AFL_NO_AFFINITY": "1", "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1", "AFL_FORKSRV_INIT_TMOUT": "60000"}
     if tree is not None:
@@ -226,37 +294,68 @@ def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = 
         for i, seed in enumerate(t.corpora[0][1]):
             (Path(tmp) / "in" / f"seed{i}").write_bytes(seed)
         image = t.afl_image if guest_map and t.afl_image is not None else t.image
+        if tree is not None and (tree / "build" / "guests" / image.name).exists():
+            image = tree / "build" / "guests" / image.name
         coverage = ["--afl-map", "auto"] if guest_map else ["--cover", f"{start:#x}-{end:#x}"]
-        subprocess.run(["afl-fuzz", "-i", f"{tmp}/in", "-o", f"{tmp}/out", "-t", str(timeout_ms), "-V", str(seconds),
+        return run_afl(["afl-fuzz", "-i", f"{tmp}/in", "-o", f"{tmp}/out", "-t", str(timeout_ms), "-V", str(seconds),
                         "--", sys.executable, "-m", "vmfork.fuzz", "--afl", "--kernel", str(image), "--cmdline",
-                        t.cmdline, "--budget-ms", str(budget_ms), *cli_harness(t), *coverage],
-                       env=env, capture_output=True, check=True, timeout=seconds + 180)
-        text = (Path(tmp) / "out/default/fuzzer_stats").read_text()
-        stats = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
-        execs = int(stats["execs_done"])
-        crashes = int(stats["saved_crashes"])
-        found = f"corpus {stats['corpus_count']}, {stats['edges_found']} edges"
+                        t.cmdline, "--budget-ms", str(budget_ms), *cli_harness(t), *coverage], env, seconds)
+
+
+def afl_row(t: Target, seconds: int, start: int, end: int, *, guest_map: bool = False) -> tuple[str, str, str]:
+    """execs/s under the real afl-fuzz (its fuzzer_stats), with the CPU per input of both processes."""
+    run = afl_run(t, seconds, start, end, guest_map=guest_map)
+    st = run.stats
+    found = (f"{st['execs_done']} inputs, corpus {st['corpus_count']}, {st['edges_found']} edges, "
+             f"{st['saved_crashes']} crashes saved; CPU per input: afl-fuzz {run.afl_cpu_us:.0f} µs, vmfork "
+             f"{run.vmfork_cpu_us:.0f} µs")
     if guest_map:
-        return (f"under afl-fuzz, guest edge map (`--afl-map auto`, {image.name}), {seconds} s",
-                f"{execs / seconds:,.0f} execs/s",
-                f"{execs} inputs incl. start-up, {found}, {crashes} crashes saved; no breakpoints: the guest's "
-                "trace-pc callback counts edges, one copy of its 64 KiB map per input")
-    return (f"under afl-fuzz, breakpoint edges (`--cover`), {seconds} s", f"{execs / seconds:,.0f} execs/s",
-            f"{execs} inputs incl. start-up, {found}, {crashes} crashes saved; every block hit is an exit")
+        assert t.afl_image is not None
+        return (f"under afl-fuzz, guest edge map (`--afl-map auto`, {t.afl_image.name}), {seconds} s",
+                f"{run.execs_per_s:,.0f} execs/s",
+                f"{found}; no breakpoints: the guest's trace-pc callback counts edges, one copy of its map per input")
+    return (f"under afl-fuzz, breakpoint edges (`--cover`), {seconds} s", f"{run.execs_per_s:,.0f} execs/s",
+            f"{found}; every block hit is an exit")
 
 
 def afl_baseline_row(t: Target, other: Path, seconds: int, start: int, end: int,
                      rounds: int) -> tuple[str, str, str]:
-    """The guest-edge-map afl-fuzz run with this tree's vmfork and another checkout's, alternating."""
-    rates: dict[str, list[float]] = {"this": [], "other": []}
+    """The guest-edge-map afl-fuzz run with this tree's vmfork and guest and another checkout's, alternating."""
+    runs: dict[str, list[AflRun]] = {"this": [], "other": []}
     for _ in range(rounds):
         for which, tree in (("this", None), ("other", other)):
-            cell = afl_row(t, seconds, start, end, guest_map=True, tree=tree)[1]
-            rates[which].append(float(cell.split()[0].replace(",", "")))
-    this, base = statistics.median(rates["this"]), statistics.median(rates["other"])
+            runs[which].append(afl_run(t, seconds, start, end, guest_map=True, tree=tree))
+
+    def median(which: str, what: str) -> float:
+        return statistics.median(getattr(r, what) for r in runs[which])
+
+    this, base = median("this", "execs_per_s"), median("other", "execs_per_s")
+    cpu = {w: (median(w, "afl_cpu_us"), median(w, "vmfork_cpu_us")) for w in runs}
     return (f"under afl-fuzz, guest edge map, {seconds} s: this tree vs {other}", f"{this / base:.2f}x",
-            f"this tree {', '.join(f'{x:,.0f}' for x in rates['this'])} execs/s; {other}: "
-            f"{', '.join(f'{x:,.0f}' for x in rates['other'])} execs/s ({rounds} alternating rounds, same guest)")
+            f"this tree {', '.join(f'{r.execs_per_s:,.0f}' for r in runs['this'])} execs/s; {other}: "
+            f"{', '.join(f'{r.execs_per_s:,.0f}' for r in runs['other'])} execs/s ({rounds} alternating rounds, "
+            f"each tree with its own build of the guest, afl-fuzz's execs_per_sec); CPU per input (medians), "
+            f"afl-fuzz + vmfork: this tree {cpu['this'][0]:.0f} + {cpu['this'][1]:.0f} µs, {other} "
+            f"{cpu['other'][0]:.0f} + {cpu['other'][1]:.0f} µs")
+
+
+def afl_floor_row(seconds: int, map_size: int = 8192) -> tuple[str, str, str]:
+    """afl-fuzz driving a fork server that runs nothing (bench/afl_null_server.c, vmfork's protocol in C): what
+    afl-fuzz and the pipe cost per input on this host, the floor vmfork's time per input adds to."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Path(tmp) / "afl_null_server"
+        subprocess.run(["gcc", "-O2", "-o", str(server), str(ROOT / "bench" / "afl_null_server.c")], check=True)
+        (Path(tmp) / "in").mkdir()
+        (Path(tmp) / "in" / "seed").write_bytes(b"hello")
+        env = {**os.environ, "AFL_SKIP_BIN_CHECK": "1", "AFL_NO_UI": "1", "AFL_SKIP_CPUFREQ": "1",
+               "AFL_NO_AFFINITY": "1", "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1"}
+        run = run_afl(["afl-fuzz", "-i", f"{tmp}/in", "-o", f"{tmp}/out", "-t", "200", "-V", str(seconds), "--",
+                       str(server), str(map_size)], env, seconds)
+    per = 1e6 / run.execs_per_s
+    return (f"under afl-fuzz, a fork server that runs nothing (bench/afl_null_server.c, {map_size // 1024} KiB map), "
+            f"{seconds} s", f"{run.execs_per_s:,.0f} execs/s",
+            f"{per:.0f} µs per input: afl-fuzz's own work and one pipe round trip, the floor any fork server adds to; "
+            f"CPU per input: afl-fuzz {run.afl_cpu_us:.0f} µs, the server {run.vmfork_cpu_us:.0f} µs")
 
 
 def afl_rows(t: Target, args: argparse.Namespace, start: int, end: int) -> list[tuple[str, str, str]]:
@@ -266,6 +365,7 @@ def afl_rows(t: Target, args: argparse.Namespace, start: int, end: int) -> list[
     rows = [afl_row(t, args.afl_seconds, start, end)]
     if t.afl_image is not None:
         rows.append(afl_row(t, args.afl_seconds, start, end, guest_map=True))
+        rows.append(afl_floor_row(args.afl_seconds))
     return rows
 
 
@@ -310,7 +410,8 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
     if args.afl_only:
         vm.destroy(tree=True)
         if args.baseline is not None:
-            return [afl_baseline_row(t, Path(args.baseline), args.afl_seconds, start, end, args.rounds)]
+            return [afl_baseline_row(t, Path(args.baseline), args.afl_seconds, start, end, args.rounds),
+                    afl_floor_row(args.afl_seconds)]
         return afl_rows(t, args, start, end)
     campaign_seeds = list(t.corpora[0][1])
     try:

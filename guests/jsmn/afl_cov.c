@@ -14,12 +14,17 @@
  * the pages the last input wrote, so every input starts from a zero map and prev = 0 with no clearing pass.
  */
 
-#define AFL_MAP_SHIFT 16
-#define AFL_MAP_SIZE (1UL << AFL_MAP_SHIFT)    /* 64 KiB, AFL++'s default map size */
+/* 8 KiB, not AFL++'s default 64 KiB: jsmn has about 210 edges (a few collisions expected in 8,192 slots), and
+ * every byte of the map costs per input: the fork's reset copies back each map page an input wrote (the hash spreads
+ * one input's edges over all of them), vmfork copies the map into AFL++'s, and afl-fuzz clears, classifies and
+ * compares the size the fork server announces (docs/benchmarks.md, "To the floor, third round: AFL++": 1.3-1.8x
+ * the execs/s of the 64 KiB map under afl-fuzz). */
+#define AFL_MAP_SHIFT 13
+#define AFL_MAP_SIZE (1UL << AFL_MAP_SHIFT)
 
 /* Page aligned (and 64 KiB aligned, so its address is a round number the guest prints and the README gives); in
  * .bss, so the image's file does not grow and the loader zeroes it. */
-unsigned char __afl_area[AFL_MAP_SIZE] __attribute__((aligned(AFL_MAP_SIZE)));
+unsigned char __afl_area[AFL_MAP_SIZE] __attribute__((aligned(0x10000)));
 
 static unsigned long afl_prev;
 

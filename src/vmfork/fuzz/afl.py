@@ -1,23 +1,32 @@
 """Running under AFL++: `afl-fuzz -i in -o out -t 200 -- vmfork fuzz --afl --kernel ... --budget-ms 400`.
 
-vmfork plays AFL++'s fork server (the classic protocol): a 4-byte hello on fd 199 (announcing the map size, below),
-then per input a 4-byte request read from fd 198, a 4-byte "child pid" written to 199, the run, and a 4-byte wait
-status written to 199. There is no child process per input (the input runs in the fuzz fork, in this process): the
-pid given is that of a placeholder process that AFL++ may kill on a timeout (it is replaced then; it dies with
-vmfork by PR_SET_PDEATHSIG). Outcomes map to wait statuses: ok = exit 0; a fault vector = SIGSEGV (SIGILL for #UD,
-SIGFPE for #DE); a sink or a triple fault = SIGABRT; a hang = SIGKILL. Give `--budget-ms` above AFL++'s `-t` so
-that AFL++'s own timer sees hangs first.
+vmfork plays AFL++'s fork server (the classic protocol): a 4-byte hello on fd 199 (announcing the map size and
+shared-memory test cases, below), then per input a 4-byte request read from fd 198, a 4-byte "child pid" written to
+199, the run, and a 4-byte wait status written to 199. There is no child process per input (the input runs in the
+fuzz fork, in this process), so the pid is always the same, and vmfork sends it ahead: once after the hello and then
+in the same write as each status (afl-fuzz reads exactly four bytes each time, so the next request finds its pid
+waiting). That is one write, one wake-up of afl-fuzz, per input instead of two. The pid is that of a placeholder
+child that has already exited and that vmfork does not reap while it serves: a zombie keeps its pid from being
+reused, and AFL++'s kill() of it on a timeout does nothing (vmfork's own `--budget-ms` ends the run). Outcomes map
+to wait statuses: ok = exit 0; a fault vector = SIGSEGV (SIGILL for #UD, SIGFPE for #DE); a sink or a triple fault
+= SIGABRT; a hang = SIGKILL. Give `--budget-ms` above AFL++'s `-t` so that AFL++'s own timer sees hangs first.
+
+The input: when afl-fuzz offers shared-memory test cases (it sets `__AFL_SHM_FUZZ_ID`, AFL++ 3.0 and later) and no
+`--afl-input` is given, the hello asks for them (FS_OPT_SHDMEM_FUZZ) and afl-fuzz answers with a 4-byte word on fd
+198; each input is then a u32 length and the bytes in that System V segment, with no file write on afl-fuzz's side
+and no read on vmfork's. Otherwise it comes from the file named by `--afl-input` (AFL++'s `@@`), or from stdin
+(AFL++'s `.cur_input`, read from offset 0).
 
 Coverage goes into AFL++'s shared-memory map (`__AFL_SHM_ID`, `AFL_MAP_SIZE` or 64 KiB) as AFL-style edges
 (hash(previous block) ^ hash(block)), from persistent block breakpoints of the `--cover` ranges: one exit per block
 hit where the fuzz fork answers its breakpoints itself (traps.ForkTraps; a loop of a single covered block then
-counts once per entry), two under the Debugger. The input comes
-from the file named by `--afl-input` (AFL++'s `@@`), or else from stdin (AFL++'s `.cur_input`, read from offset 0).
+counts once per entry), two under the Debugger.
 
 A target compiled with its own edge map needs no breakpoints: `--afl-map ADDR:SIZE`, or `--afl-map auto` for the
 map the target printed on its console before its ready marker as `afl-map=0x... size=0x...` (the jsmn example's
 jsmn-afl-pvh.elf: gcc's -fsanitize-coverage=trace-pc callback in guests/jsmn/afl_cov.c counts AFL-style edges into
-64 KiB of its .bss at 0x410000). The guest map must be zero in the parent paused at the ready marker; a fork's reset
+8 KiB of its .bss at 0x410000: a map no bigger than the target's edges need, since afl-fuzz, the copy and the reset
+all pay per byte of it). The guest map must be zero in the parent paused at the ready marker; a fork's reset
 then brings it back to zero before every input, so there is no clearing pass. Per input vmfork runs the fork
 without any breakpoint (no exit but the markers) and then copies the guest's map into AFL++'s in one go (a read of
 the fork's RAM, no exit). AFL++ zeroes its whole map before each run, so a guest map smaller than AFL++'s fills its
@@ -39,6 +48,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import signal
@@ -50,14 +60,16 @@ from typing import Any, NamedTuple
 from ..errors import MemoryAccessError
 from .loop import Fuzzer, FuzzError, Result
 
-__all__ = ["AUTO_MAP", "FORKSRV_FD", "AflMap", "GuestMap", "afl_map_arg", "guest_map", "hello", "serve_afl",
-           "wait_status"]
+__all__ = ["AUTO_MAP", "FORKSRV_FD", "AflInput", "AflMap", "GuestMap", "afl_map_arg", "guest_map", "hello",
+           "serve_afl", "wait_status"]
 
 FORKSRV_FD = 198
 FS_OPT_ENABLED = 0x80000001         # AFL++'s fork-server options word: these bits say the hello carries options,
 FS_OPT_MAPSIZE = 0x40000000         # this one that bits 1-23 hold the map size - 1
+FS_OPT_SHDMEM_FUZZ = 0x01000000     # and this one that the fork server takes test cases from shared memory
 FS_OPT_MAX_MAPSIZE = 1 << 23
-PR_SET_PDEATHSIG = 1
+SHM_FUZZ_ENV = "__AFL_SHM_FUZZ_ID"  # afl-fuzz's test-case segment: a u32 length, then up to MAX_FILE bytes
+MAX_FILE = 1 << 20                  # AFL++'s config.h
 _SIGNAL_FOR_VECTOR = {0: signal.SIGFPE, 6: signal.SIGILL, 16: signal.SIGFPE, 19: signal.SIGFPE}
 
 
@@ -82,13 +94,7 @@ class AflMap:
         self.attached = False
         self.map: Any
         if shm_id:
-            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            libc.shmat.restype = ctypes.c_void_p
-            libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
-            addr = libc.shmat(int(shm_id), None, 0)
-            if addr is None or addr == ctypes.c_void_p(-1).value:
-                raise FuzzError(f"cannot attach AFL++'s shared memory {shm_id}: {os.strerror(ctypes.get_errno())}")
-            self.map = (ctypes.c_ubyte * self.size).from_address(addr)
+            self.map = _attach(shm_id, self.size, "shared memory")
             self.attached = True
         else:
             self.map = (ctypes.c_ubyte * self.size)()
@@ -103,6 +109,32 @@ class AflMap:
             m[i] = (m[i] + 1) & 0xFF
             self.prev = cur >> 1
         return on_block
+
+
+def _attach(shm_id: str, size: int, what: str) -> Any:
+    """`size` bytes of the System V segment `shm_id` as a ctypes array (FuzzError naming it if shmat fails)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+    try:
+        ident = int(shm_id)
+    except ValueError:
+        raise FuzzError(f"AFL++'s {what} id {shm_id!r} is not a number") from None
+    addr = libc.shmat(ident, None, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        raise FuzzError(f"cannot attach AFL++'s {what} {shm_id}: {os.strerror(ctypes.get_errno())}")
+    return (ctypes.c_ubyte * size).from_address(addr)
+
+
+class AflInput:
+    """AFL++'s shared-memory test cases (`__AFL_SHM_FUZZ_ID`): a u32 length, then the input's bytes."""
+
+    def __init__(self, shm_id: str) -> None:
+        self.buf = memoryview(_attach(shm_id, MAX_FILE + 4, "test-case shared memory")).cast("B")
+
+    def read(self, limit: int) -> bytes:
+        n = min(int.from_bytes(self.buf[:4], "little"), limit, MAX_FILE)
+        return self.buf[4:4 + n].tobytes()
 
 
 class GuestMap(NamedTuple):
@@ -157,22 +189,24 @@ def guest_map(spec: GuestMap, parent: Any, console: bytes, what: str) -> GuestMa
     return spec
 
 
-def hello(map_size: int) -> bytes:
-    """The fork server's hello: AFL++'s options word announcing `map_size`, or (a size the word cannot carry) the
-    classic four zero bytes, which announce nothing."""
-    if not 2 <= map_size <= FS_OPT_MAX_MAPSIZE:
-        return b"\0\0\0\0"
-    return struct.pack("<I", FS_OPT_ENABLED | FS_OPT_MAPSIZE | (map_size - 1) << 1)
+def hello(map_size: int, *, shmem_input: bool = False) -> bytes:
+    """The fork server's hello: AFL++'s options word announcing `map_size` (a size the word cannot carry announces
+    none) and, with `shmem_input`, asking for shared-memory test cases; the classic four zero bytes when it would
+    say nothing."""
+    word = FS_OPT_ENABLED | FS_OPT_SHDMEM_FUZZ if shmem_input else 0
+    if 2 <= map_size <= FS_OPT_MAX_MAPSIZE:
+        word |= FS_OPT_ENABLED | FS_OPT_MAPSIZE | (map_size - 1) << 1
+    return struct.pack("<I", word)
 
 
 def _placeholder() -> subprocess.Popen[bytes]:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-    def die_with_parent() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-
-    return subprocess.Popen(["sleep", "infinity"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=die_with_parent, close_fds=True)
+    """A child that exits at once and stays a zombie (not reaped until serve_afl ends): its pid is the "child pid"
+    AFL++ is given, which no other process can take and whose kill() does nothing. A zombie left by a vmfork that
+    was killed is reaped by whoever inherits it."""
+    child = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, close_fds=True)
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)     # exited, and still unreaped
+    return child
 
 
 def _read_input(path: str | None, limit: int) -> bytes:
@@ -188,8 +222,9 @@ def serve_afl(fz: Fuzzer, amap: AflMap, *, input_path: str | None = None, max_ex
     target's own edge map (guest_map()), copied into AFL++'s after every input."""
     filled = guest.size if guest is not None else amap.size
     shm = memoryview(amap.map).cast("B")
+    shm_input = os.environ.get(SHM_FUZZ_ENV) if input_path is None else None
     try:
-        os.write(FORKSRV_FD + 1, hello(filled))
+        os.write(FORKSRV_FD + 1, hello(filled, shmem_input=bool(shm_input)))
     except OSError as e:
         raise FuzzError(f"not started by afl-fuzz (fd {FORKSRV_FD + 1}: {e.strerror})") from None
     if filled > amap.size:
@@ -197,26 +232,33 @@ def serve_afl(fz: Fuzzer, amap: AflMap, *, input_path: str | None = None, max_ex
         # past the end of AFL++'s (and an AFL that ignores the announcement learns it from this exit)
         raise FuzzError(f"the guest's edge map ({filled} bytes) is larger than AFL++'s ({amap.size}): run "
                         f"afl-fuzz with AFL_MAP_SIZE={filled}")
-    child = _placeholder()
     limit = fz.capacity + 1
+    read_input: Callable[[], bytes]
+    if shm_input:
+        if len(os.read(FORKSRV_FD, 4)) != 4:          # afl-fuzz's yes to shared-memory test cases
+            return 0
+        read_input = functools.partial(AflInput(shm_input).read, limit)
+    else:
+        read_input = functools.partial(_read_input, input_path, limit)
+    child = _placeholder()
+    pid = struct.pack("<i", child.pid)
+    statuses = {s: struct.pack("<i", s) + pid for s in (0, *map(int, signal.Signals))}
+    write, read, execute = os.write, os.read, fz.execute
+    status_fd = FORKSRV_FD + 1
     execs = 0
     try:
+        write(status_fd, pid)                       # the first request's "child pid", sent ahead
         while max_execs is None or execs < max_execs:
-            req = os.read(FORKSRV_FD, 4)
-            if len(req) != 4:
+            if len(read(FORKSRV_FD, 4)) != 4:
                 break
-            if child.poll() is not None:            # AFL++ killed it on a timeout
-                child = _placeholder()
-            os.write(FORKSRV_FD + 1, struct.pack("<i", child.pid))
             amap.prev = 0
-            res = fz.execute(_read_input(input_path, limit))
+            res = execute(read_input())
             if guest is not None:
                 # the fork that ran it (a crashed one is replaced only at the next input); AFL++ zeroed its whole
                 # map before this run, so a smaller guest map leaves the rest zero
                 shm[:guest.size] = fz.fork.memory.view(guest.addr, guest.size)
-            os.write(FORKSRV_FD + 1, struct.pack("<i", wait_status(res)))
+            write(status_fd, statuses[wait_status(res)])    # this status and the next request's pid, one write
             execs += 1
     finally:
-        child.kill()
         child.wait()
     return execs
