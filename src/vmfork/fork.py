@@ -415,6 +415,9 @@ def kernel_mode_emulated() -> bool:
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
+_KERNEL_MODE_EMULATED = kernel_mode_emulated()      # (a module loaded with the host: fixed for this process)
+
+
 def dirty_log_mode(parent: Machine, asked: str = "auto") -> str:
     """How forks of `parent` track written pages: "ring" or "bitmap" as asked; "auto" is "bitmap" for a Linux
     guest (a machine with vmfork's VMGenID device, which Linux kernels get by default) on a host that emulates
@@ -514,6 +517,10 @@ class VM(Machine):
                                  dict[int, frozenset[int]]] | None = None
         self._entries: dict[Any, tuple[Any, Any, Entry]] = {}
         self._steady_pages: frozenset[int] = frozenset()
+        # reset_and_run's proof that the guest left its XCRs, debug registers and clock-free MSRs alone: (the reset
+        # plan that last restored them, KVM's emulated-instruction count just before the run that followed), kept
+        # only when that run stopped cleanly at the harness's end marker (_lean_reset_allowed)
+        self._lean_proof: tuple[ResetPlan, int] | None = None
 
     # Every change to the parent's state invalidates the cached state its forks start from.
     def _begin(self) -> None:
@@ -713,6 +720,7 @@ class VM(Machine):
             raise ForkError(f"cannot reset {self.name}: its forks ({names}) depend on its current state")
         st = self.fork_state
         plan = self._plan_for_reset()
+        self._lean_proof = None         # this reset restores every part (reset_and_run may prove some unchanged)
         steady = (self._steady_entry(None, (), -1, plan._full.compiled)
                   if memory and state and not self.flush_translations_on_reset else None)
         if steady is not None:
@@ -745,24 +753,28 @@ class VM(Machine):
         return pages
 
     def reset_and_run(self, data: bytes, at: tuple[tuple[int, int], ...], *, timeout: float | None = None,
-                      compiled: bool = True) -> StopEvent:
+                      compiled: bool = True, settle: bool = True, lean: bool = True) -> StopEvent:
         """`reset()`, write `data` across the guest-physical pieces `at` ((address, length) in order, as far as the
         data goes: a fuzzer's input buffer), then `run(timeout)`: a fuzzing iteration. In the loop's steady state
         (a one-vCPU fork whose last reset left nothing to harvest, see GuestMemory.steady_copies) the page
         copy-back, the vCPU's sync-area image, the input, the state ioctls and the first KVM_RUN are one call into
         vmfork._fastpath (`compiled`; else the same steps in Python); otherwise those three calls as written. The
-        results are the same either way (tests/test_fastpath.py)."""
+        results are the same either way (tests/test_fastpath.py). `settle`: as for run(); False in a loop that
+        resets next (the stop's port write is then completed only if someone looks at the vCPU first). `lean`
+        False: restore every state part even where the last run provably left some alone (_lean_count)."""
         simple = len(self.vcpus) == 1 and not self.flush_translations_on_reset
-        entry = self._iteration_entry(data, at, compiled) if simple else None
+        entry = self._iteration_entry(data, at, compiled, lean) if simple else None
         if entry is None:
+            self._lean_proof = None
             self.reset()
             for gpa, n in at:
                 if not data:
                     break
                 self.memory.write(gpa, data[:n])
                 data = data[n:]
-            return self.run(timeout=timeout)
+            return self.run(timeout=timeout, settle=settle)
         written = self._steady_pages
+        proof, self._lean_proof = entry[1], None
         # reset()'s bookkeeping, which the compiled call does not do
         touched = self.bus.touched
         if touched:
@@ -778,7 +790,21 @@ class VM(Machine):
         # the pages vmfork writes from here on (the input, and whatever the run's exit handlers write) are the
         # next reset's to copy back
         self.memory.steady_done(written)
-        return self.run(timeout=timeout, enter=lambda: entry.enter(data))
+        exits = self.exits
+        ev = self.run(timeout=timeout, enter=lambda: entry[0].enter(data), settle=settle)
+        if proof is not None and self.exits == exits + 1 and ev.reason == "harness-end":
+            self._lean_proof = self._clean_stop(proof)
+        return ev
+
+    def _clean_stop(self, proof: tuple[ResetPlan, int]) -> tuple[ResetPlan, int] | None:
+        """`proof` if the run that just stopped at the end marker (its only exit) leaves the next reset free to skip
+        the XCRs, debug registers and clock-free MSRs (see _lean_count): its `out` still unsettled (nothing ran or
+        looked at the vCPU since), and no exception pending at the stop (KVM writes DR6 for a #DB)."""
+        v = self.vcpus[0]
+        exc = v.run.s.regs.events.exception
+        if v.io_unsettled and not (exc.injected or exc.pending):
+            return proof
+        return None
 
     def _plan_for_reset(self) -> ResetPlan:
         st = self.fork_state
@@ -790,12 +816,12 @@ class VM(Machine):
         return prepared[1]
 
     def _steady_entry(self, key: object, pieces: list[tuple[int, int]] | tuple[()], vcpu_fd: int,
-                      compiled: bool) -> tuple[Entry, int] | None:
+                      compiled: bool, *, lean: bool = False) -> tuple[Entry, int] | None:
         """A kvm.Entry for a reset in the steady state (GuestMemory.steady_copies, ResetPlan.entry_parts) with
         `pieces` for an input (`key` names them) and KVM_RUN on `vcpu_fd` (-1: none), and the pages it restores;
         None when the reset needs its full path."""
         copies = self.memory.steady_copies()
-        parts = self._plan_for_reset().entry_parts()
+        parts = self._plan_for_reset().entry_parts(lean=lean)
         if copies is None or parts is None:
             return None
         sync, plan = parts
@@ -809,7 +835,8 @@ class VM(Machine):
                                                                   compiled=compiled))
         return entry[2], copies[1]
 
-    def _iteration_entry(self, data: bytes, at: tuple[tuple[int, int], ...], compiled: bool) -> Any:
+    def _iteration_entry(self, data: bytes, at: tuple[tuple[int, int], ...], compiled: bool,
+                         lean: bool = True) -> Any:
         """The kvm.Entry of reset_and_run's compiled call for this iteration, or None (take the three calls)."""
         if (self.fork_state is None or self.broken is not None or self.state not in ("paused", "crashed")
                 or self.children or self._vmgenid_id is not None or self.memory.readonly):
@@ -836,11 +863,32 @@ class VM(Machine):
         written = by_pages.get(k)
         if written is None:
             written = by_pages[k] = frozenset(page for _, page in starts[:k])
-        steady = self._steady_entry(key, pieces, self.vcpus[0].fd.fd, compiled)
+        proven, count = self._lean_count()
+        steady = self._steady_entry(key, pieces, self.vcpus[0].fd.fd, compiled, lean=lean and proven)
         if steady is None:
             return None
         self._steady_pages = written
-        return steady[0]
+        return steady[0], (None if count is None else (self._plan_for_reset(), count))
+
+    def _lean_count(self) -> tuple[bool, int | None]:
+        """(whether this reset may leave out the XCRs, debug registers and clock-free MSRs, KVM's emulated-
+        instruction count now). Where guest kernel mode is emulated, KVM counts every kernel-mode instruction in
+        its `insn_emulation` statistic (and the `out` of the end marker: one). The guest can change those parts
+        only in kernel mode (xsetbv, mov to DRn, wrmsr; KVM itself writes DR6 only when it delivers a #DB), so when
+        the last run's only exit was the end marker, the count went up by exactly one since that run started,
+        the reset before it restored them (or proved them unchanged) with the same plan, and nothing touched
+        the vCPU since, they still hold the fork-time values. Elsewhere (VT-x/AMD-V run kernel mode natively:
+        the statistic proves nothing) every reset restores them."""
+        if not _KERNEL_MODE_EMULATED:
+            return False, None
+        v = self.vcpus[0]
+        proof = self._lean_proof
+        unsettled = v.io_unsettled      # read before entry_parts clears it
+        count = v.emulated_instructions()
+        if count is None:
+            return False, None
+        lean = (proof is not None and unsettled and proof[0] is self._plan_for_reset() and count == proof[1] + 1)
+        return lean, count
 
     # --- device model -------------------------------------------------------------------------------------------
 
