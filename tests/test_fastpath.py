@@ -218,7 +218,7 @@ def test_lean_resets_give_the_machines_full_resets_give(guest_dir, machines) -> 
         if data == JSMN_VALID and kernel_mode_emulated():
             # a run in user mode whose only exit was the end marker: the next reset may be lean (after the first,
             # which the proof needs to start from)
-            assert fork._lean_count()[0] == (fork._lean_proof is not None)
+            assert fork._lean_count()[0] == (fork._lean_base is not None)
     assert _state_after_reset(fork) == _state_after_reset(twin)
     if not kernel_mode_emulated():
         pytest.skip("guest kernel mode runs natively on this host: KVM's emulation count proves nothing, every "

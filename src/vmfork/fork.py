@@ -517,10 +517,10 @@ class VM(Machine):
                                  dict[int, frozenset[int]]] | None = None
         self._entries: dict[Any, tuple[Any, Any, Entry]] = {}
         self._steady_pages: frozenset[int] = frozenset()
-        # reset_and_run's proof that the guest left its XCRs, debug registers and clock-free MSRs alone: (the reset
-        # plan that last restored them, KVM's emulated-instruction count just before the run that followed), kept
-        # only when that run stopped cleanly at the harness's end marker (_lean_reset_allowed)
-        self._lean_proof: tuple[ResetPlan, int] | None = None
+        # What the last state reset left, for the next reset's proof that the guest did not touch the XCRs, debug
+        # registers and clock-free MSRs since (_lean_count): (its plan, KVM's emulated-instruction count, exits,
+        # generation) right after it
+        self._lean_base: tuple[ResetPlan, int, int, int] | None = None
 
     # Every change to the parent's state invalidates the cached state its forks start from.
     def _begin(self) -> None:
@@ -703,10 +703,11 @@ class VM(Machine):
 
     # --- reset --------------------------------------------------------------------------------------------------
 
-    def reset(self, *, memory: bool = True, state: bool = True) -> int:
+    def reset(self, *, memory: bool = True, state: bool = True, lean: bool = True) -> int:
         """Return a fork to its parent's state: the pages written since the last reset get the parent's content
         back (`memory`) and every vCPU, the platform and the devices get the fork-time state (`state`).
-        Returns the number of pages restored."""
+        Returns the number of pages restored. `lean` False: restore every state part even where the run since
+        the last reset provably left some alone (_lean_count)."""
         if self.fork_state is None:
             raise ForkError(f"{self.name} is not a fork: only forks can be reset")
         if self.broken is not None:
@@ -720,8 +721,9 @@ class VM(Machine):
             raise ForkError(f"cannot reset {self.name}: its forks ({names}) depend on its current state")
         st = self.fork_state
         plan = self._plan_for_reset()
-        self._lean_proof = None         # this reset restores every part (reset_and_run may prove some unchanged)
-        steady = (self._steady_entry(None, (), -1, plan._full.compiled)
+        proven, count = self._lean_count()
+        self._lean_base = None          # (set again below when this reset restores the state)
+        steady = (self._steady_entry(None, (), -1, plan._full.compiled, lean=lean and proven)
                   if memory and state and not self.flush_translations_on_reset else None)
         if steady is not None:
             # the loop's steady state: page copy-back, sync-area image and state ioctls in one call
@@ -748,6 +750,8 @@ class VM(Machine):
             self._generation += 1
             if self.state == "crashed":
                 self.state = "paused"
+            if count is not None:
+                self._lean_base = (plan, count, self.exits, self._generation)
         if self._vmgenid_id is not None:
             vmgenid.renotify(self)
         return pages
@@ -765,8 +769,7 @@ class VM(Machine):
         simple = len(self.vcpus) == 1 and not self.flush_translations_on_reset
         entry = self._iteration_entry(data, at, compiled, lean) if simple else None
         if entry is None:
-            self._lean_proof = None
-            self.reset()
+            self.reset(lean=lean)
             for gpa, n in at:
                 if not data:
                     break
@@ -774,7 +777,6 @@ class VM(Machine):
                 data = data[n:]
             return self.run(timeout=timeout, settle=settle)
         written = self._steady_pages
-        proof, self._lean_proof = entry[1], None
         # reset()'s bookkeeping, which the compiled call does not do
         touched = self.bus.touched
         if touched:
@@ -787,24 +789,12 @@ class VM(Machine):
         self._generation += 1
         if self.state == "crashed":
             self.state = "paused"
+        count = entry[1]
+        self._lean_base = None if count is None else (self._plan_for_reset(), count, self.exits, self._generation)
         # the pages vmfork writes from here on (the input, and whatever the run's exit handlers write) are the
         # next reset's to copy back
         self.memory.steady_done(written)
-        exits = self.exits
-        ev = self.run(timeout=timeout, enter=lambda: entry[0].enter(data), settle=settle)
-        if proof is not None and self.exits == exits + 1 and ev.reason == "harness-end":
-            self._lean_proof = self._clean_stop(proof)
-        return ev
-
-    def _clean_stop(self, proof: tuple[ResetPlan, int]) -> tuple[ResetPlan, int] | None:
-        """`proof` if the run that just stopped at the end marker (its only exit) leaves the next reset free to skip
-        the XCRs, debug registers and clock-free MSRs (see _lean_count): its `out` still unsettled (nothing ran or
-        looked at the vCPU since), and no exception pending at the stop (KVM writes DR6 for a #DB)."""
-        v = self.vcpus[0]
-        exc = v.run.s.regs.events.exception
-        if v.io_unsettled and not (exc.injected or exc.pending):
-            return proof
-        return None
+        return self.run(timeout=timeout, enter=lambda: entry[0].enter(data), settle=settle)
 
     def _plan_for_reset(self) -> ResetPlan:
         st = self.fork_state
@@ -864,31 +854,37 @@ class VM(Machine):
         if written is None:
             written = by_pages[k] = frozenset(page for _, page in starts[:k])
         proven, count = self._lean_count()
+        self._lean_base = None          # (reset_and_run sets it again when this reset goes ahead)
         steady = self._steady_entry(key, pieces, self.vcpus[0].fd.fd, compiled, lean=lean and proven)
         if steady is None:
             return None
         self._steady_pages = written
-        return steady[0], (None if count is None else (self._plan_for_reset(), count))
+        return steady[0], count
 
     def _lean_count(self) -> tuple[bool, int | None]:
         """(whether this reset may leave out the XCRs, debug registers and clock-free MSRs, KVM's emulated-
-        instruction count now). Where guest kernel mode is emulated, KVM counts every kernel-mode instruction in
-        its `insn_emulation` statistic (and the `out` of the end marker: one). The guest can change those parts
-        only in kernel mode (xsetbv, mov to DRn, wrmsr; KVM itself writes DR6 only when it delivers a #DB), so when
-        the last run's only exit was the end marker, the count went up by exactly one since that run started,
-        the reset before it restored them (or proved them unchanged) with the same plan, and nothing touched
-        the vCPU since, they still hold the fork-time values. Elsewhere (VT-x/AMD-V run kernel mode natively:
-        the statistic proves nothing) every reset restores them."""
-        if not _KERNEL_MODE_EMULATED:
+        instruction count now: None where it proves nothing). Where guest kernel mode is emulated, KVM counts
+        every kernel-mode instruction in its `insn_emulation` statistic, and the `out` of the end marker as one.
+        The guest can change those parts only in kernel mode (xsetbv, mov to DRn, wrmsr; KVM itself writes DR6
+        only when it delivers a #DB). So they still hold what the last reset gave them when, since it: one run
+        (the generation rose by one: no restore or touch() either), whose only exit was the harness's end marker,
+        left unsettled (nothing looked at or set the vCPU since the stop), no exception pending at the stop, and
+        the count rose by exactly one (that `out`). Elsewhere (VT-x/AMD-V run kernel mode natively: the statistic
+        proves nothing) and for machines with more vCPUs every reset restores every part."""
+        base = self._lean_base
+        if not _KERNEL_MODE_EMULATED or len(self.vcpus) != 1:
             return False, None
         v = self.vcpus[0]
-        proof = self._lean_proof
-        unsettled = v.io_unsettled      # read before entry_parts clears it
         count = v.emulated_instructions()
-        if count is None:
-            return False, None
-        lean = (proof is not None and unsettled and proof[0] is self._plan_for_reset() and count == proof[1] + 1)
-        return lean, count
+        if count is None or base is None:
+            return False, count
+        plan, base_count, base_exits, base_generation = base
+        ev = self.stop_event
+        exc = v.run.s.regs.events.exception
+        proven = (v.io_unsettled and count == base_count + 1 and self.exits == base_exits + 1
+                  and self._generation == base_generation + 1 and ev is not None and ev.reason == "harness-end"
+                  and not (exc.injected or exc.pending) and plan is self._plan_for_reset())
+        return proven, count
 
     # --- device model -------------------------------------------------------------------------------------------
 
