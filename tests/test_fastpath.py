@@ -155,7 +155,7 @@ def _jsmn_fork(guest_dir, machines, ud_handler: bytes = b""):
 
 JSMN_VALID = b'{"a": [1, 2, {"b": "c"}], "d": true}'
 JSMN_CRASH = b"[" + b"1," * 30 + b"1]"      # the planted bug: __stack_chk_fail, ud2, the guest's #UD handler
-_STATE_PARTS = ("regs", "sregs", "events", "xsave", "xcrs", "msrs", "mp_state", "debugregs")
+_STATE_PARTS = ("regs", "sregs", "events", "xsave", "xcrs", "msrs", "lapic", "mp_state", "debugregs")
 
 
 def _state_after_reset(child) -> tuple[object, ...]:
@@ -227,9 +227,10 @@ def test_lean_resets_give_the_machines_full_resets_give(guest_dir, machines) -> 
 
 
 def test_a_kernel_mode_msr_or_debug_register_write_is_undone_by_the_next_reset(guest_dir, machines) -> None:
-    """A harness in kernel mode that writes IA32_SYSENTER_CS (wrmsr) and DR0 when its input starts with "W", then
-    the end marker, and nothing else (no store to memory: the resets stay in the one-call steady state, where
-    lean resets are decided): after an input that wrote them, the next input must find the fork-time values."""
+    """A harness in kernel mode that writes IA32_SYSENTER_CS (wrmsr), DR0 and the LAPIC's TPR (CR8) when its input
+    starts with "W", then the end marker, and nothing else (no store to memory: the resets stay in the one-call
+    steady state, where lean resets are decided): after an input that wrote them, the next input must find the
+    fork-time values."""
     from vmfork.fork import kernel_mode_emulated
     from vmfork.vcpu import TIMED_MSRS
 
@@ -240,9 +241,10 @@ def test_a_kernel_mode_msr_or_debug_register_write_is_undone_by_the_next_reset(g
     fork0.destroy()
     inbuf = at[0][0] + (8 if payload(b"") else 0)
     code = (b"\x48\xbe" + struct.pack("<Q", inbuf)                # mov rsi, the input's first byte
-            + bytes.fromhex("803e57" "7516"                         # cmp byte [rsi], "W"; jne .end
+            + bytes.fromhex("803e57" "751f"                         # cmp byte [rsi], "W"; jne .end
                             "b974010000" "b85a5a0000" "31d2" "0f30"  # wrmsr IA32_SYSENTER_CS = 0x5a5a
                             "b800100000" "0f23c0"                    # mov dr0, 0x1000
+                            "b805000000" "440f22c0"                  # mov cr8, 5 (the LAPIC's TPR)
                             "b802000000" "e7f6" "ebfe"))             # .end: end marker; jmp $
     v = parent.vcpus[0]
     sregs = v.get_sregs()
@@ -268,13 +270,17 @@ def test_a_kernel_mode_msr_or_debug_register_write_is_undone_by_the_next_reset(g
         v.fd.get_msrs(msrs)
         dr = s.DebugRegs()
         v.fd.get_debugregs(dr)
+        lapic = s.LapicState()
+        v.fd.get_lapic(lapic)
+        tpr = lapic.regs[0x80] >> 4
         assert v.io_unsettled
         now = [(e.index, e.data) for e in msrs.entries[:msrs.nmsrs] if e.index not in TIMED_MSRS]
         # kernel-mode instructions ran (KVM emulated them all): no proof for a lean reset after any of these runs
         proven, count = fork._lean_count()
         assert not proven and count is not None
         if data == b"W":
-            assert (0x174, 0x5A5A) in now and dr.db[0] == 0x1000
-        else:           # what the reset before the run left (the run itself wrote neither)
-            assert (now, bytes(dr)) == (_kernel_parts(fork.fork_state.vcpus[0])[2],
-                                        bytes(fork.fork_state.vcpus[0].debugregs))
+            assert (0x174, 0x5A5A) in now and dr.db[0] == 0x1000 and tpr == 5
+        else:           # what the reset before the run left (the run itself wrote none of them)
+            assert (now, bytes(dr), tpr) == (_kernel_parts(fork.fork_state.vcpus[0])[2],
+                                             bytes(fork.fork_state.vcpus[0].debugregs),
+                                             fork.fork_state.vcpus[0].lapic.regs[0x80] >> 4)

@@ -418,6 +418,15 @@ def kernel_mode_emulated() -> bool:
 _KERNEL_MODE_EMULATED = kernel_mode_emulated()      # (a module loaded with the host: fixed for this process)
 
 
+def _ioapic_masked(ioapic: Any) -> bool:
+    """Whether every input of this saved IOAPIC state (struct kvm_ioapic_state: base_address, ioregsel, id, irr,
+    pad, then 24 redirection entries) is masked, with nothing in its IRR: no line raised by a device, the PIT or
+    vmfork can then reach a LAPIC (PIC interrupts go to the vCPU as ExtINT, outside the LAPIC's state)."""
+    data = bytes(ioapic.data)
+    irr = int.from_bytes(data[16:20], "little")
+    return irr == 0 and all(int.from_bytes(data[24 + 8 * i:32 + 8 * i], "little") & (1 << 16) for i in range(24))
+
+
 def dirty_log_mode(parent: Machine, asked: str = "auto") -> str:
     """How forks of `parent` track written pages: "ring" or "bitmap" as asked; "auto" is "bitmap" for a Linux
     guest (a machine with vmfork's VMGenID device, which Linux kernels get by default) on a host that emulates
@@ -802,7 +811,8 @@ class VM(Machine):
         prepared = self._reset_plan
         if prepared is None or prepared[0] is not st:
             prepared = self._reset_plan = (st, ResetPlan(self.vcpus, st.vcpus, self.vm.fd,
-                                                         st.platform.restore_plan()))
+                                                         st.platform.restore_plan(),
+                                                         interrupts_masked=_ioapic_masked(st.platform.ioapic)))
         return prepared[1]
 
     def _steady_entry(self, key: object, pieces: list[tuple[int, int]] | tuple[()], vcpu_fd: int,
@@ -869,8 +879,10 @@ class VM(Machine):
         only when it delivers a #DB). So they still hold what the last reset gave them when, since it: one run
         (the generation rose by one: no restore or touch() either), whose only exit was the harness's end marker,
         left unsettled (nothing looked at or set the vCPU since the stop), no exception pending at the stop, and
-        the count rose by exactly one (that `out`). Elsewhere (VT-x/AMD-V run kernel mode natively: the statistic
-        proves nothing) and for machines with more vCPUs every reset restores every part."""
+        the count rose by exactly one (that `out`). The LAPIC too, where nothing outside the vCPU can reach it and
+        its timer is off in the fork-time state (ResetPlan.lapic_quiet): then only kernel-mode code changes it.
+        Elsewhere (VT-x/AMD-V run kernel mode natively: the statistic proves nothing) and for machines with more
+        vCPUs every reset restores every part."""
         base = self._lean_base
         if not _KERNEL_MODE_EMULATED or len(self.vcpus) != 1:
             return False, None

@@ -31,6 +31,8 @@ _addressof = ctypes.addressof
 # The MSRs whose value follows the clock (see VcpuState.preload_plans): IA32_TSC, IA32_TSC_ADJUST,
 # IA32_TSC_DEADLINE.
 TIMED_MSRS = frozenset((0x10, 0x3B, 0x6E0))
+_MSR_TSC_DEADLINE = 0x6E0
+_APIC_LVTT, _APIC_TMICT = 0x320, 0x380     # LAPIC register offsets: LVT timer, timer initial count
 
 
 def _msr_list(entries: list[Any]) -> Any:
@@ -111,17 +113,31 @@ class VcpuState:
             return ahead, later
         return self._split[0], self._split[1]
 
-    def lean_restore_plan(self) -> IoctlPlan:
+    def lean_restore_plan(self, *, lapic: bool = True) -> IoctlPlan:
         """The restore ioctls for a vCPU whose XCRs, debug registers and clock-free MSRs provably still hold this
         state (ResetPlan.entry_parts(lean=True)): xsave (guest user mode changes it natively), the LAPIC (its timer
-        runs on its own) and the MSRs that follow the clock (IA32_TSC, TSC_ADJUST, TSC deadline)."""
+        runs on its own; `lapic` False where it provably holds this state too) and the MSRs that follow the clock
+        (IA32_TSC, TSC_ADJUST, TSC deadline)."""
         self.preload_plans()
         assert self._split is not None
         timed = self._split[2][1]
-        plan = [plan_entry(c.KVM_SET_XSAVE, self.xsave), plan_entry(c.KVM_SET_LAPIC, self.lapic)]
+        plan = [plan_entry(c.KVM_SET_XSAVE, self.xsave)]
+        if lapic:
+            plan.append(plan_entry(c.KVM_SET_LAPIC, self.lapic))
         if timed.nmsrs:
             plan.append(plan_entry(c.KVM_SET_MSRS, timed))
         return plan
+
+    def lapic_timer_off(self) -> bool:
+        """Whether this state's LAPIC timer is disarmed: no initial count in one-shot/periodic mode, no deadline in
+        TSC-deadline mode (then it changes nothing by itself after a restore)."""
+        regs = bytes(self.lapic.regs)
+        lvt = int.from_bytes(regs[_APIC_LVTT:_APIC_LVTT + 4], "little")
+        if (lvt >> 17) & 3 == 2:        # TSC-deadline mode
+            msrs: Any = self.msrs
+            return not any(msrs.entries[i].index == _MSR_TSC_DEADLINE and msrs.entries[i].data
+                           for i in range(msrs.nmsrs))
+        return int.from_bytes(regs[_APIC_TMICT:_APIC_TMICT + 4], "little") == 0
 
     @property
     def runnable(self) -> bool:
@@ -473,7 +489,7 @@ class ResetPlan:
     area does not hold its registers, or whose APIC base would change, goes through Vcpu.restore instead."""
 
     def __init__(self, vcpus: Sequence[Vcpu], states: Sequence[VcpuState], vm_fd: int,
-                 platform: IoctlPlan, *, compiled: bool = True) -> None:
+                 platform: IoctlPlan, *, compiled: bool = True, interrupts_masked: bool = False) -> None:
         self.vcpus = list(vcpus)
         self.states = list(states)
         self.vm_fd = vm_fd
@@ -488,8 +504,13 @@ class ResetPlan:
         self._without_mp_state = PackedPlan([(v.fd.fd, request, ptr)
                                              for v, (_, part, _) in zip(self.vcpus, plans, strict=True)
                                              for request, ptr in part] + tail, compiled=compiled)
+        # `interrupts_masked` (every IOAPIC input masked in the saved platform state: nothing outside the vCPU can
+        # put an interrupt into its LAPIC) with a disarmed LAPIC timer: the LAPIC changes only through the guest's
+        # kernel-mode instructions, so a lean reset leaves it out too
+        self.lapic_quiet = interrupts_masked and len(self.states) == 1 and self.states[0].lapic_timer_off()
         self._lean = PackedPlan([(v.fd.fd, request, ptr) for v, vs in zip(self.vcpus, self.states, strict=True)
-                                 for request, ptr in vs.lean_restore_plan()] + tail, compiled=compiled)
+                                 for request, ptr in vs.lean_restore_plan(lapic=not self.lapic_quiet)] + tail,
+                                compiled=compiled)
         self._runnable = all(vs.runnable for vs in self.states)
         self._stopped = [v for v, vs in zip(self.vcpus, self.states, strict=True) if not vs.runnable]
         self._fast = all(v._sync for v in self.vcpus)
@@ -521,7 +542,8 @@ class ResetPlan:
         the sync-area images and of kvm_dirty_regs, and the ioctl plan; None where restore() must run as is (a
         vCPU whose sync area is stale or whose APIC base would change, a saved state that is not RUNNABLE).
         `lean`: the caller has proven that no vCPU's XCRs, debug registers or clock-free MSRs changed since this
-        plan last restored them (fork.VM.reset_and_run): those ioctls are left out (VcpuState.lean_restore_plan)."""
+        plan last restored them (fork.VM.reset_and_run): those ioctls are left out (VcpuState.lean_restore_plan),
+        and the LAPIC's where `lapic_quiet`."""
         if not (self._fast and self._runnable):
             return None
         for v, st in zip(self.vcpus, self.states, strict=True):
