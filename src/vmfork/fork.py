@@ -887,13 +887,15 @@ class VM(Machine):
         if not _KERNEL_MODE_EMULATED or len(self.vcpus) != 1:
             return False, None
         v = self.vcpus[0]
+        if not v.io_unsettled:
+            return False, None      # not a loop that resets right after its stops: no pread, no base for the next
         count = v.emulated_instructions()
         if count is None or base is None:
             return False, count
         plan, base_count, base_exits, base_generation = base
         ev = self.stop_event
         exc = v.run.s.regs.events.exception
-        proven = (v.io_unsettled and count == base_count + 1 and self.exits == base_exits + 1
+        proven = (count == base_count + 1 and self.exits == base_exits + 1
                   and self._generation == base_generation + 1 and ev is not None and ev.reason == "harness-end"
                   and not (exc.injected or exc.pending) and plan is self._plan_for_reset())
         return proven, count
