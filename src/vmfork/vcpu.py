@@ -306,6 +306,17 @@ class Vcpu:
                 counter = self._emulation = False
         return counter.read() if isinstance(counter, StatsCounter) else None
 
+    def settle_before(self, st: VcpuState) -> None:
+        """Before loading `st`: a pending `out` is dropped by KVM when `st` moves RIP elsewhere (nothing to do but
+        forget it), and completed now otherwise (see settle())."""
+        if self.io_unsettled:
+            at = self.run.s.regs
+            if (self._sync and self.sync_valid
+                    and at.sregs.cs.base + at.regs.rip != st.sregs.cs.base + st.regs.rip):
+                self.io_unsettled = False
+            else:
+                self.settle()
+
     def settle(self) -> None:
         """Complete the port write the last exit left pending (KVM_RUN with immediate_exit), so registers read or
         written now are the guest's after the `out`. KVM completes a pending `out` at the next KVM_RUN while the
@@ -413,7 +424,7 @@ class Vcpu:
 
     def restore(self, st: VcpuState) -> None:
         """Load a captured state. Regs/sregs/events go through the sync area: applied at the next KVM_RUN."""
-        self.settle()
+        self.settle_before(st)
         fd = self.fd
         full, without_mp_state, sync_image = st.restore_plan()
         if self._sync:
@@ -516,8 +527,8 @@ class ResetPlan:
         self._fast = all(v._sync for v in self.vcpus)
 
     def restore(self) -> None:
-        for v in self.vcpus:
-            v.settle()
+        for v, st in zip(self.vcpus, self.states, strict=True):
+            v.settle_before(st)
         running = self._runnable
         if self._fast:
             for v, _, _, apic_base in self._sync:
@@ -547,15 +558,9 @@ class ResetPlan:
         if not (self._fast and self._runnable):
             return None
         for v, st in zip(self.vcpus, self.states, strict=True):
-            if v.io_unsettled:
-                # the `out` the last run stopped at is still to be completed: KVM drops that completion when
-                # the reset moves RIP elsewhere (Vcpu.settle); if the reset returns to that very instruction it
-                # would skip it, so settle first then
-                at = v.run.s.regs
-                if at.sregs.cs.base + at.regs.rip == st.sregs.cs.base + st.regs.rip:
-                    v.settle()
-                else:
-                    v.io_unsettled = False
+            # the `out` the last run stopped at may still be pending: KVM drops it when the reset moves RIP
+            # elsewhere; if the reset returns to that very instruction KVM would skip it, so it is completed first
+            v.settle_before(st)
         running = True
         for v, _, _, apic_base in self._sync:
             if not (v.sync_valid and v.sync_apic_base.value == apic_base):
