@@ -423,15 +423,20 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
             # And the one-call iteration (VM.reset_and_run: reset, input and KVM_RUN in one C call, the default)
             # against the three steps apart, with hot pages on: (hot_limit, compiled_iteration) per block.
             # Each block's thread CPU time too: on a shared host it is what one core of our own would give.
+            # And the end marker's `out` left for the next reset to drop (Fuzzer.settle False, the default) against
+            # completing it with one more KVM_RUN at every stop: (hot_limit, compiled_iteration, settle) per block.
             default_limit = fz.fork.memory.hot_limit
-            modes = [(default_limit, True), (default_limit, False), (0, False)]
+            # And resets that leave out the parts the guest provably did not touch (VM.reset_and_run's `lean`)
+            # against restoring every part: (hot_limit, compiled_iteration, settle, lean_resets).
+            modes = [(default_limit, True, False, True), (default_limit, True, False, False),
+                     (default_limit, True, True, False), (default_limit, False, True, False), (0, False, True, False)]
             per_input = dict.fromkeys(modes, float("inf"))
             cpu_of = dict.fromkeys(modes, float("inf"))
             reset_of = dict.fromkeys(modes, 0.0)
             n = 1000
             for _ in range(args.rounds):
                 for mode in modes:
-                    fz.fork.memory.hot_limit, fz.compiled_iteration = mode
+                    fz.fork.memory.hot_limit, fz.compiled_iteration, fz.settle, fz.lean_resets = mode
                     fz.execute(t.fixed)
                     fz.reset_s = 0.0
                     t0, c0 = time.perf_counter(), time.thread_time()
@@ -441,18 +446,28 @@ def measure(t: Target, args: argparse.Namespace) -> list[tuple[str, str, str]]:
                     cpu_of[mode] = min(cpu_of[mode], cpu)
                     if per < per_input[mode]:
                         per_input[mode], reset_of[mode] = per, fz.reset_s / n
-            fz.fork.memory.hot_limit, fz.compiled_iteration = default_limit, True
+            fz.fork.memory.hot_limit, fz.compiled_iteration, fz.settle, fz.lean_resets = modes[0]
         per, cpu = per_input[modes[0]], cpu_of[modes[0]]
         rows.append((f"one fixed input ({len(t.fixed)} bytes), reset + write + run to the end marker, one call "
                      "(`VM.reset_and_run`, the default)", f"{1 / per:,.0f} execs/s",
                      f"{per * 1e6:,.0f} µs per input; CPU {cpu * 1e6:,.0f} µs per input ({1 / cpu:,.0f}/s of one "
-                     f"core); best of {args.rounds} blocks of {n}, alternating with the next two rows"))
-        per, reset, cpu = per_input[modes[1]], reset_of[modes[1]], cpu_of[modes[1]]
+                     f"core); best of {args.rounds} blocks of {n}, alternating with the next four rows"))
+        per0, cpu0 = per_input[modes[1]], cpu_of[modes[1]]
+        rows.append(("the same, every reset restoring every state part (no lean resets)", f"{1 / per0:,.0f} execs/s",
+                     f"{per0 * 1e6:,.0f} µs per input; CPU {cpu0 * 1e6:,.0f} µs per input; lean resets make an "
+                     f"input {per0 / per:.2f}x faster (CPU {cpu0 / cpu:.2f}x)"))
+        per1, cpu1 = per_input[modes[2]], cpu_of[modes[2]]
+        rows.append(("the same, also the end marker's `out` completed at each stop (one more KVM_RUN)",
+                     f"{1 / per1:,.0f} execs/s",
+                     f"{per1 * 1e6:,.0f} µs per input; CPU {cpu1 * 1e6:,.0f} µs per input; leaving it to the reset "
+                     f"is {per1 / per0:.2f}x faster (CPU {cpu1 / cpu0:.2f}x); both changes {per1 / per:.2f}x (CPU "
+                     f"{cpu1 / cpu:.2f}x)"))
+        per, reset, cpu = per_input[modes[3]], reset_of[modes[3]], cpu_of[modes[3]]
         rows.append(("the same, reset + write + run as three calls", f"{1 / per:,.0f} execs/s",
                      f"{per * 1e6:,.0f} µs per input, of which reset {reset * 1e6:,.0f} µs ({reset / per:.0%}); CPU "
-                     f"{cpu * 1e6:,.0f} µs per input; the one call is {per / per_input[modes[0]]:.2f}x faster "
-                     f"(CPU {cpu / cpu_of[modes[0]]:.2f}x)"))
-        per_off, reset_off = per_input[modes[2]], reset_of[modes[2]]
+                     f"{cpu * 1e6:,.0f} µs per input; the one call (completing the `out`) is {per / per1:.2f}x faster "
+                     f"(CPU {cpu / cpu1:.2f}x)"))
+        per_off, reset_off = per_input[modes[4]], reset_of[modes[4]]
         rows.append(("the same, hot pages off (each written page write-protected again at every reset)",
                      f"{1 / per_off:,.0f} execs/s",
                      f"{per_off * 1e6:,.0f} µs per input, of which reset {reset_off * 1e6:,.0f} µs; hot pages make "

@@ -415,6 +415,18 @@ def kernel_mode_emulated() -> bool:
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
+_KERNEL_MODE_EMULATED = kernel_mode_emulated()      # (a module loaded with the host: fixed for this process)
+
+
+def _ioapic_masked(ioapic: Any) -> bool:
+    """Whether every input of this saved IOAPIC state (struct kvm_ioapic_state: base_address, ioregsel, id, irr,
+    pad, then 24 redirection entries) is masked, with nothing in its IRR: no line raised by a device, the PIT or
+    vmfork can then reach a LAPIC (PIC interrupts go to the vCPU as ExtINT, outside the LAPIC's state)."""
+    data = bytes(ioapic.data)
+    irr = int.from_bytes(data[16:20], "little")
+    return irr == 0 and all(int.from_bytes(data[24 + 8 * i:32 + 8 * i], "little") & (1 << 16) for i in range(24))
+
+
 def dirty_log_mode(parent: Machine, asked: str = "auto") -> str:
     """How forks of `parent` track written pages: "ring" or "bitmap" as asked; "auto" is "bitmap" for a Linux
     guest (a machine with vmfork's VMGenID device, which Linux kernels get by default) on a host that emulates
@@ -514,6 +526,10 @@ class VM(Machine):
                                  dict[int, frozenset[int]]] | None = None
         self._entries: dict[Any, tuple[Any, Any, Entry]] = {}
         self._steady_pages: frozenset[int] = frozenset()
+        # What the last state reset left, for the next reset's proof that the guest did not touch the XCRs, debug
+        # registers and clock-free MSRs since (_lean_count): (its plan, KVM's emulated-instruction count, exits,
+        # generation) right after it
+        self._lean_base: tuple[ResetPlan, int, int, int] | None = None
 
     # Every change to the parent's state invalidates the cached state its forks start from.
     def _begin(self) -> None:
@@ -695,10 +711,11 @@ class VM(Machine):
 
     # --- reset --------------------------------------------------------------------------------------------------
 
-    def reset(self, *, memory: bool = True, state: bool = True) -> int:
+    def reset(self, *, memory: bool = True, state: bool = True, lean: bool = True) -> int:
         """Return a fork to its parent's state: the pages written since the last reset get the parent's content
         back (`memory`) and every vCPU, the platform and the devices get the fork-time state (`state`).
-        Returns the number of pages restored."""
+        Returns the number of pages restored. `lean` False: restore every state part even where the run since
+        the last reset provably left some alone (_lean_count)."""
         if self.fork_state is None:
             raise ForkError(f"{self.name} is not a fork: only forks can be reset")
         if self.broken is not None:
@@ -712,7 +729,9 @@ class VM(Machine):
             raise ForkError(f"cannot reset {self.name}: its forks ({names}) depend on its current state")
         st = self.fork_state
         plan = self._plan_for_reset()
-        steady = (self._steady_entry(None, (), -1, plan._full.compiled)
+        proven, count = self._lean_count()
+        self._lean_base = None          # (set again below when this reset restores the state)
+        steady = (self._steady_entry(None, (), -1, plan._full.compiled, lean=lean and proven)
                   if memory and state and not self.flush_translations_on_reset else None)
         if steady is not None:
             # the loop's steady state: page copy-back, sync-area image and state ioctls in one call
@@ -739,28 +758,32 @@ class VM(Machine):
             self._generation += 1
             if self.state == "crashed":
                 self.state = "paused"
+            if count is not None:
+                self._lean_base = (plan, count, self.exits, self._generation)
         if self._vmgenid_id is not None:
             vmgenid.renotify(self)
         return pages
 
     def reset_and_run(self, data: bytes, at: tuple[tuple[int, int], ...], *, timeout: float | None = None,
-                      compiled: bool = True) -> StopEvent:
+                      compiled: bool = True, settle: bool = True, lean: bool = True) -> StopEvent:
         """`reset()`, write `data` across the guest-physical pieces `at` ((address, length) in order, as far as the
         data goes: a fuzzer's input buffer), then `run(timeout)`: a fuzzing iteration. In the loop's steady state
         (a one-vCPU fork whose last reset left nothing to harvest, see GuestMemory.steady_copies) the page
         copy-back, the vCPU's sync-area image, the input, the state ioctls and the first KVM_RUN are one call into
         vmfork._fastpath (`compiled`; else the same steps in Python); otherwise those three calls as written. The
-        results are the same either way (tests/test_fastpath.py)."""
+        results are the same either way (tests/test_fastpath.py). `settle`: as for run(); False in a loop that
+        resets next (the stop's port write is then completed only if someone looks at the vCPU first). `lean`
+        False: restore every state part even where the last run provably left some alone (_lean_count)."""
         simple = len(self.vcpus) == 1 and not self.flush_translations_on_reset
-        entry = self._iteration_entry(data, at, compiled) if simple else None
+        entry = self._iteration_entry(data, at, compiled, lean) if simple else None
         if entry is None:
-            self.reset()
+            self.reset(lean=lean)
             for gpa, n in at:
                 if not data:
                     break
                 self.memory.write(gpa, data[:n])
                 data = data[n:]
-            return self.run(timeout=timeout)
+            return self.run(timeout=timeout, settle=settle)
         written = self._steady_pages
         # reset()'s bookkeeping, which the compiled call does not do
         touched = self.bus.touched
@@ -774,10 +797,12 @@ class VM(Machine):
         self._generation += 1
         if self.state == "crashed":
             self.state = "paused"
+        count = entry[1]
+        self._lean_base = None if count is None else (self._plan_for_reset(), count, self.exits, self._generation)
         # the pages vmfork writes from here on (the input, and whatever the run's exit handlers write) are the
         # next reset's to copy back
         self.memory.steady_done(written)
-        return self.run(timeout=timeout, enter=lambda: entry.enter(data))
+        return self.run(timeout=timeout, enter=lambda: entry[0].enter(data), settle=settle)
 
     def _plan_for_reset(self) -> ResetPlan:
         st = self.fork_state
@@ -785,16 +810,17 @@ class VM(Machine):
         prepared = self._reset_plan
         if prepared is None or prepared[0] is not st:
             prepared = self._reset_plan = (st, ResetPlan(self.vcpus, st.vcpus, self.vm.fd,
-                                                         st.platform.restore_plan()))
+                                                         st.platform.restore_plan(),
+                                                         interrupts_masked=_ioapic_masked(st.platform.ioapic)))
         return prepared[1]
 
     def _steady_entry(self, key: object, pieces: list[tuple[int, int]] | tuple[()], vcpu_fd: int,
-                      compiled: bool) -> tuple[Entry, int] | None:
+                      compiled: bool, *, lean: bool = False) -> tuple[Entry, int] | None:
         """A kvm.Entry for a reset in the steady state (GuestMemory.steady_copies, ResetPlan.entry_parts) with
         `pieces` for an input (`key` names them) and KVM_RUN on `vcpu_fd` (-1: none), and the pages it restores;
         None when the reset needs its full path."""
         copies = self.memory.steady_copies()
-        parts = self._plan_for_reset().entry_parts()
+        parts = self._plan_for_reset().entry_parts(lean=lean)
         if copies is None or parts is None:
             return None
         sync, plan = parts
@@ -808,7 +834,8 @@ class VM(Machine):
                                                                   compiled=compiled))
         return entry[2], copies[1]
 
-    def _iteration_entry(self, data: bytes, at: tuple[tuple[int, int], ...], compiled: bool) -> Any:
+    def _iteration_entry(self, data: bytes, at: tuple[tuple[int, int], ...], compiled: bool,
+                         lean: bool = True) -> Any:
         """The kvm.Entry of reset_and_run's compiled call for this iteration, or None (take the three calls)."""
         if (self.fork_state is None or self.broken is not None or self.state not in ("paused", "crashed")
                 or self.children or self._vmgenid_id is not None or self.memory.readonly):
@@ -835,11 +862,42 @@ class VM(Machine):
         written = by_pages.get(k)
         if written is None:
             written = by_pages[k] = frozenset(page for _, page in starts[:k])
-        steady = self._steady_entry(key, pieces, self.vcpus[0].fd.fd, compiled)
+        proven, count = self._lean_count()
+        self._lean_base = None          # (reset_and_run sets it again when this reset goes ahead)
+        steady = self._steady_entry(key, pieces, self.vcpus[0].fd.fd, compiled, lean=lean and proven)
         if steady is None:
             return None
         self._steady_pages = written
-        return steady[0]
+        return steady[0], count
+
+    def _lean_count(self) -> tuple[bool, int | None]:
+        """(whether this reset may leave out the XCRs, debug registers and clock-free MSRs, KVM's emulated-
+        instruction count now: None where it proves nothing). Where guest kernel mode is emulated, KVM counts
+        every kernel-mode instruction in its `insn_emulation` statistic, and the `out` of the end marker as one.
+        The guest can change those parts only in kernel mode (xsetbv, mov to DRn, wrmsr; KVM itself writes DR6
+        only when it delivers a #DB). So they still hold what the last reset gave them when, since it: one run
+        (the generation rose by one: no restore or touch() either), whose only exit was the harness's end marker,
+        left unsettled (nothing looked at or set the vCPU since the stop), no exception pending at the stop, and
+        the count rose by exactly one (that `out`). The LAPIC too, where nothing outside the vCPU can reach it and
+        its timer is off in the fork-time state (ResetPlan.lapic_quiet): then only kernel-mode code changes it.
+        Elsewhere (VT-x/AMD-V run kernel mode natively: the statistic proves nothing) and for machines with more
+        vCPUs every reset restores every part."""
+        base = self._lean_base
+        if not _KERNEL_MODE_EMULATED or len(self.vcpus) != 1:
+            return False, None
+        v = self.vcpus[0]
+        if not v.io_unsettled:
+            return False, None      # not a loop that resets right after its stops: no pread, no base for the next
+        count = v.emulated_instructions()
+        if count is None or base is None:
+            return False, count
+        plan, base_count, base_exits, base_generation = base
+        ev = self.stop_event
+        exc = v.run.s.regs.events.exception
+        proven = (count == base_count + 1 and self.exits == base_exits + 1
+                  and self._generation == base_generation + 1 and ev is not None and ev.reason == "harness-end"
+                  and not (exc.injected or exc.pending) and plan is self._plan_for_reset())
+        return proven, count
 
     # --- device model -------------------------------------------------------------------------------------------
 

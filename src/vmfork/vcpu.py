@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .arch.x86 import cpu
+from .errors import KvmError
 from .guest_debug import DebugClaims
 from .kvm import FdPlan, IoctlPlan, Kvm, PackedPlan, VcpuFd, plan_entry, run_plan
 from .kvm import constants as c
 from .kvm import structs as s
+from .kvm.stats import StatsCounter
 
 SYNC_ALL = c.KVM_SYNC_X86_REGS | c.KVM_SYNC_X86_SREGS | c.KVM_SYNC_X86_EVENTS
 _SYNC_SIZE = ctypes.sizeof(s.SyncRegs)
@@ -29,6 +31,8 @@ _addressof = ctypes.addressof
 # The MSRs whose value follows the clock (see VcpuState.preload_plans): IA32_TSC, IA32_TSC_ADJUST,
 # IA32_TSC_DEADLINE.
 TIMED_MSRS = frozenset((0x10, 0x3B, 0x6E0))
+_MSR_TSC_DEADLINE = 0x6E0
+_APIC_LVTT, _APIC_TMICT = 0x320, 0x380     # LAPIC register offsets: LVT timer, timer initial count
 
 
 def _msr_list(entries: list[Any]) -> Any:
@@ -108,6 +112,32 @@ class VcpuState:
             object.__setattr__(self, "_split", (ahead, later, (fixed_msrs, timed_msrs)))
             return ahead, later
         return self._split[0], self._split[1]
+
+    def lean_restore_plan(self, *, lapic: bool = True) -> IoctlPlan:
+        """The restore ioctls for a vCPU whose XCRs, debug registers and clock-free MSRs provably still hold this
+        state (ResetPlan.entry_parts(lean=True)): xsave (guest user mode changes it natively), the LAPIC (its timer
+        runs on its own; `lapic` False where it provably holds this state too) and the MSRs that follow the clock
+        (IA32_TSC, TSC_ADJUST, TSC deadline)."""
+        self.preload_plans()
+        assert self._split is not None
+        timed = self._split[2][1]
+        plan = [plan_entry(c.KVM_SET_XSAVE, self.xsave)]
+        if lapic:
+            plan.append(plan_entry(c.KVM_SET_LAPIC, self.lapic))
+        if timed.nmsrs:
+            plan.append(plan_entry(c.KVM_SET_MSRS, timed))
+        return plan
+
+    def lapic_timer_off(self) -> bool:
+        """Whether this state's LAPIC timer is disarmed: no initial count in one-shot/periodic mode, no deadline in
+        TSC-deadline mode (then it changes nothing by itself after a restore)."""
+        regs = bytes(self.lapic.regs)
+        lvt = int.from_bytes(regs[_APIC_LVTT:_APIC_LVTT + 4], "little")
+        if (lvt >> 17) & 3 == 2:        # TSC-deadline mode
+            msrs: Any = self.msrs
+            return not any(msrs.entries[i].index == _MSR_TSC_DEADLINE and msrs.entries[i].data
+                           for i in range(msrs.nmsrs))
+        return int.from_bytes(regs[_APIC_TMICT:_APIC_TMICT + 4], "little") == 0
 
     @property
     def runnable(self) -> bool:
@@ -259,10 +289,53 @@ class Vcpu:
         self.exit_reason = ctypes.c_uint32.from_address(run_addr + s.Run.exit_reason.offset)
         # KVM_SET_GUEST_DEBUG, shared by the debugger, host workarounds and the fuzzer (vmfork.guest_debug).
         self.debug = DebugClaims(fd, kvm.check_extension(c.KVM_CAP_SET_GUEST_DEBUG2))
+        # True after a run stopped at a port write without the KVM_RUN that completes it (Machine.run(settle=
+        # False)): see settle().
+        self.io_unsettled = False
+        # KVM's count of instructions it emulated for this vCPU (binary stats), opened on first use; False: none
+        self._emulation: StatsCounter | bool | None = None
+
+    def emulated_instructions(self) -> int | None:
+        """KVM's `insn_emulation` statistic of this vCPU (a pread, no vCPU ioctl), or None where KVM has no binary
+        statistics. Where guest kernel mode is emulated (kvm_pvm) it counts every kernel-mode instruction."""
+        counter = self._emulation
+        if counter is None:
+            try:
+                counter = self._emulation = StatsCounter(self.fd.fd, "insn_emulation")
+            except KvmError:
+                counter = self._emulation = False
+        return counter.read() if isinstance(counter, StatsCounter) else None
+
+    def settle_before(self, st: VcpuState) -> None:
+        """Before loading `st`: a pending `out` is dropped by KVM when `st` moves RIP elsewhere (nothing to do but
+        forget it), and completed now otherwise (see settle())."""
+        if self.io_unsettled:
+            at = self.run.s.regs
+            if (self._sync and self.sync_valid
+                    and at.sregs.cs.base + at.regs.rip != st.sregs.cs.base + st.regs.rip):
+                self.io_unsettled = False
+            else:
+                self.settle()
+
+    def settle(self) -> None:
+        """Complete the port write the last exit left pending (KVM_RUN with immediate_exit), so registers read or
+        written now are the guest's after the `out`. KVM completes a pending `out` at the next KVM_RUN while the
+        vCPU's linear RIP is the instruction's (on VT-x/AMD-V the fast-PIO exit leaves RIP on the `out`; it skips
+        it then), and drops the completion when RIP changed meanwhile (complete_fast_pio_out): so a reset to
+        another RIP needs no settle (ResetPlan.entry_parts), everything that looks at or sets registers does."""
+        if self.io_unsettled:
+            self.io_unsettled = False
+            run = self.run
+            run.immediate_exit = 1
+            self.fd.run_once()
+            run.immediate_exit = 0
+            self.after_run()
 
     # --- registers ----------------------------------------------------------------------------------------------
 
     def get_regs(self) -> s.Regs:
+        if self.io_unsettled:
+            self.settle()
         if self._sync and self.sync_valid:
             return _copy(self.run.s.regs.regs)  # type: ignore[no-any-return]
         r = s.Regs()
@@ -270,6 +343,8 @@ class Vcpu:
         return r
 
     def set_regs(self, regs: s.Regs) -> None:
+        if self.io_unsettled:
+            self.settle()
         if self._sync:
             self._load_sync_area()
             self.run.s.regs.regs = regs
@@ -287,6 +362,8 @@ class Vcpu:
     def set_sregs(self, sregs: s.Sregs) -> None:
         """Takes effect at once (not deferred to the next KVM_RUN): the LAPIC and MSR ioctls that may follow
         interpret the APIC mode and EFER from sregs."""
+        if self.io_unsettled:
+            self.settle()
         self.fd.set_sregs(sregs)
         if self._sync and self.sync_valid:
             self.run.s.regs.sregs = sregs
@@ -301,6 +378,8 @@ class Vcpu:
 
     def _load_sync_area(self) -> None:
         """Before a partial write into the sync area, make the parts not being written current too."""
+        if self.io_unsettled:
+            self.settle()
         if not self.sync_valid:
             self.fd.get_regs(self.run.s.regs.regs)
             self.fd.get_sregs(self.run.s.regs.sregs)
@@ -310,6 +389,7 @@ class Vcpu:
     def forget_runs(self) -> None:
         """For a recycled VM shell: no pending immediate exit or sync-area writes, and the sync area no longer
         holds this vCPU's registers (the next restore sets them in full)."""
+        self.settle()           # KVM would otherwise complete a dead fork's `out` in the next fork's first run
         self.run.immediate_exit = 0
         self.run.kvm_dirty_regs = 0
         self.sync_valid = False
@@ -322,6 +402,7 @@ class Vcpu:
     # --- whole state --------------------------------------------------------------------------------------------
 
     def capture(self) -> VcpuState:
+        self.settle()
         fd = self.fd
         xsave = self._xsave_type()
         fd.get_xsave(xsave)
@@ -343,6 +424,7 @@ class Vcpu:
 
     def restore(self, st: VcpuState) -> None:
         """Load a captured state. Regs/sregs/events go through the sync area: applied at the next KVM_RUN."""
+        self.settle_before(st)
         fd = self.fd
         full, without_mp_state, sync_image = st.restore_plan()
         if self._sync:
@@ -375,6 +457,7 @@ class Vcpu:
         """Load the parts of `st` that do not follow the clock into this vCPU of a pooled shell, ahead of a fork:
         sregs first (the MSRs and, at fork time, the LAPIC are read in its APIC mode), then
         `VcpuState.preload_plans()[0]`. `finish_preload()` does the rest at fork time."""
+        self.settle()
         self.fd.set_sregs(st.sregs)
         run_plan(self.fd.fd, st.preload_plans()[0])
         self.sync_valid = False
@@ -397,6 +480,7 @@ class Vcpu:
 
     def flush_sync(self) -> None:
         """Push pending sync-area writes into KVM now (KVM_RUN with immediate_exit), e.g. before closing."""
+        self.settle()
         if self._sync and self.run.kvm_dirty_regs:
             self.run.immediate_exit = 1
             self.fd.run_once()
@@ -404,6 +488,8 @@ class Vcpu:
             self.after_run()
 
     def close(self) -> None:
+        if isinstance(self._emulation, StatsCounter):
+            self._emulation.close()
         self.fd.close()
 
 
@@ -414,7 +500,7 @@ class ResetPlan:
     area does not hold its registers, or whose APIC base would change, goes through Vcpu.restore instead."""
 
     def __init__(self, vcpus: Sequence[Vcpu], states: Sequence[VcpuState], vm_fd: int,
-                 platform: IoctlPlan, *, compiled: bool = True) -> None:
+                 platform: IoctlPlan, *, compiled: bool = True, interrupts_masked: bool = False) -> None:
         self.vcpus = list(vcpus)
         self.states = list(states)
         self.vm_fd = vm_fd
@@ -429,11 +515,20 @@ class ResetPlan:
         self._without_mp_state = PackedPlan([(v.fd.fd, request, ptr)
                                              for v, (_, part, _) in zip(self.vcpus, plans, strict=True)
                                              for request, ptr in part] + tail, compiled=compiled)
+        # `interrupts_masked` (every IOAPIC input masked in the saved platform state: nothing outside the vCPU can
+        # put an interrupt into its LAPIC) with a disarmed LAPIC timer: the LAPIC changes only through the guest's
+        # kernel-mode instructions, so a lean reset leaves it out too
+        self.lapic_quiet = interrupts_masked and len(self.states) == 1 and self.states[0].lapic_timer_off()
+        self._lean = PackedPlan([(v.fd.fd, request, ptr) for v, vs in zip(self.vcpus, self.states, strict=True)
+                                 for request, ptr in vs.lean_restore_plan(lapic=not self.lapic_quiet)] + tail,
+                                compiled=compiled)
         self._runnable = all(vs.runnable for vs in self.states)
         self._stopped = [v for v, vs in zip(self.vcpus, self.states, strict=True) if not vs.runnable]
         self._fast = all(v._sync for v in self.vcpus)
 
     def restore(self) -> None:
+        for v, st in zip(self.vcpus, self.states, strict=True):
+            v.settle_before(st)
         running = self._runnable
         if self._fast:
             for v, _, _, apic_base in self._sync:
@@ -453,12 +548,19 @@ class ResetPlan:
         for v in self._stopped:
             v.exit_reason.value = c.KVM_EXIT_UNKNOWN
 
-    def entry_parts(self) -> tuple[list[tuple[int, int, int]], PackedPlan] | None:
+    def entry_parts(self, *, lean: bool = False) -> tuple[list[tuple[int, int, int]], PackedPlan] | None:
         """What restore() would do, as values for a kvm.Entry (one C call with the next KVM_RUN): the memmoves of
         the sync-area images and of kvm_dirty_regs, and the ioctl plan; None where restore() must run as is (a
-        vCPU whose sync area is stale or whose APIC base would change, a saved state that is not RUNNABLE)."""
+        vCPU whose sync area is stale or whose APIC base would change, a saved state that is not RUNNABLE).
+        `lean`: the caller has proven that no vCPU's XCRs, debug registers or clock-free MSRs changed since this
+        plan last restored them (fork.VM.reset_and_run): those ioctls are left out (VcpuState.lean_restore_plan),
+        and the LAPIC's where `lapic_quiet`."""
         if not (self._fast and self._runnable):
             return None
+        for v, st in zip(self.vcpus, self.states, strict=True):
+            # the `out` the last run stopped at may still be pending: KVM drops it when the reset moves RIP
+            # elsewhere; if the reset returns to that very instruction KVM would skip it, so it is completed first
+            v.settle_before(st)
         running = True
         for v, _, _, apic_base in self._sync:
             if not (v.sync_valid and v.sync_apic_base.value == apic_base):
@@ -469,7 +571,9 @@ class ResetPlan:
         for v, dst, src, _ in self._sync:
             copies.append((dst, src, _SYNC_SIZE))
             copies.append((v.fd.run_addr + _DIRTY_REGS_OFFSET, _addressof(_SYNC_ALL_WORD), 8))
-        return copies, (self._without_mp_state if running else self._full)
+        if not running:
+            return copies, self._full
+        return copies, (self._lean if lean else self._without_mp_state)
 
     def _restore_each(self) -> None:
         for v, vs in zip(self.vcpus, self.states, strict=True):

@@ -523,10 +523,14 @@ class Machine:
         for v in self.vcpus:
             self._kicker.kick(v.index)
 
-    def run(self, timeout: float | None = None, *, enter: Callable[[], int] | None = None) -> StopEvent:
+    def run(self, timeout: float | None = None, *, enter: Callable[[], int] | None = None,
+            settle: bool = True) -> StopEvent:
         """Run in the calling thread until the machine stops (single-vCPU machines run inline, others in threads).
         `enter`: a single-vCPU machine's first KVM_RUN is this call instead (it returns what VcpuFd.run_once
-        returns; vmfork.fork's reset_and_run puts its reset and input into the same C call)."""
+        returns; vmfork.fork's reset_and_run puts its reset and input into the same C call). `settle` False: a
+        single-vCPU machine stopped by a port write (a harness marker) returns without the KVM_RUN that completes
+        the write (about 10 µs here); the vCPU completes it at its next run, or first thing when its registers are
+        read or set, or drops it when a reset moves RIP elsewhere (Vcpu.settle): for a loop that resets next."""
         if len(self.vcpus) > 1:
             if enter is not None:
                 raise VmforkError("run(enter=) is for single-vCPU machines")
@@ -537,7 +541,7 @@ class Machine:
         if timeout is not None:
             self._arm_watchdog(timeout)
         try:
-            self._vcpu_loop(self.vcpus[0], enter)
+            self._vcpu_loop(self.vcpus[0], enter, settle)
         finally:
             self._disarm_watchdog()
         return self._finish()
@@ -604,6 +608,7 @@ class Machine:
         self.stop_event = None
         for v in self.vcpus:
             v.run.immediate_exit = 0
+            v.io_unsettled = False      # this run's first KVM_RUN completes a pending `out` (Vcpu.settle)
         self.state = "running"
 
     def _finish(self) -> StopEvent:
@@ -624,7 +629,7 @@ class Machine:
 
     # --- the exit loop ------------------------------------------------------------------------------------------
 
-    def _vcpu_loop(self, vcpu: Vcpu, enter: Callable[[], int] | None = None) -> None:
+    def _vcpu_loop(self, vcpu: Vcpu, enter: Callable[[], int] | None = None, settle: bool = True) -> None:
         run = vcpu.run
         fd = vcpu.fd
         run_addr = fd.run_addr
@@ -655,6 +660,9 @@ class Machine:
                     if io.direction == c.KVM_EXIT_IO_OUT:
                         for i in range(io.count):
                             bus.io_write(io.port, size, ctype.from_address(addr + i * size).value)
+                        if not settle and self._pending_stop is not None:
+                            vcpu.io_unsettled = True        # see run(settle=False)
+                            return
                     else:
                         for i in range(io.count):
                             ctype.from_address(addr + i * size).value = bus.io_read(io.port, size)

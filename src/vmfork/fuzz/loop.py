@@ -237,6 +237,12 @@ class Fuzzer:
         # reset + input + run as one call into the fork (VM.reset_and_run), where nothing runs between them; False:
         # the three steps apart (then `reset_s` times the resets)
         self.compiled_iteration = True
+        # False: the end marker's `out` is not completed before the next input's reset (VM.run(settle=False));
+        # True completes it at every stop (for comparisons: bench/fuzz.py)
+        self.settle = False
+        # resets leave out the state parts the last input provably did not touch (VM.reset_and_run's `lean`);
+        # False restores every part (for comparisons: bench/fuzz.py)
+        self.lean_resets = True
         self._plain_run = False                 # the fuzz fork runs with fork.run (not under a Debugger)
         self.kept: list[Any] = []
         self.last_crash: Result | None = None
@@ -387,7 +393,10 @@ class Fuzzer:
         if self.compiled_iteration and self._plain_run and self.budget is None:
             # reset, input and the first KVM_RUN in one call (VM.reset_and_run); the reset is not timed apart
             payload = _LEN64(n) + data if self.input.format == "len64" else data
-            ev = fork.reset_and_run(payload, self.input.pieces, timeout=self.budget_s)
+            # settle=False: the next input resets anyway, so the end marker's `out` is left for KVM to drop
+            # (or for whoever looks at the fork's registers first to complete: Vcpu.settle)
+            ev = fork.reset_and_run(payload, self.input.pieces, timeout=self.budget_s, settle=self.settle,
+                                    lean=self.lean_resets)
         else:
             t0 = time.perf_counter()
             fork.reset()
