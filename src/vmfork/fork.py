@@ -30,7 +30,16 @@ from .errors import ForkError, KvmError
 from .kvm import Entry, Kvm, PackedPlan
 from .kvm import constants as c
 from .kvm import structs as s
-from .memory import PAGE_SHIFT, GuestMemory, MemoryImage, clear_address_space, map_image
+from .memory import (
+    PAGE_SHIFT,
+    GuestMemory,
+    MemoryImage,
+    clear_address_space,
+    make_slots,
+    map_image,
+    map_image_anywhere,
+    release_address_space,
+)
 from .vcpu import ResetPlan, VcpuState
 from .vm import Machine, MachineShape, MachineState, Shell, StopEvent, open_kvm
 
@@ -93,11 +102,22 @@ class ShellPool:
         # A root parent's RAM file that new and recycled shells are mapped to ahead of time (see prefer()).
         self._preferred: MemoryImage | None = None
         self._preferred_state: MachineState | None = None   # ... and its fork state, preloaded into shells
+        self._ram_size = sum(sl.size for sl in make_slots(shape.regions()))
 
     def _new_shell(self) -> Shell:
+        # The preferred RAM file is mapped first, where the kernel likes, and the shell's slots registered on that
+        # mapping: premapping it over reserved space afterwards would call every VM's MMU notifier (_premap).
+        image = self._preferred
+        if image is not None and (image.layers or image.size != self._ram_size):
+            image = None
+        addr = map_image_anywhere(image, mmap.PROT_READ | mmap.PROT_WRITE) if image is not None else None
         try:
-            shell = Shell(self.kvm, self.shape, dirty_logging=True, dirty_ring=self.dirty_ring)
-        except KvmError as e:
+            shell = Shell(self.kvm, self.shape, dirty_logging=True, dirty_ring=self.dirty_ring, host_addr=addr)
+        except BaseException as e:
+            if addr is not None:
+                release_address_space(addr, self._ram_size)
+            if not isinstance(e, KvmError):
+                raise
             if e.errno == errno.EMFILE:
                 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
                 raise ForkError(f"cannot make a VM shell for a fork: this process has all {soft} file descriptors "
@@ -105,10 +125,15 @@ class ShellPool:
                                 f"{FDS_PER_SHELL} plus its devices': destroy forks or raise the hard limit "
                                 "(ulimit -Hn)") from None
             raise
+        if image is not None:
+            shell.owns_addr = True              # closing the shell unmaps it
+            shell.premapped = image.base_fd
+            shell.premapped_file = _file_id(image.base_fd)
         with self._lock:
             self.created += 1
         try:
-            self._premap(shell, self._preferred)
+            if image is None:
+                self._premap(shell, self._preferred)
             self._preload(shell, self._preferred_state)
         except BaseException:
             shell.close()

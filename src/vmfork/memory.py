@@ -126,6 +126,15 @@ def _runs(pages: npt.NDArray[np.int64]) -> tuple[tuple[int, int], ...]:
     return tuple((int(pages[s]), int(e - s)) for s, e in zip(starts, ends, strict=True))
 
 
+def map_image_anywhere(image: MemoryImage, prot: int) -> int:
+    """Map a layerless `image` copy-on-write at a new address the kernel picks; returns it. Unlike map_image over
+    reserved space this replaces no mapping, so no MMU notifier runs: replacing one calls every KVM VM's notifier
+    in the process (about 0.2 ms per shell with 1,000 VMs here)."""
+    if image.layers:
+        raise ValueError("map_image_anywhere maps layerless images only")
+    return _sys_mmap(0, image.size, prot, mmap.MAP_PRIVATE, image.base_fd, image.base_offset)
+
+
 def map_image(image: MemoryImage, addr: int, prot: int) -> None:
     """Map `image` copy-on-write at `addr` (which must already be reserved for image.size bytes)."""
     _sys_mmap(addr, image.size, prot, mmap.MAP_PRIVATE | MAP_FIXED, image.base_fd, image.base_offset)
