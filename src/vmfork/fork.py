@@ -14,6 +14,7 @@ import bisect
 import ctypes
 import dataclasses
 import errno
+import functools
 import importlib
 import mmap
 import os
@@ -35,6 +36,7 @@ from .memory import (
     GuestMemory,
     MemoryImage,
     clear_address_space,
+    file_id,
     make_slots,
     map_image,
     map_image_anywhere,
@@ -128,7 +130,7 @@ class ShellPool:
         if image is not None:
             shell.owns_addr = True              # closing the shell unmaps it
             shell.premapped = image.base_fd
-            shell.premapped_file = _file_id(image.base_fd)
+            shell.premapped_file = _image_file(image)
         with self._lock:
             self.created += 1
         try:
@@ -160,7 +162,7 @@ class ShellPool:
         if image is not None and not image.layers:
             map_image(image, shell.host_addr, mmap.PROT_READ | mmap.PROT_WRITE)
             shell.premapped = image.base_fd
-            shell.premapped_file = _file_id(image.base_fd)
+            shell.premapped_file = _image_file(image)
         else:
             shell.premapped = None
 
@@ -254,7 +256,7 @@ class ShellPool:
         if image is None or image.layers:
             return
         with self._lock:
-            file = _file_id(image.base_fd)
+            file = _image_file(image)
             stale = [sh for sh in list(self._ready)[:n]
                      if sh.premapped != image.base_fd or sh.premapped_file != file
                      or (state is not None and sh.preloaded is not state)]
@@ -411,7 +413,7 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
         # The same descriptor number and the same file: a parent destroyed while a pool thread mapped its RAM
         # file may leave a shell whose descriptor number a newer parent's RAM file reuses.
         premapped = (shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
-                     and shell.premapped_file == _file_id(image.base_fd))
+                     and shell.premapped_file == _image_file(image))
         memory = GuestMemory.fork_of(image, shell.host_addr, base=base, premapped=premapped)
         shell.premapped = None
     except BaseException:
@@ -435,6 +437,7 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
     return vm
 
 
+@functools.cache
 def kernel_mode_emulated() -> bool:
     """Whether this host's KVM emulates guest kernel mode instruction by instruction (kvm_pvm; host-kvm notes)."""
     return os.path.isdir("/sys/module/kvm_pvm")
@@ -467,9 +470,8 @@ def shell_pool(shape: MachineShape, *, dirty_ring: bool = True) -> ShellPool:
     return pool
 
 
-def _file_id(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
+def _image_file(image: MemoryImage) -> tuple[int, int]:
+    return image.base_file if image.base_file is not None else file_id(image.base_fd)
 
 
 def raise_fd_limit() -> int:
