@@ -447,7 +447,7 @@ def dirty_log_mode(parent: Machine, asked: str = "auto") -> str:
     """How forks of `parent` track written pages: "ring" or "bitmap" as asked; "auto" is "bitmap" for a Linux
     guest (a machine with vmfork's VMGenID device, which Linux kernels get by default) on a host that emulates
     guest kernel mode, "ring" otherwise. Why: emulated kernel-mode stores each log a ring entry (the bitmap
-    dedupes them), so a Linux fork fills its 8,192-entry ring within one exit, exits to empty it again and again,
+    dedupes them), so a Linux fork fills its 4,096-entry ring within one exit, exits to empty it again and again,
     and overflows (then a reset must scan the page tables); a fuzz target that writes a few pages per input resets
     faster from rings. VMFORK_DIRTY_RING=0 makes every fork use bitmaps."""
     if asked != "auto":
