@@ -240,7 +240,7 @@ def test_reset_and_fork_of_fork_in_both_dirty_log_modes(pvh_guest, machines, mon
     addr, _ = run_to_ready(parent)
     child = parent.fork()
     assert bool(child.memory._rings) == (mode == "ring")
-    for npages in (16, 3000, 10000):        # one by one, with numpy, past the 8192-entry ring
+    for npages in (16, 3000, 10000):        # one by one, with numpy, past the 4096-entry ring
         loop_input(child, addr, npages, npages)
         assert child.run(timeout=60).reason == "harness-end"
         assert scratch_words(child, 2) == [npages, npages ^ 1]

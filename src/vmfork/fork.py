@@ -14,6 +14,7 @@ import bisect
 import ctypes
 import dataclasses
 import errno
+import functools
 import importlib
 import mmap
 import os
@@ -30,7 +31,17 @@ from .errors import ForkError, KvmError
 from .kvm import Entry, Kvm, PackedPlan
 from .kvm import constants as c
 from .kvm import structs as s
-from .memory import PAGE_SHIFT, GuestMemory, MemoryImage, clear_address_space, map_image
+from .memory import (
+    PAGE_SHIFT,
+    GuestMemory,
+    MemoryImage,
+    clear_address_space,
+    file_id,
+    make_slots,
+    map_image,
+    map_image_anywhere,
+    release_address_space,
+)
 from .vcpu import ResetPlan, VcpuState
 from .vm import Machine, MachineShape, MachineState, Shell, StopEvent, open_kvm
 
@@ -93,11 +104,22 @@ class ShellPool:
         # A root parent's RAM file that new and recycled shells are mapped to ahead of time (see prefer()).
         self._preferred: MemoryImage | None = None
         self._preferred_state: MachineState | None = None   # ... and its fork state, preloaded into shells
+        self._ram_size = sum(sl.size for sl in make_slots(shape.regions()))
 
     def _new_shell(self) -> Shell:
+        # The preferred RAM file is mapped first, where the kernel likes, and the shell's slots registered on that
+        # mapping: premapping it over reserved space afterwards would call every VM's MMU notifier (_premap).
+        image = self._preferred
+        if image is not None and (image.layers or image.size != self._ram_size):
+            image = None
+        addr = map_image_anywhere(image, mmap.PROT_READ | mmap.PROT_WRITE) if image is not None else None
         try:
-            shell = Shell(self.kvm, self.shape, dirty_logging=True, dirty_ring=self.dirty_ring)
-        except KvmError as e:
+            shell = Shell(self.kvm, self.shape, dirty_logging=True, dirty_ring=self.dirty_ring, host_addr=addr)
+        except BaseException as e:
+            if addr is not None:
+                release_address_space(addr, self._ram_size)
+            if not isinstance(e, KvmError):
+                raise
             if e.errno == errno.EMFILE:
                 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
                 raise ForkError(f"cannot make a VM shell for a fork: this process has all {soft} file descriptors "
@@ -105,10 +127,15 @@ class ShellPool:
                                 f"{FDS_PER_SHELL} plus its devices': destroy forks or raise the hard limit "
                                 "(ulimit -Hn)") from None
             raise
+        if image is not None:
+            shell.owns_addr = True              # closing the shell unmaps it
+            shell.premapped = image.base_fd
+            shell.premapped_file = _image_file(image)
         with self._lock:
             self.created += 1
         try:
-            self._premap(shell, self._preferred)
+            if image is None:
+                self._premap(shell, self._preferred)
             self._preload(shell, self._preferred_state)
         except BaseException:
             shell.close()
@@ -135,7 +162,7 @@ class ShellPool:
         if image is not None and not image.layers:
             map_image(image, shell.host_addr, mmap.PROT_READ | mmap.PROT_WRITE)
             shell.premapped = image.base_fd
-            shell.premapped_file = _file_id(image.base_fd)
+            shell.premapped_file = _image_file(image)
         else:
             shell.premapped = None
 
@@ -229,7 +256,7 @@ class ShellPool:
         if image is None or image.layers:
             return
         with self._lock:
-            file = _file_id(image.base_fd)
+            file = _image_file(image)
             stale = [sh for sh in list(self._ready)[:n]
                      if sh.premapped != image.base_fd or sh.premapped_file != file
                      or (state is not None and sh.preloaded is not state)]
@@ -386,7 +413,7 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
         # The same descriptor number and the same file: a parent destroyed while a pool thread mapped its RAM
         # file may leave a shell whose descriptor number a newer parent's RAM file reuses.
         premapped = (shell.premapped is not None and shell.premapped == image.base_fd and not image.layers
-                     and shell.premapped_file == _file_id(image.base_fd))
+                     and shell.premapped_file == _image_file(image))
         memory = GuestMemory.fork_of(image, shell.host_addr, base=base, premapped=premapped)
         shell.premapped = None
     except BaseException:
@@ -410,6 +437,7 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
     return vm
 
 
+@functools.cache
 def kernel_mode_emulated() -> bool:
     """Whether this host's KVM emulates guest kernel mode instruction by instruction (kvm_pvm; host-kvm notes)."""
     return os.path.isdir("/sys/module/kvm_pvm")
@@ -431,7 +459,7 @@ def dirty_log_mode(parent: Machine, asked: str = "auto") -> str:
     """How forks of `parent` track written pages: "ring" or "bitmap" as asked; "auto" is "bitmap" for a Linux
     guest (a machine with vmfork's VMGenID device, which Linux kernels get by default) on a host that emulates
     guest kernel mode, "ring" otherwise. Why: emulated kernel-mode stores each log a ring entry (the bitmap
-    dedupes them), so a Linux fork fills its 8,192-entry ring within one exit, exits to empty it again and again,
+    dedupes them), so a Linux fork fills its 4,096-entry ring within one exit, exits to empty it again and again,
     and overflows (then a reset must scan the page tables); a fuzz target that writes a few pages per input resets
     faster from rings. VMFORK_DIRTY_RING=0 makes every fork use bitmaps."""
     if asked != "auto":
@@ -454,9 +482,8 @@ def shell_pool(shape: MachineShape, *, dirty_ring: bool = True) -> ShellPool:
     return pool
 
 
-def _file_id(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
+def _image_file(image: MemoryImage) -> tuple[int, int]:
+    return image.base_file if image.base_file is not None else file_id(image.base_fd)
 
 
 def raise_fd_limit() -> int:

@@ -25,6 +25,11 @@ _RUNNING_EXITS = frozenset((c.KVM_EXIT_IO, c.KVM_EXIT_MMIO))
 _DIRTY_REGS_OFFSET = s.Run.kvm_dirty_regs.offset
 _SYNC_ALL_WORD = ctypes.c_uint64(SYNC_ALL)      # the source of an Entry's kvm_dirty_regs copy
 _memmove = ctypes.memmove
+# memmove that keeps the GIL (ctypes.memmove releases it): for the fork path's copy of a sync-area image, which
+# runs while the shell pool's threads want the GIL; releasing it for a ~1 KiB copy cost the fork ~0.5 ms of waiting
+# for it back during a burst of forks.
+_memmove_keeping_gil = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
+    ctypes._memmove_addr)   # type: ignore[attr-defined]
 _addressof = ctypes.addressof
 
 
@@ -467,7 +472,7 @@ class Vcpu:
         LAPIC and the clock-following MSRs (and the MP state of a vCPU that is not RUNNABLE): `preload_plans()[1]`,
         which the caller issues itself when `ioctls` is False."""
         if self._sync:
-            _memmove(self.sync_addr, _addressof(st.restore_plan()[2]), _SYNC_SIZE)
+            _memmove_keeping_gil(self.sync_addr, _addressof(st.restore_plan()[2]), _SYNC_SIZE)
             self.run.kvm_dirty_regs = SYNC_ALL
             self.sync_valid = True
         else:

@@ -266,10 +266,11 @@ class Shell:
 
 
 # Forks log dirty pages into per-vCPU rings when the host has them: reading the few entries a fuzzing iteration
-# leaves costs less than fetching and scanning a whole bitmap (docs/design.md, "Reset"). 8192 entries (128 KiB
-# per vCPU): an iteration that dirties more pages exits to vmfork to empty the ring (KVM_EXIT_DIRTY_RING_FULL).
-# VMFORK_DIRTY_RING=0 keeps the bitmaps.
-DIRTY_RING_ENTRIES = 8192
+# leaves costs less than fetching and scanning a whole bitmap (docs/design.md, "Reset"). 4096 entries (64 KiB of
+# kernel memory per vCPU, vmalloc): an iteration that dirties more pages exits to vmfork to empty the ring
+# (KVM_EXIT_DIRTY_RING_FULL); runs writing 1,000-10,000 pages took as long with 1,024 to 8,192 entries here
+# (docs/benchmarks.md, "sustained forks"). VMFORK_DIRTY_RING=0 keeps the bitmaps.
+DIRTY_RING_ENTRIES = 4096
 
 
 def dirty_ring_bytes(kvm: Kvm) -> int:

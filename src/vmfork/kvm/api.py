@@ -376,26 +376,29 @@ class VmFd:
 
 
 class VcpuFd:
-    """A KVM vCPU file descriptor with its mmapped struct kvm_run."""
+    """A KVM vCPU file descriptor with its mmapped struct kvm_run (and its dirty ring, when the VM logs into rings).
+
+    kvm_run and the dirty ring are one mapping of the vCPU fd (page 0 onwards through the ring's last page; the
+    pages between them are never touched): with many VMs in a process every VMA costs each new VM's
+    KVM_CREATE_VM, whose MMU-notifier registration locks every VMA of the process (mm_take_all_locks)."""
 
     def __init__(self, fd: int, vm: VmFd) -> None:
         self.fd = fd
         self.vm = vm
-        self._run_size = vm.kvm.vcpu_mmap_size
+        run_size = vm.kvm.vcpu_mmap_size
+        ring_offset = c.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE
+        if vm.dirty_ring_bytes and run_size > ring_offset:
+            raise KvmError("mmap(kvm_run)", _errno.EINVAL, f"kvm_run ({run_size} bytes) overlaps the dirty ring")
+        self._map_size = ring_offset + vm.dirty_ring_bytes if vm.dirty_ring_bytes else run_size
         try:
-            self.run_addr = libc_mmap(0, self._run_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+            self.run_addr = libc_mmap(0, self._map_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
         except VmforkError as e:
             os.close(fd)
             raise KvmError("mmap(kvm_run)", ctypes.get_errno(), str(e)) from None
         self.run = s.Run.from_address(self.run_addr)
         self.dirty_ring: DirtyRing | None = None
         if vm.dirty_ring_bytes:
-            try:
-                self.dirty_ring = DirtyRing(fd, vm.dirty_ring_bytes)
-            except BaseException:
-                libc_munmap(self.run_addr, self._run_size)
-                os.close(fd)
-                raise
+            self.dirty_ring = DirtyRing(self.run_addr + ring_offset, vm.dirty_ring_bytes)
 
     # The get/set pairs take caller-owned structures so hot paths reuse their buffers.
     def get_regs(self, regs: s.Regs) -> None:
@@ -491,7 +494,7 @@ class VcpuFd:
                 if self.dirty_ring in self.vm.dirty_rings:
                     self.vm.dirty_rings.remove(self.dirty_ring)
                 self.dirty_ring.close()
-            libc_munmap(self.run_addr, self._run_size)
+            libc_munmap(self.run_addr, self._map_size)
             os.close(self.fd)
             self.fd = -1
 
@@ -506,16 +509,13 @@ class DirtyRing:
 
     ENTRY_SIZE: Final = ctypes.sizeof(s.DirtyGfn)
 
-    def __init__(self, vcpu_fd: int, nbytes: int) -> None:
+    def __init__(self, addr: int, nbytes: int) -> None:
+        """`addr`: where the ring is mapped (VcpuFd maps it with kvm_run and unmaps it)."""
         self.nbytes = nbytes
         self.entries = nbytes // self.ENTRY_SIZE
         self.mask = self.entries - 1
         self.fetch = 0                  # the next entry to read (a free-running count)
-        try:
-            self.addr = libc_mmap(0, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, vcpu_fd,
-                                  c.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
-        except VmforkError as e:
-            raise KvmError("mmap(dirty ring)", ctypes.get_errno(), str(e)) from None
+        self.addr = addr
         self._array = (ctypes.c_uint64 * (2 * self.entries)).from_address(self.addr)
         self.words = memoryview(self._array).cast("B").cast("Q")
 
@@ -534,7 +534,7 @@ class DirtyRing:
         return f - start
 
     def close(self) -> None:
+        """Drop the views of the ring (its vCPU unmaps it)."""
         if self.addr:
             self.words.release()
-            libc_munmap(self.addr, self.nbytes)
             self.addr = 0

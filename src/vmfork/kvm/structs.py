@@ -139,8 +139,10 @@ class Xcrs(ctypes.Structure):
     _fields_ = [("nr_xcrs", c_uint32), ("flags", c_uint32), ("xcrs", Xcr * 16), ("padding", c_uint64 * 16)]
 
 
+@functools.cache
 def xsave_type(size: int) -> type[ctypes.Structure]:
-    """struct kvm_xsave; KVM_CAP_XSAVE2 may report more than the classic 4096 bytes."""
+    """struct kvm_xsave; KVM_CAP_XSAVE2 may report more than the classic 4096 bytes. One class per size: every
+    vCPU asks for it, and a new ctypes class per shell costs ~20 garbage-collected objects and their scans."""
 
     class Xsave(ctypes.Structure):
         _fields_ = [("region", c_uint32 * (max(size, 4096) // 4))]
