@@ -343,7 +343,8 @@ class Domain:
         link = QmpChannel.connect(parent.qmp_socket, timeout=60, pid=parent.pid, label=parent.label())
         self.parent_link = link
         # The received files stay open for the life of this process (the fork's RAM and its reset source).
-        image, state, _fds = receive_fork_source(link, child=self.domid, name=self.name)
+        src = receive_fork_source(link, child=self.domid, name=self.name)
+        image, state = src.image, src.state
         if spec.get("device_state"):
             from ..snapshot import load_device_state
             state = dataclasses.replace(state, devices=load_device_state(spec["device_state"]))
@@ -353,7 +354,8 @@ class Domain:
         block = bool(spec.get("block_interrupts"))
         if block:
             state = dataclasses.replace(state, vcpus=tuple(_blocked(v) for v in state.vcpus))
-        vm = fork_machine(image, state, name=self.name, with_devices=launch_dm == "yes")
+        vm = fork_machine(image, state, name=self.name, with_devices=launch_dm == "yes", dirty_ring=src.dirty_ring,
+                          flush_translations=src.flush_translations)
         vm.irqs_blocked = block
         self._adopt(vm)
 
@@ -1171,9 +1173,13 @@ def _vmfork_fork_source(d: Domain, conn: Connection, args: dict[str, Any]) -> An
     d.holds.append(conn)
     vm.children.append(hold)  # type: ignore[arg-type]
     vm.memory.readonly = f"{d.label()} has live forks"
+    from ..fork import _linux_where_kernel_mode_is_emulated, dirty_log_mode
     from ..memory import describe_image
     desc, fds = describe_image(image)
-    return {"image": desc, "state": base64.b64encode(state.to_bytes()).decode(), "parent": d.domid}, fds
+    # how the fork must track its memory, decided here where the guest is known (a Linux where kernel mode is
+    # emulated: bitmaps, and translations dropped at reset), as for in-process forks
+    return {"image": desc, "state": base64.b64encode(state.to_bytes()).decode(), "parent": d.domid,
+            "dirty_log": dirty_log_mode(vm), "flush_translations": _linux_where_kernel_mode_is_emulated(vm)}, fds
 
 
 @qmp_command("vmfork-reset", memory=ArgSpec(bool), state=ArgSpec(bool),
