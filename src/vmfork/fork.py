@@ -14,6 +14,7 @@ import bisect
 import ctypes
 import dataclasses
 import errno
+import functools
 import importlib
 import mmap
 import os
@@ -410,8 +411,10 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
     return vm
 
 
+@functools.cache
 def kernel_mode_emulated() -> bool:
-    """Whether this host's KVM emulates guest kernel mode instruction by instruction (kvm_pvm; host-kvm notes)."""
+    """Whether this host's KVM emulates guest kernel mode instruction by instruction (kvm_pvm; host-kvm notes).
+    Asked once per process: a jailed domain (toolstack/jail.py) asks before its jail hides /sys."""
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
