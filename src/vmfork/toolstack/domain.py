@@ -350,7 +350,10 @@ class Domain:
         if spec.get("device_state"):
             from ..snapshot import load_device_state
             state = dataclasses.replace(state, devices=load_device_state(spec["device_state"]))
-        if spec.get("env") and state.devices is not None:       # fork-vm --set: the fork's env channel strings
+        if spec.get("env"):         # fork-vm --set: the fork's env channel strings (launch_dm "no": for its late DM)
+            if state.devices is None:
+                raise ToolstackError(f"--set: {parent.label()} has no device model, so its forks have no env "
+                                     "channel for the strings")
             from ..devices.envchannel import set_env
             state = dataclasses.replace(state, devices=set_env(state.devices, spec["env"]))
         block = bool(spec.get("block_interrupts"))
@@ -367,6 +370,8 @@ class Domain:
         self.restored_from = path
         vm = restore(path, paused=True, name=self.spec.get("name"), template=self.spec.get("template"))
         try:
+            if self.spec.get("env"):        # fork-vm --from FILE --set: strings for this fork of the file
+                _set_env(vm, self.spec["env"], what=path)
             cfg = DomainConfig(name=vm.name, memory=vm.shape.memory_mib, vcpus=vm.shape.vcpus)
             self.config = cfg
             extra = {"template": path} if vm.template is not None else {}
@@ -1321,10 +1326,27 @@ def _vmfork_save(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     return {}
 
 
+def _set_env(vm: VM, env: dict[str, Any], *, what: str) -> None:
+    """Set `env` in a machine's env channel, and in its fork-time state so that a reset keeps the strings (a
+    ToolstackError, nothing changed, for a machine without a device model or bad strings)."""
+    from ..devices.envchannel import ENV_NAME, set_env
+    if not vm.devices:
+        raise ToolstackError(f"--set: {what} has no device model, so it has no env channel for the strings")
+    devices = set_env(vm.capture().devices, env)        # type: ignore[arg-type]
+    fork_devices = (set_env(vm.fork_state.devices, env)
+                    if vm.fork_state is not None and vm.fork_state.devices is not None else None)
+    vm.device(ENV_NAME).restore(devices.states[ENV_NAME])
+    if fork_devices is not None:
+        assert vm.fork_state is not None
+        vm.fork_state = dataclasses.replace(vm.fork_state, devices=fork_devices)
+        vm.touch()
+
+
 @qmp_command("vmfork-attach-dm", filename=ArgSpec(str, False, _absolute), fdname=ArgSpec(str), actions=ArgSpec(dict),
-             name=ArgSpec(str),
+             name=ArgSpec(str), env=ArgSpec(dict),
              help="give a fork without a device model its devices, from a device-state file or a descriptor of one "
-                  "passed with getfd (fdname) (default: the device state it was forked with)")
+                  "passed with getfd (fdname) (default: the device state it was forked with), with the strings "
+                  "in env set in its env channel")
 def _vmfork_attach_dm(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     vm = d.machine
     if vm.devices:
@@ -1353,6 +1375,12 @@ def _vmfork_attach_dm(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
             _drop_fd(conn, args)
     else:
         device_state = vm.fork_state.devices if vm.fork_state is not None else None
+    if "env" in args:
+        if device_state is None:
+            raise QmpError(f"{d.label()} has no device state to put the env strings in (give one with a "
+                           "device-state file)")
+        from ..devices.envchannel import set_env
+        device_state = set_env(device_state, args["env"])      # an EnvError names a bad string
     if rename:
         d.update_record(name=config.name)       # the last check: a name a racing command took is refused here
 
