@@ -225,3 +225,35 @@ def test_domain_forks_of_linux_take_console_input_and_strings(linux_at_prompt: B
             con.wait()
         assert ts.record(parent).state == "paused"
         ts.ok("fork-vm", "-p", parent)             # the parent still forks
+
+
+def test_domain_fork_of_linux_gets_its_strings_with_a_late_device_model(linux_at_prompt: Booted,
+                                                                         tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """fork-vm --launch-dm no --set: the strings wait for the fork's device model; --launch-dm late --set adds one;
+    the Linux shell of the fork then reads both through vmfork-env."""
+    import subprocess
+
+    from cli_harness import CliHarness
+    from linux_guest import CACHE
+    _parent(linux_at_prompt)
+    saved = sorted(CACHE.glob("*.save"))
+    assert saved, "the fixture saves the machine at the prompt"
+    with CliHarness(tmp_path, saved[0]) as ts:
+        ts.ok("restore", "-p", str(saved[0]))
+        parent = ts.list_json()[0]["name"]
+        fork = ts.ok("fork-vm", "-p", "--launch-dm", "no", "--set", "hostname=late0", parent).strip()
+        assert ts.listed(f"{parent}-fork-1")["launch_dm"] == "no"
+        ts.ok("fork-vm", "--launch-dm", "late", "--set", "ROLE=r1", fork)
+        con = subprocess.Popen(ts.argv("console", fork), env=ts.env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert con.stdin is not None
+            con.stdin.write(b"eval \"$(vmfork-env)\"; echo got-$(hostname)-$ROLE\n")
+            con.stdin.flush()
+            ts.wait("the console input to arrive",
+                    lambda: ts.execute(fork, "vmfork-query")["console_input_bytes"] > 0, timeout=30)
+            ts.ok("unpause", fork)
+            ts.wait("the answer", lambda: "got-late0-r1" in ts.log(int(fork)), timeout=300)
+        finally:
+            con.kill()
+            con.wait()
