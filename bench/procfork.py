@@ -1,9 +1,12 @@
 """Process-isolated forks: creation with a pre-started worker and without (cold), and requests (reset, a no-op).
 
     .venv/bin/python bench/procfork.py [--forks 20] [--cold 5] [--resets 300] [--memory 128] [--check]
+    .venv/bin/python bench/procfork.py --linux [--forks 5]
 
 Prints medians (and p90) in milliseconds / microseconds. Not a test. `--check` also prints each median's ratio to
-the "Process-isolated forks" table of docs/benchmarks.md (> 1: slower than documented).
+the "Process-isolated forks" table of docs/benchmarks.md (> 1: slower than documented). `--linux`: process forks of
+the Linux at its shell prompt (the save file tests/linux_guest.py caches in build/linux-test/), side by side with
+in-process forks of it: fork, one command's answer, reset after it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ def main() -> None:
     ap.add_argument("--resets", type=int, default=300)
     ap.add_argument("--memory", type=int, default=128)
     ap.add_argument("--check", action="store_true", help="compare the medians with docs/benchmarks.md")
+    ap.add_argument("--linux", action="store_true", help="process forks of the Linux at its prompt")
     args = ap.parse_args()
+    if args.linux:
+        linux(args.forks)
+        return
 
     parent = VM.create(memory_mib=args.memory, name="bench")
     parent.load_kernel(GUEST, cmdline="loop")
@@ -154,6 +161,62 @@ def main() -> None:
                ("request round trip (ping)", statistics.median(ping) / 1e6),
                ("reset through the worker, 4-page loop", statistics.median(reset) / 1e6),
                ("reset in-process, same work", statistics.median(inproc) / 1e6)])
+
+
+def _answer(f: VM | ProcessFork, command: bytes, marker: bytes, timeout: float = 300) -> float:
+    """Seconds from typing `command` into the fork's console to `marker` in its output."""
+    def console() -> bytes:
+        return f.console() if isinstance(f, ProcessFork) else bytes(f.device("serial0").output())
+    since = len(console())
+    t0 = time.perf_counter()
+    f.feed_console(command)
+    f.start()
+    try:
+        while marker not in console()[since:]:
+            if time.perf_counter() - t0 > timeout:
+                raise SystemExit(f"{f.name}: no answer in {timeout} s: {console()[since:][-200:]!r}")
+            f.wait(0.05)
+        return time.perf_counter() - t0
+    finally:
+        if f.state == "running":
+            f.pause()
+
+
+def linux(n: int) -> None:
+    """Process forks of the Linux at its prompt against in-process forks of it, alternating."""
+    from vmfork.fork import dirty_log_mode
+    from vmfork.snapshot import restore
+    saves = sorted((ROOT / "build" / "linux-test").glob("*.save"))
+    if not saves:
+        raise SystemExit("no cached Linux at its prompt in build/linux-test/: run tests/test_linux_forks.py once")
+    parent = restore(saves[0])
+    mode = dirty_log_mode(parent)
+    pool = worker_pool(parent.shape, dirty_ring=mode == "ring")
+    pool.target = 0
+    fork_ms: dict[str, list[float]] = {"process": [], "in-process": []}
+    answer_s: dict[str, list[float]] = {"process": [], "in-process": []}
+    reset_ms: dict[str, list[float]] = {"process": [], "in-process": []}
+    for i in range(n):
+        for kind in ("process", "in-process") if i % 2 == 0 else ("in-process", "process"):
+            if kind == "process":
+                pool.prefill(1)
+                time.sleep(0.5)             # the preparer gets the idle worker ready meanwhile
+            t0 = time.perf_counter()
+            f: VM | ProcessFork = parent.fork(isolation="process") if kind == "process" else parent.fork()
+            fork_ms[kind].append((time.perf_counter() - t0) * 1e3)
+            answer_s[kind].append(_answer(f, f"echo a-$(({i}+42))\n".encode(), f"a-{i + 42}".encode()))
+            t0 = time.perf_counter()
+            f.reset()
+            reset_ms[kind].append((time.perf_counter() - t0) * 1e3)
+            f.destroy()
+    parent.destroy()
+    print(f"Linux at its prompt ({saves[0].name}), dirty log {mode}; process vs in-process forks, alternating")
+    for kind in ("process", "in-process"):
+        print(f"fork, {kind:<10} (ms)             {med(fork_ms[kind])}")
+        print(f"  one command answered (s)         {med(answer_s[kind])}")
+        print(f"  reset after it (ms)              {med(reset_ms[kind])}")
+    ratio = statistics.median(fork_ms["process"]) / statistics.median(fork_ms["in-process"])
+    print(f"  process / in-process fork: {ratio:.1f}x")
 
 
 def check(now: list[tuple[str, float]]) -> None:

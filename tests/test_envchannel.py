@@ -175,8 +175,68 @@ def test_fork_vm_set(ts: CliHarness) -> None:
     before = ts.list_json()
     ts.fail("fork-vm", "--set", "bad name=1", "parent", match="env name 'bad name'")
     ts.fail("fork-vm", "--set", "novalue", "parent", match="expected KEY=VALUE")
-    ts.fail("fork-vm", "--launch-dm", "no", "--set", "A=1", "parent", match="--launch-dm yes")
     assert [(d["domid"], d["name"]) for d in ts.list_json()] == [(d["domid"], d["name"]) for d in before]
+
+
+def _env_of(ts: CliHarness, domain: str) -> dict[str, str]:
+    """The strings in a domain's env channel, as its device-state file carries them (what the guest reads)."""
+    path = ts.base / f"{domain}.dm"
+    ts.ok("save-devices-state", domain, str(path))
+    env: dict[str, str] = load_device_state(path)["env"].env  # type: ignore[attr-defined]
+    path.unlink()
+    return env
+
+
+def _domains(ts: CliHarness) -> list[tuple[object, ...]]:
+    return [(e["domid"], e["name"], e["state"], e["launch_dm"]) for e in ts.list_json()]
+
+
+def test_fork_vm_set_with_launch_dm_no_and_late(ts: CliHarness) -> None:
+    """--set on a fork without a device model: the strings wait in its device state and its late device model
+    has them; --launch-dm late --set adds more; a reset keeps them. Refused, changing nothing: a bad string, a fork
+    that has its device model already, a parent without one."""
+    ts.wait_state(ts.create(ts.config("parent", "demo")), "paused")
+    ts.ok("fork-vm", "-p", "--launch-dm", "no", "--set", "hostname=nodm", "--set", "ROLE=a", "parent")
+    assert ts.listed("parent-fork-1")["launch_dm"] == "no"
+    ts.ok("fork-vm", "--launch-dm", "late", "--set", "ROLE=b", "--set", "ZONE=z", "parent-fork-1")
+    assert _env_of(ts, "parent-fork-1") == {"hostname": "nodm", "ROLE": "b", "ZONE": "z"}
+    ts.ok("fork-reset", "parent-fork-1")
+    assert _env_of(ts, "parent-fork-1") == {"hostname": "nodm", "ROLE": "b", "ZONE": "z"}
+    # a fork made without strings gets them with its late device model
+    ts.ok("fork-vm", "-p", "--launch-dm", "no", "parent")
+    before = _domains(ts)
+    ts.fail("fork-vm", "--launch-dm", "late", "--set", "bad name=1", "parent-fork-2", match="env name 'bad name'")
+    ts.fail("fork-vm", "--launch-dm", "late", "--set", "A=1", "parent-fork-1", match="already has a device model")
+    ts.fail("fork-vm", "--launch-dm", "no", "--set", "A=1", "parent-fork-2", match="has no device model")
+    assert _domains(ts) == before
+    assert _env_of(ts, "parent-fork-1") == {"hostname": "nodm", "ROLE": "b", "ZONE": "z"}
+    ts.ok("fork-vm", "--launch-dm", "late", "--set", "hostname=later", "parent-fork-2")
+    assert _env_of(ts, "parent-fork-2") == {"hostname": "later"}
+    assert _env_of(ts, "parent") == {}
+
+
+def test_fork_vm_from_a_template_set(ts: CliHarness) -> None:
+    """fork-vm --from FILE --set: the fork of the file has the strings, and keeps them through a reset; a template
+    saved without a device model is refused with one line, changing nothing."""
+    ts.env["XDG_CACHE_HOME"] = str(ts.base / "cache")
+    ts.wait_state(ts.create(ts.config("tp", "demo")), "paused")
+    tpl = ts.base / "tp.tpl"
+    ts.ok("save", "--template", "tp", str(tpl))
+    fork = ts.ok("fork-vm", "--from", str(tpl), "-p", "--set", "hostname=t1", "--set", "ROLE=x").strip()
+    assert _env_of(ts, fork) == {"hostname": "t1", "ROLE": "x"}
+    ts.ok("fork-reset", fork)
+    assert _env_of(ts, fork) == {"hostname": "t1", "ROLE": "x"}
+    other = ts.ok("fork-vm", "--from", str(tpl), "-p").strip()
+    assert _env_of(ts, other) == {}
+    # a template of a fork without a device model
+    nodm = ts.ok("fork-vm", "-p", "--launch-dm", "no", "tp").strip()
+    bare = ts.base / "bare.tpl"
+    ts.ok("save", "--template", nodm, str(bare))
+    before = _domains(ts)
+    ts.fail("fork-vm", "--from", str(bare), "--set", "A=1", match="saved without a device model")
+    ts.fail("fork-vm", "--from", str(tpl), "--set", "bad name=1", match="env name 'bad name'")
+    ts.fail("fork-vm", "--from", str(tpl), "--launch-dm", "no", "--set", "A=1", match="--from takes")
+    assert _domains(ts) == before
 
 
 def test_process_forks_get_their_strings(parent: VM) -> None:

@@ -59,7 +59,7 @@ _process_forker: Callable[..., Any] | None = None
 
 def register_process_forker(maker: Callable[..., Any]) -> None:
     """Called by vmfork.procfork: `maker(parent, name=, block_interrupts=, launch_dm=, device_state=,
-    console_log=, memory_limit_mib=)` makes a process fork (VM.fork(isolation="process"))."""
+    console_log=, memory_limit_mib=, dirty_log=)` makes a process fork (VM.fork(isolation="process"))."""
     global _process_forker
     _process_forker = maker
 
@@ -439,7 +439,8 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
 
 @functools.cache
 def kernel_mode_emulated() -> bool:
-    """Whether this host's KVM emulates guest kernel mode instruction by instruction (kvm_pvm; host-kvm notes)."""
+    """Whether this host's KVM emulates guest kernel mode instruction by instruction (kvm_pvm; host-kvm notes).
+    Asked once per process: a jailed domain (toolstack/jail.py) asks before its jail hides /sys."""
     return os.path.isdir("/sys/module/kvm_pvm")
 
 
@@ -655,7 +656,7 @@ class VM(Machine):
                 raise ForkError("process forks need vmfork.procfork, which did not register itself")
             return _process_forker(self, name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
                                    device_state=device_state, console_log=console_log,
-                                   memory_limit_mib=memory_limit_mib)
+                                   memory_limit_mib=memory_limit_mib, dirty_log=dirty_log)
         if isolation != "thread":
             raise ForkError(f"isolation must be thread or process, not {isolation!r}")
         if memory_limit_mib is not None:

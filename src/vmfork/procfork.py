@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from . import errors
 from .devices import DeviceSetState
 from .errors import ForkError, VmforkError, VmStateError
-from .fork import register_process_forker
+from .fork import DirtyLog, _linux_where_kernel_mode_is_emulated, dirty_log_mode, register_process_forker
 from .kvm.structs import GPR_NAMES
 from .memlimit import MemoryCgroup
 from .memory import MemoryImage, describe_image, image_from_description
@@ -221,10 +221,11 @@ _launcher = _Launcher()
 class _Worker:
     """A started worker process that is not a fork yet."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], chan: _Channel, shape: MachineShape) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], chan: _Channel, shape: MachineShape, dirty_ring: bool) -> None:
         self.proc = proc
         self.chan = chan
         self.shape = shape
+        self.dirty_ring = dirty_ring            # its shell logs into dirty rings (else bitmaps)
         self.ready = False
         self._ready_lock = threading.Lock()     # prefill() and take() may both wait for the same worker
         self.busy = threading.Lock()            # held for a request in flight (a spawn, or a prepare ahead of one)
@@ -269,27 +270,32 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _launch(shape: MachineShape) -> _Worker:
-    """Start a worker process for `shape` (runs on the launcher thread)."""
+def _launch(shape: MachineShape, dirty_ring: bool) -> _Worker:
+    """Start a worker process for `shape` whose shell logs into dirty rings or bitmaps (runs on the launcher
+    thread)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vmfork.procfork", "--worker", str(theirs.fileno()), str(shape.memory_mib),
-             str(shape.vcpus), str(os.getpid()), shape.cpuid],
+             str(shape.vcpus), str(os.getpid()), shape.cpuid, "ring" if dirty_ring else "bitmap"],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
-    return _Worker(proc, _Channel(ours), shape)
+    return _Worker(proc, _Channel(ours), shape, dirty_ring)
 
 
 class WorkerPool:
-    """Idle workers of one machine shape, each with its VM shell built, refilled in the background to `target`."""
+    """Idle workers of one machine shape and dirty-log mode, each with its VM shell built, refilled in the
+    background to `target`. The mode is fixed when a shell is made (KVM enables dirty rings before the first vCPU),
+    so forks that need bitmaps (fork.dirty_log_mode: Linux where kernel mode is emulated) have a pool of their own
+    and ordinary guests keep the pre-started ring workers."""
 
-    def __init__(self, shape: MachineShape, *, target: int = 2) -> None:
+    def __init__(self, shape: MachineShape, *, target: int = 2, dirty_ring: bool = True) -> None:
         self.shape = shape
+        self.dirty_ring = dirty_ring
         self.target = target
         self._idle: deque[_Worker] = deque()
         self._starting = 0
@@ -387,7 +393,7 @@ class WorkerPool:
 
     def _launch_now(self) -> _Worker:
         self.started += 1
-        return _launcher.submit(lambda: _launch(self.shape)).result()
+        return _launcher.submit(lambda: _launch(self.shape, self.dirty_ring)).result()
 
     def _refill(self) -> None:
         with self._lock:
@@ -401,7 +407,7 @@ class WorkerPool:
     def _launch_idle(self) -> None:
         try:
             self.started += 1
-            worker = _launch(self.shape)
+            worker = _launch(self.shape, self.dirty_ring)
         finally:
             with self._lock:
                 self._starting -= 1
@@ -457,15 +463,16 @@ class WorkerPool:
                 w.discard()
 
 
-_pools: dict[MachineShape, WorkerPool] = {}
+_pools: dict[tuple[MachineShape, bool], WorkerPool] = {}
 _pools_lock = threading.Lock()
 
 
-def worker_pool(shape: MachineShape) -> WorkerPool:
+def worker_pool(shape: MachineShape, *, dirty_ring: bool = True) -> WorkerPool:
+    """The pool of workers of this shape whose shells log into dirty rings (`dirty_ring`) or bitmaps."""
     with _pools_lock:
-        pool = _pools.get(shape)
+        pool = _pools.get((shape, dirty_ring))
         if pool is None:
-            pool = _pools[shape] = WorkerPool(shape)
+            pool = _pools[(shape, dirty_ring)] = WorkerPool(shape, dirty_ring=dirty_ring)
         return pool
 
 
@@ -504,6 +511,9 @@ class ProcessFork:
         self._fork_count = 0
         self.cgroup: MemoryCgroup | None = None   # set when the fork has a memory limit
         self.spawn_us = 0.0         # time the worker took to build the machine (for benchmarks)
+        # how its worker's machine tracks written pages and resets (fork.dirty_log_mode); its forks do the same
+        self.dirty_ring = worker.dirty_ring
+        self.flush_translations_on_reset = False
 
     @property
     def state(self) -> str:
@@ -679,7 +689,8 @@ class ProcessFork:
                 st = MachineState.from_bytes(state_bytes)
                 state_bytes = dataclasses.replace(st, devices=device_state).to_bytes()
             handle = _spawn(self.shape, child_name, reply["image"], fds, state_bytes, parent=self,
-                            launch_dm=launch_dm, block_interrupts=block_interrupts, console_log=console_log)
+                            launch_dm=launch_dm, block_interrupts=block_interrupts, console_log=console_log,
+                            dirty_ring=self.dirty_ring, flush_translations=self.flush_translations_on_reset)
         except BaseException:
             try:
                 self._call("release", child=child_name)
@@ -745,13 +756,16 @@ def _check_launch_dm(launch_dm: str) -> None:
 
 def _spawn(shape: MachineShape, name: str, image: dict[str, Any], fds: list[int], state_bytes: bytes, *,
            parent: VM | ProcessFork, launch_dm: LaunchDm, block_interrupts: bool,
-           console_log: str | None, key: str | None = None) -> ProcessFork:
+           console_log: str | None, key: str | None = None, dirty_ring: bool = True,
+           flush_translations: bool = False) -> ProcessFork:
     """Turn an idle worker into a fork of `image` + `state_bytes` (`key`: the pair's WorkerPool.prefer() key; a
-    worker prepared for it gets only the fork's name and options)."""
-    pool = worker_pool(shape)
+    worker prepared for it gets only the fork's name and options). `dirty_ring` picks the pool (rings or bitmaps),
+    `flush_translations` sets the fork's VM.flush_translations_on_reset (see fork.dirty_log_mode)."""
+    pool = worker_pool(shape, dirty_ring=dirty_ring)
     worker = pool.take(key)
     request: dict[str, Any] = {"op": "spawn", "name": name, "launch_dm": launch_dm,
-                               "block_interrupts": block_interrupts, "console_log": console_log}
+                               "block_interrupts": block_interrupts, "console_log": console_log,
+                               "flush_translations": flush_translations}
     try:
         with worker.busy:
             if key is not None and worker.prepared == key:
@@ -774,6 +788,7 @@ def _spawn(shape: MachineShape, name: str, image: dict[str, Any], fds: list[int]
         raise _rebuild_error(reply["error"], f"the worker for fork {name} (pid {worker.proc.pid})")
     handle = ProcessFork(worker, name, parent=parent, launch_dm=launch_dm, block_interrupts=block_interrupts)
     handle.spawn_us = float(reply.get("us", 0.0))
+    handle.flush_translations_on_reset = flush_translations
     return handle
 
 
@@ -812,16 +827,24 @@ def _state_bytes(parent: VM, state: MachineState) -> bytes:
 
 def fork_process(parent: VM | ProcessFork, *, name: str | None = None, block_interrupts: bool = False,
                  launch_dm: LaunchDm = "yes", device_state: DeviceSetState | None = None,
-                 console_log: str | None = None, memory_limit_mib: int | None = None) -> ProcessFork:
+                 console_log: str | None = None, memory_limit_mib: int | None = None,
+                 dirty_log: DirtyLog = "auto") -> ProcessFork:
     """A fork of the paused machine `parent` in a process of its own (see fork.VM.fork for the options).
 
     `memory_limit_mib`: memory the fork process may allocate from now on (its copies of guest pages, mostly).
-    Going over it ends that fork alone, and the fork reports that it died out of memory."""
+    Going over it ends that fork alone, and the fork reports that it died out of memory. `dirty_log`: as for
+    in-process forks (fork.dirty_log_mode); the fork comes from a worker whose shell was made in that mode, and a
+    fork of a Linux guest where kernel mode is emulated drops KVM's translations at reset, as in-process ones do.
+    Forks of a process fork inherit both."""
     if isinstance(parent, ProcessFork):
         return parent.fork(name=name, block_interrupts=block_interrupts, launch_dm=launch_dm,
                            device_state=device_state, console_log=console_log)
     parent.check_forkable()
     _check_launch_dm(launch_dm)
+    if dirty_log not in ("auto", "ring", "bitmap"):
+        raise ForkError(f"dirty_log must be auto, ring or bitmap, not {dirty_log!r}")
+    dirty_ring = dirty_log_mode(parent, dirty_log) == "ring"
+    flush = _linux_where_kernel_mode_is_emulated(parent)
     image = parent.memory.freeze()
     state = parent._state_for_forks()
     if device_state is None:
@@ -834,9 +857,10 @@ def fork_process(parent: VM | ProcessFork, *, name: str | None = None, block_int
     key = None
     if device_state is None and PREPARE_WORKERS:
         key = _prepare_key(parent, state)
-        worker_pool(parent.shape).prefer(key, desc, fds, state_bytes, parent)
+        worker_pool(parent.shape, dirty_ring=dirty_ring).prefer(key, desc, fds, state_bytes, parent)
     handle = _spawn(parent.shape, child_name, desc, fds, state_bytes, parent=parent, launch_dm=launch_dm,
-                    block_interrupts=block_interrupts, console_log=console_log, key=key)
+                    block_interrupts=block_interrupts, console_log=console_log, key=key, dirty_ring=dirty_ring,
+                    flush_translations=flush)
     if memory_limit_mib is not None:
         try:
             handle.cgroup = MemoryCgroup.create(f"{child_name}-{handle.pid}", memory_limit_mib)
@@ -877,14 +901,14 @@ class _Hold:
 class _Server:
     """The worker side: one VM shell, then one fork machine, driven by requests."""
 
-    def __init__(self, chan: _Channel, shape: MachineShape) -> None:
+    def __init__(self, chan: _Channel, shape: MachineShape, dirty_ring: bool = True) -> None:
         from .vm import Shell, open_kvm
         self.chan = chan
         self.shape = shape
         self.vm: VM | None = None
         self.fds: list[int] = []        # the image files the machine maps: kept open for freeze()
         self.prepared: tuple[str, Any, MachineState, list[int], Any] | None = None   # op_prepare's (key, memory, ...)
-        self.shell = Shell(open_kvm(), shape, dirty_logging=True)
+        self.shell = Shell(open_kvm(), shape, dirty_logging=True, dirty_ring=dirty_ring)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -1032,6 +1056,7 @@ class _Server:
         vm.irqs_blocked = msg["block_interrupts"]
         vm.launch_dm = launch_dm
         vm.fork_state = state
+        vm.flush_translations_on_reset = bool(msg.get("flush_translations"))
         if preloaded:
             for v, vs in zip(vm.vcpus, state.vcpus, strict=True):
                 v.finish_preload(vs)
@@ -1039,6 +1064,8 @@ class _Server:
             if launch_dm == "yes" and state.devices is not None and vm.devices:
                 DeviceSetState.restore_all(vm.devices, state.devices)
                 vm.bus.touched.clear()
+            if vm.workarounds is not None:      # as Machine.restore does: the guest's IDT, LSTAR, ... anew
+                vm.workarounds.state_loaded()
         else:
             Machine.restore(vm, state, devices=launch_dm == "yes")
         from . import vmgenid
@@ -1152,11 +1179,12 @@ class _Server:
 
 
 def _worker_main(argv: list[str]) -> int:
-    if len(argv) != 6 or argv[0] != "--worker":
+    if len(argv) != 7 or argv[0] != "--worker" or argv[6] not in ("ring", "bitmap"):
         print("vmfork.procfork is started by vmfork itself (fork_process), not by hand", file=sys.stderr)
         return 2
     sock_fd, memory_mib, vcpus, parent_pid = (int(a) for a in argv[1:5])
     cpuid = argv[5]         # the parent's concrete CPUID policy: the forks' vCPUs must show the same CPU
+    dirty_ring = argv[6] == "ring"      # how the shell logs written pages (fork.dirty_log_mode)
     _set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:      # the parent died before prctl took effect
         return 1
@@ -1164,7 +1192,7 @@ def _worker_main(argv: list[str]) -> int:
     signal.signal(PAUSE_SIGNAL, signal.SIG_IGN)    # until there is a machine to pause
     chan = _Channel(socket.socket(fileno=sock_fd))
     try:
-        server = _Server(chan, MachineShape(memory_mib, vcpus, cpuid))
+        server = _Server(chan, MachineShape(memory_mib, vcpus, cpuid), dirty_ring)
         # the jail (root's default): once the shell is built, before "ready"
         from . import procfork_jail
         if procfork_jail.wanted():

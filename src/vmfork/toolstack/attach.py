@@ -25,7 +25,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import vmgenid
 from ..fork import VM, shell_pool
@@ -36,7 +36,7 @@ from .qmp import QmpChannel
 from .registry import HELD_KINDS, DomainRecord, Registry
 from .runtime import ToolstackError, pid_start_time
 
-__all__ = ["HeldFork", "fork_machine", "hold_fork", "receive_fork_source"]
+__all__ = ["ForkSource", "HeldFork", "fork_machine", "hold_fork", "receive_fork_source"]
 
 # A caller's check of the parent before it is asked for its RAM: (the parent, its vmfork-query answer).
 ParentCheck = Callable[[DomainRecord, dict[str, Any]], None]
@@ -48,10 +48,19 @@ def _close_fds(fds: list[int]) -> None:
             os.close(fd)
 
 
-def receive_fork_source(link: QmpChannel, *, child: int, name: str) -> tuple[MemoryImage, MachineState, list[int]]:
-    """Ask the parent at the other end of `link` for its RAM and state (`vmfork-fork-source`): the memory image, the
-    machine state, and the received file descriptors (the caller owns them; the image refers to them). From this
-    call on, the open link holds the fork."""
+class ForkSource(NamedTuple):
+    """What a paused parent domain hands a new fork (vmfork-fork-source)."""
+
+    image: MemoryImage
+    state: MachineState
+    fds: list[int]                  # the received RAM files (the caller owns them; the image refers to them)
+    dirty_ring: bool                # the fork logs written pages into dirty rings, else bitmaps (fork.dirty_log_mode)
+    flush_translations: bool        # the fork drops KVM's translations at reset (VM.flush_translations_on_reset)
+
+
+def receive_fork_source(link: QmpChannel, *, child: int, name: str) -> ForkSource:
+    """Ask the parent at the other end of `link` for its RAM, its state and how its forks track memory
+    (`vmfork-fork-source`). From this call on, the open link holds the fork."""
     src = link.execute("vmfork-fork-source", {"child": child, "name": name})
     fds = link.take_fds()
     try:
@@ -60,13 +69,16 @@ def receive_fork_source(link: QmpChannel, *, child: int, name: str) -> tuple[Mem
     except BaseException:
         _close_fds(fds)
         raise
-    return image, state, fds
+    # A parent from before these keys: rings and no flush, as its forks were made then.
+    return ForkSource(image, state, fds, src.get("dirty_log", "ring") == "ring", bool(src.get("flush_translations")))
 
 
-def fork_machine(image: MemoryImage, state: MachineState, *, name: str, with_devices: bool) -> VM:
+def fork_machine(image: MemoryImage, state: MachineState, *, name: str, with_devices: bool,
+                 dirty_ring: bool = True, flush_translations: bool = False) -> VM:
     """An in-process machine over `image` (mapped copy-on-write) in `state`, resettable to it: what a fork domain
-    runs, and what a held fork forks again."""
-    shell = Shell(open_kvm(), state.shape, dirty_logging=True)
+    runs, and what a held fork forks again. `dirty_ring` and `flush_translations`: as the parent says its forks
+    need (ForkSource; for a Linux guest where kernel mode is emulated, bitmaps and a flush at reset)."""
+    shell = Shell(open_kvm(), state.shape, dirty_logging=True, dirty_ring=dirty_ring)
     try:
         if image.slots != shell.slots or image.size != shell.size:
             raise ToolstackError(f"the parent's memory image does not fit a {state.shape.memory_mib} MiB machine")
@@ -79,6 +91,7 @@ def fork_machine(image: MemoryImage, state: MachineState, *, name: str, with_dev
         vm = VM(shell, memory, name=name, with_devices=with_devices)
         vm.launch_dm = "yes" if with_devices else "no"
         vm.fork_state = state
+        vm.flush_translations_on_reset = flush_translations
         Machine.restore(vm, state, devices=with_devices)
         vmgenid.new_generation(vm)
     except BaseException:
@@ -171,8 +184,10 @@ def hold_fork(domain: str | int, *, kind: str = "fuzz", check: ParentCheck | Non
             check(parent, info)
         _check_parent(parent, info)
         record = _reserve(reg, parent, kind)
-        image, state, fds = receive_fork_source(link, child=record.domid, name=record.name)
-        vm = fork_machine(image, state, name=record.name, with_devices=True)
+        src = receive_fork_source(link, child=record.domid, name=record.name)
+        fds = src.fds
+        vm = fork_machine(src.image, src.state, name=record.name, with_devices=True, dirty_ring=src.dirty_ring,
+                          flush_translations=src.flush_translations)
         reg.update(record.domid, state="running", reason=f"vmfork {kind} (pid {os.getpid()})")
     except BaseException:
         link.close()

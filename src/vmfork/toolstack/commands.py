@@ -439,14 +439,19 @@ def _fork_from_template(args: argparse.Namespace) -> int:
     if args.domain is not None:
         raise ToolstackError(f"fork-vm --from {args.template_file} forks the file: give no parent domain "
                              f"(got {args.domain})")
-    if args.launch_dm != "yes" or args.dm_state or args.block_interrupts or args.max_vcpus is not None \
-            or args.env:
-        raise ToolstackError("fork-vm --from takes -C (name) and -p only")
+    if args.launch_dm != "yes" or args.dm_state or args.block_interrupts or args.max_vcpus is not None:
+        raise ToolstackError("fork-vm --from takes -C (name), --set and -p only")
     path = os.path.abspath(args.template_file)
     from ..snapshot.template import is_template
     if not is_template(path):
         raise ToolstackError(f"{args.template_file} is not a template save file (write one with "
                              "`vmfork save --template DOMAIN FILE`)")
+    env = _env_arguments(args)
+    if env:
+        from ..snapshot import info
+        if not info(path).get("machine", {}).get("devices"):
+            raise ToolstackError(f"--set: {args.template_file} was saved without a device model, so its forks "
+                                 "have no env channel for the strings")
     name = None
     if args.config:
         name = load_config(args.config, require_kernel=False).name
@@ -460,7 +465,7 @@ def _fork_from_template(args: argparse.Namespace) -> int:
             n += 1
         name = f"{stem}-fork-{n}"
     domid = start_domain(reg.run_dir, jail_spec({"kind": "restore", "file": path, "name": name,
-                                                 "paused": args.paused, "template": True},
+                                                 "paused": args.paused, "template": True, "env": env},
                                                 no_jail=args.no_jail, jail=args.jail, label=path))
     print(domid, flush=True)
     return 0
@@ -471,13 +476,7 @@ def _cmd_fork_vm(args: argparse.Namespace) -> int:
         return _fork_from_template(args)
     if args.domain is None:
         raise ToolstackError("fork-vm needs the parent domain (or --from TEMPLATE_FILE)")
-    env: dict[str, str] = {}
-    if args.env:
-        from ..devices.envchannel import parse_assignments
-        env = parse_assignments(args.env)
-        if args.launch_dm != "yes":
-            raise ToolstackError(f"--set gives strings to the fork's env channel, one of its devices: it goes with "
-                                 f"--launch-dm yes, not {args.launch_dm}")
+    env = _env_arguments(args)
     reg = _registry()
     rec = reg.find(args.domain)
     dm_file = os.path.abspath(args.dm_state) if args.dm_state else None
@@ -490,9 +489,13 @@ def _cmd_fork_vm(args: argparse.Namespace) -> int:
     if rec.held:
         require_control(rec)
     if args.launch_dm == "late":
-        return _late_dm(args, reg, rec, dm_file)
+        return _late_dm(args, reg, rec, dm_file, env)
     if not rec.alive:
         raise ToolstackError(f"cannot fork {rec.label()}: its process is gone")
+    if env and dm_file is None and rec.launch_dm != "yes":
+        # (with --launch-dm no the strings wait in the fork's device state for its late device model)
+        raise ToolstackError(f"--set: {rec.label()} has no device model, so its forks have no env channel for "
+                             "the strings (give the fork a device state with -Q FILE)")
     _check_max_vcpus(args.max_vcpus, rec)
     name: str | None = None
     overrides: dict[str, str] = {}
@@ -515,8 +518,18 @@ def _cmd_fork_vm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _late_dm(args: argparse.Namespace, reg: Registry, rec: DomainRecord, dm_file: str | None) -> int:
-    """`fork-vm --launch-dm late [-C CONFIG] [-Q FILE] FORK`: give an existing fork its device model."""
+def _env_arguments(args: argparse.Namespace) -> dict[str, str]:
+    """The `--set KEY=VALUE` strings, checked (an EnvError names a bad one)."""
+    if not args.env:
+        return {}
+    from ..devices.envchannel import parse_assignments
+    return parse_assignments(args.env)
+
+
+def _late_dm(args: argparse.Namespace, reg: Registry, rec: DomainRecord, dm_file: str | None,
+             env: dict[str, str]) -> int:
+    """`fork-vm --launch-dm late [-C CONFIG] [-Q FILE] [--set KEY=VALUE] FORK`: give an existing fork its device
+    model (with `env` set in its env channel)."""
     if rec.parent is None:
         raise ToolstackError(f"{rec.label()} is not a fork: --launch-dm late gives a fork created with "
                              "--launch-dm no its device model")
@@ -543,6 +556,8 @@ def _late_dm(args: argparse.Namespace, reg: Registry, rec: DomainRecord, dm_file
             finally:
                 os.close(fd)
             arguments["fdname"] = "vmfork-dm-in"
+        if env:
+            arguments["env"] = env
         try:
             c.execute("vmfork-attach-dm", **arguments)
         except QmpCommandError as e:
@@ -690,7 +705,8 @@ def add_toolstack_commands(sub: Any) -> None:
     p.add_argument("--block-interrupts", action="store_true", help="the fork gets no external or timer interrupts")
     p.add_argument("--set", dest="env", action="append", default=[], metavar="KEY=VALUE",
                    help="a string for the fork's env channel (repeatable; the guest reads them with "
-                        "guests/linux/vmfork-env, e.g. hostname=web-3)")
+                        "guests/linux/vmfork-env, e.g. hostname=web-3); with --launch-dm no they wait in the "
+                        "fork's device state for --launch-dm late, which may set more; also with --from")
     p.add_argument("--launch-dm", choices=("yes", "no", "late"), default="yes",
                    help="yes: a fork with its device model (default); no: none; late: give the fork named by "
                         "DOMAIN its device model")

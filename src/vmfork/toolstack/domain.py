@@ -279,6 +279,8 @@ class Domain:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.set_wakeup_fd(self.wake_w)
         if self.jail is not None:
+            from ..fork import kernel_mode_emulated
+            kernel_mode_emulated()      # asked while /sys is visible: how this domain's forks track memory
             self.jail.enter(self, COMMANDS)       # before the guest's first instruction
         if self.spec.get("paused"):
             self._set_state("paused", self.fork_point_reason or "created paused")
@@ -343,16 +345,21 @@ class Domain:
         link = QmpChannel.connect(parent.qmp_socket, timeout=60, pid=parent.pid, label=parent.label())
         self.parent_link = link
         # The received files stay open for the life of this process (the fork's RAM and its reset source).
-        image, state, _fds = receive_fork_source(link, child=self.domid, name=self.name)
+        src = receive_fork_source(link, child=self.domid, name=self.name)
+        image, state = src.image, src.state
         if spec.get("device_state"):
             from ..snapshot import load_device_state
             state = dataclasses.replace(state, devices=load_device_state(spec["device_state"]))
-        if spec.get("env") and state.devices is not None:       # fork-vm --set: the fork's env channel strings
+        if spec.get("env"):         # fork-vm --set: the fork's env channel strings (launch_dm "no": for its late DM)
+            if state.devices is None:
+                raise ToolstackError(f"--set: {parent.label()} has no device model, so its forks have no env "
+                                     "channel for the strings")
             state = dataclasses.replace(state, devices=state.devices.with_env(spec["env"]))
         block = bool(spec.get("block_interrupts"))
         if block:
             state = dataclasses.replace(state, vcpus=tuple(_blocked(v) for v in state.vcpus))
-        vm = fork_machine(image, state, name=self.name, with_devices=launch_dm == "yes")
+        vm = fork_machine(image, state, name=self.name, with_devices=launch_dm == "yes", dirty_ring=src.dirty_ring,
+                          flush_translations=src.flush_translations)
         vm.irqs_blocked = block
         self._adopt(vm)
 
@@ -362,6 +369,8 @@ class Domain:
         self.restored_from = path
         vm = restore(path, paused=True, name=self.spec.get("name"), template=self.spec.get("template"))
         try:
+            if self.spec.get("env"):        # fork-vm --from FILE --set: strings for this fork of the file
+                _set_env(vm, self.spec["env"], what=path)
             cfg = DomainConfig(name=vm.name, memory=vm.shape.memory_mib, vcpus=vm.shape.vcpus)
             self.config = cfg
             extra = {"template": path} if vm.template is not None else {}
@@ -1170,9 +1179,13 @@ def _vmfork_fork_source(d: Domain, conn: Connection, args: dict[str, Any]) -> An
     d.holds.append(conn)
     vm.children.append(hold)  # type: ignore[arg-type]
     vm.memory.readonly = f"{d.label()} has live forks"
+    from ..fork import _linux_where_kernel_mode_is_emulated, dirty_log_mode
     from ..memory import describe_image
     desc, fds = describe_image(image)
-    return {"image": desc, "state": base64.b64encode(state.to_bytes()).decode(), "parent": d.domid}, fds
+    # how the fork must track its memory, decided here where the guest is known (a Linux where kernel mode is
+    # emulated: bitmaps, and translations dropped at reset), as for in-process forks
+    return {"image": desc, "state": base64.b64encode(state.to_bytes()).decode(), "parent": d.domid,
+            "dirty_log": dirty_log_mode(vm), "flush_translations": _linux_where_kernel_mode_is_emulated(vm)}, fds
 
 
 @qmp_command("vmfork-reset", memory=ArgSpec(bool), state=ArgSpec(bool),
@@ -1312,10 +1325,27 @@ def _vmfork_save(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     return {}
 
 
+def _set_env(vm: VM, env: dict[str, Any], *, what: str) -> None:
+    """Set `env` in a machine's env channel, and in its fork-time state so that a reset keeps the strings (a
+    ToolstackError, nothing changed, for a machine without a device model or bad strings)."""
+    from ..devices.envchannel import ENV_NAME, set_env
+    if not vm.devices:
+        raise ToolstackError(f"--set: {what} has no device model, so it has no env channel for the strings")
+    devices = set_env(vm.capture().devices, env)        # type: ignore[arg-type]
+    fork_devices = (set_env(vm.fork_state.devices, env)
+                    if vm.fork_state is not None and vm.fork_state.devices is not None else None)
+    vm.device(ENV_NAME).restore(devices.states[ENV_NAME])
+    if fork_devices is not None:
+        assert vm.fork_state is not None
+        vm.fork_state = dataclasses.replace(vm.fork_state, devices=fork_devices)
+        vm.touch()
+
+
 @qmp_command("vmfork-attach-dm", filename=ArgSpec(str, False, _absolute), fdname=ArgSpec(str), actions=ArgSpec(dict),
-             name=ArgSpec(str),
+             name=ArgSpec(str), env=ArgSpec(dict),
              help="give a fork without a device model its devices, from a device-state file or a descriptor of one "
-                  "passed with getfd (fdname) (default: the device state it was forked with)")
+                  "passed with getfd (fdname) (default: the device state it was forked with), with the strings "
+                  "in env set in its env channel")
 def _vmfork_attach_dm(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
     vm = d.machine
     if vm.devices:
@@ -1344,6 +1374,12 @@ def _vmfork_attach_dm(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
             _drop_fd(conn, args)
     else:
         device_state = vm.fork_state.devices if vm.fork_state is not None else None
+    if "env" in args:
+        if device_state is None:
+            raise QmpError(f"{d.label()} has no device state to put the env strings in (give one with a "
+                           "device-state file)")
+        from ..devices.envchannel import set_env
+        device_state = set_env(device_state, args["env"])      # an EnvError names a bad string
     if rename:
         d.update_record(name=config.name)       # the last check: a name a racing command took is refused here
 
