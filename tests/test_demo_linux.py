@@ -42,7 +42,7 @@ def test_demo_linux_forks_answer_with_their_own_random_bytes(linux_at_prompt: Bo
     assert all(r[5] == "yes" for r in rows), out          # every fork's kernel reseeded for its VMGenID generation
     for line in (f"correct answers{'':<12}{FORKS:>10}/{FORKS}", f"{FORKS:>10}/{FORKS} different; {FORKS}/{FORKS} "
                  f"forks said '{RESEEDED.decode()}'", f"fork (median of {FORKS})", "faster than restoring",
-                 "restored to the prompt", "KiB after its command, of a 256 MiB guest"):
+                 "restored to the prompt", "KiB of RAM after its command, of a 256 MiB guest"):
         assert line in out, (line, out)
     if kernel_mode_emulated():
         assert "emulates guest kernel mode" in out and "in the host kernel (KVM emulating" in out, out

@@ -173,12 +173,24 @@ RNG_READY_COMMAND = "head -c 1 /dev/random >/dev/null"
 RESEEDED = b"crng reseeded due to virtual machine fork"
 
 
-def _pss_kib() -> int:
-    with open("/proc/self/smaps_rollup") as f:
+def ram_kib(vm: VM) -> tuple[int, int]:
+    """PSS and anonymous KiB of `vm`'s RAM view in this process (/proc/self/smaps over its range): the pages it read
+    from its parent are shared with the parent and the other forks that read them (PSS divides them among the
+    mappings), the anonymous ones are its own copies of pages it wrote."""
+    lo, hi = vm.memory.host_addr, vm.memory.host_addr + vm.memory.size
+    pss = anon = 0
+    inside = False
+    with open("/proc/self/smaps") as f:
         for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                start = int(head.split("-")[0], 16)
+                inside = lo <= start < hi
+            elif inside and head == "Pss:":
+                pss += int(line.split()[1])
+            elif inside and head == "Anonymous:":
+                anon += int(line.split()[1])
+    return pss, anon
 
 
 def _us(seconds: float) -> str:
@@ -262,16 +274,16 @@ def run_demo_linux(*, forks: int = 20, kernel: str | None = None, initrd: str | 
         mode = dirty_log_mode(parent, dirty_log)
         todo = commands(forks)
         parent.prepare_forks(min(forks, 32), dirty_log=dirty_log)
-        pss0 = _pss_kib()
         made: list[tuple[VM, float]] = []
-        for n in range(forks):
+        for _ in range(forks):
             t0 = time.perf_counter()
-            f = parent.fork(env={"hostname": f"fork-{n}"}, dirty_log=dirty_log)
+            f = parent.fork(dirty_log=dirty_log)
             made.append((f, time.perf_counter() - t0))
         rows = [run_command(f, n, cmd, want, fork_s)
                 for n, ((f, fork_s), (cmd, want)) in enumerate(zip(made, todo, strict=True))]
-        pss = (_pss_kib() - pss0) / forks
-        _table(rows, at, rng_s, pss, mode, emulated, parent.shape.memory_mib)
+        ram = [ram_kib(f) for f, _ in made]
+        _table(rows, at, rng_s, (statistics.mean(r[0] for r in ram), statistics.mean(r[1] for r in ram)), mode,
+               emulated, parent.shape.memory_mib)
         for f, _ in made:
             f.destroy()
         distinct = len({r.random for r in rows if r.random != "?"})
@@ -280,8 +292,8 @@ def run_demo_linux(*, forks: int = 20, kernel: str | None = None, initrd: str | 
         parent.destroy(tree=True)
 
 
-def _table(rows: list[Answer], at: AtPrompt, rng_s: float, pss_kib: float, mode: str, emulated: bool,
-           memory_mib: int) -> None:
+def _table(rows: list[Answer], at: AtPrompt, rng_s: float, memory_kib: tuple[float, float], mode: str,
+           emulated: bool, memory_mib: int) -> None:
     forks = len(rows)
     width = max(len(r.command) for r in rows)
     print(f"\n  {'fork':>4}  {'command':<{width}}  {'answer':<8} ok   {'/dev/urandom':<16} reseeded  {'fork':>9}"
@@ -300,7 +312,9 @@ def _table(rows: list[Answer], at: AtPrompt, rng_s: float, pss_kib: float, mode:
         ""))
     print(f"  fork (median of {forks}){'':<{10 - len(str(forks))}}{_us(fork_p50):>12}   "
           f"{at.seconds / fork_p50:,.0f}x faster than {than}")
-    print(f"  memory per fork (PSS){'':<6}{pss_kib:>10,.0f} KiB after its command, of a {memory_mib} MiB guest")
+    print(f"  memory per fork (PSS){'':<6}{memory_kib[0]:>10,.0f} KiB of RAM after its command, of a {memory_mib} MiB "
+          f"guest: {memory_kib[1]:,.0f} KiB its own copies\n{'':<30}of pages it wrote, the rest its share of the "
+          "parent's pages it read")
     print(f"  /dev/urandom{'':<15}{len({r.random for r in rows if r.random != '?'}):>10}/{forks} different; "
           f"{sum(r.reseeded for r in rows)}/{forks} forks said '{RESEEDED.decode()}' (VMGenID)")
     print(f"  correct answers{'':<12}{sum(r.ok for r in rows):>10}/{forks}")
