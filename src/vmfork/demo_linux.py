@@ -6,8 +6,13 @@ initramfs (build/linux/initramfs-shell.cpio), because where guest kernel mode is
 kernel does not reach /init in reasonable time (over 1,600 s measured). `--kernel`/`--initrd` choose others.
 
 The machine at the prompt is cached as a save file in build/linux-demo/, keyed by the kernel, the initramfs, the
-command line, the CPU policy and the save format, so the second run restores instead of booting. `boot_to_prompt`
-is shared with bench/linux_fork.py.
+command line, the CPU policy and the save format, so the second run restores instead of booting; before the save it
+waits until the guest's RNG is ready, since Linux reseeds on a VM fork (VMGenID) only then. `--restore FILE` forks a
+Linux saved elsewhere at the same prompt instead (the test uses its session's Linux). `boot_to_prompt`, `run_until`
+and `ram_kib` are shared with bench/linux_fork.py and the Linux tests.
+
+Where guest kernel mode is emulated the table also says where each command's wall time went: CPU in the host kernel
+(KVM running and emulating the guest), CPU in vmfork (its exit handling), and the rest, waiting for a CPU.
 """
 
 from __future__ import annotations
