@@ -312,7 +312,8 @@ def _table(rows: list[Answer], at: AtPrompt, rng_s: float, memory_kib: tuple[flo
     host = sum(r.host_kernel_s for r in rows)
     ours = sum(r.vmfork_s for r in rows)
     print()
-    print(f"  {at.how} to the prompt{'':<9}{at.seconds:>10.2f} s" + (
+    label = "booted to prompt, RNG ready" if at.how == "booted" else f"{at.how} to the prompt"
+    print(f"  {label:<27}{at.seconds:>10.2f} s" + (
         f"   (then {rng_s:.1f} s until the guest's RNG was ready: Linux reseeds on a fork only then)" if rng_s else
         ""))
     print(f"  fork (median of {forks}){'':<{10 - len(str(forks))}}{_us(fork_p50):>12}   "
