@@ -24,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from rows import print_rows  # noqa: E402
 
 from vmfork.fork import VM  # noqa: E402
 from vmfork.fuzz import Fuzzer  # noqa: E402
@@ -135,14 +138,7 @@ def main() -> int:
     finally:
         linux.destroy(tree=True)
         mb.destroy(tree=True)
-    print(f"# Linux: {how}")
-    if args.markdown:
-        print("| measurement | result |\n|---|---:|")
-        for what, value in rows:
-            print(f"| {what} | {value} |")
-    else:
-        for what, value in rows:
-            print(f"{what:<92} {value}")
+    print_rows(f"# Linux: {how}", rows, markdown=args.markdown, width=92)
     return 0
 
 

@@ -227,6 +227,25 @@ def test_xsave_and_xrstor_round_trip() -> None:
         assert vm.memory.read(D, 4) == (0x12345678).to_bytes(4, "little")
 
 
+def test_xsave_to_an_unmapped_save_area_raises_page_fault() -> None:
+    # Linux's signal delivery xsaves straight into the user stack, whose page may be absent: the CPU raises #PF
+    # (CR2, error code "write, not present") and the kernel's fixup faults the page in; so must the fallback.
+    unmapped = 0x4000_0000                                 # the flat page tables map [0, 1 GiB) only
+    code = (b"\xb8\x03\x00\x00\x00\x31\xd2"                 # eax = 3 (x87, SSE), edx = 0
+            + b"\x48\xbf" + struct.pack("<Q", unmapped)      # mov rdi, unmapped
+            + b"\x0f\xae\x27")                                # xsave [rdi]
+    handler = (b"\x0f\x20\xd0"                                # mov rax, cr2
+               + b"\x48\x89\x04\x25" + _abs32(D)              # mov [D], rax
+               + b"\x58"                                        # pop rax (the error code)
+               + b"\x48\x89\x04\x25" + _abs32(D + 8)          # mov [D+8], rax
+               + flat.exit_with(0x2B))
+    vm, ev = _run_cpl0(code, xcr0=3, handlers={14: handler})
+    with vm:
+        assert getattr(ev, "status", None) == 0x2B, ev
+        cr2, err = struct.unpack("<QQ", vm.memory.read(D, 16))
+        assert (cr2, err) == (unmapped, 2)
+
+
 def test_doctor_lists_every_workaround_and_checks_the_fallbacks() -> None:
     from vmfork import doctor
     rows = {r["name"]: r for r in doctor.check_workarounds(doctor.probe_host(cached=True))}

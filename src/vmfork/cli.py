@@ -63,7 +63,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.linux:
         from .demo_linux import run_demo_linux
         return run_demo_linux(forks=20 if args.forks is None else args.forks, kernel=args.kernel,
-                              initrd=args.initrd, dirty_log=args.dirty_log)
+                              initrd=args.initrd, dirty_log=args.dirty_log, restore=args.restore,
+                              memory_mib=args.memory)
     from .demo import run_demo
     return run_demo(forks=100 if args.forks is None else args.forks, memory_mib=args.memory, kernel=args.kernel)
 
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dirty-log", choices=("auto", "ring", "bitmap"), default="auto",
                       help="with --linux: how forks track written pages (default auto: bitmap where guest kernel "
                            "mode is emulated)")
+    demo.add_argument("--restore", default=None, metavar="FILE",
+                      help="with --linux: fork the Linux saved in FILE (paused at the prompt 'vmfork# ') instead of "
+                           "booting or restoring the cached one")
     demo.set_defaults(func=_cmd_demo)
 
     run = sub.add_parser("run", help="boot a domain from an xl-style config file in the foreground")

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..memory import GuestMemory
     from ..vcpu import Vcpu
 
-__all__ = ["GuestAccessError", "decode", "read_virt", "write_virt"]
+__all__ = ["GuestAccessError", "decode", "page_fault", "read_virt", "write_virt"]
 
 PAGE = 4096
 
@@ -33,6 +33,27 @@ def _pieces(vcpu: Vcpu, addr: int, length: int) -> list[tuple[int, int]]:
         addr += n
         length -= n
     return out
+
+
+PF_PRESENT, PF_WRITE = 1, 2
+
+
+def page_fault(vcpu: Vcpu, addr: int, length: int, *, write: bool) -> tuple[int, int] | None:
+    """(CR2, error code) of the page fault a kernel-mode access to [addr, addr + length) raises on the CPU (a page
+    not present, or one not writable for a write: a copy-on-write page of a user process), or None when the whole
+    range may be accessed. Host writes bypass the guest's protections, so a fallback that writes guest-virtual
+    memory asks first: the guest's fault handler (an exception-table fixup, a copy-on-write copy) does the rest."""
+    end = addr + length
+    page = addr & ~(PAGE - 1)
+    while page < end:
+        t = vcpu.fd.translate(page & 0xFFFF_FFFF_FFFF_FFFF)
+        first = max(page, addr)
+        if not t.valid:
+            return first, PF_WRITE if write else 0
+        if write and not t.writeable:
+            return first, PF_PRESENT | PF_WRITE
+        page += PAGE
+    return None
 
 
 def read_virt(vcpu: Vcpu, memory: GuestMemory, addr: int, length: int) -> bytes:

@@ -7,7 +7,10 @@ variants) & EDX:EAX; the legacy region's x87 and SSE parts, MXCSR, the component
 gives (in the compacted format one after another in XCOMP_BV's order, 64-byte aligned where ECX bit 1 says so), the
 header's XSTATE_BV (and XCOMP_BV); a component whose XSTATE_BV bit is clear is restored to its initial state.
 Supervisor components KVM does not hold (none here: IA32_XSS stays 0 where the host offers none) stop the machine
-with the crash report instead. `xsaveopt` is completed as `xsave` (writing an unmodified component is allowed)."""
+with the crash report instead. `xsaveopt` is completed as `xsave` (writing an unmodified component is allowed).
+A save area the instruction may not access (Linux's signal delivery saves straight into the user stack, whose page
+may be absent or copy-on-write) raises #PF with CR2 through the guest's IDT, as the CPU would: the kernel's
+exception-table fixup faults the page in and tries again."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..kvm import structs as s
 from . import Workaround, register
-from .guest_access import GuestAccessError, read_virt, write_virt
+from .guest_access import GuestAccessError, page_fault, read_virt, write_virt
 from .operands import decode_at, mem_address
 
 if TYPE_CHECKING:
@@ -32,6 +35,7 @@ INFO = register(Workaround(
 SAVES = {"xsave", "xsave64", "xsaveopt", "xsaveopt64", "xsavec", "xsavec64", "xsaves", "xsaves64"}
 RESTORES = {"xrstor", "xrstor64", "xrstors", "xrstors64"}
 MSR_IA32_XSS = 0xDA0
+PF_VECTOR = 14
 HEADER = 512
 COMPACTED = 1 << 63
 # legacy region byte ranges: x87 (FCW..FDP, ST0-7), MXCSR + MXCSR_MASK, XMM0-15
@@ -94,6 +98,10 @@ class XsaveFallback:
             xcr0, xss = self._state(vcpu)
             supervisor = d.mnemonic.startswith(("xsaves", "xrstors"))
             rfbm = (xcr0 | (xss if supervisor else 0)) & ((regs.rdx & 0xFFFFFFFF) << 32 | (regs.rax & 0xFFFFFFFF))
+            fault = page_fault(vcpu, addr, self._extent(rfbm), write=d.mnemonic in SAVES)
+            if fault is not None:
+                self._raise_page_fault(vcpu, regs.rip, *fault)
+                return True
             kb: Any = vcpu._xsave_type()
             vcpu.fd.get_xsave(kb)
             state = bytearray(bytes(kb))
@@ -111,6 +119,20 @@ class XsaveFallback:
         regs.rip += d.size
         vcpu.set_regs(regs)
         return True
+
+    def _extent(self, rfbm: int) -> int:
+        """Bytes of the save area an instruction with this RFBM may touch: the legacy region and header, and the
+        standard-format extent of the components asked for (the compacted format is never longer)."""
+        layout = self._layout
+        assert layout is not None
+        return max([HEADER + 64] + [layout.offset[i] + layout.size[i] for i in layout.size if rfbm >> i & 1])
+
+    def _raise_page_fault(self, vcpu: Vcpu, rip: int, cr2: int, error_code: int) -> None:
+        from .idt import deliver_exception
+        deliver_exception(vcpu, self.memory, PF_VECTOR, return_rip=rip, error_code=error_code)
+        sregs = vcpu.get_sregs()        # CR2 once the delivery succeeded (a failed one changes nothing)
+        sregs.cr2 = cr2
+        vcpu.set_sregs(sregs)
 
     def _save(self, vcpu: Vcpu, addr: int, rfbm: int, state: bytearray, *, compacted: bool) -> bool:
         layout = self._layout
