@@ -1328,11 +1328,13 @@ def _vmfork_save(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
 def _set_env(vm: VM, env: dict[str, Any], *, what: str) -> None:
     """Set `env` in a machine's env channel, and in its fork-time state so that a reset keeps the strings (a
     ToolstackError, nothing changed, for a machine without a device model or bad strings)."""
-    from ..devices.envchannel import ENV_NAME, set_env
+    from ..devices.envchannel import ENV_NAME
     if not vm.devices:
         raise ToolstackError(f"--set: {what} has no device model, so it has no env channel for the strings")
-    devices = set_env(vm.capture().devices, env)        # type: ignore[arg-type]
-    fork_devices = (set_env(vm.fork_state.devices, env)
+    captured = vm.capture().devices
+    assert captured is not None             # a machine with devices captures their states
+    devices = captured.with_env(env)
+    fork_devices = (vm.fork_state.devices.with_env(env)
                     if vm.fork_state is not None and vm.fork_state.devices is not None else None)
     vm.device(ENV_NAME).restore(devices.states[ENV_NAME])
     if fork_devices is not None:
@@ -1378,8 +1380,7 @@ def _vmfork_attach_dm(d: Domain, conn: Connection, args: dict[str, Any]) -> Any:
         if device_state is None:
             raise QmpError(f"{d.label()} has no device state to put the env strings in (give one with a "
                            "device-state file)")
-        from ..devices.envchannel import set_env
-        device_state = set_env(device_state, args["env"])      # an EnvError names a bad string
+        device_state = device_state.with_env(args["env"])      # an EnvError names a bad string
     if rename:
         d.update_record(name=config.name)       # the last check: a name a racing command took is refused here
 
