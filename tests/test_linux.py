@@ -36,7 +36,8 @@ from linux_guest import (
     booted_linux,
 )
 from vmfork.fork import VM
-from vmfork.workarounds.installed import syscall_stays_in_user_mode
+from vmfork.vm import Machine
+from vmfork.workarounds.syscall_probe import stays_in_user_mode
 
 
 def _completes_syscalls() -> bool:
@@ -78,7 +79,7 @@ def shell_answers(booted: Booted, vcpus: int) -> None:
     release = (LINUX_MIN / "release").read_text().strip()
     # the console echoes the command line first
     assert answer[-2:] == [release, str(vcpus)], answer
-    if syscall_stays_in_user_mode():
+    if stays_in_user_mode(Machine):
         assert vm.workarounds is not None and vm.workarounds.counts()["syscall-completion"] > 0
 
 

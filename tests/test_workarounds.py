@@ -17,8 +17,9 @@ import pytest
 from vmfork.arch.x86 import flat
 from vmfork.fork import VM
 from vmfork.snapshot import savefile
+from vmfork.vm import Machine
 from vmfork.workarounds import CATALOG
-from vmfork.workarounds.installed import syscall_stays_in_user_mode
+from vmfork.workarounds.syscall_probe import stays_in_user_mode
 
 RESULTS = 0x105800
 DONE = 0x2A
@@ -72,7 +73,7 @@ def test_system_calls_enter_the_foreign_kernel_in_kernel_mode(syscall_guest: Pat
         ev = vm.run(timeout=30)
         _check_user_phase(vm, ev)
         counts = vm.workarounds.counts() if vm.workarounds is not None else {}
-        if syscall_stays_in_user_mode():
+        if stays_in_user_mode(Machine):
             assert counts["syscall-completion"] == 101
             assert counts["syscall-passed-on"] == 2
         else:
@@ -137,7 +138,7 @@ def test_the_catalog_names_every_mechanism() -> None:
 
 def test_vmfork_list_json_shows_the_counts(tmp_path: Path, syscall_guest: Path) -> None:
     from cli_harness import CliHarness
-    emulated = syscall_stays_in_user_mode()
+    emulated = stays_in_user_mode(Machine)
     with CliHarness(tmp_path, syscall_guest) as ts:
         domid = ts.create_program("sg", "", on_poweroff="preserve")   # runs to its harness marker, pauses there
         ts.wait_state(domid, "paused")

@@ -32,6 +32,14 @@ from .arch.x86.flat import DATA_ADDR, exit_with
 from .errors import VmforkError
 from .kvm import constants as c
 from .kvm import structs as s
+from .workarounds.syscall_probe import (
+    NOT_REACHED,
+    OK,
+    SYSCALL_CODE,
+    USER_MODE_HANDLER,
+    kernel_handler,
+    stays_in_user_mode,
+)
 
 __all__ = ["PROBES", "HostReport", "ProbeItem", "cache_path", "main", "probe_host", "run_doctor"]
 
@@ -56,10 +64,8 @@ UNAVAILABLE = "unavailable"       # no usable /dev/kvm
 ABSENT = "absent"                 # the VMM's CPUID or KVM says the feature is not there
 
 # Guest exit statuses used by the probes (the flat environment's default handlers report 0xdf-0xff).
-OK = 0x2A                         # the probed thing worked
-NOT_REACHED = 0x01                # code after the probed instruction ran: the instruction did nothing
+# OK, NOT_REACHED and USER_MODE_HANDLER, and kernel_handler, come from the syscall probe's guest (syscall_probe.py).
 GUEST_HANDLER = 0x03              # the guest's own #BP handler ran (a debug exit was expected instead)
-USER_MODE_HANDLER = 0x04          # a handler meant for kernel mode ran with CPL 3
 
 NATIVE_CPL3_INSTR_PER_S = 200e6   # a counted loop above this rate runs natively
 NATIVE_CPL0_NS = 20.0             # a CPL0 instruction below this cost runs natively (emulation is ~1000x slower)
@@ -271,17 +277,6 @@ def _classify(o: _Outcome, *, ok: int = OK) -> tuple[str, str]:
 
 # --- the probes -----------------------------------------------------------------------------------------------------
 
-def kernel_handler(ok: int = OK) -> bytes:
-    """A handler that stops the machine with `ok` if it runs in kernel mode (CS.RPL = 0), else USER_MODE_HANDLER."""
-    return (
-        b"\x8c\xc8"                 # mov eax, cs
-        b"\xa8\x03"                 # test al, 3
-        b"\x75\x06"                 # jnz user       (skips the 6-byte exit below)
-        + exit_with(ok)             # mov al, ok; out 0xf4, al; jmp $
-        + exit_with(USER_MODE_HANDLER)  # user: mov al, 4; out 0xf4, al; jmp $
-    )
-
-
 COUNT_LOOP = (
     b"\xff\xc9"                     # l: dec ecx           (RCX = iterations, set by the host)
     b"\x75\xfc"                     #    jnz l
@@ -348,11 +343,7 @@ def _binary_probe(name: str, what: str, code: bytes, *, timeout: float = 1.0, **
 
 
 def probe_syscall_cpl3(quick: bool) -> ProbeItem:
-    code = (
-        b"\x0f\x05"                 # syscall
-        + exit_with(NOT_REACHED)
-    )
-    return _binary_probe("syscall_cpl3", "`syscall` from CPL3 (EFER.SCE, STAR and LSTAR set)", code, cpl=3,
+    return _binary_probe("syscall_cpl3", "`syscall` from CPL3 (EFER.SCE, STAR and LSTAR set)", SYSCALL_CODE, cpl=3,
                          syscall_entry=kernel_handler())
 
 
@@ -921,8 +912,8 @@ _FALLBACK_CHECKS: dict[str, tuple[bytes, dict[int, bytes], dict[str, Any]]] = {
 def check_workarounds(report: HostReport) -> list[dict[str, Any]]:
     """Every host workaround (vmfork.workarounds.CATALOG): whether this host needs it (its probe), and for the
     instruction fallbacks a tiny guest run with it on, with how many instructions the fallback completed there."""
+    from .vm import Machine
     from .workarounds import CATALOG
-    from .workarounds.installed import syscall_stays_in_user_mode
     rows = []
     for w in CATALOG.values():
         row: dict[str, Any] = {"name": w.name, "what": w.what, "probe": w.probe}
@@ -931,7 +922,7 @@ def check_workarounds(report: HostReport) -> list[dict[str, Any]]:
             row["needed"] = it.status not in (WORKS, NATIVE, UNAVAILABLE)
             row["probe_status"] = it.status
         if w.name == "syscall-completion":
-            row["installed"] = syscall_stays_in_user_mode()
+            row["installed"] = stays_in_user_mode(Machine)
         check = _FALLBACK_CHECKS.get(w.name)
         if check is not None and not all(it.status == UNAVAILABLE for it in report.items):
             code, handlers, options = check

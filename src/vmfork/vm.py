@@ -381,7 +381,7 @@ class Machine:
         self.template: str | None = None      # the template save file this machine's RAM maps, if any
         self.broken: str | None = None        # why this machine can never run again (its memory is untrustworthy)
         # This host's fallbacks and syscall completion (vmfork.workarounds); doctor's probe guests go without.
-        self.workarounds = MachineWorkarounds(self) if workarounds else None
+        self.workarounds = MachineWorkarounds(self, Machine) if workarounds else None
 
     # --- construction -------------------------------------------------------------------------------------------
 

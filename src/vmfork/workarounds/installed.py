@@ -3,11 +3,11 @@ forks alike, since all are `Machine`s), told when its state is loaded, and count
 
 The instruction fallbacks are installed everywhere: they only ever run on an emulation failure, which a host that
 runs guest kernel mode natively never reports. The syscall completion costs a debug exit per guest page fault, so
-it is installed only where doctor's `syscall_cpl3` probe finds that `syscall` stays in user mode."""
+it is installed only where the syscall probe (syscall_probe.py, the guest of doctor's `syscall_cpl3`) finds that
+`syscall` stays in user mode."""
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING
 
 from . import ExitHook
@@ -17,35 +17,20 @@ from .int3 import Int3Fallback
 from .popcnt import PopcntFallback
 from .smap import SmapFallback
 from .syscall import SyscallCompletion
+from .syscall_probe import stays_in_user_mode
 from .xsave import XsaveFallback
 
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
     from ..vm import Machine
 
-__all__ = ["MachineWorkarounds", "syscall_stays_in_user_mode"]
-
-_host_lock = threading.Lock()
-_syscall_in_user_mode: bool | None = None
-
-
-def syscall_stays_in_user_mode() -> bool:
-    """doctor's `syscall_cpl3` probe, once per process (a few milliseconds, with a tiny guest of its own)."""
-    global _syscall_in_user_mode
-    with _host_lock:
-        if _syscall_in_user_mode is None:
-            from ..doctor import USER_MODE, probe_syscall_cpl3  # doctor's guests run without workarounds
-            try:
-                _syscall_in_user_mode = probe_syscall_cpl3(True).status == USER_MODE
-            except Exception:
-                _syscall_in_user_mode = False
-        return _syscall_in_user_mode
-
+__all__ = ["MachineWorkarounds"]
 
 class MachineWorkarounds:
     """What one machine has installed, and how often each part has done its work."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, machine_type: type[Machine]) -> None:
+        """`machine_type`: the class that makes the syscall probe's own machine (vm.py's Machine)."""
         self.machine = machine
         hooks = machine.exit_hooks
         mem = machine.memory
@@ -58,7 +43,7 @@ class MachineWorkarounds:
         self.syscall: SyscallCompletion | None = None
         self._seen: dict[int, tuple[int, int, int]] = {}     # vCPU index -> (IDT base, IDT limit, EFER) last looked at
         self._failures = 0
-        if syscall_stays_in_user_mode():
+        if stays_in_user_mode(machine_type):
             self.syscall = SyscallCompletion(machine.memory)
             hooks.add("debug", "syscall-completion", self.syscall)
             # first in line, handling nothing: every emulation failure is a moment to look at the IDT again
