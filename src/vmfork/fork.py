@@ -14,7 +14,6 @@ import bisect
 import ctypes
 import dataclasses
 import errno
-import functools
 import importlib
 import mmap
 import os
@@ -437,14 +436,14 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
     return vm
 
 
-@functools.cache
+# Looked at once, when this module is imported (a module loaded with the host: fixed for this process). A jailed
+# domain (toolstack/jail.py) imports this module before its jail hides /sys.
+_KERNEL_MODE_EMULATED = os.path.isdir("/sys/module/kvm_pvm")
+
+
 def kernel_mode_emulated() -> bool:
-    """Whether this host's KVM emulates guest kernel mode instruction by instruction (kvm_pvm; host-kvm notes).
-    Asked once per process: a jailed domain (toolstack/jail.py) asks before its jail hides /sys."""
-    return os.path.isdir("/sys/module/kvm_pvm")
-
-
-_KERNEL_MODE_EMULATED = kernel_mode_emulated()      # (a module loaded with the host: fixed for this process)
+    """Whether this host's KVM emulates guest kernel mode instruction by instruction (kvm_pvm; host-kvm notes)."""
+    return _KERNEL_MODE_EMULATED
 
 
 def _ioapic_masked(ioapic: Any) -> bool:

@@ -105,17 +105,18 @@ def _uid() -> int:
     return first + os.getpid() % count
 
 
-def _close_path_fds(keep: set[int]) -> None:
-    """Close descriptors opened from paths (files the worker does not need once jailed); keep sockets, pipes,
-    KVM's anonymous inodes, memfds, /dev/kvm, stdio and `keep`."""
+def close_path_fds(keep_fds: set[int], keep_paths: set[str]) -> None:
+    """Close descriptors opened from paths (files not needed once jailed); keep sockets, pipes, KVM's anonymous
+    inodes, memfds, stdio, /dev/kvm and /dev/null, `keep_fds` and descriptors of `keep_paths`."""
+    keep_paths = keep_paths | {"/dev/kvm", "/dev/null"}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if fd <= 2 or fd in keep or not target.startswith("/") or target.startswith("/memfd:") or \
-                target in ("/dev/kvm", "/dev/null"):
+        if fd <= 2 or fd in keep_fds or not target.startswith("/") or target.startswith("/memfd:") or \
+                target in keep_paths:
             continue
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -171,7 +172,7 @@ def confine_worker(*, keep_fds: set[int], parent_pid: int) -> None:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     root = _mount_point(["/dev/kvm", "/proc", *runtime_dirs()])
     _build_root(root)
-    _close_path_fds(keep_fds)
+    close_path_fds(keep_fds, set())
     pivot_into(root, _check)
     uid = _uid()
     try:

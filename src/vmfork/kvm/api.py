@@ -52,6 +52,17 @@ def plan_entry(request: int, struct: ctypes.Structure) -> tuple[int, object]:
     return (request, ctypes.byref(struct))
 
 
+def run_vcpu(vcpu_fd: int) -> int:
+    """KVM_RUN on `vcpu_fd`. Returns 0, or -EINTR/-EAGAIN when a signal or immediate_exit interrupted it."""
+    ret = _ioctl(vcpu_fd, c.KVM_RUN, None)
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err in (_errno.EINTR, _errno.EAGAIN):
+            return -err
+        raise KvmError("KVM_RUN", err)
+    return 0
+
+
 def run_plan(fd: int, plan: IoctlPlan) -> None:
     """Issue a prepared list of (request, pointer) ioctls on one fd: the restore hot path, with no per-call
     argument conversion."""
@@ -184,13 +195,7 @@ class Entry:
         run_fd_plan(self._plan._plan)
         if self.vcpu_fd < 0:
             return 0
-        ret = _ioctl(self.vcpu_fd, c.KVM_RUN, None)
-        if ret < 0:
-            err = ctypes.get_errno()
-            if err in (_errno.EINTR, _errno.EAGAIN):
-                return -err
-            raise KvmError("KVM_RUN", err)
-        return 0
+        return run_vcpu(self.vcpu_fd)
 
 
 def fastpath_built() -> bool:
@@ -480,13 +485,7 @@ class VcpuFd:
 
     def run_once(self) -> int:
         """KVM_RUN. Returns 0, or -EINTR when a signal or immediate_exit interrupted it."""
-        ret = _ioctl(self.fd, c.KVM_RUN, None)
-        if ret < 0:
-            err = ctypes.get_errno()
-            if err in (_errno.EINTR, _errno.EAGAIN):
-                return -err
-            raise KvmError("KVM_RUN", err)
-        return 0
+        return run_vcpu(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -279,8 +279,8 @@ class Domain:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.set_wakeup_fd(self.wake_w)
         if self.jail is not None:
-            from ..fork import kernel_mode_emulated
-            kernel_mode_emulated()      # asked while /sys is visible: how this domain's forks track memory
+            # before the jail hides /sys: fork.py reads it at import (kernel_mode_emulated), for this domain's forks
+            from .. import fork  # noqa: F401
             self.jail.enter(self, COMMANDS)       # before the guest's first instruction
         if self.spec.get("paused"):
             self._set_state("paused", self.fork_point_reason or "created paused")

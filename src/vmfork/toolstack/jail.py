@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VmforkError
-from ..procfork_jail import pivot_into
+from ..procfork_jail import close_path_fds, pivot_into
 from .jail_files import Broker, jail_file_commands
 
 if TYPE_CHECKING:
@@ -397,26 +397,15 @@ class Jail:
     def _close_other_fds(self, domain: Domain) -> None:
         """Keep the descriptors a domain uses (sockets, pipes, KVM's anonymous inodes, memfds, /dev/kvm, its
         registry and console log, stdio); close files opened from paths that it does not need any more."""
-        keep_paths = {"/dev/null", "/dev/kvm", str(domain.rd.registry), f"{domain.rd.registry}-wal",
-                      f"{domain.rd.registry}-shm"}
+        keep_paths = {str(domain.rd.registry), f"{domain.rd.registry}-wal", f"{domain.rd.registry}-shm"}
         if domain.record is not None:
             keep_paths.add(domain.record.console_log)
+        if os.environ.get("VMFORK_DOMAIN_STDERR"):
+            keep_paths.add(os.path.abspath(os.environ["VMFORK_DOMAIN_STDERR"]))
         keep_fds = set()
         if domain.domfile is not None:
             keep_fds.add(domain.domfile.fd)     # its lock is the domain's liveness (domfile.py): held for life
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                continue
-            if (fd <= 2 or fd in keep_fds or not target.startswith("/") or target.startswith("/memfd:")
-                    or target in keep_paths):
-                continue
-            if os.environ.get("VMFORK_DOMAIN_STDERR") and target == os.path.abspath(os.environ["VMFORK_DOMAIN_STDERR"]):
-                continue
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_path_fds(keep_fds, keep_paths)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--jailer"]:
