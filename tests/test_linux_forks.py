@@ -6,11 +6,15 @@ reseeds every few seconds from interrupt timings, which differ between forks whe
 
 from __future__ import annotations
 
+import contextlib
 import re
+import subprocess
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from cli_harness import CliHarness
 from linux_guest import PROMPT, Booted
 from vmfork.fork import VM
 from vmfork.procfork import ProcessFork
@@ -178,15 +182,37 @@ def test_process_forks_of_linux_survive_a_killed_sibling(linux_at_prompt: Booted
             f.destroy()
 
 
+@contextlib.contextmanager
+def _console(ts: CliHarness, name: str) -> Iterator[Callable[[bytes], None]]:
+    """`vmfork console NAME` running; yields a function that types a line into it."""
+    con = subprocess.Popen(ts.argv("console", name), env=ts.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    assert con.stdin is not None
+    stdin = con.stdin
+
+    def type_line(line: bytes) -> None:
+        stdin.write(line)
+        stdin.flush()
+    try:
+        yield type_line
+    finally:
+        con.kill()
+        con.wait()
+
+
+def _wait_for_typed_input(ts: CliHarness, name: str) -> None:
+    """Wait until the (paused) domain's console holds the typed input."""
+    ts.wait("the console input to arrive", lambda: ts.execute(name, "vmfork-query")["console_input_bytes"] > 0,
+            timeout=30)
+
+
 def test_domain_forks_of_linux_take_console_input_and_strings(linux_at_prompt: Booted, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Through domains: the Linux at its prompt restored paused, two fork-vm --set forks (paused); console input
     typed while a fork is paused arrives when it is unpaused; SIGKILL of one fork leaves the parent and its sibling
     working; the sibling is reset and answers again; list --json says what the guest does with VMGenID."""
     import os
     import signal
-    import subprocess
 
-    from cli_harness import CliHarness
     from linux_guest import CACHE
     _parent(linux_at_prompt)
     saved = sorted(CACHE.glob("*.save"))
@@ -204,14 +230,9 @@ def test_domain_forks_of_linux_take_console_input_and_strings(linux_at_prompt: B
         # SIGKILL the second fork: the first and the parent go on
         os.kill(ts.record(forks[1]["domid"]).pid, signal.SIGKILL)
         first = forks[0]["name"]
-        con = subprocess.Popen(ts.argv("console", first), env=ts.env, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            assert con.stdin is not None
-            con.stdin.write(b"MARK=set; eval \"$(vmfork-env)\"; echo via-console-$(hostname)\n")
-            con.stdin.flush()
-            ts.wait("the console input to arrive",
-                    lambda: ts.execute(first, "vmfork-query")["console_input_bytes"] > 0, timeout=30)
+        with _console(ts, first) as type_line:
+            type_line(b"MARK=set; eval \"$(vmfork-env)\"; echo via-console-$(hostname)\n")
+            _wait_for_typed_input(ts, first)
             assert ts.record(first).state == "paused"
             ts.ok("unpause", first)
             ts.wait("the answer", lambda: "via-console-dom0" in ts.log(forks[0]["domid"]), timeout=300)
@@ -220,12 +241,8 @@ def test_domain_forks_of_linux_take_console_input_and_strings(linux_at_prompt: B
             ts.ok("pause", first)
             ts.ok("fork-reset", first)
             ts.ok("unpause", first)
-            con.stdin.write(b"echo [$MARK] again-$(echo 42 | cat)\n")
-            con.stdin.flush()
+            type_line(b"echo [$MARK] again-$(echo 42 | cat)\n")
             ts.wait("the answer after the reset", lambda: "[] again-42" in ts.log(forks[0]["domid"]), timeout=300)
-        finally:
-            con.kill()
-            con.wait()
         assert ts.record(parent).state == "paused"
         ts.ok("fork-vm", "-p", parent)             # the parent still forks
 
@@ -234,9 +251,6 @@ def test_domain_fork_of_linux_gets_its_strings_with_a_late_device_model(linux_at
                                                                          tmp_path) -> None:  # type: ignore[no-untyped-def]
     """fork-vm --launch-dm no --set: the strings wait for the fork's device model; --launch-dm late --set adds one;
     the Linux shell of the fork then reads both through vmfork-env."""
-    import subprocess
-
-    from cli_harness import CliHarness
     from linux_guest import CACHE
     _parent(linux_at_prompt)
     saved = sorted(CACHE.glob("*.save"))
@@ -247,16 +261,8 @@ def test_domain_fork_of_linux_gets_its_strings_with_a_late_device_model(linux_at
         fork = ts.ok("fork-vm", "-p", "--launch-dm", "no", "--set", "hostname=late0", parent).strip()
         assert ts.listed(f"{parent}-fork-1")["launch_dm"] == "no"
         ts.ok("fork-vm", "--launch-dm", "late", "--set", "ROLE=r1", fork)
-        con = subprocess.Popen(ts.argv("console", fork), env=ts.env, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            assert con.stdin is not None
-            con.stdin.write(b"eval \"$(vmfork-env)\"; echo got-$(hostname)-$ROLE\n")
-            con.stdin.flush()
-            ts.wait("the console input to arrive",
-                    lambda: ts.execute(fork, "vmfork-query")["console_input_bytes"] > 0, timeout=30)
+        with _console(ts, fork) as type_line:
+            type_line(b"eval \"$(vmfork-env)\"; echo got-$(hostname)-$ROLE\n")
+            _wait_for_typed_input(ts, fork)
             ts.ok("unpause", fork)
             ts.wait("the answer", lambda: "got-late0-r1" in ts.log(int(fork)), timeout=300)
-        finally:
-            con.kill()
-            con.wait()
