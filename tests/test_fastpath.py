@@ -104,6 +104,88 @@ def test_reset_and_run_gives_what_reset_write_run_give(pvh_guest, machines, comp
     assert states[0] == states[1]
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_reset_then_run_input_gives_what_reset_and_run_gives(pvh_guest, machines, compiled: bool) -> None:
+    """reset() and later run_input() (a fork server resets ahead, while its client makes the next input) against
+    reset_and_run() on a twin fork: the same outcomes, RAM and state through the same inputs as above, and
+    run_input() without a reset before it runs on from where the fork is, as memory.write() and run() do."""
+    parent = boot(pvh_guest, "loop", machines, memory_mib=128)
+    addr, _ = run_to_ready(parent)
+    ahead, twin = parent.fork(), parent.fork()
+    inputs = [struct.pack("<QQ", n, seed) + b"x" * pad
+              for n, seed, pad in [(16, 1, 0), (16, 2, 0), (16, 3, 0), (3, 4, 40), (70, 5, 0), (16, 6, 0),
+                                   (16, 7, 0), (1, 8, 3000), (16, 9, 0), (16, 10, 0), (0, 11, 0), (16, 12, 0)]]
+    pieces = ((addr, 4096),)
+    ahead.reset()
+    for data in inputs:
+        assert ahead.just_reset
+        ev_ahead = ahead.run_input(data, pieces, timeout=20, compiled=compiled, settle=False)
+        assert not ahead.just_reset
+        ev_twin = twin.reset_and_run(data, pieces, timeout=20, settle=False)
+        assert ev_ahead.reason == "harness-end"
+        assert _iteration_record(ahead, ev_ahead, addr) == _iteration_record(twin, ev_twin, addr)
+        ahead.reset()
+    assert any(e[0] is None and e[2].compiled == (compiled and fastpath_built()) for e in ahead._entries.values())
+    states = []
+    for child in (ahead, twin):
+        child.reset()
+        v = child.vcpus[0]
+        v.flush_sync()
+        st = v.capture()
+        states.append((child.memory.read(SCRATCH, 80 * 4096), child.memory.read(addr, 4096), *(
+            bytes(getattr(st, n)) for n in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs"))))
+    assert states[0] == states[1]
+    # without a reset first: the input goes in over what the last run left, as memory.write() would
+    data = struct.pack("<QQ", 5, 99)
+    for child in (ahead, twin):
+        child.reset()
+        assert child.run(timeout=20).reason == "harness-end"
+    ev_ahead = ahead.run_input(data, pieces, timeout=20, compiled=compiled)
+    twin.memory.write(addr, data)
+    ev_twin = twin.run(timeout=20)
+    assert _iteration_record(ahead, ev_ahead, addr) == _iteration_record(twin, ev_twin, addr)
+    # and the next reset takes back the input's pages too
+    for child in (ahead, twin):
+        child.reset()
+    assert ahead.memory.read(addr, 64) == twin.memory.read(addr, 64) == parent.memory.read(addr, 64)
+
+
+def test_a_fuzzer_that_resets_ahead_finds_what_one_that_does_not_finds(guest_dir) -> None:
+    """Fuzzer.reset_ahead() between inputs (as the AFL++ fork server calls it) gives the same result for every input
+    as execute() alone: valid documents, the planted crash, mutated seeds; a fork that was looked at or run between
+    reset_ahead() and execute() is reset again as usual."""
+    import random
+
+    from vmfork.fork import VM
+    from vmfork.fuzz import Fuzzer
+    from vmfork.fuzz.mutate import Mutator
+
+    seeds = sorted((guest_dir.parent.parent / "guests" / "jsmn" / "seeds").iterdir())
+    corpus = [p.read_bytes() for p in seeds]
+    rng = random.Random(7)
+    mutator = Mutator(rng)
+    inputs = corpus + [JSMN_CRASH] + [mutator.mutate(rng.choice(corpus)) for _ in range(120)] + [JSMN_CRASH] + corpus
+    vm = VM.create(memory_mib=64, name="jsmn-ahead")
+    try:
+        vm.load_kernel(guest_dir / "jsmn-pvh.elf", cmdline="jsmn")
+        assert vm.run(timeout=30).reason == "harness-start"
+        with Fuzzer(vm, budget_s=0.5) as fz:
+            plain = [fz.execute(data) for data in inputs]
+        with Fuzzer(vm, budget_s=0.5) as fz:
+            ahead, used = [], 0
+            for i, data in enumerate(inputs):
+                fz.reset_ahead()
+                if i % 10 == 5:
+                    fz.fork.touch()             # an out-of-band change: execute() must reset again
+                used += fz.fork.just_reset
+                ahead.append(fz.execute(data))
+        assert [r.outcome for r in plain].count("crash") >= 2
+        assert ahead == plain
+        assert used >= len(inputs) - len(inputs) // 10 - 1
+    finally:
+        vm.destroy(tree=True)
+
+
 def test_a_fuzzer_finds_the_same_with_and_without_the_one_call_iteration(guest_dir) -> None:
     """The jsmn example's fuzzer (Fuzzer.compiled_iteration on and off) gives the same result for every input:
     valid documents, the planted crash, and what the mutator makes of the seeds."""

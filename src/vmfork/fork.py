@@ -388,6 +388,7 @@ class ShellPool:
 
 
 _pools: dict[tuple[MachineShape, bool], ShellPool] = {}
+_NO_PLAN = PackedPlan([])               # run_input's entry: the input and KVM_RUN, no ioctl before it
 
 
 def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, launch_dm: LaunchDm = "yes",
@@ -557,6 +558,7 @@ class VM(Machine):
         # registers and clock-free MSRs since (_lean_count): (its plan, KVM's emulated-instruction count, exits,
         # generation) right after it
         self._lean_base: tuple[ResetPlan, int, int, int] | None = None
+        self._reset_mark = -1               # _generation right after the last full reset() (just_reset)
 
     # Every change to the parent's state invalidates the cached state its forks start from.
     def _begin(self) -> None:
@@ -789,6 +791,8 @@ class VM(Machine):
                 self._lean_base = (plan, count, self.exits, self._generation)
         if self._vmgenid_id is not None:
             vmgenid.renotify(self)
+        if memory and state:
+            self._reset_mark = self._generation
         return pages
 
     def reset_and_run(self, data: bytes, at: tuple[tuple[int, int], ...], *, timeout: float | None = None,
@@ -867,6 +871,18 @@ class VM(Machine):
         if (self.fork_state is None or self.broken is not None or self.state not in ("paused", "crashed")
                 or self.children or self._vmgenid_id is not None or self.memory.readonly):
             return None         # reset() says why, or does what the compiled call cannot
+        key, pieces, written = self._input_layout(data, at, compiled)
+        proven, count = self._lean_count()
+        self._lean_base = None          # (reset_and_run sets it again when this reset goes ahead)
+        steady = self._steady_entry(key, pieces, self.vcpus[0].fd.fd, compiled, lean=lean and proven)
+        if steady is None:
+            return None
+        self._steady_pages = written
+        return steady[0], count
+
+    def _input_layout(self, data: bytes, at: tuple[tuple[int, int], ...],
+                      compiled: bool) -> tuple[object, list[tuple[int, int]], frozenset[int]]:
+        """(a key naming `at`, its pieces as host addresses, the pages `data` writes there), cached per `at`."""
         cached = self._entry_cache
         if cached is None or cached[0] != (at, compiled):
             memory = self.memory
@@ -889,13 +905,41 @@ class VM(Machine):
         written = by_pages.get(k)
         if written is None:
             written = by_pages[k] = frozenset(page for _, page in starts[:k])
-        proven, count = self._lean_count()
-        self._lean_base = None          # (reset_and_run sets it again when this reset goes ahead)
-        steady = self._steady_entry(key, pieces, self.vcpus[0].fd.fd, compiled, lean=lean and proven)
-        if steady is None:
-            return None
-        self._steady_pages = written
-        return steady[0], count
+        return key, pieces, written
+
+    @property
+    def just_reset(self) -> bool:
+        """Whether this fork is as its last reset() left it: nothing ran, restored or touched it since (a caller
+        that resets ahead of its next input, see run_input, checks this first)."""
+        return self._reset_mark == self._generation and self.state == "paused"
+
+    def run_input(self, data: bytes, at: tuple[tuple[int, int], ...], *, timeout: float | None = None,
+                  compiled: bool = True, settle: bool = True) -> StopEvent:
+        """Write `data` across the guest-physical pieces `at` (as reset_and_run does) and `run(timeout)`: the
+        second half of reset_and_run, for a fork its caller reset already. A fork server resets right after it
+        answers (`reset()`), while its client prepares the next input, so the reset is off the serial path
+        (fuzz/afl.py). A one-vCPU fork writes the input and enters the guest in one C call (`compiled`)."""
+        if self.memory.readonly:
+            raise ForkError(f"cannot write {self.name}'s input: {self.memory.readonly}")
+        self._check_runnable()
+        if len(self.vcpus) != 1:
+            for gpa, n in at:
+                if not data:
+                    break
+                self.memory.write(gpa, data[:n])
+                data = data[n:]
+            return self.run(timeout=timeout, settle=settle)
+        key, pieces, written = self._input_layout(data, at, compiled)
+        fd = self.vcpus[0].fd.fd
+        ekey = ("input", key, fd)
+        cached = self._entries.get(ekey)
+        if cached is None:
+            if len(self._entries) > 16:
+                self._entries.clear()
+            cached = self._entries[ekey] = (None, None, Entry([], list(pieces), _NO_PLAN, fd, compiled=compiled))
+        entry = cached[2]
+        self.memory.note_host_written(written)
+        return self.run(timeout=timeout, enter=lambda: entry.enter(data), settle=settle)
 
     def _lean_count(self) -> tuple[bool, int | None]:
         """(whether this reset may leave out the XCRs, debug registers and clock-free MSRs, KVM's emulated-

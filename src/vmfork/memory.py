@@ -483,6 +483,16 @@ class GuestMemory:
         off = self.offset_of(gpa, length)
         return memoryview(self._buf).cast("B")[off:off + length]
 
+    def note_host_written(self, pages: frozenset[int]) -> None:
+        """The host is about to write these pages (page numbers from the start of RAM) itself, as write() would:
+        they count as dirty for the next reset (fork.VM.run_input, which writes its input in C)."""
+        d = self._dirty
+        if not pages <= d.host:
+            d.host.update(pages)
+        if not pages <= d.host_ever:
+            d.host_ever.update(pages)
+        self._frozen = None
+
     def _mark_host_dirty(self, off: int, n: int) -> None:
         pages = range(off >> PAGE_SHIFT, ((off + n - 1) >> PAGE_SHIFT) + 1)
         self._dirty.host.update(pages)

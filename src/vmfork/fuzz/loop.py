@@ -233,6 +233,7 @@ class Fuzzer:
         self._sink_hit: tuple[int, s.Regs] | None = None      # (sink address, the interrupted code's registers)
         self._end_hit = False
         self._stale = False
+        self._ahead: Any = None                 # the fork reset_ahead() reset for the next input
         self.reset_s = 0.0
         # reset + input + run as one call into the fork (VM.reset_and_run), where nothing runs between them; False:
         # the three steps apart (then `reset_s` times the resets)
@@ -376,8 +377,21 @@ class Fuzzer:
     # --- one input --------------------------------------------------------------------------------------------
 
     def execute(self, data: bytes) -> Result:
-        """Run one input in the fuzz fork (reset first) and say what it did."""
+        """Run one input in the fuzz fork (reset first, unless reset_ahead() did) and say what it did."""
         return self._exec(data) or _OK
+
+    def reset_ahead(self) -> None:
+        """Reset the fuzz fork now for the next input, so that execute() only writes the input and runs it. A
+        fork server calls this right after it answers, while its client (afl-fuzz) works on the next input: the
+        reset then costs the serial path nothing (fuzz/afl.py). Only where execute() would reset in one call with
+        its run anyway (a plain run, no instruction budget); anything that runs or touches the fork before the
+        next execute() makes it reset again as usual (VM.just_reset)."""
+        if self._stale:
+            self._make_fork()
+        if not (self.compiled_iteration and self._plain_run and self.budget is None):
+            return
+        self.fork.reset(lean=self.lean_resets)
+        self._ahead = self.fork
 
     def _exec(self, data: bytes) -> Result | None:
         """None for the common case: the end marker and nothing new covered."""
@@ -390,7 +404,12 @@ class Fuzzer:
             n = self.capacity
             data = data[:n]
         fork = self.fork
-        if self.compiled_iteration and self._plain_run and self.budget is None:
+        if self._ahead is fork and fork.just_reset:
+            # reset_ahead() reset it already: the input and the first KVM_RUN in one call (VM.run_input)
+            self._ahead = None
+            payload = _LEN64(n) + data if self.input.format == "len64" else data
+            ev = fork.run_input(payload, self.input.pieces, timeout=self.budget_s, settle=self.settle)
+        elif self.compiled_iteration and self._plain_run and self.budget is None:
             # reset, input and the first KVM_RUN in one call (VM.reset_and_run); the reset is not timed apart
             payload = _LEN64(n) + data if self.input.format == "len64" else data
             # settle=False: the next input resets anyway, so the end marker's `out` is left for KVM to drop
