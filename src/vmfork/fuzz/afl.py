@@ -60,8 +60,8 @@ from typing import Any, NamedTuple
 from ..errors import MemoryAccessError
 from .loop import Fuzzer, FuzzError, Result
 
-__all__ = ["AUTO_MAP", "FORKSRV_FD", "AflInput", "AflMap", "GuestMap", "afl_map_arg", "guest_map", "hello",
-           "serve_afl", "wait_status"]
+__all__ = ["AUTO_MAP", "FORKSRV_FD", "AflInput", "AflMap", "GuestMap", "afl_map_arg", "end_as",
+           "forkserver_present", "guest_map", "hello", "run_once", "serve_afl", "wait_status"]
 
 FORKSRV_FD = 198
 FS_OPT_ENABLED = 0x80000001         # AFL++'s fork-server options word: these bits say the hello carries options,
@@ -197,6 +197,54 @@ def hello(map_size: int, *, shmem_input: bool = False) -> bytes:
     if 2 <= map_size <= FS_OPT_MAX_MAPSIZE:
         word |= FS_OPT_ENABLED | FS_OPT_MAPSIZE | (map_size - 1) << 1
     return struct.pack("<I", word)
+
+
+def forkserver_present() -> bool:
+    """Whether a fork-server pipe is open on fd 199 (afl-fuzz, afl-tmin and afl-showmap -i give one; afl-showmap
+    with one input runs its target once without it, after a fork server of its own only told it the map size)."""
+    try:
+        os.fstat(FORKSRV_FD + 1)
+    except OSError:
+        return False
+    return True
+
+
+def run_once(fz: Fuzzer, amap: AflMap, *, input_path: str | None = None, guest: GuestMap | None = None) -> int:
+    """One input without a fork server, as an AFL-instrumented program runs when nothing answers its hello: the
+    input from `input_path` (AFL++'s @@) or stdin to its end (a file or a pipe; never the shared-memory test cases,
+    which only a fork server is given), its edges into AFL++'s map, and its wait status to end with (end_as()).
+    FuzzError when there is no AFL++ map either: then no AFL++ tool started vmfork."""
+    if not amap.attached:
+        raise FuzzError(f"not started by an AFL++ tool (no fork-server pipe on fd {FORKSRV_FD + 1} and no "
+                        "__AFL_SHM_ID): run it under afl-fuzz, afl-showmap, afl-tmin or afl-cmin; `vmfork fuzz "
+                        "--replay FILE` runs one input alone")
+    limit = fz.capacity + 1
+    if input_path is not None:
+        data = _read_input(input_path, limit)
+    else:
+        try:
+            data = os.pread(0, limit, 0)
+        except OSError:                  # a pipe: no offsets, read it to its end
+            with os.fdopen(os.dup(0), "rb") as stdin:
+                data = stdin.read(limit)
+    amap.prev = 0
+    res = fz.execute(data)
+    if guest is not None:
+        memoryview(amap.map).cast("B")[:guest.size] = fz.fork.memory.view(guest.addr, guest.size)
+    return wait_status(res)
+
+
+def end_as(status: int) -> int:
+    """End this process with the wait status `status` (run_once's): exit code 0, or killed by that signal, so
+    that AFL++'s tools see the crash or hang they would see from an instrumented program (afl-showmap's
+    child_crashed, afl-cmin's crash filter). Returns an exit code only if the signal did not end the process."""
+    if status == 0:
+        return 0
+    if status != signal.SIGKILL:
+        signal.signal(status, signal.SIG_DFL)       # no handler of Python's (faulthandler's) in between
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [status])
+    os.kill(os.getpid(), status)
+    return 128 + status
 
 
 def _placeholder() -> subprocess.Popen[bytes]:
