@@ -39,6 +39,14 @@ then looks at only that much of its map, or, when the announced size is larger t
 its map to a target's in its pre-run map-size probe, which AFL_SKIP_BIN_CHECK skips, and vmfork needs that). vmfork
 itself then ends too, with the same advice on its stderr, rather than write past AFL++'s map.
 
+AFL++'s other tools: afl-tmin and `afl-showmap -i DIR` (so afl-cmin) are fork-server clients like afl-fuzz.
+afl-showmap with one input is not: after a fork server of its own that only learns the map size, it runs its
+target once by plain fork and exec, no pipe on fd 199, and expects what an instrumented program does when nothing
+answers its hello: run normally, fill `__AFL_SHM_ID`'s map, end as the input ends. So with no fd 199 and an AFL++
+map, vmfork runs one input (run_once: stdin, a file or a pipe, or --afl-input; the shared-memory test cases are
+for a fork server only, even where their variable is still set) and ends with its status (end_as: killed by the
+signal), after closing the target (cli.py). With neither, it is a one-line error.
+
 SIGTERM and SIGKILL leave nothing behind: the machines are this process's own KVM file descriptors and memory, and
 the placeholder process dies with it.
 """
