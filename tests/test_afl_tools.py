@@ -62,9 +62,11 @@ def tuples(path: Path) -> dict[int, int]:
 
 
 def edges_of(directory: Path, target: list[str], tmp_path: Path, name: str) -> set[int]:
-    """The union of the edges of every input in `directory` (afl-showmap -i, the fork server)."""
+    """The union of the edges of every input in `directory` (afl-showmap -i, the fork server), from raw counts
+    (-r): AFL++ 4.04c's afl-showmap prints only edges whose count is 1-4, 8, 16, 32 or 128 otherwise (its
+    count_class_human table, fixed in 4.08c)."""
     out = tmp_path / name
-    r = showmap(target, out, "-i", str(directory))
+    r = showmap(target, out, "-r", "-i", str(directory))
     assert r.returncode == 0 and out.is_dir(), r.stderr
     return {edge for trace in out.iterdir() for edge in tuples(trace)}
 
