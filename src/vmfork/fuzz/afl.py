@@ -39,6 +39,14 @@ then looks at only that much of its map, or, when the announced size is larger t
 its map to a target's in its pre-run map-size probe, which AFL_SKIP_BIN_CHECK skips, and vmfork needs that). vmfork
 itself then ends too, with the same advice on its stderr, rather than write past AFL++'s map.
 
+AFL++'s other tools: afl-tmin and `afl-showmap -i DIR` (so afl-cmin) are fork-server clients like afl-fuzz.
+afl-showmap with one input is not: after a fork server of its own that only learns the map size, it runs its
+target once by plain fork and exec, no pipe on fd 199, and expects what an instrumented program does when nothing
+answers its hello: run normally, fill `__AFL_SHM_ID`'s map, end as the input ends. So with no fd 199 and an AFL++
+map, vmfork runs one input (run_once: stdin, a file or a pipe, or --afl-input; the shared-memory test cases are
+for a fork server only, even where their variable is still set) and ends with its status (end_as: killed by the
+signal), after closing the target (cli.py). With neither, it is a one-line error.
+
 SIGTERM and SIGKILL leave nothing behind: the machines are this process's own KVM file descriptors and memory, and
 the placeholder process dies with it.
 """
@@ -60,8 +68,8 @@ from typing import Any, NamedTuple
 from ..errors import MemoryAccessError
 from .loop import Fuzzer, FuzzError, Result
 
-__all__ = ["AUTO_MAP", "FORKSRV_FD", "AflInput", "AflMap", "GuestMap", "afl_map_arg", "guest_map", "hello",
-           "serve_afl", "wait_status"]
+__all__ = ["AUTO_MAP", "FORKSRV_FD", "AflInput", "AflMap", "GuestMap", "afl_map_arg", "end_as",
+           "forkserver_present", "guest_map", "hello", "run_once", "serve_afl", "wait_status"]
 
 FORKSRV_FD = 198
 FS_OPT_ENABLED = 0x80000001         # AFL++'s fork-server options word: these bits say the hello carries options,
@@ -197,6 +205,54 @@ def hello(map_size: int, *, shmem_input: bool = False) -> bytes:
     if 2 <= map_size <= FS_OPT_MAX_MAPSIZE:
         word |= FS_OPT_ENABLED | FS_OPT_MAPSIZE | (map_size - 1) << 1
     return struct.pack("<I", word)
+
+
+def forkserver_present() -> bool:
+    """Whether a fork-server pipe is open on fd 199 (afl-fuzz, afl-tmin and afl-showmap -i give one; afl-showmap
+    with one input runs its target once without it, after a fork server of its own only told it the map size)."""
+    try:
+        os.fstat(FORKSRV_FD + 1)
+    except OSError:
+        return False
+    return True
+
+
+def run_once(fz: Fuzzer, amap: AflMap, *, input_path: str | None = None, guest: GuestMap | None = None) -> int:
+    """One input without a fork server, as an AFL-instrumented program runs when nothing answers its hello: the
+    input from `input_path` (AFL++'s @@) or stdin to its end (a file or a pipe; never the shared-memory test cases,
+    which only a fork server is given), its edges into AFL++'s map, and its wait status to end with (end_as()).
+    FuzzError when there is no AFL++ map either: then no AFL++ tool started vmfork."""
+    if not amap.attached:
+        raise FuzzError(f"not started by an AFL++ tool (no fork-server pipe on fd {FORKSRV_FD + 1} and no "
+                        "__AFL_SHM_ID): run it under afl-fuzz, afl-showmap, afl-tmin or afl-cmin; `vmfork fuzz "
+                        "--replay FILE` runs one input alone")
+    limit = fz.capacity + 1
+    if input_path is not None:
+        data = _read_input(input_path, limit)
+    else:
+        try:
+            data = os.pread(0, limit, 0)
+        except OSError:                  # a pipe: no offsets, read it to its end
+            with os.fdopen(os.dup(0), "rb") as stdin:
+                data = stdin.read(limit)
+    amap.prev = 0
+    res = fz.execute(data)
+    if guest is not None:
+        memoryview(amap.map).cast("B")[:guest.size] = fz.fork.memory.view(guest.addr, guest.size)
+    return wait_status(res)
+
+
+def end_as(status: int) -> int:
+    """End this process with the wait status `status` (run_once's): exit code 0, or killed by that signal, so
+    that AFL++'s tools see the crash or hang they would see from an instrumented program (afl-showmap's
+    child_crashed, afl-cmin's crash filter). Returns an exit code only if the signal did not end the process."""
+    if status == 0:
+        return 0
+    if status != signal.SIGKILL:
+        signal.signal(status, signal.SIG_DFL)       # no handler of Python's (faulthandler's) in between
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [status])
+    os.kill(os.getpid(), status)
+    return 128 + status
 
 
 def _placeholder() -> subprocess.Popen[bytes]:

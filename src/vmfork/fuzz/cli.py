@@ -265,7 +265,11 @@ def run_fuzz(args: argparse.Namespace) -> int:
             print(f"vmfork fuzz: warning: --jobs {args.jobs} on {cpus} CPU{'s' if cpus != 1 else ''}: the workers "
                   "will share them", file=sys.stderr)
         return run_jobs(args, lambda worker: _campaign(args, symbols, gdb_listen, worker))
-    return _campaign(args, symbols, gdb_listen, None)
+    code = _campaign(args, symbols, gdb_listen, None)
+    if code < 0:                # --afl without a fork server: end as the input ended, once everything is closed
+        from .afl import end_as
+        return end_as(-code)
+    return code
 
 
 def _check_jobs(args: argparse.Namespace) -> str | None:
@@ -304,7 +308,9 @@ def _check_sync(args: argparse.Namespace) -> str | None:
 def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int] | None,
               worker: Worker | None) -> int:
     """Boot or take the target and fuzz it in this process: the whole campaign, or (`worker`) one process's part
-    of a campaign of --jobs N (fuzz/jobs.py), which reports to the CLI process instead of printing a summary."""
+    of a campaign of --jobs N (fuzz/jobs.py), which reports to the CLI process instead of printing a summary.
+    A negative result -S: --afl ran one input without a fork server, and the process is to end killed by signal S
+    (run_fuzz does that once the target is closed)."""
     from .loop import Fuzzer, FuzzError
     from .target import open_target
     harness = args.harness_spec
@@ -337,7 +343,9 @@ def _campaign(args: argparse.Namespace, symbols: Any, gdb_listen: tuple[str, int
                     input_limit=args.input_limit, stub_gpa=args.stub_addr)
         try:
             if amap is not None:
-                from .afl import serve_afl
+                from .afl import forkserver_present, run_once, serve_afl
+                if not forkserver_present():        # afl-showmap with one input: one run, no fork server
+                    return -run_once(fz, amap, input_path=args.afl_input, guest=guest_map)
                 serve_afl(fz, amap, input_path=args.afl_input, max_execs=args.execs, guest=guest_map)
                 return 0
             if args.replay is not None:
