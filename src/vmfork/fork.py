@@ -103,6 +103,8 @@ class ShellPool:
         # A root parent's RAM file that new and recycled shells are mapped to ahead of time (see prefer()).
         self._preferred: MemoryImage | None = None
         self._preferred_state: MachineState | None = None   # ... and its fork state, preloaded into shells
+        # ... and that parent's own RAM (a fork's copy-back source), for the machines prepare_machines() builds
+        self._preferred_base: tuple[MemoryImage, GuestMemory] | None = None
         self._ram_size = sum(sl.size for sl in make_slots(shape.regions()))
 
     def _new_shell(self) -> Shell:
@@ -145,6 +147,7 @@ class ShellPool:
     def _preload(shell: Shell, state: MachineState | None) -> None:
         """Load the clock-free parts of a parent's fork state into the shell's vCPUs (Vcpu.preload), so the fork
         itself issues only the few ioctls that must happen at fork time."""
+        _drop_machine(shell)
         shell.preloaded = None
         if state is None or state.shape != shell.shape:
             return
@@ -158,6 +161,7 @@ class ShellPool:
         memory slots costs over 100 µs here (KVM invalidates the whole range), so the pool does it off the fork
         path. The mapping is lazy: nothing is read until the fork runs, and the parent stays frozen while it has
         forks, so a fork sees exactly the parent's RAM at fork time either way."""
+        _drop_machine(shell)
         if image is not None and not image.layers:
             map_image(image, shell.host_addr, mmap.PROT_READ | mmap.PROT_WRITE)
             shell.premapped = image.base_fd
@@ -165,14 +169,18 @@ class ShellPool:
         else:
             shell.premapped = None
 
-    def prefer(self, image: MemoryImage, state: MachineState | None = None) -> None:
-        """Prepare future shells for forks of this root image (and, given, of this fork state)."""
+    def prefer(self, image: MemoryImage, state: MachineState | None = None, base: GuestMemory | None = None) -> None:
+        """Prepare future shells for forks of this root image (and, given, of this fork state; `base`: the
+        parent's own RAM, which prepare_machines() needs)."""
         if state is not None and not image.layers:
             self._preferred_state = state
         if image.layers or (self._preferred is not None and self._preferred.base_fd == image.base_fd):
+            if base is not None and image is self._preferred:
+                self._preferred_base = (image, base)
             return
         with self._lock:
             self._preferred = image
+            self._preferred_base = (image, base) if base is not None else None
 
     def forget(self, fd: int) -> None:
         """A parent's RAM file is going away: drop every premapping of it (they keep the file alive)."""
@@ -180,8 +188,10 @@ class ShellPool:
             if self._preferred is not None and self._preferred.base_fd == fd:
                 self._preferred = None
                 self._preferred_state = None
+                self._preferred_base = None
             shells = [sh for sh in self._ready if sh.premapped == fd]
         for sh in shells:
+            _drop_machine(sh)               # its RAM view copies back from the parent's mapping, going away now
             clear_address_space(sh.host_addr, sh.size)
             sh.premapped = None
 
@@ -270,6 +280,28 @@ class ShellPool:
             with self._lock:
                 self._ready.extendleft(reversed(stale))
 
+    def prepare_machines(self, n: int) -> None:
+        """Build the fork's machine ahead (its RAM view, devices in the fork-time state, workarounds: everything
+        but its name and the fork-time ioctls) in up to n ready shells that hold the preferred parent's RAM and
+        state, so such a fork only takes it (machine_from_image). On the calling thread (prepare_forks): pool
+        threads doing this Python work would hold the GIL while a burst of forks wants it."""
+        image, state, base = self._preferred, self._preferred_state, self._preferred_base
+        if image is None or state is None or base is None or base[0] is not image or base[1].closed:
+            return
+        with self._lock:
+            file = _image_file(image)
+            todo = [sh for sh in list(self._ready)[:n]
+                    if sh.machine is None and sh.preloaded is state and sh.premapped == image.base_fd
+                    and sh.premapped_file == file]
+            for sh in todo:
+                self._ready.remove(sh)
+        try:
+            for sh in todo:
+                sh.machine = (_pooled_machine(sh, image, state, base[1]), base[1])
+        finally:
+            with self._lock:
+                self._ready.extendleft(reversed(todo))
+
     def drain(self) -> None:
         """Close every ready shell (in the background): the next forks find the pool empty."""
         with self._lock:
@@ -277,6 +309,7 @@ class ShellPool:
             self._ready.clear()
             self._want = self.target
         for sh in shells:
+            _drop_machine(sh)
             self._close_later(sh)
 
     def give_back(self, shell: Shell) -> None:
@@ -384,6 +417,7 @@ class ShellPool:
             shells = list(self._ready)
             self._ready.clear()
         for sh in shells:
+            _drop_machine(sh)
             sh.close()
 
 
@@ -402,8 +436,13 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
     Machine.restore (the fork path, which can use a shell preloaded with this very state). `dirty_ring`: a shell
     that logs into dirty rings (else bitmaps; see dirty_log_mode)."""
     pool = shell_pool(state.shape, dirty_ring=dirty_ring)
-    pool.prefer(image, preferred_state)
+    pool.prefer(image, preferred_state, base)
     shell = pool.take()
+    if shell.machine is not None:
+        vm = _take_machine(shell, image, state, base=base, name=name, launch_dm=launch_dm, console_log=console_log,
+                           block_interrupts=block_interrupts, load=load)
+        if vm is not None:
+            return vm
     preloaded = load is not None and shell.preloaded is state
     shell.preloaded = None                  # a shell prepared for another state: everything is set below
     try:
@@ -432,6 +471,63 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
     except BaseException:
         memory.close(unmap_view=False)
         pool.give_back(shell)
+        raise
+    return vm
+
+
+def _pooled_machine(shell: Shell, image: MemoryImage, state: MachineState, base: GuestMemory) -> VM:
+    """What machine_from_image makes of a shell premapped with `image` and preloaded with `state` for a fork with
+    the default arguments (devices, no console log, interrupts not blocked), up to the fork-time steps: the RAM
+    view (copy-back source `base`), the machine with its devices in the fork-time device states. Built ahead by
+    ShellPool.prepare_machines: nothing touches a pooled shell or these objects until a fork takes them."""
+    memory = GuestMemory.fork_of(image, shell.host_addr, base=base, premapped=True)
+    try:
+        memory.bind(shell.vm, dirty_logging=True)
+        vm = VM(shell, memory, name="pooled")
+        vm.fork_state = state
+        if state.devices is not None and vm.devices:
+            DeviceSetState.restore_all(vm.devices, state.devices)
+            vm.bus.touched.clear()
+    except BaseException:
+        memory.close(unmap_view=False)
+        raise
+    return vm
+
+
+def _drop_machine(shell: Shell) -> None:
+    """Forget the machine built ahead in this shell (its shell lives on)."""
+    ready, shell.machine = shell.machine, None
+    if ready is not None:
+        vm = ready[0]
+        for d in vm.devices:
+            close = getattr(d, "close", None)
+            if close is not None:
+                close()
+        vm.memory.close(unmap_view=False)
+
+
+def _take_machine(shell: Shell, image: MemoryImage, state: MachineState, *, base: GuestMemory | None, name: str,
+                  launch_dm: LaunchDm, console_log: str | None, block_interrupts: bool,
+                  load: Callable[[VM, MachineState, bool, bool], None] | None) -> VM | None:
+    """The fork from the machine ShellPool.prepare_machines built in `shell`, when it was built for exactly this
+    fork: this state (block_interrupts, device_state and env make another), this parent's RAM, the default
+    device model and console; else None (the machine is dropped, the shell goes the usual way)."""
+    ready = shell.machine
+    vm, vm_base = ready
+    if (load is None or launch_dm != "yes" or console_log is not None or block_interrupts or vm_base is not base
+            or vm.fork_state is not state or shell.preloaded is not state or vm.memory.base is not image
+            or shell.premapped != image.base_fd or shell.premapped_file != _image_file(image)):
+        _drop_machine(shell)
+        return None
+    shell.machine = shell.premapped = shell.preloaded = None
+    Machine._ids += 1                       # numbered in the order forks are made, as built ones are
+    vm.id = Machine._ids
+    vm.name = name
+    try:
+        load(vm, state, False, True)        # the devices hold their fork-time states already
+    except BaseException:
+        vm.memory.close(unmap_view=False)
+        shell_pool(state.shape, dirty_ring=shell.dirty_ring).give_back(shell)
         raise
     return vm
 
@@ -594,9 +690,11 @@ class VM(Machine):
         """Have n VM shells ready for forks of this machine (made now, a few ms each), so forks skip creating a
         KVM VM and, for a root machine, mapping its RAM file (`dirty_log`: for forks made with that mode)."""
         pool = shell_pool(self.shape, dirty_ring=dirty_log_mode(self, dirty_log) == "ring")
-        pool.prefer(self.memory.freeze(), self._state_for_forks() if self.state == "paused" else None)
+        pool.prefer(self.memory.freeze(), self._state_for_forks() if self.state == "paused" else None,
+                    self.memory)
         pool.refresh(n)
         pool.prefill(n)
+        pool.prepare_machines(n)
 
     @overload
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
