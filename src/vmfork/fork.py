@@ -27,7 +27,7 @@ from typing import Any, Literal, overload
 from . import vmgenid
 from .devices import DeviceSetState
 from .errors import ForkError, KvmError
-from .kvm import Entry, Kvm, PackedPlan
+from .kvm import Entry, FdPlan, Kvm, PackedPlan, run_fd_plan
 from .kvm import constants as c
 from .kvm import structs as s
 from .memory import (
@@ -104,7 +104,7 @@ class ShellPool:
         self._preferred: MemoryImage | None = None
         self._preferred_state: MachineState | None = None   # ... and its fork state, preloaded into shells
         # ... and that parent's own RAM (a fork's copy-back source), for the machines prepare_machines() builds
-        self._preferred_base: tuple[MemoryImage, GuestMemory] | None = None
+        self._preferred_base: GuestMemory | None = None
         self._ram_size = sum(sl.size for sl in make_slots(shape.regions()))
 
     def _new_shell(self) -> Shell:
@@ -145,14 +145,24 @@ class ShellPool:
 
     @staticmethod
     def _preload(shell: Shell, state: MachineState | None) -> None:
-        """Load the clock-free parts of a parent's fork state into the shell's vCPUs (Vcpu.preload), so the fork
-        itself issues only the few ioctls that must happen at fork time."""
+        """Load the clock-free parts of a parent's fork state into the shell's vCPUs (Vcpu.preload) and VM
+        (_platform_ahead: the shell's PIT stopped first), so the fork itself issues only the few ioctls that must
+        happen at fork time (_fork_plan)."""
         _drop_machine(shell)
         shell.preloaded = None
         if state is None or state.shape != shell.shape:
             return
         for v, vs in zip(shell.vcpus, state.vcpus, strict=True):
             v.preload(vs)
+        chips, lapics = _platform_ahead(state)
+        vm_fd = shell.vm.fd
+        steps: FdPlan = [(vm_fd, c.KVM_SET_PIT2, ctypes.byref(_STOPPED_PIT))]
+        steps += [(v.fd.fd, c.KVM_SET_LAPIC, ctypes.byref(vs.lapic))
+                  for v, vs, ahead in zip(shell.vcpus, state.vcpus, lapics, strict=True) if ahead]
+        if chips:
+            steps += [(vm_fd, request, ptr) for request, ptr in state.platform.restore_plan()
+                      if request == c.KVM_SET_IRQCHIP]
+        run_fd_plan(steps)
         shell.preloaded = state
 
     @staticmethod
@@ -172,15 +182,18 @@ class ShellPool:
     def prefer(self, image: MemoryImage, state: MachineState | None = None, base: GuestMemory | None = None) -> None:
         """Prepare future shells for forks of this root image (and, given, of this fork state; `base`: the
         parent's own RAM, which prepare_machines() needs)."""
-        if state is not None and not image.layers:
+        if image.layers:
+            return
+        if state is not None:
             self._preferred_state = state
-        if image.layers or (self._preferred is not None and self._preferred.base_fd == image.base_fd):
-            if base is not None and image is self._preferred:
-                self._preferred_base = (image, base)
+        if base is not None and base.fd == image.base_fd:      # the root whose RAM file this is
+            self._preferred_base = base
+        if self._preferred is not None and self._preferred.base_fd == image.base_fd:
             return
         with self._lock:
             self._preferred = image
-            self._preferred_base = (image, base) if base is not None else None
+            if base is None or base.fd != image.base_fd:
+                self._preferred_base = None
 
     def forget(self, fd: int) -> None:
         """A parent's RAM file is going away: drop every premapping of it (they keep the file alive)."""
@@ -286,7 +299,7 @@ class ShellPool:
         state, so such a fork only takes it (machine_from_image). On the calling thread (prepare_forks): pool
         threads doing this Python work would hold the GIL while a burst of forks wants it."""
         image, state, base = self._preferred, self._preferred_state, self._preferred_base
-        if image is None or state is None or base is None or base[0] is not image or base[1].closed:
+        if image is None or state is None or base is None or base.closed or base.fd != image.base_fd:
             return
         with self._lock:
             file = _image_file(image)
@@ -297,7 +310,7 @@ class ShellPool:
                 self._ready.remove(sh)
         try:
             for sh in todo:
-                sh.machine = (_pooled_machine(sh, image, state, base[1]), base[1])
+                sh.machine = (_pooled_machine(sh, image, state, base), base)
         finally:
             with self._lock:
                 self._ready.extendleft(reversed(todo))
@@ -485,6 +498,7 @@ def _pooled_machine(shell: Shell, image: MemoryImage, state: MachineState, base:
         memory.bind(shell.vm, dirty_logging=True)
         vm = VM(shell, memory, name="pooled")
         vm.fork_state = state
+        _fork_plan(shell, state)
         if state.devices is not None and vm.devices:
             DeviceSetState.restore_all(vm.devices, state.devices)
             vm.bus.touched.clear()
@@ -492,6 +506,40 @@ def _pooled_machine(shell: Shell, image: MemoryImage, state: MachineState, base:
         memory.close(unmap_view=False)
         raise
     return vm
+
+
+# KVM_SET_PIT2 with channel 0 in mode 0xff stops a PIT's timer: KVM arms it for modes 0-4 only and otherwise
+# cancels it and waits for an injection in flight (i8254.c, pit_load_count and destroy_pit_timer), which is how it
+# leaves a new PIT. A recycled shell's PIT may still tick from its last fork, raising IRQ 0 into its PICs and IOAPIC.
+_STOPPED_PIT = s.PitState2()
+_STOPPED_PIT.channels[0].mode = 0xFF
+
+
+def _platform_ahead(state: MachineState) -> tuple[bool, tuple[bool, ...]]:
+    """Which of the fork-time ioctls a pooled shell whose PIT is stopped can take ahead for `state`: (the PICs
+    and the IOAPIC, each vCPU's LAPIC). Nothing in such a shell raises an interrupt line (its vCPUs do not run, no
+    device drives it until the fork's own restore, which comes after these as at fork time), so the interrupt
+    controllers keep what they are given. A LAPIC then changes only through its timer: ahead when the timer is off
+    (VcpuState.lapic_timer_off). The IOAPIC delivers the inputs pending in its IRR when set, into the LAPICs as
+    they are then: ahead only with none pending (the PICs signal the vCPU at its next entry, not the LAPIC). The
+    PIT, the clock, the TSC MSRs and a ticking LAPIC follow time: fork time."""
+    irr = int.from_bytes(bytes(state.platform.ioapic.data)[16:20], "little")
+    return irr == 0, tuple(vs.lapic_timer_off() for vs in state.vcpus)
+
+
+def _fork_plan(shell: Shell, state: MachineState) -> PackedPlan:
+    """The fork-time ioctls of a shell preloaded with `state` (ShellPool._preload): every vCPU's and the
+    platform's that were not taken ahead, packed once per (shell, state) for one C call."""
+    cached = shell.fork_plan
+    if cached is None or cached[0] is not state:
+        chips, lapics = _platform_ahead(state)
+        steps = [(v.fd.fd, request, ptr) for v, vs, ahead in zip(shell.vcpus, state.vcpus, lapics, strict=True)
+                 for request, ptr in vs.preload_plans()[1] if not (ahead and request == c.KVM_SET_LAPIC)]
+        steps += [(shell.vm.fd, request, ptr) for request, ptr in state.platform.restore_plan()
+                  if not (chips and request == c.KVM_SET_IRQCHIP)]
+        cached = shell.fork_plan = (state, PackedPlan(steps))
+    plan: PackedPlan = cached[1]
+    return plan
 
 
 def _drop_machine(shell: Shell) -> None:
@@ -515,7 +563,7 @@ def _take_machine(shell: Shell, image: MemoryImage, state: MachineState, *, base
     ready = shell.machine
     vm, vm_base = ready
     if (load is None or launch_dm != "yes" or console_log is not None or block_interrupts or vm_base is not base
-            or vm.fork_state is not state or shell.preloaded is not state or vm.memory.base is not image
+            or vm.fork_state is not state or shell.preloaded is not state or image.layers
             or shell.premapped != image.base_fd or shell.premapped_file != _image_file(image)):
         _drop_machine(shell)
         return None
@@ -806,17 +854,10 @@ class VM(Machine):
         against the device set once per state value (every fork of it gets the same standard device set), then
         restored directly, as a reset does."""
         if preloaded:
-            # The fork-time ioctls of every vCPU and the platform's, packed once per (shell, state): one C call.
-            shell = child.shell
-            cached = shell.fork_plan
-            if cached is None or cached[0] is not state:
-                steps = [(v.fd.fd, request, ptr) for v, vs in zip(child.vcpus, state.vcpus, strict=True)
-                         for request, ptr in vs.preload_plans()[1]]
-                steps += [(child.vm.fd, request, ptr) for request, ptr in state.platform.restore_plan()]
-                cached = shell.fork_plan = (state, PackedPlan(steps))
+            plan = _fork_plan(child.shell, state)
             for v, vs in zip(child.vcpus, state.vcpus, strict=True):
                 v.finish_preload(vs, ioctls=False)
-            cached[1].run()
+            plan.run()
         else:
             for v, vs in zip(child.vcpus, state.vcpus, strict=True):
                 v.restore(vs)
