@@ -5,7 +5,9 @@ Creating a KVM VM with an irqchip costs milliseconds on this kind of host, far m
 forks take pre-created shells (VM + vCPUs + irqchip + PIT + memory slots with dirty logging) from a pool refilled
 in the background; a destroyed fork's shell goes back to the pool. The fork itself is then: map the parent's RAM
 copy-on-write over the shell's slot range, and load the parent's captured state (cached while the parent stays
-paused).
+paused). Shells prepared for a root parent (prepare_forks) hold even that ahead: its RAM mapped, the clock-free
+state loaded, and the fork's machine built with its devices in their fork-time states; such a fork names the
+machine and issues the few ioctls that follow the clock.
 """
 
 from __future__ import annotations
@@ -72,7 +74,12 @@ class ShellPool:
     `target` shells ready when idle; a take that finds the pool empty doubles the refill goal (up to `max_ready`),
     which halves again after a second without takes. A fork that finds the pool empty waits for a shell in flight
     rather than making one itself. Shells beyond the pool (destroyed forks' shells when it is full) are closed on a
-    background thread too: closing a VM also waits in the kernel (about 10 ms)."""
+    background thread too: closing a VM also waits in the kernel (about 10 ms).
+
+    Shells are prepared for the preferred parent (prefer()): its RAM file premapped, the clock-free part of its fork
+    state preloaded (_preload), and, by prepare_machines() on prepare_forks' thread, the fork's whole machine
+    (shell.machine; _take_machine checks it fits the fork). Whatever prepares a shell for something else drops the
+    machine (_drop_machine)."""
 
     IDLE_DECAY_S = 1.0
 
@@ -446,8 +453,9 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
     parent's frozen RAM (`base`: that parent's in-process RAM, which saves mapping the image twice), a fork of a file
     when it is a template save file's RAM image. The shell comes from the pool of its shape (`preferred_state`: the
     state its shells may be preloaded with). `load(vm, state, devices, preloaded)` loads the state instead of
-    Machine.restore (the fork path, which can use a shell preloaded with this very state). `dirty_ring`: a shell
-    that logs into dirty rings (else bitmaps; see dirty_log_mode)."""
+    Machine.restore (the fork path, which can use a shell preloaded with this very state, or the machine built in
+    it ahead: _take_machine). `dirty_ring`: a shell that logs into dirty rings (else bitmaps; see
+    dirty_log_mode)."""
     pool = shell_pool(state.shape, dirty_ring=dirty_ring)
     pool.prefer(image, preferred_state, base)
     shell = pool.take()
@@ -736,7 +744,8 @@ class VM(Machine):
 
     def prepare_forks(self, n: int, *, dirty_log: DirtyLog = "auto") -> None:
         """Have n VM shells ready for forks of this machine (made now, a few ms each), so forks skip creating a
-        KVM VM and, for a root machine, mapping its RAM file (`dirty_log`: for forks made with that mode)."""
+        KVM VM and, for a root machine, mapping its RAM file and building the fork's machine (for forks with the
+        default arguments, of the state it is in now; `dirty_log`: for forks made with that mode)."""
         pool = shell_pool(self.shape, dirty_ring=dirty_log_mode(self, dirty_log) == "ring")
         pool.prefer(self.memory.freeze(), self._state_for_forks() if self.state == "paused" else None,
                     self.memory)
