@@ -93,8 +93,18 @@ def test_a_pooled_fork_is_what_the_full_path_makes(pvh_guest, machines) -> None:
 @pytest.mark.parametrize("kwargs", [{"block_interrupts": True}, {"env": {"role": "web"}}, {"launch_dm": "no"},
                                     {"console_log": "LOG"}, {"device_state": "OTHER"}],
                          ids=["block_interrupts", "env", "launch_dm", "console_log", "device_state"])
-def test_forks_with_other_arguments_do_not_take_the_pooled_machine(pvh_guest, machines, tmp_path,
+def test_forks_with_other_arguments_do_not_take_the_pooled_machine(pvh_guest, machines, tmp_path, monkeypatch,
                                                                   kwargs: dict[str, Any]) -> None:
+    """... but all except block_interrupts (which changes the vCPU state) still use the vCPU and platform state
+    the shell holds ahead, env and device_state too (they change only the devices' state)."""
+    loads: list[bool] = []
+    original = VM._load_fork_state
+
+    def recording(self: VM, child: VM, state: Any, *, devices: bool, preloaded: bool) -> None:
+        loads.append(preloaded)
+        original(self, child, state, devices=devices, preloaded=preloaded)
+
+    monkeypatch.setattr(VM, "_load_fork_state", recording)
     parent = boot(pvh_guest, "loop", machines, memory_mib=128)
     addr, _ = run_to_ready(parent)
     parent.prepare_forks(2)
@@ -105,6 +115,7 @@ def test_forks_with_other_arguments_do_not_take_the_pooled_machine(pvh_guest, ma
         kwargs = {"device_state": parent._state_for_forks().devices.with_env({"from": "device-state"})}
     child = parent.fork(**kwargs)
     assert child not in built
+    assert loads == ["block_interrupts" not in kwargs]      # (its vCPU state blocks interrupts: another state)
     assert all(d._log is None for d in built[0].devices if hasattr(d, "_log")), "the dropped machine stays open"
     if "block_interrupts" in kwargs:
         assert child.irqs_blocked

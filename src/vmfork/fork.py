@@ -464,7 +464,7 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
                            block_interrupts=block_interrupts, load=load)
         if vm is not None:
             return vm
-    preloaded = load is not None and shell.preloaded is state
+    preloaded = load is not None and _holds(shell.preloaded, state)
     shell.preloaded = None                  # a shell prepared for another state: everything is set below
     try:
         if image.slots != shell.slots or image.size != shell.size:
@@ -535,11 +535,18 @@ def _platform_ahead(state: MachineState) -> tuple[bool, tuple[bool, ...]]:
     return irr == 0, tuple(vs.lapic_timer_off() for vs in state.vcpus)
 
 
+def _holds(preloaded: MachineState | None, state: MachineState) -> bool:
+    """Whether a shell preloaded with `preloaded` holds `state`'s vCPU and platform parts: the same state, or one
+    that differs only in its devices (fork(env=...) and fork(device_state=...) replace just those)."""
+    return preloaded is not None and (preloaded is state or (preloaded.vcpus is state.vcpus
+                                                              and preloaded.platform is state.platform))
+
+
 def _fork_plan(shell: Shell, state: MachineState) -> PackedPlan:
     """The fork-time ioctls of a shell preloaded with `state` (ShellPool._preload): every vCPU's and the
     platform's that were not taken ahead, packed once per (shell, state) for one C call."""
     cached = shell.fork_plan
-    if cached is None or cached[0] is not state:
+    if cached is None or not _holds(cached[0], state):
         chips, lapics = _platform_ahead(state)
         steps = [(v.fd.fd, request, ptr) for v, vs, ahead in zip(shell.vcpus, state.vcpus, lapics, strict=True)
                  for request, ptr in vs.preload_plans()[1] if not (ahead and request == c.KVM_SET_LAPIC)]
