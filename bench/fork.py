@@ -1,9 +1,12 @@
 """Fork and reset costs, measured side by side in one run (issue: the fork engine).
 
     .venv/bin/python bench/fork.py [--samples 200] [--markdown] [--check]
+    .venv/bin/python bench/fork.py --floor-runs 9 --samples 100 [--against main]
 
 `--check` compares this run's medians with the "Fork and reset" table of docs/benchmarks.md, row by row (a ratio per
 metric; timings here drift by ±30%, so it is a guard to read before landing hot-path changes, not a test).
+`--against REV` (with `--floor-runs R`): the floor runs alternate between this tree and git revision REV's src/
+(extracted to a temporary directory), one process per run, and the ratio of the medians is printed.
 
 Everything uses the `loop` test guest (guests/README.md): at its ready marker the parent is paused; a fork writes
 one qword into each of N pages of a scratch area and stops at its end marker.
@@ -12,17 +15,21 @@ one qword into each of N pages of a scratch area and stops at its end marker.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shutil
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+# VMFORK_BENCH_SRC: another tree's src/ to measure (--against runs this script on one)
+sys.path.insert(0, os.environ.get("VMFORK_BENCH_SRC") or str(ROOT / "src"))
 
 from vmfork.demo import pss_kib, sustained_forks  # noqa: E402
 from vmfork.fork import VM, shell_pool  # noqa: E402
@@ -77,9 +84,9 @@ def reset_samples(child: VM, addr: int, n: int, *, memory: bool = True, state: b
     return samples
 
 
-def floor_runs(parent: VM, addr: int, runs: int, n: int) -> list[tuple[str, str, str, str]]:
+def floor_runs(parent: VM, addr: int, runs: int, n: int) -> tuple[list[float], list[float], list[float]]:
     """Issue 17's two in-process numbers, `runs` times in this process (each run: n pooled forks, then n resets
-    of one fork after it wrote 16 pages): the median of each run, and the median over the runs. The pool is
+    of one fork after it wrote 16 pages): the median of each run (forks, resets, resets' thread CPU). The pool is
     refilled (prepare_forks) before each run's forks, and a second's pause lets its threads finish first."""
     forks: list[float] = []
     resets: list[float] = []
@@ -107,14 +114,64 @@ def floor_runs(parent: VM, addr: int, runs: int, n: int) -> list[tuple[str, str,
         resets.append(statistics.median(samples))
         cpu_resets.append(statistics.median(cpu))
         child.destroy()
+    return forks, resets, cpu_resets
 
-    def listed(xs: list[float]) -> str:
-        return ", ".join(f"{x * 1e6:.0f}" for x in xs)
+
+def listed(xs: list[float]) -> str:
+    return ", ".join(f"{x * 1e6:.0f}" for x in xs)
+
+
+def floor_rows(forks: list[float], resets: list[float], cpu_resets: list[float],
+               n: int) -> list[tuple[str, str, str, str]]:
+    runs = len(forks)
     return [("fork, in-process, shell pool", fmt(statistics.median(forks)), "",
              f"median of {runs} runs of {n} (per run, µs: {listed(forks)})"),
             ("reset after writing 16 pages", fmt(statistics.median(resets)), "",
              f"median of {runs} runs of {n} (per run, µs: {listed(resets)}); thread CPU "
              f"{fmt(statistics.median(cpu_resets))}")]
+
+
+def old_tree(rev: str, into: Path) -> Path:
+    """git revision `rev`'s src/ under `into`, with this tree's compiled vmfork._fastpath when its source is the
+    same (the extension is built by the install, not committed)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    src = into / "src"
+    old_c = src / "vmfork" / "_fastpath.c"
+    built = sorted((ROOT / "src" / "vmfork").glob("_fastpath*.so"))
+    if built and old_c.exists() and old_c.read_bytes() == (ROOT / "src" / "vmfork" / "_fastpath.c").read_bytes():
+        shutil.copy2(built[0], src / "vmfork" / built[0].name)
+    else:
+        print(f"  note: {rev} has another _fastpath.c: its tree runs without the compiled fast path")
+    return src
+
+
+def against(rev: str, runs: int, n: int, markdown: bool) -> int:
+    """The floor runs alternating between this tree and `rev`'s, one process per run (each: boot, then one
+    floor run), and the ratios of the medians over the runs."""
+    results: dict[str, tuple[list[float], list[float], list[float]]] = {"this tree": ([], [], []), rev: ([], [], [])}
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"this tree": ROOT / "src", rev: old_tree(rev, Path(tmp))}
+        for i in range(runs):
+            order = list(trees.items()) if i % 2 == 0 else list(reversed(trees.items()))
+            for label, src in order:
+                env = {**os.environ, "VMFORK_BENCH_SRC": str(src)}
+                out = subprocess.run([sys.executable, __file__, "--floor-runs", "1", "--samples", str(n), "--raw"],
+                                     env=env, check=True, capture_output=True, text=True).stdout
+                raw = json.loads(out.strip().splitlines()[-1])
+                for acc, xs in zip(results[label], (raw["forks"], raw["resets"], raw["cpu_resets"]), strict=True):
+                    acc.extend(xs)
+    print(f"  floor runs alternating between this tree and {rev}: {runs} runs of {n} each, one process per run")
+    for label, (forks, resets, cpu) in results.items():
+        for name, med, _, note in floor_rows(forks, resets, cpu, n):
+            title = f"{name} ({label})"
+            print(f"| {title} | {med} | {note} |" if markdown else f"  {title:<52} {med:>9}  {note}")
+    new, old = results["this tree"], results[rev]
+    print(f"  fork: this tree {statistics.median(old[0]) / statistics.median(new[0]):.2f}x faster than {rev} "
+          f"(median of runs); reset after 16 pages (untouched, a control): "
+          f"{statistics.median(old[1]) / statistics.median(new[1]):.2f}x")
+    print(f"  load average {os.getloadavg()[0]:.1f}")
+    return 0
 
 
 def main() -> int:
@@ -126,8 +183,15 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="compare the medians with docs/benchmarks.md")
     ap.add_argument("--floor-runs", type=int, default=0, metavar="R",
                     help="only issue 17's pooled fork and 16-page reset, R runs of --samples each, and their medians")
+    ap.add_argument("--against", metavar="REV",
+                    help="with --floor-runs: alternate the runs between this tree and git revision REV")
+    ap.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)   # --against's child: JSON medians
     args = ap.parse_args()
     n = args.samples
+    if args.against:
+        if not args.floor_runs:
+            ap.error("--against needs --floor-runs")
+        return against(args.against, args.floor_runs, n, args.markdown)
     rows: list[tuple[str, str, str, str]] = []
 
     def row(name: str, samples: list[float], note: str = "") -> tuple[float, float]:
@@ -137,10 +201,14 @@ def main() -> int:
 
     if args.floor_runs:
         parent, addr, _ = boot_parent(args.memory)
-        for name, med, _, note in floor_runs(parent, addr, args.floor_runs, n):
+        forks, resets, cpu_resets = floor_runs(parent, addr, args.floor_runs, n)
+        parent.destroy(tree=True)
+        if args.raw:
+            print(json.dumps({"forks": forks, "resets": resets, "cpu_resets": cpu_resets}))
+            return 0
+        for name, med, _, note in floor_rows(forks, resets, cpu_resets, n):
             print(f"| {name} | {med} | {note} |" if args.markdown else f"  {name:<40} {med:>9}  {note}")
         print(f"  load average {os.getloadavg()[0]:.1f}")
-        parent.destroy(tree=True)
         return 0
 
     # Boot (whole machine creation + kernel load + boot to the ready marker), a few times.

@@ -5,7 +5,9 @@ Creating a KVM VM with an irqchip costs milliseconds on this kind of host, far m
 forks take pre-created shells (VM + vCPUs + irqchip + PIT + memory slots with dirty logging) from a pool refilled
 in the background; a destroyed fork's shell goes back to the pool. The fork itself is then: map the parent's RAM
 copy-on-write over the shell's slot range, and load the parent's captured state (cached while the parent stays
-paused).
+paused). Shells prepared for a root parent (prepare_forks) hold even that ahead: its RAM mapped, the clock-free
+state loaded, and the fork's machine built with its devices in their fork-time states; such a fork names the
+machine and issues the few ioctls that follow the clock.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Literal, overload
 from . import vmgenid
 from .devices import DeviceSetState
 from .errors import ForkError, KvmError
-from .kvm import Entry, Kvm, PackedPlan
+from .kvm import Entry, FdPlan, Kvm, PackedPlan, run_fd_plan
 from .kvm import constants as c
 from .kvm import structs as s
 from .memory import (
@@ -72,7 +74,12 @@ class ShellPool:
     `target` shells ready when idle; a take that finds the pool empty doubles the refill goal (up to `max_ready`),
     which halves again after a second without takes. A fork that finds the pool empty waits for a shell in flight
     rather than making one itself. Shells beyond the pool (destroyed forks' shells when it is full) are closed on a
-    background thread too: closing a VM also waits in the kernel (about 10 ms)."""
+    background thread too: closing a VM also waits in the kernel (about 10 ms).
+
+    Shells are prepared for the preferred parent (prefer()): its RAM file premapped, the clock-free part of its fork
+    state preloaded (_preload), and, by prepare_machines() on prepare_forks' thread, the fork's whole machine
+    (shell.machine; _take_machine checks it fits the fork). Whatever prepares a shell for something else drops the
+    machine (_drop_machine)."""
 
     IDLE_DECAY_S = 1.0
 
@@ -103,6 +110,8 @@ class ShellPool:
         # A root parent's RAM file that new and recycled shells are mapped to ahead of time (see prefer()).
         self._preferred: MemoryImage | None = None
         self._preferred_state: MachineState | None = None   # ... and its fork state, preloaded into shells
+        # ... and that parent's own RAM (a fork's copy-back source), for the machines prepare_machines() builds
+        self._preferred_base: GuestMemory | None = None
         self._ram_size = sum(sl.size for sl in make_slots(shape.regions()))
 
     def _new_shell(self) -> Shell:
@@ -143,13 +152,24 @@ class ShellPool:
 
     @staticmethod
     def _preload(shell: Shell, state: MachineState | None) -> None:
-        """Load the clock-free parts of a parent's fork state into the shell's vCPUs (Vcpu.preload), so the fork
-        itself issues only the few ioctls that must happen at fork time."""
+        """Load the clock-free parts of a parent's fork state into the shell's vCPUs (Vcpu.preload) and VM
+        (_platform_ahead: the shell's PIT stopped first), so the fork itself issues only the few ioctls that must
+        happen at fork time (_fork_plan)."""
+        _drop_machine(shell)
         shell.preloaded = None
         if state is None or state.shape != shell.shape:
             return
         for v, vs in zip(shell.vcpus, state.vcpus, strict=True):
             v.preload(vs)
+        chips, lapics = _platform_ahead(state)
+        vm_fd = shell.vm.fd
+        steps: FdPlan = [(vm_fd, c.KVM_SET_PIT2, ctypes.byref(_STOPPED_PIT))]
+        steps += [(v.fd.fd, c.KVM_SET_LAPIC, ctypes.byref(vs.lapic))
+                  for v, vs, ahead in zip(shell.vcpus, state.vcpus, lapics, strict=True) if ahead]
+        if chips:
+            steps += [(vm_fd, request, ptr) for request, ptr in state.platform.restore_plan()
+                      if request == c.KVM_SET_IRQCHIP]
+        run_fd_plan(steps)
         shell.preloaded = state
 
     @staticmethod
@@ -158,6 +178,7 @@ class ShellPool:
         memory slots costs over 100 µs here (KVM invalidates the whole range), so the pool does it off the fork
         path. The mapping is lazy: nothing is read until the fork runs, and the parent stays frozen while it has
         forks, so a fork sees exactly the parent's RAM at fork time either way."""
+        _drop_machine(shell)
         if image is not None and not image.layers:
             map_image(image, shell.host_addr, mmap.PROT_READ | mmap.PROT_WRITE)
             shell.premapped = image.base_fd
@@ -165,14 +186,21 @@ class ShellPool:
         else:
             shell.premapped = None
 
-    def prefer(self, image: MemoryImage, state: MachineState | None = None) -> None:
-        """Prepare future shells for forks of this root image (and, given, of this fork state)."""
-        if state is not None and not image.layers:
+    def prefer(self, image: MemoryImage, state: MachineState | None = None, base: GuestMemory | None = None) -> None:
+        """Prepare future shells for forks of this root image (and, given, of this fork state; `base`: the
+        parent's own RAM, which prepare_machines() needs)."""
+        if image.layers:
+            return
+        if state is not None:
             self._preferred_state = state
-        if image.layers or (self._preferred is not None and self._preferred.base_fd == image.base_fd):
+        if base is not None and base.fd == image.base_fd:      # the root whose RAM file this is
+            self._preferred_base = base
+        if self._preferred is not None and self._preferred.base_fd == image.base_fd:
             return
         with self._lock:
             self._preferred = image
+            if base is None or base.fd != image.base_fd:
+                self._preferred_base = None
 
     def forget(self, fd: int) -> None:
         """A parent's RAM file is going away: drop every premapping of it (they keep the file alive)."""
@@ -180,8 +208,10 @@ class ShellPool:
             if self._preferred is not None and self._preferred.base_fd == fd:
                 self._preferred = None
                 self._preferred_state = None
+                self._preferred_base = None
             shells = [sh for sh in self._ready if sh.premapped == fd]
         for sh in shells:
+            _drop_machine(sh)               # its RAM view copies back from the parent's mapping, going away now
             clear_address_space(sh.host_addr, sh.size)
             sh.premapped = None
 
@@ -270,6 +300,28 @@ class ShellPool:
             with self._lock:
                 self._ready.extendleft(reversed(stale))
 
+    def prepare_machines(self, n: int) -> None:
+        """Build the fork's machine ahead (its RAM view, devices in the fork-time state, workarounds: everything
+        but its name and the fork-time ioctls) in up to n ready shells that hold the preferred parent's RAM and
+        state, so such a fork only takes it (machine_from_image). On the calling thread (prepare_forks): pool
+        threads doing this Python work would hold the GIL while a burst of forks wants it."""
+        image, state, base = self._preferred, self._preferred_state, self._preferred_base
+        if image is None or state is None or base is None or base.closed or base.fd != image.base_fd:
+            return
+        with self._lock:
+            file = _image_file(image)
+            todo = [sh for sh in list(self._ready)[:n]
+                    if sh.machine is None and sh.preloaded is state and sh.premapped == image.base_fd
+                    and sh.premapped_file == file]
+            for sh in todo:
+                self._ready.remove(sh)
+        try:
+            for sh in todo:
+                sh.machine = (_pooled_machine(sh, image, state, base), base)
+        finally:
+            with self._lock:
+                self._ready.extendleft(reversed(todo))
+
     def drain(self) -> None:
         """Close every ready shell (in the background): the next forks find the pool empty."""
         with self._lock:
@@ -277,6 +329,7 @@ class ShellPool:
             self._ready.clear()
             self._want = self.target
         for sh in shells:
+            _drop_machine(sh)
             self._close_later(sh)
 
     def give_back(self, shell: Shell) -> None:
@@ -384,6 +437,7 @@ class ShellPool:
             shells = list(self._ready)
             self._ready.clear()
         for sh in shells:
+            _drop_machine(sh)
             sh.close()
 
 
@@ -400,12 +454,18 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
     parent's frozen RAM (`base`: that parent's in-process RAM, which saves mapping the image twice), a fork of a file
     when it is a template save file's RAM image. The shell comes from the pool of its shape (`preferred_state`: the
     state its shells may be preloaded with). `load(vm, state, devices, preloaded)` loads the state instead of
-    Machine.restore (the fork path, which can use a shell preloaded with this very state). `dirty_ring`: a shell
-    that logs into dirty rings (else bitmaps; see dirty_log_mode)."""
+    Machine.restore (the fork path, which can use a shell preloaded with this very state, or the machine built in
+    it ahead: _take_machine). `dirty_ring`: a shell that logs into dirty rings (else bitmaps; see
+    dirty_log_mode)."""
     pool = shell_pool(state.shape, dirty_ring=dirty_ring)
-    pool.prefer(image, preferred_state)
+    pool.prefer(image, preferred_state, base)
     shell = pool.take()
-    preloaded = load is not None and shell.preloaded is state
+    if shell.machine is not None:
+        vm = _take_machine(shell, image, state, base=base, name=name, launch_dm=launch_dm, console_log=console_log,
+                           block_interrupts=block_interrupts, load=load)
+        if vm is not None:
+            return vm
+    preloaded = load is not None and _holds(shell.preloaded, state)
     shell.preloaded = None                  # a shell prepared for another state: everything is set below
     try:
         if image.slots != shell.slots or image.size != shell.size:
@@ -433,6 +493,105 @@ def machine_from_image(image: MemoryImage, state: MachineState, *, name: str, la
     except BaseException:
         memory.close(unmap_view=False)
         pool.give_back(shell)
+        raise
+    return vm
+
+
+def _pooled_machine(shell: Shell, image: MemoryImage, state: MachineState, base: GuestMemory) -> VM:
+    """What machine_from_image makes of a shell premapped with `image` and preloaded with `state` for a fork with
+    the default arguments (devices, no console log, interrupts not blocked), up to the fork-time steps: the RAM
+    view (copy-back source `base`), the machine with its devices in the fork-time device states. Built ahead by
+    ShellPool.prepare_machines: nothing touches a pooled shell or these objects until a fork takes them."""
+    memory = GuestMemory.fork_of(image, shell.host_addr, base=base, premapped=True)
+    try:
+        memory.bind(shell.vm, dirty_logging=True)
+        vm = VM(shell, memory, name="pooled")
+        vm.fork_state = state
+        _fork_plan(shell, state)
+        if state.devices is not None and vm.devices:
+            DeviceSetState.restore_all(vm.devices, state.devices)
+            vm.bus.touched.clear()
+    except BaseException:
+        memory.close(unmap_view=False)
+        raise
+    return vm
+
+
+# KVM_SET_PIT2 with channel 0 in mode 0xff stops a PIT's timer: KVM arms it for modes 0-4 only and otherwise
+# cancels it and waits for an injection in flight (i8254.c, pit_load_count and destroy_pit_timer), which is how it
+# leaves a new PIT. A recycled shell's PIT may still tick from its last fork, raising IRQ 0 into its PICs and IOAPIC.
+_STOPPED_PIT = s.PitState2()
+_STOPPED_PIT.channels[0].mode = 0xFF
+
+
+def _platform_ahead(state: MachineState) -> tuple[bool, tuple[bool, ...]]:
+    """Which of the fork-time ioctls a pooled shell whose PIT is stopped can take ahead for `state`: (the PICs
+    and the IOAPIC, each vCPU's LAPIC). Nothing in such a shell raises an interrupt line (its vCPUs do not run, no
+    device drives it until the fork's own restore, which comes after these as at fork time), so the interrupt
+    controllers keep what they are given. A LAPIC then changes only through its timer: ahead when the timer is off
+    (VcpuState.lapic_timer_off). The IOAPIC delivers the inputs pending in its IRR when set, into the LAPICs as
+    they are then: ahead only with none pending (the PICs signal the vCPU at its next entry, not the LAPIC). The
+    PIT, the clock, the TSC MSRs and a ticking LAPIC follow time: fork time."""
+    irr = int.from_bytes(bytes(state.platform.ioapic.data)[16:20], "little")
+    return irr == 0, tuple(vs.lapic_timer_off() for vs in state.vcpus)
+
+
+def _holds(preloaded: MachineState | None, state: MachineState) -> bool:
+    """Whether a shell preloaded with `preloaded` holds `state`'s vCPU and platform parts: the same state, or one
+    that differs only in its devices (fork(env=...) and fork(device_state=...) replace just those)."""
+    return preloaded is not None and (preloaded is state or (preloaded.vcpus is state.vcpus
+                                                              and preloaded.platform is state.platform))
+
+
+def _fork_plan(shell: Shell, state: MachineState) -> PackedPlan:
+    """The fork-time ioctls of a shell preloaded with `state` (ShellPool._preload): every vCPU's and the
+    platform's that were not taken ahead, packed once per (shell, state) for one C call."""
+    cached = shell.fork_plan
+    if cached is None or not _holds(cached[0], state):
+        chips, lapics = _platform_ahead(state)
+        steps = [(v.fd.fd, request, ptr) for v, vs, ahead in zip(shell.vcpus, state.vcpus, lapics, strict=True)
+                 for request, ptr in vs.preload_plans()[1] if not (ahead and request == c.KVM_SET_LAPIC)]
+        steps += [(shell.vm.fd, request, ptr) for request, ptr in state.platform.restore_plan()
+                  if not (chips and request == c.KVM_SET_IRQCHIP)]
+        cached = shell.fork_plan = (state, PackedPlan(steps))
+    plan: PackedPlan = cached[1]
+    return plan
+
+
+def _drop_machine(shell: Shell) -> None:
+    """Forget the machine built ahead in this shell (its shell lives on)."""
+    ready, shell.machine = shell.machine, None
+    if ready is not None:
+        vm = ready[0]
+        for d in vm.devices:
+            close = getattr(d, "close", None)
+            if close is not None:
+                close()
+        vm.memory.close(unmap_view=False)
+
+
+def _take_machine(shell: Shell, image: MemoryImage, state: MachineState, *, base: GuestMemory | None, name: str,
+                  launch_dm: LaunchDm, console_log: str | None, block_interrupts: bool,
+                  load: Callable[[VM, MachineState, bool, bool], None] | None) -> VM | None:
+    """The fork from the machine ShellPool.prepare_machines built in `shell`, when it was built for exactly this
+    fork: this state (block_interrupts, device_state and env make another), this parent's RAM, the default
+    device model and console; else None (the machine is dropped, the shell goes the usual way)."""
+    ready = shell.machine
+    vm, vm_base = ready
+    if (load is None or launch_dm != "yes" or console_log is not None or block_interrupts or vm_base is not base
+            or vm.fork_state is not state or shell.preloaded is not state or image.layers
+            or shell.premapped != image.base_fd or shell.premapped_file != _image_file(image)):
+        _drop_machine(shell)
+        return None
+    shell.machine = shell.premapped = shell.preloaded = None
+    Machine._ids += 1                       # numbered in the order forks are made, as built ones are
+    vm.id = Machine._ids
+    vm.name = name
+    try:
+        load(vm, state, False, True)        # the devices hold their fork-time states already
+    except BaseException:
+        vm.memory.close(unmap_view=False)
+        shell_pool(state.shape, dirty_ring=shell.dirty_ring).give_back(shell)
         raise
     return vm
 
@@ -594,11 +753,14 @@ class VM(Machine):
 
     def prepare_forks(self, n: int, *, dirty_log: DirtyLog = "auto") -> None:
         """Have n VM shells ready for forks of this machine (made now, a few ms each), so forks skip creating a
-        KVM VM and, for a root machine, mapping its RAM file (`dirty_log`: for forks made with that mode)."""
+        KVM VM and, for a root machine, mapping its RAM file and building the fork's machine (for forks with the
+        default arguments, of the state it is in now; `dirty_log`: for forks made with that mode)."""
         pool = shell_pool(self.shape, dirty_ring=dirty_log_mode(self, dirty_log) == "ring")
-        pool.prefer(self.memory.freeze(), self._state_for_forks() if self.state == "paused" else None)
+        pool.prefer(self.memory.freeze(), self._state_for_forks() if self.state == "paused" else None,
+                    self.memory)
         pool.refresh(n)
         pool.prefill(n)
+        pool.prepare_machines(n)
 
     @overload
     def fork(self, *, name: str | None = ..., block_interrupts: bool = ..., launch_dm: LaunchDm = ...,
@@ -710,17 +872,10 @@ class VM(Machine):
         against the device set once per state value (every fork of it gets the same standard device set), then
         restored directly, as a reset does."""
         if preloaded:
-            # The fork-time ioctls of every vCPU and the platform's, packed once per (shell, state): one C call.
-            shell = child.shell
-            cached = shell.fork_plan
-            if cached is None or cached[0] is not state:
-                steps = [(v.fd.fd, request, ptr) for v, vs in zip(child.vcpus, state.vcpus, strict=True)
-                         for request, ptr in vs.preload_plans()[1]]
-                steps += [(child.vm.fd, request, ptr) for request, ptr in state.platform.restore_plan()]
-                cached = shell.fork_plan = (state, PackedPlan(steps))
+            plan = _fork_plan(child.shell, state)
             for v, vs in zip(child.vcpus, state.vcpus, strict=True):
                 v.finish_preload(vs, ioctls=False)
-            cached[1].run()
+            plan.run()
         else:
             for v, vs in zip(child.vcpus, state.vcpus, strict=True):
                 v.restore(vs)

@@ -220,6 +220,7 @@ class Shell:
         self.premapped_file: tuple[int, int] | None = None   # (st_dev, st_ino) of that file
         self.preloaded: MachineState | None = None    # the state whose clock-free parts the vCPUs hold already
         self.fork_plan: tuple[MachineState, Any] | None = None  # fork-time ioctls for a state (vmfork.fork)
+        self.machine: Any = None    # a fork's machine built ahead for `preloaded`, with its RAM base (vmfork.fork)
         self.owns_addr = host_addr is None
         self.host_addr = reserve_address_space(self.size) if host_addr is None else host_addr
         try:
