@@ -93,15 +93,23 @@ if [[ $force == 1 || ! -f "$kfx" || ! -f "${kfx%.elf}.map" ||
     mv -f "$tmp" "$kfx"
     echo "built $kfx"
 fi
-# the foreign-convention syscall guest (guests/syscallguest/main.asm): a source of its own, no variants
-sg_target="$out/syscallguest.elf"
-if [[ $force == 1 || ! -f "$sg_target" || "$here/syscallguest/main.asm" -nt "$sg_target" ]]; then
-    sg_tmp="$(mktemp "$out/.syscallguest.XXXXXX")"
-    nasm -f bin -w+all -o "$sg_tmp" "$here/syscallguest/main.asm" || { rm -f "$sg_tmp"; echo "guests/build.sh: nasm failed for syscallguest" >&2; exit 1; }
-    chmod 644 "$sg_tmp"
-    mv -f "$sg_tmp" "$sg_target"
-    echo "built $sg_target"
-fi
+# the foreign-convention guests with a source of their own and no variants: guests/syscallguest/main.asm (system
+# calls) and guests/protguest/main.asm (page protection in the instruction fallbacks)
+single() {
+    local name="$1" source="$here/$2/main.asm"
+    local target="$out/$name.elf"
+    if [[ $force == 0 && -f "$target" && ! "$source" -nt "$target" ]]; then
+        return 0
+    fi
+    local tmp
+    tmp="$(mktemp "$out/.$name.XXXXXX")"
+    nasm -f bin -w+all -o "$tmp" "$source" || { rm -f "$tmp"; echo "guests/build.sh: nasm failed for $name" >&2; exit 1; }
+    chmod 644 "$tmp"
+    mv -f "$tmp" "$target"
+    echo "built $target"
+}
+single syscallguest syscallguest
+single protguest protguest
 
 # The jsmn example: its C part first (guests/jsmn/build.sh; says what is missing and fails without gcc, binutils or
 # libjsmn-dev), under a lock so that a concurrent build never pairs one build's jsmn.bin with another's jsmn.inc.
