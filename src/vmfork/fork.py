@@ -631,8 +631,9 @@ class VM(Machine):
         fork a new generation ID and notifies it, so the guest reseeds its RNG; False keeps the parent's. `env`:
         strings set (added or replaced) in the fork's env channel on top of the parent's (vmfork.devices.envchannel:
         the guest reads them, e.g. its hostname); they are part of the fork's fork-time state, so reset() keeps
-        them, and a fork without a device model gets them with `attach_device_model()`. `dirty_log`: how the fork's written pages are tracked, "ring" (KVM's dirty rings), "bitmap"
-        (KVM_GET_DIRTY_LOG) or "auto" (see dirty_log_mode)."""
+        them, and a fork without a device model gets them with `attach_device_model()`. `dirty_log`: how the
+        fork's written pages are tracked, "ring" (KVM's dirty rings), "bitmap" (KVM_GET_DIRTY_LOG) or "auto" (see
+        dirty_log_mode)."""
         if dirty_log not in ("auto", "ring", "bitmap"):
             raise ForkError(f"dirty_log must be auto, ring or bitmap, not {dirty_log!r}")
         self.check_forkable()
