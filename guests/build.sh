@@ -94,7 +94,8 @@ if [[ $force == 1 || ! -f "$kfx" || ! -f "${kfx%.elf}.map" ||
     echo "built $kfx"
 fi
 # the foreign-convention guests with a source of their own and no variants: guests/syscallguest/main.asm (system
-# calls) and guests/protguest/main.asm (page protection in the instruction fallbacks)
+# calls), guests/protguest/main.asm (page protection in the instruction fallbacks) and guests/pagewriter/main.asm
+# (dirty-ring loss in a jailed fork)
 single() {
     local name="$1" source="$here/$2/main.asm"
     local target="$out/$name.elf"
@@ -110,6 +111,7 @@ single() {
 }
 single syscallguest syscallguest
 single protguest protguest
+single pagewriter pagewriter
 
 # The jsmn example: its C part first (guests/jsmn/build.sh; says what is missing and fails without gcc, binutils or
 # libjsmn-dev), under a lock so that a concurrent build never pairs one build's jsmn.bin with another's jsmn.inc.

@@ -5,7 +5,6 @@ reading them with guests/linux/vmfork-env is in tests/test_envchannel_linux.py."
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -181,12 +180,6 @@ def test_a_fork_without_a_device_model_keeps_its_strings_for_the_late_one(
     assert (plain.children, plain._fork_count) == ([], 0)
     plain.attach_device_model()
     assert _guest_view(plain.bus) == (0, {})
-
-
-@pytest.fixture
-def ts(tmp_path: Path, pvh_guest: Path) -> Iterator[CliHarness]:
-    with CliHarness(tmp_path, pvh_guest) as t:
-        yield t
 
 
 def test_fork_vm_set(ts: CliHarness) -> None:
