@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VmforkError
-from ..procfork_jail import close_path_fds, pivot_into
+from ..procfork_jail import close_path_fds, keep_own_pagemap, pivot_into
 from .jail_files import Broker, jail_file_commands
 
 if TYPE_CHECKING:
@@ -70,30 +70,9 @@ NO_JAIL_HINT = "set jail = 0 in the config or use --no-jail to run without the j
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
-PR_SET_NO_NEW_PRIVS, PR_SET_DUMPABLE = 38, 4
+PR_SET_NO_NEW_PRIVS = 38
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _keep_own_pagemap() -> None:
-    """Open this process's /proc/self/pagemap for good (memory.pagemap_fd) in a moment of dumpability.
-
-    A fork counts its pages (vmfork list's Pages) and resets after its dirty ring lost entries from its own page
-    table entries there. The uid switch just made the process non-dumpable, so its /proc files belong to root and
-    it could not open it any more. Made dumpable for the open and non-dumpable again at once, the jail keeps what
-    non-dumpability is for: no core dump of guest memory, no ptrace or /proc access by another process of the
-    uid (there is none: the uid is the domain's own, in a PID namespace of its own). The descriptor is opened as
-    the jail's uid without capabilities, so the kernel hides physical frame numbers in it (opened as root before
-    the switch, it would show them to a compromised domain: the addresses a Rowhammer attack wants); it shows only
-    what the process may know of itself, which of its pages are present, swapped or private."""
-    from ..memory import pagemap_fd
-    _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
-    try:
-        pagemap_fd()
-    except OSError as e:
-        raise JailError(f"the jail cannot open the domain's /proc/self/pagemap: {e.strerror}; {NO_JAIL_HINT}") from None
-    finally:
-        _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "not dumpable")
 
 
 class JailError(VmforkError):
@@ -368,7 +347,7 @@ class Jail:
             os.setresuid(self.uid, self.uid, self.uid)
         except OSError as e:
             raise JailError(f"the jail cannot switch to uid {self.uid}: {e.strerror}; {NO_JAIL_HINT}") from None
-        _keep_own_pagemap()
+        keep_own_pagemap(_check)
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         from ..jail_seccomp import install
         install(log_only=os.environ.get(SECCOMP_ENV) == "log")
