@@ -18,20 +18,9 @@ DONE    equ 0x2a
 
         bits 32
         org LOAD
-ehdr:
-        db 0x7f, "ELF", 1, 1, 1, 0
-        times 8 db 0
-        dw 2, 3
-        dd 1, start32, phdrs - ehdr, 0, 0
-        dw 52, 32, 2, 0, 0, 0
-phdrs:
-        dd 1, 0, LOAD, LOAD, image_end - LOAD, END - LOAD, 7, 0x1000
-        dd 4, note - ehdr, note, note, note_end - note, note_end - note, 4, 4
-        align 4, db 0
-note:   dd 4, 4, 18
-        db "Xen", 0
-        dd start32
-note_end:
+%include "pvh.inc"
+%include "long_mode.inc"
+        PVH_ELF LOAD, start32, image_end, END
 
         times PML4 - ($ - $$ + LOAD) db 0
         dq PDPT + 3
@@ -54,20 +43,8 @@ gdtr:   dw gdt_end - gdt - 1
 
 start32:
         cli
-        mov eax, cr4
-        or eax, 1 << 5                  ; PAE
-        mov cr4, eax
-        mov eax, PML4
-        mov cr3, eax
-        mov ecx, 0xc0000080
-        rdmsr
-        or eax, 1 << 8                  ; LME
-        wrmsr
-        mov eax, cr0
-        or eax, 0x80000001
-        mov cr0, eax
         lgdt [gdtr]
-        jmp 0x08:start64
+        ENTER_LONG_MODE PML4, 0x08, start64
 
         bits 64
 start64:
