@@ -14,6 +14,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 src="$here/testguest"
+inc="$here/include"         # nasm includes the foreign-convention guests share (PVH header, long-mode entry, IDT gates)
 out="${VMFORK_GUEST_DIR:-$root/build/guests}"
 force=0
 if [[ "${1:-}" == "--force" ]]; then
@@ -61,12 +62,12 @@ bare() {
     shift
     local target="$out/$name.elf"
     if [[ $force == 0 && -f "$target" && -f "$out/$name.map" &&
-          -z "$(find "$here/bare" "$here/build.sh" -newer "$target" -print -quit)" ]]; then
+          -z "$(find "$here/bare" "$inc" "$here/build.sh" -newer "$target" -print -quit)" ]]; then
         return 0
     fi
     local tmp
     tmp="$(mktemp "$out/.$name.XXXXXX")"
-    if ! nasm -f bin -DMAPFILE="$out/$name.map" "$@" -o "$tmp" "$here/bare/bare.asm"; then
+    if ! nasm -f bin -I "$inc/" -DMAPFILE="$out/$name.map" "$@" -o "$tmp" "$here/bare/bare.asm"; then
         rm -f "$tmp"
         echo "guests/build.sh: nasm failed for $name" >&2
         exit 1
@@ -81,9 +82,9 @@ bare bare-bp -DWITH_BP_HANDLER
 # buffer, its own fault handlers, KF/x's int3 harness), with its nasm symbol map beside it
 kfx="$out/kfx-multiboot.elf"
 if [[ $force == 1 || ! -f "$kfx" || ! -f "${kfx%.elf}.map" ||
-      -n "$(find "$here/kfx" "$here/build.sh" -newer "$kfx" -print -quit)" ]]; then
+      -n "$(find "$here/kfx" "$inc" "$here/build.sh" -newer "$kfx" -print -quit)" ]]; then
     tmp="$(mktemp "$out/.kfx.XXXXXX")"
-    if ! nasm -f bin -w+all --before "[map symbols $tmp.map]" -o "$tmp" "$here/kfx/kfx.asm"; then
+    if ! nasm -f bin -w+all -I "$inc/" --before "[map symbols $tmp.map]" -o "$tmp" "$here/kfx/kfx.asm"; then
         rm -f "$tmp" "$tmp.map"
         echo "guests/build.sh: nasm failed for kfx-multiboot" >&2
         exit 1
@@ -93,15 +94,25 @@ if [[ $force == 1 || ! -f "$kfx" || ! -f "${kfx%.elf}.map" ||
     mv -f "$tmp" "$kfx"
     echo "built $kfx"
 fi
-# the foreign-convention syscall guest (guests/syscallguest/main.asm): a source of its own, no variants
-sg_target="$out/syscallguest.elf"
-if [[ $force == 1 || ! -f "$sg_target" || "$here/syscallguest/main.asm" -nt "$sg_target" ]]; then
-    sg_tmp="$(mktemp "$out/.syscallguest.XXXXXX")"
-    nasm -f bin -w+all -o "$sg_tmp" "$here/syscallguest/main.asm" || { rm -f "$sg_tmp"; echo "guests/build.sh: nasm failed for syscallguest" >&2; exit 1; }
-    chmod 644 "$sg_tmp"
-    mv -f "$sg_tmp" "$sg_target"
-    echo "built $sg_target"
-fi
+# the foreign-convention guests with a source of their own and no variants: guests/syscallguest/main.asm (system
+# calls), guests/protguest/main.asm (page protection in the instruction fallbacks) and guests/pagewriter/main.asm
+# (dirty-ring loss in a jailed fork)
+single() {
+    local name="$1" source="$here/$2/main.asm"
+    local target="$out/$name.elf"
+    if [[ $force == 0 && -f "$target" && -z "$(find "$source" "$inc" -newer "$target" -print -quit)" ]]; then
+        return 0
+    fi
+    local tmp
+    tmp="$(mktemp "$out/.$name.XXXXXX")"
+    nasm -f bin -w+all -I "$inc/" -o "$tmp" "$source" || { rm -f "$tmp"; echo "guests/build.sh: nasm failed for $name" >&2; exit 1; }
+    chmod 644 "$tmp"
+    mv -f "$tmp" "$target"
+    echo "built $target"
+}
+single syscallguest syscallguest
+single protguest protguest
+single pagewriter pagewriter
 
 # The jsmn example: its C part first (guests/jsmn/build.sh; says what is missing and fails without gcc, binutils or
 # libjsmn-dev), under a lock so that a concurrent build never pairs one build's jsmn.bin with another's jsmn.inc.

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_harness import CliHarness
+from vmfork.toolstack.jail import TEST_ENV
 from vmfork.vmi.symbols import SymbolTable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +62,19 @@ def machines() -> Iterator[list]:  # type: ignore[type-arg]
 
 
 from linux_guest import linux_at_prompt  # noqa: E402,F401  (the session-scoped Linux at its shell prompt)
+
+
+@pytest.fixture
+def ts(tmp_path: Path, pvh_guest: Path) -> Iterator[CliHarness]:
+    """The CLI (tests/cli_harness.py) with a run directory of its own, on the PVH test guest; its domains are
+    destroyed afterwards. (A test module may define its own `ts`.)"""
+    with CliHarness(tmp_path, pvh_guest) as t:
+        yield t
+
+
+@pytest.fixture
+def jail_probe(ts: CliHarness) -> CliHarness:
+    """`ts` whose domains have the test-only QMP command `vmfork-jail-probe` (toolstack/jail_probe.py): for the
+    jailer's tests (`pytestmark = pytest.mark.usefixtures("jail_probe")`)."""
+    ts.env[TEST_ENV] = "1"
+    return ts

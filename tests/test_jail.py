@@ -12,22 +12,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cli_harness import CliHarness
-from vmfork.toolstack.jail import JAIL_UID_RANGE, MEMORY_OVERHEAD_MIB, PIDS_MAX, TEST_ENV
+from vmfork.toolstack.jail import JAIL_UID_RANGE, MEMORY_OVERHEAD_MIB, PIDS_MAX
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail is set up by root (vmfork runs as non-root)")
-
-
-@pytest.fixture
-def ts(tmp_path: Path, pvh_guest: Path) -> Iterator[CliHarness]:
-    with CliHarness(tmp_path, pvh_guest) as t:
-        t.env[TEST_ENV] = "1"
-        yield t
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the jail is set up by root (vmfork runs as non-root)"),
+              pytest.mark.usefixtures("jail_probe")]       # conftest: `ts` with the jail-probe command
 
 
 def probe(ts: CliHarness, domain: int | str, action: str) -> dict:
@@ -178,3 +171,32 @@ def test_a_hostile_guest_in_a_jailed_domain_stays_inside_the_allow_list(ts: CliH
     assert runs >= 3 and done > 200, (runs, done)
     ts.ok("save", str(fork), str(ts.base / "hostile.sav"))
     ts.ok("destroy", "--force", "hg")
+
+
+def test_a_jailed_fork_counts_its_pages_after_its_dirty_ring_lost_entries(ts: CliHarness, guest_dir: Path) -> None:
+    """The page writer (guests/pagewriter) stores into 8,000 pages in kernel mode. Where the host emulates kernel
+    mode, those stores log dirty-ring entries past the ring's limit, so its fork loses entries and counts its pages
+    from its own page table entries (/proc/self/pagemap), which a process that changed its uid cannot open: the
+    jail opens it on the way in (toolstack/jail.py). `vmfork list` shows the pages (it showed "-"), and fork-reset,
+    which then copies back every page the fork holds, works (it failed: "/proc/self/pagemap: Permission denied")."""
+    from vmfork.fork import kernel_mode_emulated
+    if not kernel_mode_emulated():
+        pytest.skip("kernel mode runs natively on this host: no dirty-ring entries are lost, pagemap is not read")
+    ts.kernel = guest_dir / "pagewriter.elf"
+    ts.create_program("pw", "", on_poweroff="preserve", jail=1)
+    ts.wait_state("pw", "paused")                  # at its harness start marker
+    fork = ts.ok("fork-vm", "-p", "pw").strip()
+    assert probe(ts, fork, "status")["jailed"]
+    ts.ok("unpause", fork)
+    ts.wait_state(fork, "shutdown", timeout=60)
+    name = ts.record(fork).name
+    pages = ts.listed(name)["pages_owned"]
+    assert pages is not None and pages >= 8000, pages
+    row = next(line.split() for line in ts.ok("list").splitlines() if line.startswith(name + " "))
+    assert row[7] == str(pages), row              # the Pages column
+    ts.ok("fork-reset", fork)
+    ts.wait_state(fork, "paused")
+    assert ts.listed(name)["pages_owned"] is not None
+    # (not run again after the reset: a fork whose ring overflowed can then loop on dirty-ring-full exits, a bug
+    # of the ring bookkeeping in memory.py that is not the jail's)
+    ts.ok("destroy", "--force", "pw")

@@ -8,23 +8,14 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from cli_harness import CliHarness
-from vmfork.toolstack.jail import TEST_ENV
 from vmfork.toolstack.qmp import QmpCommandError
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail is set up by root (vmfork runs as non-root)")
-
-
-@pytest.fixture
-def ts(tmp_path: Path, pvh_guest: Path) -> Iterator[CliHarness]:
-    with CliHarness(tmp_path, pvh_guest) as t:
-        t.env[TEST_ENV] = "1"
-        yield t
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the jail is set up by root (vmfork runs as non-root)"),
+              pytest.mark.usefixtures("jail_probe")]       # conftest: `ts` with the jail-probe command
 
 
 def _jailed(ts: CliHarness, dom: int | str) -> bool:

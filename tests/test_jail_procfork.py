@@ -81,3 +81,24 @@ def test_process_forks_unjailed_when_asked(pvh_guest: Path, monkeypatch: pytest.
         assert child.run(timeout=20).reason == "exit"
     finally:
         vm.destroy(tree=True)
+
+
+def test_a_jailed_process_fork_resets_after_its_dirty_ring_lost_entries(guest_dir: Path) -> None:
+    """The page writer (guests/pagewriter: 8,000 kernel-mode stores) overflows its fork's dirty ring where kernel
+    mode is emulated; the reset then copies back every page the fork holds, found in the worker's own
+    /proc/self/pagemap, which the jailed worker (another uid: not dumpable) opens on its way into the jail. Before,
+    the reset failed with "Permission denied"."""
+    from vmfork.fork import kernel_mode_emulated
+    if not kernel_mode_emulated():
+        pytest.skip("kernel mode runs natively on this host: no dirty-ring entries are lost, pagemap is not read")
+    vm = VM.create(memory_mib=72, name="pw")       # a shape of its own: a new worker (recycled ones, see test_jail.py)
+    try:
+        vm.load_kernel(str(guest_dir / "pagewriter.elf"))
+        assert vm.run(timeout=20).reason == "harness-start"
+        p = vm.fork(isolation="process")
+        assert _status(p.pid)["Uid"][0] != "0"
+        ev = p.run(timeout=60)
+        assert (ev.reason, ev.status) == ("exit", 0x2A), ev
+        assert p.reset() >= 8000
+    finally:
+        vm.destroy(tree=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vmfork.arch.x86 import flat
-from vmfork.fork import VM
+from vmfork.fork import VM, kernel_mode_emulated
 from vmfork.snapshot import savefile
 from vmfork.vm import Machine
 from vmfork.workarounds import CATALOG
@@ -245,6 +245,52 @@ def test_xsave_to_an_unmapped_save_area_raises_page_fault() -> None:
         assert getattr(ev, "status", None) == 0x2B, ev
         cr2, err = struct.unpack("<QQ", vm.memory.read(D, 16))
         assert (cr2, err) == (unmapped, 2)
+
+
+def test_popcnt_from_an_unmapped_page_raises_page_fault() -> None:
+    # a read: error code 0 (not present, read, supervisor)
+    unmapped = 0x4000_0000
+    code = (b"\x48\xbf" + struct.pack("<Q", unmapped)       # mov rdi, unmapped
+            + b"\xf3\x48\x0f\xb8\x07")                       # popcnt rax, [rdi]
+    handler = (b"\x0f\x20\xd0" + b"\x48\x89\x04\x25" + _abs32(D)      # mov rax, cr2; mov [D], rax
+               + b"\x58" + b"\x48\x89\x04\x25" + _abs32(D + 8)         # pop rax; mov [D+8], rax
+               + flat.exit_with(0x2B))
+    vm, ev = _run_cpl0(code, handlers={14: handler})
+    with vm:
+        assert getattr(ev, "status", None) == 0x2B, ev
+        assert struct.unpack("<QQ", vm.memory.read(D, 16)) == (unmapped, 0)
+
+
+# --- page protection: guests/protguest/main.asm, a PVH kernel with its own page tables, IDT and IST stacks ---------
+
+PROT_RWPAGE, PROT_ROPAGE, PROT_RESULTS = 0x108000, 0x109000, 0x105800
+
+
+def test_fallback_writes_honour_the_guests_page_tables(guest_dir: Path) -> None:
+    """cmpxchg16b into a writable page stores as before; into a read-only page it raises #PF (CR2 = the operand,
+    error code 3: present, write, supervisor) through the guest's IDT instead of writing through physical memory;
+    with CR0.WP clear the kernel may write there. An int3 whose frame cannot be pushed (its stack in the read-only
+    page) raises #PF, and a #PF whose frame cannot be pushed a double fault, as on the CPU."""
+    with VM.create(memory_mib=16, name="protguest") as vm:
+        assert vm.load_kernel(guest_dir / "protguest.elf") == "pvh"
+        ev = vm.run(timeout=20)
+        names = ("flags1", "pfs", "pf_cr2_0", "pf_cr2_1", "pf_err_0", "pf_err_1", "pf_rip_0", "pf_rip_1", "flags3",
+                 "df_cr2", "df_err", "dfs", "cx_rip", "int3_rip")
+        r = dict(zip(names, struct.unpack("<14Q", vm.memory.read(PROT_RESULTS, 8 * 14)), strict=True))
+        assert getattr(ev, "reason", None) == "exit" and getattr(ev, "status", None) == DONE, (ev, r)
+        assert r["flags1"] & 0x40 and vm.memory.read(PROT_RWPAGE, 16) == struct.pack("<QQ", 5, 6)
+        # step 2: the cmpxchg16b into the read-only page
+        assert (r["pf_cr2_0"], r["pf_err_0"], r["pf_rip_0"]) == (PROT_ROPAGE + 16, 3, r["cx_rip"]), r
+        # step 3 (CR0.WP clear) stored 7, 8 there: before it the page held zeros, so step 2 wrote nothing
+        assert r["flags3"] & 0x40 and vm.memory.read(PROT_ROPAGE + 16, 16) == struct.pack("<QQ", 7, 8)
+        # step 4: the int3's frame (5 qwords below RSP = ROPAGE + 0x800) could not be pushed
+        assert r["pfs"] == 2 and (r["pf_err_1"], r["pf_rip_1"]) == (3, r["int3_rip"]), r
+        assert PROT_ROPAGE + 0x800 - 40 <= r["pf_cr2_1"] < PROT_ROPAGE + 0x800, r
+        # step 5: nor the #PF's frame (6 qwords) on the same stack: a double fault, CR2 in that frame
+        assert r["dfs"] == 1 and r["df_err"] == 0, r
+        assert PROT_ROPAGE + 0x800 - 48 <= r["df_cr2"] < PROT_ROPAGE + 0x800, r
+        if kernel_mode_emulated():              # the fallbacks did it (elsewhere the CPU)
+            assert _counted(vm, "cmpxchg16b-cpl0") == 3 and _counted(vm, "int3-cpl0") == 2
 
 
 def test_doctor_lists_every_workaround_and_checks_the_fallbacks() -> None:

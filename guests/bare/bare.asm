@@ -22,6 +22,7 @@ SEL_UDATA equ 0x20 | 3
 SEL_TSS equ 0x28
 
         org LOAD_ADDR
+%include "long_mode.inc"
         section .text
 
 ehdr:
@@ -119,31 +120,13 @@ idtr:
 mb_entry:
         cli
         lgdt [gdtr]
-        mov eax, cr4
-        or eax, 1 << 5                  ; PAE
-        mov cr4, eax
-        mov eax, pml4
-        mov cr3, eax
-        mov ecx, 0xC0000080
-        rdmsr
-        or eax, 1 << 8                  ; EFER.LME
-        wrmsr
-        mov eax, cr0
-        or eax, 0x80000001              ; PG | PE
-        mov cr0, eax
-        jmp SEL_CODE64:long_entry
+        ENTER_LONG_MODE pml4, SEL_CODE64, long_entry
 
 ; --- 64-bit kernel mode --------------------------------------------------------------------------------------------
         bits 64
         default rel
 long_entry:
-        mov ax, SEL_DATA
-        mov ds, ax
-        mov es, ax
-        mov ss, ax
-        xor eax, eax
-        mov fs, ax
-        mov gs, ax
+        LOAD_DATA_SEGMENTS SEL_DATA
         lea rsp, [kstack_top]
         mov ax, SEL_TSS
         ltr ax

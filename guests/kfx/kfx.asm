@@ -30,6 +30,7 @@
 
         bits 32
         org 0x100000
+%include "long_mode.inc"
 LOAD    equ 0x100000
 
 BUF_A        equ 0x300000
@@ -65,29 +66,11 @@ entry:
         cli
         mov [PHYS(mbi)], ebx
         lgdt [PHYS(gdt_ptr)]
-        mov eax, cr4
-        or eax, 1 << 5                  ; PAE
-        mov cr4, eax
-        mov eax, PHYS(pml4)
-        mov cr3, eax
-        mov ecx, 0xC0000080
-        rdmsr
-        or eax, 1 << 8                  ; EFER.LME
-        wrmsr
-        mov eax, cr0
-        or eax, 0x80000001              ; PG | PE
-        mov cr0, eax
-        jmp 0x08:PHYS(long_entry)
+        ENTER_LONG_MODE PHYS(pml4), 0x08, PHYS(long_entry)
 
         bits 64
 long_entry:
-        mov ax, 0x10
-        mov ds, ax
-        mov es, ax
-        mov ss, ax
-        xor eax, eax
-        mov fs, ax
-        mov gs, ax
+        LOAD_DATA_SEGMENTS 0x10
         mov rsp, KSTACK_TOP
         lidt [rel idt_ptr]
         mov ax, 0x28

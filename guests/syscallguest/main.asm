@@ -62,20 +62,9 @@ SFMASK  equ 0x40700                     ; AC, DF, IF, TF
 
         bits 32
         org LOAD
-ehdr:
-        db 0x7f, "ELF", 1, 1, 1, 0
-        times 8 db 0
-        dw 2, 3
-        dd 1, start32, phdrs - ehdr, 0, 0
-        dw 52, 32, 2, 0, 0, 0
-phdrs:
-        dd 1, 0, LOAD, LOAD, image_end - LOAD, END - LOAD, 7, 0x1000
-        dd 4, note - ehdr, note, note, note_end - note, note_end - note, 4, 4
-        align 4, db 0
-note:   dd 4, 4, 18
-        db "Xen", 0
-        dd start32
-note_end:
+%include "pvh.inc"
+%include "long_mode.inc"
+        PVH_ELF LOAD, start32, image_end, END
 
 ; --- page tables: 0-2 MiB in 4 KiB pages, user-accessible except KDATA, IDT and KTEXT --------------------------------
         times PML4 - ($ - $$ + LOAD) db 0
@@ -126,20 +115,8 @@ idtr:   dw 256 * 16 - 1
         times KTEXT - ($ - $$ + LOAD) db 0
 start32:
         cli
-        mov eax, cr4
-        or eax, 1 << 5                  ; PAE
-        mov cr4, eax
-        mov eax, PML4
-        mov cr3, eax
-        mov ecx, 0xc0000080
-        rdmsr
-        or eax, (1 << 8) | 1            ; LME, SCE
-        wrmsr
-        mov eax, cr0
-        or eax, 0x80000001
-        mov cr0, eax
         lgdt [gdtr]
-        jmp KCODE:start64
+        ENTER_LONG_MODE PML4, KCODE, start64, 1         ; and EFER.SCE
 
         bits 64
 start64:
@@ -196,22 +173,7 @@ the_int3:
         push user_main
         iretq
 
-; set_gate: ecx = vector, rax = handler, edx = IST (interrupt gate, DPL 0)
-set_gate:
-        mov rdi, rcx
-        shl rdi, 4
-        add rdi, IDT
-        mov [rdi], ax
-        mov word [rdi + 2], KCODE
-        mov byte [rdi + 4], dl
-        mov byte [rdi + 5], 0x8e
-        mov rsi, rax
-        shr rsi, 16
-        mov [rdi + 6], si
-        shr rsi, 16
-        mov [rdi + 8], esi
-        mov dword [rdi + 12], 0
-        ret
+%include "set_gate.inc"
 
 bp_handler:
         mov [R_BP_RSP], rsp

@@ -795,8 +795,9 @@ class VM(Machine):
         fork a new generation ID and notifies it, so the guest reseeds its RNG; False keeps the parent's. `env`:
         strings set (added or replaced) in the fork's env channel on top of the parent's (vmfork.devices.envchannel:
         the guest reads them, e.g. its hostname); they are part of the fork's fork-time state, so reset() keeps
-        them. `dirty_log`: how the fork's written pages are tracked, "ring" (KVM's dirty rings), "bitmap"
-        (KVM_GET_DIRTY_LOG) or "auto" (see dirty_log_mode)."""
+        them, and a fork without a device model gets them with `attach_device_model()`. `dirty_log`: how the
+        fork's written pages are tracked, "ring" (KVM's dirty rings), "bitmap" (KVM_GET_DIRTY_LOG) or "auto" (see
+        dirty_log_mode)."""
         if dirty_log not in ("auto", "ring", "bitmap"):
             raise ForkError(f"dirty_log must be auto, ring or bitmap, not {dirty_log!r}")
         self.check_forkable()
@@ -844,10 +845,8 @@ class VM(Machine):
 
     def _env_devices(self, device_state: DeviceSetState | None, env: Mapping[str, str],
                      launch_dm: LaunchDm) -> DeviceSetState:
-        """The fork's device states with `env` set in its env channel."""
-        if launch_dm != "yes":
-            raise ForkError(f"env needs the fork's device model (launch_dm='yes'), not launch_dm={launch_dm!r}: "
-                            "the env channel is one of its devices")
+        """The fork's device states with `env` set in its env channel (launch_dm "no"/"late": kept in its fork-time
+        state for `attach_device_model()`, as `fork-vm --set --launch-dm no` keeps them)."""
         base = device_state if device_state is not None else self._state_for_forks().devices
         if base is None:
             raise ForkError(f"{self.name} has no device model, so its forks have no env channel")
@@ -1131,8 +1130,8 @@ class VM(Machine):
                             console_log: str | None = None) -> None:
         """Give a machine without devices (a fork made with launch_dm "no" or "late", or a machine restored from
         such a fork's save file) the standard device set, in `device_state` (from `load_device_state()`, or the
-        parent's) or else fresh. A state for another device set is refused with a DeviceStateError naming the
-        mismatch, before anything changes.
+        parent's) or else fresh, with the env strings `fork(env=...)` gave it (or it inherited). A state for
+        another device set is refused with a DeviceStateError naming the mismatch, before anything changes.
 
         From now on the devices answer their ports and drive their interrupt lines (a machine without a device
         model raises none). If the machine stopped at a device access (`pause_on_device_access`) and has not run
@@ -1146,6 +1145,11 @@ class VM(Machine):
         log = console_log if console_log is not None else self.console_log
         devices = standard_devices(self, ram_size=self.memory.size, console_log=log)
         try:
+            pending = self.fork_state.devices if device_state is None and self.fork_state is not None else None
+            if pending is not None and getattr(pending.states.get("env"), "env", None):
+                # strings given to fork(env=...) (or inherited) waited in the fork-time state for this device model
+                device_state = DeviceSetState({**DeviceSetState.capture_all(devices).states,
+                                               "env": pending.states["env"]})
             if device_state is not None:
                 DeviceSetState.restore_all(devices, device_state)
         except BaseException:

@@ -307,6 +307,20 @@ def _copy_page_array(dst_addr: int, src_addr: int, dst: npt.NDArray[np.uint8], s
 
 # Above this many non-zero bitmap words (64 pages each), scanning switches from a Python loop to numpy.
 _SMALL_WORDS = 16
+_pagemap: tuple[int, int] | None = None      # (pid, descriptor) of this process's /proc/self/pagemap
+
+
+def pagemap_fd() -> int:
+    """This process's /proc/self/pagemap, opened once and kept. A jailed domain (toolstack/jail.py) opens it while
+    it enters the jail: once a process has changed its uid it is not dumpable, and its /proc files belong to root.
+    A forked child (process forks) opens its own: the descriptor reads the mm of the process that opened it."""
+    global _pagemap
+    pid = os.getpid()
+    if _pagemap is None or _pagemap[0] != pid:
+        if _pagemap is not None:
+            os.close(_pagemap[1])
+        _pagemap = (pid, os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+    return _pagemap[1]
 
 
 class GuestMemory:
@@ -634,8 +648,7 @@ class GuestMemory:
     def _private_pages(self) -> npt.NDArray[np.int64]:
         """RAM-file pages this fork's mapping holds as private copies, from /proc/self/pagemap (present or swapped,
         and not a file or shared page): every page the fork ever wrote, whatever its dirty log says."""
-        with open("/proc/self/pagemap", "rb", buffering=0) as f:
-            raw = os.pread(f.fileno(), self.npages * 8, (self.host_addr >> PAGE_SHIFT) * 8)
+        raw = os.pread(pagemap_fd(), self.npages * 8, (self.host_addr >> PAGE_SHIFT) * 8)
         entries = np.frombuffer(raw, np.uint64)
         in_memory = (entries >> np.uint64(62)) != 0                        # bit 63 present, bit 62 swapped
         private = ((entries >> np.uint64(61)) & np.uint64(1)) == 0         # bit 61: file page or shared anon

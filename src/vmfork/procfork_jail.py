@@ -48,7 +48,7 @@ NO_JAIL_HINT = f"set {ENV}=0 to run process forks without the jail"
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x1, 0x2, 0x4, 0x20, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 SYS_PIVOT_ROOT = 155
 _MOUNT_POINTS = ("/mnt", "/media", "/srv", "/opt", "/run", "/tmp", "/var/tmp")
 
@@ -103,6 +103,29 @@ def runtime_dirs() -> list[str]:
 def _uid() -> int:
     first, count = WORKER_UID_RANGE
     return first + os.getpid() % count
+
+
+def keep_own_pagemap(check: Callable[[int, str], None]) -> None:
+    """Open this process's /proc/self/pagemap for good (memory.pagemap_fd), right after the jail's uid switch, in a
+    moment of dumpability. For domains (toolstack/jail.py) and process forks' workers alike.
+
+    A fork counts its pages (vmfork list's Pages) and resets after its dirty ring lost entries from its own page
+    table entries there. The uid switch made the process non-dumpable, so its /proc files belong to root and it
+    could not open it any more. Made dumpable for the open and non-dumpable again at once, the jail keeps what
+    non-dumpability is for: no core dump of guest memory, no ptrace or /proc access by another process of the
+    uid. The descriptor is opened as the jail's uid without capabilities, so the kernel hides physical frame
+    numbers in it (opened as root before the switch, it would show them to a compromised process: the addresses a
+    Rowhammer attack wants); it shows only what the process may know of itself: which of its pages are present,
+    swapped or private."""
+    from .memory import pagemap_fd
+    check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
+    try:
+        pagemap_fd()
+    except OSError as e:
+        ctypes.set_errno(e.errno or 0)
+        check(-1, "its own /proc/self/pagemap")       # the caller's error, with its hint
+    finally:
+        check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "not dumpable")
 
 
 def close_path_fds(keep_fds: set[int], keep_paths: set[str]) -> None:
@@ -186,5 +209,6 @@ def confine_worker(*, keep_fds: set[int], parent_pid: int) -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
     if os.getppid() != parent_pid:
         sys.exit(1)
+    keep_own_pagemap(_check)
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     install()

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import VmforkError
-from ..procfork_jail import close_path_fds, pivot_into
+from ..procfork_jail import close_path_fds, keep_own_pagemap, pivot_into
 from .jail_files import Broker, jail_file_commands
 
 if TYPE_CHECKING:
@@ -347,6 +347,7 @@ class Jail:
             os.setresuid(self.uid, self.uid, self.uid)
         except OSError as e:
             raise JailError(f"the jail cannot switch to uid {self.uid}: {e.strerror}; {NO_JAIL_HINT}") from None
+        keep_own_pagemap(_check)
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         from ..jail_seccomp import install
         install(log_only=os.environ.get(SECCOMP_ENV) == "log")

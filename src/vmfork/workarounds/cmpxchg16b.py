@@ -2,14 +2,15 @@
 reads natively on kvm_pvm): completed by vmfork while the vCPU is stopped, which makes it atomic with respect to
 that vCPU (other vCPUs keep running: on a machine with several, a racing write between the read and the write here
 is the remaining risk). RDX:RAX compared with the 16 bytes; equal: RCX:RBX stored, ZF set; else: the 16 bytes
-loaded into RDX:RAX, ZF cleared."""
+loaded into RDX:RAX, ZF cleared. The destination is checked as the CPU checks a write (guest_access.access): a page
+that is absent, read-only (with CR0.WP) or a user page under SMAP raises #PF through the guest's IDT."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from . import Workaround, register
-from .guest_access import GuestAccessError, read_virt, write_virt
+from .guest_access import GuestAccessError, PageFault, access
 from .operands import decode_one_of, finish, mem_address
 
 if TYPE_CHECKING:
@@ -36,16 +37,23 @@ class Cmpxchg16bFallback:
         if d is None:
             return False
         try:
-            addr = mem_address(d.operands[0], regs, vcpu.get_sregs(), regs.rip + d.size)
+            sregs = vcpu.get_sregs()
+            addr = mem_address(d.operands[0], regs, sregs, regs.rip + d.size)
             if addr & 0xF:
                 return False            # the CPU raises #GP; the crash report says where
-            old = int.from_bytes(read_virt(vcpu, self.memory, addr, 16), "little")
+            # a write access even when the comparison fails (the CPU then writes the old value back)
+            dest = access(vcpu, self.memory, addr, 16, write=True, sregs=sregs, rflags=regs.rflags)
+            old = int.from_bytes(dest.read(0, 16), "little")
             if old == (regs.rdx << 64) | regs.rax:
-                write_virt(vcpu, self.memory, addr, ((regs.rcx << 64) | regs.rbx).to_bytes(16, "little"))
+                dest.write(0, ((regs.rcx << 64) | regs.rbx).to_bytes(16, "little"))
                 regs.rflags |= ZF
             else:
                 regs.rax, regs.rdx = old & M64, old >> 64
                 regs.rflags &= ~ZF
+        except PageFault as pf:
+            from .idt import deliver_page_fault
+            deliver_page_fault(vcpu, self.memory, regs.rip, pf)
+            return True
         except GuestAccessError:
             return False
         return finish(vcpu, regs, d)

@@ -11,18 +11,19 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from .guest_access import GuestAccessError, read_virt, write_virt
+from .guest_access import GuestAccessError, PageFault, read_virt, write_checked
 
 if TYPE_CHECKING:
     from ..kvm import structs as s
     from ..memory import GuestMemory
     from ..vcpu import Vcpu
 
-__all__ = ["Gate", "deliver_exception", "read_gate"]
+__all__ = ["Gate", "deliver_exception", "deliver_page_fault", "read_gate"]
 
 EFER_LMA = 1 << 10
 TF, IF, NT, RF, VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
 INTERRUPT_GATE, TRAP_GATE = 0xE, 0xF
+DF_VECTOR, PF_VECTOR = 8, 14
 
 
 class Gate:
@@ -72,11 +73,33 @@ def _load_code_segment(vcpu: Vcpu, memory: GuestMemory, sregs: s.Sregs, selector
     return dpl
 
 
+def deliver_page_fault(vcpu: Vcpu, memory: GuestMemory, rip: int, fault: PageFault) -> None:
+    """Raise the #PF of the instruction at `rip` (a fault: the handler returns to it) with its CR2 and error code."""
+    deliver_exception(vcpu, memory, PF_VECTOR, return_rip=rip, error_code=fault.error_code, cr2=fault.cr2)
+
+
 def deliver_exception(vcpu: Vcpu, memory: GuestMemory, vector: int, *, return_rip: int,
-                      error_code: int | None = None) -> None:
+                      error_code: int | None = None, cr2: int | None = None, fault_rip: int | None = None) -> None:
     """Enter the guest's handler for `vector` as the CPU would, with `return_rip` as the saved RIP (the next
-    instruction for a trap such as #BP from int3, the faulting one for a fault). Raises GuestAccessError, changing
-    nothing, where the CPU would raise another exception instead (no gate, bad selector, unmapped stack)."""
+    instruction for a trap such as #BP from int3, the faulting one for a fault) and CR2 set to `cr2` if given.
+    A page fault while pushing the frame is delivered instead, with `fault_rip` (the instruction that raised the
+    first exception; default `return_rip`) as its saved RIP, or becomes a double fault (CR2 = the stack address, as
+    Linux's stack-overflow check reads it) when the first was a #PF. Raises GuestAccessError, changing nothing,
+    where the CPU would raise something else (no gate, bad selector) or shut down (a triple fault)."""
+    try:
+        _deliver(vcpu, memory, vector, return_rip, error_code, cr2)
+    except PageFault as pf:
+        if vector == DF_VECTOR:
+            raise GuestAccessError(f"triple fault: {pf} while delivering a double fault") from None
+        rip = return_rip if fault_rip is None else fault_rip
+        if vector == PF_VECTOR:
+            deliver_exception(vcpu, memory, DF_VECTOR, return_rip=rip, error_code=0, cr2=pf.cr2)
+        else:
+            deliver_exception(vcpu, memory, PF_VECTOR, return_rip=rip, error_code=pf.error_code, cr2=pf.cr2)
+
+
+def _deliver(vcpu: Vcpu, memory: GuestMemory, vector: int, return_rip: int, error_code: int | None,
+             cr2: int | None) -> None:
     regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
     gate = read_gate(vcpu, memory, sregs, vector)
     cpl = sregs.cs.selector & 3
@@ -99,13 +122,16 @@ def deliver_exception(vcpu: Vcpu, memory: GuestMemory, vector: int, *, return_ri
     if error_code is not None:
         frame.append(error_code)
     rsp -= 8 * len(frame)
-    write_virt(vcpu, memory, rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame)))
+    write_checked(vcpu, memory, rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame)), implicit=new_cpl < 3,
+                  sregs=sregs, rflags=regs.rflags)
     if new_cpl < cpl:
         sregs.ss.selector = new_cpl       # a NULL SS with RPL = the new CPL, as in 64-bit mode
         sregs.ss.dpl = new_cpl
     regs.rsp = rsp
     regs.rip = gate.handler
     regs.rflags &= ~(TF | NT | RF | VM | (IF if gate.kind == INTERRUPT_GATE else 0))
-    if sregs.cs.selector != old_cs or new_cpl < cpl:
+    if cr2 is not None:
+        sregs.cr2 = cr2
+    if sregs.cs.selector != old_cs or new_cpl < cpl or cr2 is not None:
         vcpu.set_sregs(sregs)
     vcpu.set_regs(regs)

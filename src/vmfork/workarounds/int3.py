@@ -37,7 +37,7 @@ class Int3Fallback:
         try:
             if read_virt(vcpu, self.memory, regs.rip, 1) != b"\xcc":
                 return False
-            deliver_exception(vcpu, self.memory, BP_VECTOR, return_rip=regs.rip + 1)
+            deliver_exception(vcpu, self.memory, BP_VECTOR, return_rip=regs.rip + 1, fault_rip=regs.rip)
         except GuestAccessError:
             return False
         return True

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import Workaround, register
-from .guest_access import GuestAccessError, read_virt
+from .guest_access import GuestAccessError, PageFault, access
 from .operands import decode_one_of, finish, mem_address, read_reg, reg_name, write_reg
 
 if TYPE_CHECKING:
@@ -39,8 +39,14 @@ class PopcntFallback:
             if src.type == x86.X86_OP_REG:
                 value = read_reg(regs, reg_name(src.reg))
             else:
-                addr = mem_address(src, regs, vcpu.get_sregs(), regs.rip + d.size)
-                value = int.from_bytes(read_virt(vcpu, self.memory, addr, src.size), "little")
+                sregs = vcpu.get_sregs()
+                addr = mem_address(src, regs, sregs, regs.rip + d.size)
+                value = int.from_bytes(access(vcpu, self.memory, addr, src.size, write=False, sregs=sregs,
+                                              rflags=regs.rflags).read(0, src.size), "little")
+        except PageFault as pf:
+            from .idt import deliver_page_fault
+            deliver_page_fault(vcpu, self.memory, regs.rip, pf)
+            return True
         except (GuestAccessError, KeyError):
             return False
         write_reg(regs, reg_name(dst.reg), bin(value).count("1"))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..kvm import structs as s
 from . import Workaround, register
-from .guest_access import GuestAccessError, page_fault, read_virt, write_virt
+from .guest_access import CheckedRange, GuestAccessError, PageFault, access
 from .operands import decode_at, mem_address
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ INFO = register(Workaround(
 SAVES = {"xsave", "xsave64", "xsaveopt", "xsaveopt64", "xsavec", "xsavec64", "xsaves", "xsaves64"}
 RESTORES = {"xrstor", "xrstor64", "xrstors", "xrstors64"}
 MSR_IA32_XSS = 0xDA0
-PF_VECTOR = 14
 HEADER = 512
 COMPACTED = 1 << 63
 # legacy region byte ranges: x87 (FCW..FDP, ST0-7), MXCSR + MXCSR_MASK, XMM0-15
@@ -89,7 +88,8 @@ class XsaveFallback:
             d = decode_at(vcpu, self.memory, regs.rip)
             if d is None or (d.mnemonic not in SAVES and d.mnemonic not in RESTORES):
                 return False
-            addr = mem_address(d.operands[0], regs, vcpu.get_sregs(), regs.rip + d.size)
+            sregs = vcpu.get_sregs()
+            addr = mem_address(d.operands[0], regs, sregs, regs.rip + d.size)
             if addr & 63:
                 return False                # #GP on the CPU; the crash report says where
             if self._layout is None:
@@ -98,17 +98,20 @@ class XsaveFallback:
             xcr0, xss = self._state(vcpu)
             supervisor = d.mnemonic.startswith(("xsaves", "xrstors"))
             rfbm = (xcr0 | (xss if supervisor else 0)) & ((regs.rdx & 0xFFFFFFFF) << 32 | (regs.rax & 0xFFFFFFFF))
-            fault = page_fault(vcpu, addr, self._extent(rfbm), write=d.mnemonic in SAVES)
-            if fault is not None:
-                self._raise_page_fault(vcpu, regs.rip, *fault)
+            try:
+                area = access(vcpu, self.memory, addr, self._extent(rfbm), write=d.mnemonic in SAVES, sregs=sregs,
+                              rflags=regs.rflags)
+            except PageFault as pf:
+                from .idt import deliver_page_fault
+                deliver_page_fault(vcpu, self.memory, regs.rip, pf)
                 return True
             kb: Any = vcpu._xsave_type()
             vcpu.fd.get_xsave(kb)
             state = bytearray(bytes(kb))
             if d.mnemonic in SAVES:
-                done = self._save(vcpu, addr, rfbm, state, compacted=d.mnemonic.startswith(("xsavec", "xsaves")))
+                done = self._save(area, rfbm, state, compacted=d.mnemonic.startswith(("xsavec", "xsaves")))
             else:
-                done = self._restore(vcpu, addr, rfbm, state)
+                done = self._restore(area, rfbm, state)
                 if done:
                     ctypes.memmove(ctypes.addressof(kb), bytes(state), len(state))
                     vcpu.fd.set_xsave(kb)
@@ -127,14 +130,7 @@ class XsaveFallback:
         assert layout is not None
         return max([HEADER + 64] + [layout.offset[i] + layout.size[i] for i in layout.size if rfbm >> i & 1])
 
-    def _raise_page_fault(self, vcpu: Vcpu, rip: int, cr2: int, error_code: int) -> None:
-        from .idt import deliver_exception
-        deliver_exception(vcpu, self.memory, PF_VECTOR, return_rip=rip, error_code=error_code)
-        sregs = vcpu.get_sregs()        # CR2 once the delivery succeeded (a failed one changes nothing)
-        sregs.cr2 = cr2
-        vcpu.set_sregs(sregs)
-
-    def _save(self, vcpu: Vcpu, addr: int, rfbm: int, state: bytearray, *, compacted: bool) -> bool:
+    def _save(self, area: CheckedRange, rfbm: int, state: bytearray, *, compacted: bool) -> bool:
         layout = self._layout
         assert layout is not None
         kvm_bv = int.from_bytes(state[HEADER:HEADER + 8], "little")
@@ -145,7 +141,7 @@ class XsaveFallback:
             header = (kvm_bv & rfbm).to_bytes(8, "little") + (rfbm | COMPACTED).to_bytes(8, "little")
         else:
             offsets = {i: layout.offset[i] for i in layout.offset}
-            old_bv = int.from_bytes(read_virt(vcpu, self.memory, addr + HEADER, 8), "little")
+            old_bv = int.from_bytes(area.read(HEADER, 8), "little")
             header = ((old_bv & ~rfbm) | (kvm_bv & rfbm)).to_bytes(8, "little")
         writes: list[tuple[int, bytes]] = []
         if rfbm & 1:
@@ -162,13 +158,13 @@ class XsaveFallback:
                 writes.append((offsets[i], bytes(state[src:src + layout.size[i]])))
         writes.append((HEADER, header))
         for off, data in writes:
-            write_virt(vcpu, self.memory, addr + off, data)
+            area.write(off, data)
         return True
 
-    def _restore(self, vcpu: Vcpu, addr: int, rfbm: int, state: bytearray) -> bool:
+    def _restore(self, area: CheckedRange, rfbm: int, state: bytearray) -> bool:
         layout = self._layout
         assert layout is not None
-        hdr = read_virt(vcpu, self.memory, addr + HEADER, 16)
+        hdr = area.read(HEADER, 16)
         bv, xcomp = int.from_bytes(hdr[:8], "little"), int.from_bytes(hdr[8:], "little")
         compacted = bool(xcomp & COMPACTED)
         if compacted:
@@ -177,7 +173,7 @@ class XsaveFallback:
                 return False
         else:
             offsets = dict(layout.offset)
-        legacy = read_virt(vcpu, self.memory, addr, 416)
+        legacy = area.read(0, 416)
         if rfbm & 1:
             for a, b in X87:
                 state[a:b] = legacy[a:b] if bv & 1 else bytes(b - a)
@@ -198,7 +194,7 @@ class XsaveFallback:
                 if bv >> i & 1:
                     if i not in offsets:
                         return False
-                    state[dst:dst + n] = read_virt(vcpu, self.memory, addr + offsets[i], n)
+                    state[dst:dst + n] = area.read(offsets[i], n)
                 else:
                     state[dst:dst + n] = bytes(n)
         kvm_bv = int.from_bytes(state[HEADER:HEADER + 8], "little")
