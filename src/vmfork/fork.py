@@ -1228,7 +1228,8 @@ class VM(Machine):
                 if pool is not None:
                     pool.forget(self.memory.fd)
         shell = self.shell
-        if self.fork_state is not None and shell.owns_addr and shell.vcpus:
+        # (a shell whose dirty ring overflowed is closed, not recycled: KVM's ring indices may be off for good)
+        if self.fork_state is not None and shell.owns_addr and shell.vcpus and not self.memory.ring_overflowed:
             self.memory.close(unmap_view=False)
             shell_pool(self.shape, dirty_ring=shell.dirty_ring).give_back(shell)
             return

@@ -235,13 +235,30 @@ _RING_WINDOW = 1024    # entries numpy looks at per step
 _HARVEST = KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET   # xor turns a DIRTY entry into a RESET one
 
 
+# Entries KVM keeps free at the end of a ring (KVM_DIRTY_RING_RSVD_ENTRIES, 64, plus the CPU's dirty-log buffer:
+# 512 with Intel's PML): its soft limit is at least the ring's size less these.
+_RING_RESERVED = 64 + 512
+
+
+def _mark_harvested(flags: npt.NDArray[np.int64], start: int, n: int, mask: int) -> None:
+    """Mark `n` ring entries from the free-running index `start` harvested (RESET, not DIRTY), slot and offset
+    kept: KVM's reset walk passes them, re-arming whatever page they last named (harmless: that page's next write
+    is logged)."""
+    if n <= 0:
+        return
+    idx = (start + np.arange(n, dtype=np.int64)) & mask
+    flags[idx] = (flags[idx] & ~np.int64(KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET)) | KVM_DIRTY_GFN_F_RESET
+
+
 def _harvest_ring_bulk(ring: DirtyRing, f: int,
                        slot_base: npt.NDArray[np.int64] | None) -> tuple[int, npt.NDArray[np.int64]]:
     """Read every pending entry of `ring` from `f` on with numpy (a reset after hundreds or thousands of written
     pages), a window of entries at a time (never across the ring's end, so each window is a plain slice), in as
     few numpy calls as possible: right after a guest run each costs several microseconds here. Pending entries
     are contiguous from `f`, and the others are either cleared (KVM clears what it re-arms) or marked harvested by
-    this call (a window that wraps onto them), so a window's count of DIRTY flags is its count of pending entries.
+    this call (a window that wraps onto them), so a window's count of DIRTY flags is its count of pending entries;
+    except after a ring overflowed (kvm_pvm, see GuestMemory._ring_trouble), when a window may hold pending entries
+    after a gap: only those before the gap are read, and the caller resynchronises.
     `slot_base` None: one slot at RAM offset 0. Returns the new fetch index and the RAM-file page numbers, in the
     order written.
     """
@@ -251,7 +268,11 @@ def _harvest_ring_bulk(ring: DirtyRing, f: int,
         j = f & ring.mask
         window = entries[j:j + min(_RING_WINDOW, ring.entries - j)]
         flags = window[:, 0]
-        k = int(np.count_nonzero(flags & KVM_DIRTY_GFN_F_DIRTY))
+        dirty = (flags & KVM_DIRTY_GFN_F_DIRTY) != 0
+        k = int(np.count_nonzero(dirty))
+        if k and not dirty[k - 1]:                  # not a prefix: stop at the gap
+            k = int(np.argmin(dirty))
+            window = window[:k + 1]                 # (so that the loop ends below)
         if k:
             if slot_base is None:
                 parts.append(window[:k, 1].copy())
@@ -348,6 +369,7 @@ class GuestMemory:
         self._vm: VmFd | None = None
         self._dirty_logging = False
         self._rings: list[DirtyRing] = []     # the VM's dirty rings, when it logs into rings instead of bitmaps
+        self.ring_stuck = False               # a ring overflowed for good (ring_full): the VM cannot run on
         self._ring_lock = threading.Lock()    # vCPU threads empty full rings while the machine runs
         self._slot_base = [s.offset >> PAGE_SHIFT for s in slots]            # ring entry slot -> first page
         flat = len(slots) == 1 and slots[0].offset == 0
@@ -640,10 +662,52 @@ class GuestMemory:
             # Still pending entries after a harvest: they are one circular run; its start is where KVM wrote first.
             starts = np.flatnonzero(dirty & ~np.roll(dirty, 1))
             first = int(starts[0]) if starts.size else 0
-            ring.fetch += (first - (ring.fetch & ring.mask)) & ring.mask
+            gap = (first - (ring.fetch & ring.mask)) & ring.mask
+            # KVM's reset walks from its reset index (our fetch: each reset re-arms exactly what was harvested up to
+            # it) over entries marked harvested, and stops at the first that is not. The entries skipped here
+            # (overwritten, or re-armed under their earlier lap) are KVM's used entries too: they are marked, else
+            # the walk stops in front of them for good and KVM counts the ring full at every KVM_RUN.
+            _mark_harvested(flags, ring.fetch, gap, ring.mask)
+            ring.fetch += gap
             self._lost = self._ever_lost = True
             resync = True
         return resync
+
+    @property
+    def ring_overflowed(self) -> bool:
+        """Whether a dirty ring of this VM ever lost entries (the next reset copied back every page held)."""
+        return self._ever_lost and bool(self._rings)
+
+    def ring_full(self, vcpu_index: int) -> bool:
+        """A vCPU stopped with KVM_EXIT_DIRTY_RING_FULL: empty the rings (sync_dirty_log) and return False, or
+        return True (and set `ring_stuck`) where the ring can no longer be used (_unstick_ring)."""
+        ring = self._rings[vcpu_index] if 0 <= vcpu_index < len(self._rings) else None
+        if ring is not None and not np.any(np.frombuffer(ring.words, np.int64)[0::2] & KVM_DIRTY_GFN_F_DIRTY):
+            with self._ring_lock:
+                if self._unstick_ring(ring):
+                    return False
+            self.ring_stuck = self._lost = self._ever_lost = True
+            return True
+        self.sync_dirty_log()
+        return False
+
+    def _unstick_ring(self, ring: DirtyRing) -> bool:
+        """A "ring full" exit with nothing to harvest. KVM exits so while its count of used entries (dirty index -
+        reset index) is at its soft limit, and a reset lowers that count only by the entries it walks. Where one
+        run pushed more entries than the ring holds (kvm_pvm emulates guest kernel code without looking at the ring
+        between its stores), they overwrote each other: every entry was harvested and re-armed, and KVM still
+        counts up to the limit used. The exit proves at least the soft limit used, so marking that many entries
+        (fewer: the smallest soft limit any KVM sets) from the reset index as harvested cannot walk the reset past
+        the dirty index. The pages of the lost entries: the next reset copies back every page the fork holds.
+        False if KVM walked none of them (our reset index is not KVM's: the ring cannot be brought back)."""
+        assert self._vm is not None
+        self._vm.reset_dirty_rings()            # nothing else marked: the next reset walks this ring only
+        flags = np.frombuffer(ring.words, np.int64).reshape(ring.entries, 2)[:, 0]
+        _mark_harvested(flags, ring.fetch, ring.entries - _RING_RESERVED, ring.mask)
+        cleared = self._vm.reset_dirty_rings()
+        ring.fetch += cleared
+        self._lost = self._ever_lost = True
+        return cleared > 0
 
     def _private_pages(self) -> npt.NDArray[np.int64]:
         """RAM-file pages this fork's mapping holds as private copies, from /proc/self/pagemap (present or swapped,

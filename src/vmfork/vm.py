@@ -338,6 +338,11 @@ def _finish_step_past(vcpu: Vcpu) -> bool:
     return vcpu.debug.finish_step_past(vcpu.run.exit.debug.dr6)
 
 
+RING_OVERFLOW = ("its dirty ring overflowed: one run wrote more pages than the ring holds, which this host's KVM "
+                 "allows where it emulates guest kernel mode, and KVM counts the ring full for good; make its forks "
+                 "with dirty_log='bitmap'")
+
+
 class Machine:
     """A virtual machine. Create roots with `Machine.create()`; forks come from `vmfork.fork`."""
 
@@ -492,8 +497,8 @@ class Machine:
     # --- run control --------------------------------------------------------------------------------------------
 
     def mark_broken(self, why: str) -> None:
-        """This machine's memory can no longer be trusted (its template file changed): stop it for good; it can only
-        be destroyed. Safe from any thread."""
+        """This machine can never run again (its template file changed: its memory is untrustworthy; its dirty ring
+        overflowed, RING_OVERFLOW): stop it for good; it can only be destroyed. Safe from any thread."""
         self.broken = why
         if self.state == "running":
             self._stop(StopEvent("crash", None, None, why))
@@ -687,7 +692,9 @@ class Machine:
                 elif reason == c.KVM_EXIT_INTR:
                     continue
                 elif reason == c.KVM_EXIT_DIRTY_RING_FULL:
-                    self.memory.sync_dirty_log()        # empties the rings; then KVM_RUN goes on
+                    if self.memory.ring_full(vcpu.index):   # else the rings are empty again: KVM_RUN goes on
+                        self.mark_broken(RING_OVERFLOW)
+                        return
                 elif reason == c.KVM_EXIT_DEBUG:
                     if hooks.debug and hooks.dispatch(hooks.debug, vcpu):
                         continue

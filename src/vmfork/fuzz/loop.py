@@ -234,6 +234,8 @@ class Fuzzer:
         self._end_hit = False
         self._stale = False
         self._ahead: Any = None                 # the fork reset_ahead() reset for the next input
+        # how the fuzz forks log their writes (VM.fork's dirty_log): "bitmap" after a run overflowed a dirty ring
+        self.dirty_log = "auto"
         self.reset_s = 0.0
         # reset + input + run as one call into the fork (VM.reset_and_run), where nothing runs between them; False:
         # the three steps apart (then `reset_s` times the resets)
@@ -345,7 +347,7 @@ class Fuzzer:
                 if bp is not None and bp.owner == "coverage":
                     dbg.remove_breakpoint(bp)
         self._covered.clear()
-        self.fork = self.sink.fork(name=f"{self.parent.name}-fuzz")
+        self.fork = self.sink.fork(name=f"{self.parent.name}-fuzz", dirty_log=self.dirty_log)
         self._run = self._runner(self.fork)
         self._stale = False
 
@@ -424,6 +426,12 @@ class Fuzzer:
                 self.budget.arm(fork)
             self._write_input(data)
             ev = self._run(timeout=self.budget_s)
+        if fork.broken is not None and fork.memory.ring_stuck and self.dirty_log != "bitmap":
+            # this host's KVM let the run overflow the fork's dirty ring for good (vm.RING_OVERFLOW): from now on
+            # the fuzz forks log into bitmaps, and this input runs again in one
+            self.dirty_log = "bitmap"
+            self._stale = True
+            return self._exec(data)
         reason = ev.reason
         if reason == "breakpoint" and self._end_hit:
             self._end_hit = False
