@@ -44,3 +44,20 @@ def field(text: str, key: str) -> str:
     m = re.search(rf"{key}=(\S+)", text)
     assert m, f"no {key}= in {text!r}"
     return m.group(1)
+
+
+# XSAVE's header: XSTATE_BV at byte 512 of the standard-format area (KVM_GET_XSAVE's)
+_XSTATE_BV = slice(512, 520)
+
+
+def state_part(st: object, name: str) -> bytes:
+    """A captured vCPU state part's bytes, for comparing two states: the same bytes, except that the XSAVE area's
+    XSTATE_BV is left out. It says which components are in use, and the CPU may clear a bit whenever its component
+    holds its initial values (the init optimisation), as it may happen to when the host saves the guest's FPU state
+    around a preemption; KVM then reports those initial values in the area all the same. So two vCPUs in the same
+    architectural state can differ there, by timing alone."""
+    data = bytes(getattr(st, name))
+    if name == "xsave":
+        data = data[:_XSTATE_BV.start] + bytes(8) + data[_XSTATE_BV.stop:]
+    return data
+

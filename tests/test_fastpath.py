@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from guest import boot, run_to_ready
+from guest import boot, run_to_ready, state_part
 from vmfork.errors import KvmError
 from vmfork.kvm import PackedPlan, fastpath_built
 from vmfork.kvm import constants as c
@@ -51,7 +51,7 @@ def test_compiled_and_python_resets_give_identical_machines(pvh_guest, machines)
             v.flush_sync()
             st = v.capture()
             seen[compiled].append((run_rip, child.memory.read(SCRATCH, 32 * 4096), *(
-                bytes(getattr(st, n)) for n in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs"))))
+                state_part(st, n) for n in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs"))))
         # the steady-state resets went through one kvm.Entry call (copy-back, sync area, state ioctls)
         assert any(e[2].compiled == (compiled and fastpath_built()) for e in child._entries.values())
     assert seen[True] == seen[False]
@@ -100,7 +100,7 @@ def test_reset_and_run_gives_what_reset_write_run_give(pvh_guest, machines, comp
         v.flush_sync()
         st = v.capture()
         states.append((child.memory.read(SCRATCH, 80 * 4096), child.memory.read(addr, 4096), *(
-            bytes(getattr(st, n)) for n in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs"))))
+            state_part(st, n) for n in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs"))))
     assert states[0] == states[1]
 
 
@@ -133,7 +133,7 @@ def test_reset_then_run_input_gives_what_reset_and_run_gives(pvh_guest, machines
         v.flush_sync()
         st = v.capture()
         states.append((child.memory.read(SCRATCH, 80 * 4096), child.memory.read(addr, 4096), *(
-            bytes(getattr(st, n)) for n in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs"))))
+            state_part(st, n) for n in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs"))))
     assert states[0] == states[1]
     # without a reset first: the input goes in over what the last run left, as memory.write() would
     data = struct.pack("<QQ", 5, 99)
@@ -250,7 +250,7 @@ def _state_after_reset(child) -> tuple[object, ...]:
     v.flush_sync()
     st = v.capture()
     msrs = [(e.index, e.data) for e in st.msrs.entries[:st.msrs.nmsrs] if e.index not in TIMED_MSRS]
-    return (*(bytes(getattr(st, n)) for n in _STATE_PARTS if n != "msrs"), msrs)
+    return (*(state_part(st, n) for n in _STATE_PARTS if n != "msrs"), msrs)
 
 
 def _kernel_parts(st) -> tuple[object, ...]:

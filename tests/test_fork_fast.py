@@ -11,7 +11,7 @@ import sys
 import textwrap
 from typing import Any
 
-from guest import boot, console, field, run_to_exit, run_to_ready
+from guest import boot, console, field, run_to_exit, run_to_ready, state_part
 from vmfork.fork import VM, shell_pool
 from vmfork.kvm import constants as c
 from vmfork.kvm import structs as s
@@ -38,7 +38,7 @@ def applied_state(vm: VM) -> VcpuState:
 def same_clock_free_parts(a: VcpuState, b: VcpuState) -> None:
     """Every part equal, except what follows the clock: the TSC MSRs and the LAPIC timer's current count."""
     for name in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs"):
-        assert bytes(getattr(a, name)) == bytes(getattr(b, name)), f"{name} differs"
+        assert state_part(a, name) == state_part(b, name), f"{name} differs"
     ma: Any = a.msrs
     mb: Any = b.msrs
     da = {ma.entries[i].index: ma.entries[i].data for i in range(ma.nmsrs) if ma.entries[i].index not in TIMED_MSRS}
