@@ -370,6 +370,7 @@ class GuestMemory:
         self._dirty_logging = False
         self._rings: list[DirtyRing] = []     # the VM's dirty rings, when it logs into rings instead of bitmaps
         self.ring_stuck = False               # a ring overflowed for good (ring_full): the VM cannot run on
+        self._fruitless_full = 0              # ring-full exits in a row that harvested nothing of their ring
         self._ring_lock = threading.Lock()    # vCPU threads empty full rings while the machine runs
         self._slot_base = [s.offset >> PAGE_SHIFT for s in slots]            # ring entry slot -> first page
         flat = len(slots) == 1 and slots[0].offset == 0
@@ -688,7 +689,13 @@ class GuestMemory:
                     return False
             self.ring_stuck = self._lost = self._ever_lost = True
             return True
+        before = ring.fetch if ring is not None else 0
         self.sync_dirty_log()
+        # (a full ring whose harvests read nothing of it, exit after exit, cannot be brought back either)
+        self._fruitless_full = self._fruitless_full + 1 if ring is not None and ring.fetch == before else 0
+        if self._fruitless_full >= 3:
+            self.ring_stuck = self._lost = self._ever_lost = True
+            return True
         return False
 
     def _unstick_ring(self, ring: DirtyRing) -> bool:
