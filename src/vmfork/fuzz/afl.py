@@ -5,11 +5,14 @@ shared-memory test cases, below), then per input a 4-byte request read from fd 1
 199, the run, and a 4-byte wait status written to 199. There is no child process per input (the input runs in the
 fuzz fork, in this process), so the pid is always the same, and vmfork sends it ahead: once after the hello and then
 in the same write as each status (afl-fuzz reads exactly four bytes each time, so the next request finds its pid
-waiting). That is one write, one wake-up of afl-fuzz, per input instead of two. The pid is that of a placeholder
-child that has already exited and that vmfork does not reap while it serves: a zombie keeps its pid from being
-reused, and AFL++'s kill() of it on a timeout does nothing (vmfork's own `--budget-ms` ends the run). Outcomes map
-to wait statuses: ok = exit 0; a fault vector = SIGSEGV (SIGILL for #UD, SIGFPE for #DE); a sink or a triple fault
-= SIGABRT; a hang = SIGKILL. Give `--budget-ms` above AFL++'s `-t` so that AFL++'s own timer sees hangs first.
+waiting). That is one write, one wake-up of afl-fuzz, per input instead of two. Right after that write vmfork
+resets the fuzz fork for the next input (Fuzzer.reset_ahead), while afl-fuzz looks at the run and makes the next
+input: the request then finds the fork ready, and only the input's write and the run are serial. The pid is that
+of a placeholder child that has already exited and that vmfork does not reap while it serves: a zombie keeps its
+pid from being reused, and AFL++'s kill() of it on a timeout does nothing (vmfork's own `--budget-ms` ends the
+run). Outcomes map to wait statuses: ok = exit 0; a fault vector = SIGSEGV (SIGILL for #UD, SIGFPE for #DE); a
+sink or a triple fault = SIGABRT; a hang = SIGKILL. Give `--budget-ms` above AFL++'s `-t` so that AFL++'s own
+timer sees hangs first.
 
 The input: when afl-fuzz offers shared-memory test cases (it sets `__AFL_SHM_FUZZ_ID`, AFL++ 3.0 and later) and no
 `--afl-input` is given, the hello asks for them (FS_OPT_SHDMEM_FUZZ) and afl-fuzz answers with a 4-byte word on fd
@@ -299,11 +302,12 @@ def serve_afl(fz: Fuzzer, amap: AflMap, *, input_path: str | None = None, max_ex
     child = _placeholder()
     pid = struct.pack("<i", child.pid)
     statuses = {s: struct.pack("<i", s) + pid for s in (0, *map(int, signal.Signals))}
-    write, read, execute = os.write, os.read, fz.execute
+    write, read, execute, reset_ahead = os.write, os.read, fz.execute, fz.reset_ahead
     status_fd = FORKSRV_FD + 1
     execs = 0
     try:
         write(status_fd, pid)                       # the first request's "child pid", sent ahead
+        reset_ahead()
         while max_execs is None or execs < max_execs:
             if len(read(FORKSRV_FD, 4)) != 4:
                 break
@@ -315,6 +319,7 @@ def serve_afl(fz: Fuzzer, amap: AflMap, *, input_path: str | None = None, max_ex
                 shm[:guest.size] = fz.fork.memory.view(guest.addr, guest.size)
             write(status_fd, statuses[wait_status(res)])    # this status and the next request's pid, one write
             execs += 1
+            reset_ahead()           # while afl-fuzz looks at this run and makes the next input
     finally:
         child.wait()
     return execs
