@@ -57,6 +57,16 @@ def test_compiled_and_python_resets_give_identical_machines(pvh_guest, machines)
     assert seen[True] == seen[False]
 
 
+def _after_reset(child, addr: int) -> tuple[object, ...]:
+    """RAM (the scratch area and the input page) and vCPU state after a reset."""
+    child.reset()
+    v = child.vcpus[0]
+    v.flush_sync()
+    st = v.capture()
+    return (child.memory.read(SCRATCH, 80 * 4096), child.memory.read(addr, 4096),
+            *(state_part(st, n) for n in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs")))
+
+
 def _iteration_record(child, ev, addr: int) -> tuple[object, ...]:
     regs = child.vcpus[0].get_regs()
     return (ev.reason, ev.status, regs.rip, child.memory.read(SCRATCH, 80 * 4096), child.memory.read(addr, 64))
@@ -93,15 +103,29 @@ def test_reset_and_run_gives_what_reset_write_run_give(pvh_guest, machines, comp
         assert ev_fast.reason == "harness-end"
         assert _iteration_record(fast, ev_fast, addr) == _iteration_record(slow, ev_slow, addr)
     assert entries >= 6, "the steady state never took the one-call path"
-    states = []
-    for child in (fast, slow):
-        child.reset()
-        v = child.vcpus[0]
-        v.flush_sync()
-        st = v.capture()
-        states.append((child.memory.read(SCRATCH, 80 * 4096), child.memory.read(addr, 4096), *(
-            state_part(st, n) for n in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs"))))
-    assert states[0] == states[1]
+    assert _after_reset(fast, addr) == _after_reset(slow, addr)
+
+
+def _jsmn_inputs(guest_dir, *, seed: int, mutated: int) -> list[bytes]:
+    """The jsmn example's seeds, the planted crash, `mutated` mutations of the seeds, the crash and the seeds again."""
+    import random
+
+    from vmfork.fuzz.mutate import Mutator
+
+    corpus = [p.read_bytes() for p in sorted((guest_dir.parent.parent / "guests" / "jsmn" / "seeds").iterdir())]
+    rng = random.Random(seed)
+    mutator = Mutator(rng)
+    return corpus + [JSMN_CRASH] + [mutator.mutate(rng.choice(corpus)) for _ in range(mutated)] + [JSMN_CRASH] + corpus
+
+
+def _jsmn_parent(guest_dir, name: str):
+    """The jsmn example paused at its start marker (the caller destroys it)."""
+    from vmfork.fork import VM
+
+    vm = VM.create(memory_mib=64, name=name)
+    vm.load_kernel(guest_dir / "jsmn-pvh.elf", cmdline="jsmn")
+    assert vm.run(timeout=30).reason == "harness-start"
+    return vm
 
 
 @pytest.mark.parametrize("compiled", [True, False])
@@ -126,15 +150,7 @@ def test_reset_then_run_input_gives_what_reset_and_run_gives(pvh_guest, machines
         assert _iteration_record(ahead, ev_ahead, addr) == _iteration_record(twin, ev_twin, addr)
         ahead.reset()
     assert any(e[0] is None and e[2].compiled == (compiled and fastpath_built()) for e in ahead._entries.values())
-    states = []
-    for child in (ahead, twin):
-        child.reset()
-        v = child.vcpus[0]
-        v.flush_sync()
-        st = v.capture()
-        states.append((child.memory.read(SCRATCH, 80 * 4096), child.memory.read(addr, 4096), *(
-            state_part(st, n) for n in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs"))))
-    assert states[0] == states[1]
+    assert _after_reset(ahead, addr) == _after_reset(twin, addr)
     # without a reset first: the input goes in over what the last run left, as memory.write() would
     data = struct.pack("<QQ", 5, 99)
     for child in (ahead, twin):
@@ -154,21 +170,11 @@ def test_a_fuzzer_that_resets_ahead_finds_what_one_that_does_not_finds(guest_dir
     """Fuzzer.reset_ahead() between inputs (as the AFL++ fork server calls it) gives the same result for every input
     as execute() alone: valid documents, the planted crash, mutated seeds; a fork that was looked at or run between
     reset_ahead() and execute() is reset again as usual."""
-    import random
-
-    from vmfork.fork import VM
     from vmfork.fuzz import Fuzzer
-    from vmfork.fuzz.mutate import Mutator
 
-    seeds = sorted((guest_dir.parent.parent / "guests" / "jsmn" / "seeds").iterdir())
-    corpus = [p.read_bytes() for p in seeds]
-    rng = random.Random(7)
-    mutator = Mutator(rng)
-    inputs = corpus + [JSMN_CRASH] + [mutator.mutate(rng.choice(corpus)) for _ in range(120)] + [JSMN_CRASH] + corpus
-    vm = VM.create(memory_mib=64, name="jsmn-ahead")
+    inputs = _jsmn_inputs(guest_dir, seed=7, mutated=120)
+    vm = _jsmn_parent(guest_dir, "jsmn-ahead")
     try:
-        vm.load_kernel(guest_dir / "jsmn-pvh.elf", cmdline="jsmn")
-        assert vm.run(timeout=30).reason == "harness-start"
         with Fuzzer(vm, budget_s=0.5) as fz:
             plain = [fz.execute(data) for data in inputs]
         with Fuzzer(vm, budget_s=0.5) as fz:
@@ -189,22 +195,11 @@ def test_a_fuzzer_that_resets_ahead_finds_what_one_that_does_not_finds(guest_dir
 def test_a_fuzzer_finds_the_same_with_and_without_the_one_call_iteration(guest_dir) -> None:
     """The jsmn example's fuzzer (Fuzzer.compiled_iteration on and off) gives the same result for every input:
     valid documents, the planted crash, and what the mutator makes of the seeds."""
-    import random
-
-    from vmfork.fork import VM
     from vmfork.fuzz import Fuzzer
-    from vmfork.fuzz.mutate import Mutator
 
-    seeds = sorted((guest_dir.parent.parent / "guests" / "jsmn" / "seeds").iterdir())
-    corpus = [p.read_bytes() for p in seeds]
-    crash = b"[" + b"1," * 30 + b"1]"
-    rng = random.Random(5)
-    mutator = Mutator(rng)
-    inputs = corpus + [crash] + [mutator.mutate(rng.choice(corpus)) for _ in range(150)] + [crash] + corpus
-    vm = VM.create(memory_mib=64, name="jsmn-fastpath")
+    inputs = _jsmn_inputs(guest_dir, seed=5, mutated=150)
+    vm = _jsmn_parent(guest_dir, "jsmn-fastpath")
     try:
-        vm.load_kernel(guest_dir / "jsmn-pvh.elf", cmdline="jsmn")
-        assert vm.run(timeout=30).reason == "harness-start"
         results = {}
         for compiled in (True, False):
             with Fuzzer(vm, budget_s=0.5) as fz:

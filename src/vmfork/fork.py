@@ -494,11 +494,7 @@ class VM(Machine):
         entry = self._iteration_entry(data, at, compiled, lean) if simple else None
         if entry is None:
             self.reset(lean=lean)
-            for gpa, n in at:
-                if not data:
-                    break
-                self.memory.write(gpa, data[:n])
-                data = data[n:]
+            self._write_input(data, at)
             return self.run(timeout=timeout, settle=settle)
         written = self._steady_pages
         # reset()'s bookkeeping, which the compiled call does not do
@@ -565,6 +561,15 @@ class VM(Machine):
         self._steady_pages = written
         return steady[0], count
 
+    def _write_input(self, data: bytes, at: tuple[tuple[int, int], ...]) -> None:
+        """`data` across the guest-physical pieces `at`, in order, as far as it goes (memory.write: the pages count
+        as written for the next reset)."""
+        for gpa, n in at:
+            if not data:
+                break
+            self.memory.write(gpa, data[:n])
+            data = data[n:]
+
     def _input_layout(self, data: bytes, at: tuple[tuple[int, int], ...],
                       compiled: bool) -> tuple[object, list[tuple[int, int]], frozenset[int]]:
         """(a key naming `at`, its pieces as host addresses, the pages `data` writes there), cached per `at`."""
@@ -608,11 +613,7 @@ class VM(Machine):
             raise ForkError(f"cannot write {self.name}'s input: {self.memory.readonly}")
         self._check_runnable()
         if len(self.vcpus) != 1:
-            for gpa, n in at:
-                if not data:
-                    break
-                self.memory.write(gpa, data[:n])
-                data = data[n:]
+            self._write_input(data, at)
             return self.run(timeout=timeout, settle=settle)
         key, pieces, written = self._input_layout(data, at, compiled)
         fd = self.vcpus[0].fd.fd
