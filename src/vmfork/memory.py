@@ -371,6 +371,7 @@ class GuestMemory:
         self._rings: list[DirtyRing] = []     # the VM's dirty rings, when it logs into rings instead of bitmaps
         self.ring_stuck = False               # a ring overflowed for good (ring_full): the VM cannot run on
         self._fruitless_full = 0              # ring-full exits in a row that harvested nothing of their ring
+        self._last_cleared = 0                # entries the last re-arming (_protect_again) let KVM reuse
         self._ring_lock = threading.Lock()    # vCPU threads empty full rings while the machine runs
         self._slot_base = [s.offset >> PAGE_SHIFT for s in slots]            # ring entry slot -> first page
         flat = len(slots) == 1 and slots[0].offset == 0
@@ -681,9 +682,15 @@ class GuestMemory:
 
     def ring_full(self, vcpu_index: int) -> bool:
         """A vCPU stopped with KVM_EXIT_DIRTY_RING_FULL: empty the rings (sync_dirty_log) and return False, or
-        return True (and set `ring_stuck`) where the ring can no longer be used (_unstick_ring)."""
+        return True (and set `ring_stuck`) where the ring can no longer be used. An exit with nothing to harvest
+        is normal when the ring is full of entries harvested but left armed (the hot pages', which a reset re-arms
+        only now: _protect_again); with none of those either, the ring overflowed (_unstick_ring)."""
         ring = self._rings[vcpu_index] if 0 <= vcpu_index < len(self._rings) else None
         if ring is not None and not np.any(np.frombuffer(ring.words, np.int64)[0::2] & KVM_DIRTY_GFN_F_DIRTY):
+            self._last_cleared = 0
+            self.sync_dirty_log()
+            if self._last_cleared:
+                return False            # the hot pages' entries re-armed: the ring has room again
             with self._ring_lock:
                 if self._unstick_ring(ring):
                     return False
@@ -699,22 +706,27 @@ class GuestMemory:
         return False
 
     def _unstick_ring(self, ring: DirtyRing) -> bool:
-        """A "ring full" exit with nothing to harvest. KVM exits so while its count of used entries (dirty index -
-        reset index) is at its soft limit, and a reset lowers that count only by the entries it walks. Where one
-        run pushed more entries than the ring holds (kvm_pvm emulates guest kernel code without looking at the ring
-        between its stores), they overwrote each other: every entry was harvested and re-armed, and KVM still
-        counts up to the limit used. The exit proves at least the soft limit used, so marking that many entries
-        (fewer: the smallest soft limit any KVM sets) from the reset index as harvested cannot walk the reset past
-        the dirty index. The pages of the lost entries: the next reset copies back every page the fork holds.
-        False if KVM walked none of them (our reset index is not KVM's: the ring cannot be brought back)."""
+        """A "ring full" exit with nothing to harvest and nothing harvested left to re-arm. KVM exits so while its
+        count of used entries (dirty index - reset index) is at its soft limit, and a reset lowers that count only
+        by the entries it walks from its reset index. Where one run pushed more entries than the ring holds
+        (kvm_pvm emulates guest kernel code without looking at the ring between its stores), they overwrote each
+        other, and KVM still counts up to the limit used. The exit proves at least the soft limit used, so a walk
+        of at most that many entries (fewer: the smallest soft limit any KVM sets) cannot pass KVM's dirty index:
+        entries still marked harvested (which no walk reached) are unmarked, that many from our index are marked,
+        and KVM walks whatever part of them starts at its own. Their pages' records are lost: the next reset copies
+        back every page the fork holds. False if KVM walked none of them."""
         assert self._vm is not None
-        self._vm.reset_dirty_rings()            # nothing else marked: the next reset walks this ring only
         flags = np.frombuffer(ring.words, np.int64).reshape(ring.entries, 2)[:, 0]
-        _mark_harvested(flags, ring.fetch, ring.entries - _RING_RESERVED, ring.mask)
+        flags &= ~np.int64(KVM_DIRTY_GFN_F_RESET)
+        m = ring.entries - _RING_RESERVED
+        _mark_harvested(flags, ring.fetch, m, ring.mask)
         cleared = self._vm.reset_dirty_rings()
-        ring.fetch += cleared
+        flags &= ~np.int64(KVM_DIRTY_GFN_F_RESET)           # (a part of the run before KVM's index: not walked)
         self._lost = self._ever_lost = True
-        return cleared > 0
+        if not cleared:
+            return False
+        ring.fetch += m                 # the walk ended where the marked run did
+        return True
 
     def _private_pages(self) -> npt.NDArray[np.int64]:
         """RAM-file pages this fork's mapping holds as private copies, from /proc/self/pagemap (present or swapped,
@@ -780,7 +792,7 @@ class GuestMemory:
         if not (harvested or hot):
             return []
         assert self._vm is not None
-        self._vm.reset_dirty_rings()
+        self._last_cleared = self._vm.reset_dirty_rings()
         pages = list(hot)
         hot.clear()
         self._hot_runs = []
