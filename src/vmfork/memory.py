@@ -16,7 +16,7 @@ import ctypes
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -369,7 +369,6 @@ class GuestMemory:
         self._vm: VmFd | None = None
         self._dirty_logging = False
         self._rings: list[DirtyRing] = []     # the VM's dirty rings, when it logs into rings instead of bitmaps
-        self.ring_stuck = False               # a ring overflowed for good (ring_full): the VM cannot run on
         self._fruitless_full = 0              # ring-full exits in a row that harvested nothing of their ring
         self._last_cleared = 0                # entries the last re-arming (_protect_again) let KVM reuse
         self._ring_lock = threading.Lock()    # vCPU threads empty full rings while the machine runs
@@ -521,21 +520,15 @@ class GuestMemory:
         off = self.offset_of(gpa, length)
         return memoryview(self._buf).cast("B")[off:off + length]
 
-    def note_host_written(self, pages: frozenset[int]) -> None:
-        """The host is about to write these pages (page numbers from the start of RAM) itself, as write() would:
-        they count as dirty for the next reset (fork.VM.run_input, which writes its input in C)."""
-        d = self._dirty
-        if not pages <= d.host:
-            d.host.update(pages)
-        if not pages <= d.host_ever:
-            d.host_ever.update(pages)
-        self._frozen = None
-
-    def _mark_host_dirty(self, off: int, n: int) -> None:
-        pages = range(off >> PAGE_SHIFT, ((off + n - 1) >> PAGE_SHIFT) + 1)
+    def note_host_written(self, pages: Iterable[int]) -> None:
+        """The host writes these pages (page numbers from the start of RAM) itself: they count as dirty for the
+        next reset (write(), and fork.VM.run_input, which writes its input in C)."""
         self._dirty.host.update(pages)
         self._dirty.host_ever.update(pages)
         self._frozen = None
+
+    def _mark_host_dirty(self, off: int, n: int) -> None:
+        self.note_host_written(range(off >> PAGE_SHIFT, ((off + n - 1) >> PAGE_SHIFT) + 1))
 
     # --- dirty tracking -----------------------------------------------------------------------------------------
 
@@ -682,9 +675,10 @@ class GuestMemory:
 
     def ring_full(self, vcpu_index: int) -> bool:
         """A vCPU stopped with KVM_EXIT_DIRTY_RING_FULL: empty the rings (sync_dirty_log) and return False, or
-        return True (and set `ring_stuck`) where the ring can no longer be used. An exit with nothing to harvest
-        is normal when the ring is full of entries harvested but left armed (the hot pages', which a reset re-arms
-        only now: _protect_again); with none of those either, the ring overflowed (_unstick_ring)."""
+        return True where the ring can no longer be used (the caller stops the machine: vm.RING_OVERFLOW). An exit
+        with nothing to harvest is normal when the ring is full of entries harvested but left armed (the hot
+        pages', which a reset re-arms only now: _protect_again); with none of those either, the ring overflowed
+        (_unstick_ring)."""
         ring = self._rings[vcpu_index] if 0 <= vcpu_index < len(self._rings) else None
         if ring is not None and not np.any(np.frombuffer(ring.words, np.int64)[0::2] & KVM_DIRTY_GFN_F_DIRTY):
             self._last_cleared = 0
@@ -692,16 +686,13 @@ class GuestMemory:
             if self._last_cleared:
                 return False            # the hot pages' entries re-armed: the ring has room again
             with self._ring_lock:
-                if self._unstick_ring(ring):
-                    return False
-            self.ring_stuck = self._lost = self._ever_lost = True
-            return True
+                return not self._unstick_ring(ring)
         before = ring.fetch if ring is not None else 0
         self.sync_dirty_log()
         # (a full ring whose harvests read nothing of it, exit after exit, cannot be brought back either)
         self._fruitless_full = self._fruitless_full + 1 if ring is not None and ring.fetch == before else 0
         if self._fruitless_full >= 3:
-            self.ring_stuck = self._lost = self._ever_lost = True
+            self._lost = self._ever_lost = True
             return True
         return False
 

@@ -38,6 +38,7 @@ from typing import Any, Protocol, TextIO
 
 from ..kvm import constants as c
 from ..kvm import structs as s
+from ..vm import RING_OVERFLOW
 from ..vmi import Debugger, Hit, debugger
 from ..vmi.symbols import SymbolTable
 from .coverage import Coverage
@@ -390,10 +391,15 @@ class Fuzzer:
         next execute() makes it reset again as usual (VM.just_reset)."""
         if self._stale:
             self._make_fork()
-        if not (self.compiled_iteration and self._plain_run and self.budget is None):
+        if not self._one_call():
             return
         self.fork.reset(lean=self.lean_resets)
         self._ahead = self.fork
+
+    def _one_call(self) -> bool:
+        """Whether an input's reset, write and first KVM_RUN go into the fork in one call (VM.reset_and_run, or
+        VM.run_input after reset_ahead): a plain run, no instruction budget."""
+        return self.compiled_iteration and self._plain_run and self.budget is None
 
     def _exec(self, data: bytes) -> Result | None:
         """None for the common case: the end marker and nothing new covered."""
@@ -406,14 +412,15 @@ class Fuzzer:
             n = self.capacity
             data = data[:n]
         fork = self.fork
-        if self._ahead is fork and fork.just_reset:
+        one_call = self._one_call()
+        if one_call:
+            payload = _LEN64(n) + data if self.input.format == "len64" else data
+        if one_call and self._ahead is fork and fork.just_reset:
             # reset_ahead() reset it already: the input and the first KVM_RUN in one call (VM.run_input)
             self._ahead = None
-            payload = _LEN64(n) + data if self.input.format == "len64" else data
             ev = fork.run_input(payload, self.input.pieces, timeout=self.budget_s, settle=self.settle)
-        elif self.compiled_iteration and self._plain_run and self.budget is None:
+        elif one_call:
             # reset, input and the first KVM_RUN in one call (VM.reset_and_run); the reset is not timed apart
-            payload = _LEN64(n) + data if self.input.format == "len64" else data
             # settle=False: the next input resets anyway, so the end marker's `out` is left for KVM to drop
             # (or for whoever looks at the fork's registers first to complete: Vcpu.settle)
             ev = fork.reset_and_run(payload, self.input.pieces, timeout=self.budget_s, settle=self.settle,
@@ -426,7 +433,7 @@ class Fuzzer:
                 self.budget.arm(fork)
             self._write_input(data)
             ev = self._run(timeout=self.budget_s)
-        if fork.broken is not None and fork.memory.ring_stuck and self.dirty_log != "bitmap":
+        if fork.broken == RING_OVERFLOW and self.dirty_log != "bitmap":
             # this host's KVM let the run overflow the fork's dirty ring for good (vm.RING_OVERFLOW): from now on
             # the fuzz forks log into bitmaps, and this input runs again in one
             self.dirty_log = "bitmap"
