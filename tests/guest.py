@@ -61,3 +61,27 @@ def state_part(st: object, name: str) -> bytes:
         data = data[:_XSTATE_BV.start] + bytes(8) + data[_XSTATE_BV.stop:]
     return data
 
+
+LOOP_SCRATCH = 64 << 20      # where the test guest's `loop` program writes its pages
+
+
+def run_loop(vm: VM, addr: int, npages: int, seed: int) -> None:
+    """One input of the `loop` program (input buffer at `addr`): write `npages` pages from LOOP_SCRATCH on."""
+    vm.memory.write(addr, struct.pack("<QQ", npages, seed))
+    ev = vm.run(timeout=20)
+    assert ev.reason == "harness-end", ev
+
+
+def assert_same_runs(a: VM, b: VM, addr: int, seeds: tuple[int, ...], *, consoles: bool = False) -> None:
+    """Twin forks of the `loop` program run each seed's 16-page input alike: registers, the pages written (and
+    with `consoles`, the console); both are reset after each."""
+    for seed in seeds:
+        run_loop(a, addr, 16, seed)
+        run_loop(b, addr, 16, seed)
+        assert bytes(a.vcpus[0].get_regs()) == bytes(b.vcpus[0].get_regs())
+        assert a.memory.read(LOOP_SCRATCH, 16 * 4096) == b.memory.read(LOOP_SCRATCH, 16 * 4096)
+        if consoles:
+            assert console(a) == console(b)
+        a.reset()
+        b.reset()
+

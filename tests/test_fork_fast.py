@@ -5,27 +5,21 @@ shell pool are made at a sustained rate with a clear error when the process runs
 from __future__ import annotations
 
 import ctypes
-import struct
 import subprocess
 import sys
 import textwrap
 from typing import Any
 
-from guest import boot, console, field, run_to_exit, run_to_ready, state_part
+from guest import LOOP_SCRATCH, assert_same_runs, boot, console, field, run_loop, run_to_exit, run_to_ready, state_part
 from vmfork.fork import VM, shell_pool
 from vmfork.kvm import constants as c
 from vmfork.kvm import structs as s
 from vmfork.vcpu import TIMED_MSRS, VcpuState
 from vmfork.vm import Shell
 
-SCRATCH = 64 << 20
+SCRATCH = LOOP_SCRATCH
 LAPIC_TIMER_CURRENT = 0x390
 
-
-def run_loop(vm: VM, addr: int, npages: int, seed: int) -> None:
-    vm.memory.write(addr, struct.pack("<QQ", npages, seed))
-    ev = vm.run(timeout=20)
-    assert ev.reason == "harness-end", ev
 
 
 def applied_state(vm: VM) -> VcpuState:
@@ -60,13 +54,7 @@ def test_fork_from_a_preloaded_shell_equals_a_full_restore(pvh_guest, machines) 
     full = parent.fork()
     same_clock_free_parts(applied_state(fast), applied_state(full))
     same_clock_free_parts(applied_state(fast), parent._state_for_forks().vcpus[0])
-    for seed in (7, 8):
-        run_loop(fast, addr, 16, seed)
-        run_loop(full, addr, 16, seed)
-        assert bytes(fast.vcpus[0].get_regs()) == bytes(full.vcpus[0].get_regs())
-        assert fast.memory.read(SCRATCH, 16 * 4096) == full.memory.read(SCRATCH, 16 * 4096)
-        fast.reset()
-        full.reset()
+    assert_same_runs(fast, full, addr, (7, 8))
 
 
 def test_preloaded_timer_fork_ticks_like_a_fully_restored_one(pvh_guest, machines) -> None:

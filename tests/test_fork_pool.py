@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import struct
 import time
 from typing import Any
 
 import pytest
 
-from guest import boot, console, run_to_ready, state_part
+from guest import LOOP_SCRATCH, assert_same_runs, boot, run_loop, run_to_ready, state_part
 from linux_guest import Booted
 from vmfork import vmgenid
 from vmfork.devices import DeviceSetState
@@ -23,15 +22,10 @@ from vmfork.kvm import constants as c
 from vmfork.kvm import structs as s
 from vmfork.vm import Shell
 
-SCRATCH = 64 << 20
+SCRATCH = LOOP_SCRATCH
 KVM_REINJECT_CONTROL = c._io(0x71)      # struct kvm_reinject_control {u8 pit_reinject; u8 reserved[31]}
 PIC_IRR = 9                             # struct kvm_irqchip: chip_id, pad, then kvm_pic_state {last_irr, irr, ...}
 
-
-def run_loop(vm: VM, addr: int, npages: int, seed: int) -> None:
-    vm.memory.write(addr, struct.pack("<QQ", npages, seed))
-    ev = vm.run(timeout=20)
-    assert ev.reason == "harness-end", ev
 
 
 def pooled(parent: VM) -> list[Any]:
@@ -75,14 +69,7 @@ def test_a_pooled_fork_is_what_the_full_path_makes(pvh_guest, machines) -> None:
     a, b = fv.capture(), uv.capture()
     for name in ("regs", "sregs", "events", "xsave", "xcrs", "mp_state", "debugregs", "lapic"):
         assert state_part(a, name) == state_part(b, name), f"{name} differs"
-    for seed in (3, 4):
-        run_loop(fast, addr, 16, seed)
-        run_loop(full, addr, 16, seed)
-        assert bytes(fast.vcpus[0].get_regs()) == bytes(full.vcpus[0].get_regs())
-        assert fast.memory.read(SCRATCH, 16 * 4096) == full.memory.read(SCRATCH, 16 * 4096)
-        assert console(fast) == console(full)
-        fast.reset()
-        full.reset()
+    assert_same_runs(fast, full, addr, (3, 4), consoles=True)
     # a fork of the pooled fork sees it as it is now
     run_loop(fast, addr, 2, 9)
     grandchild = fast.fork()
@@ -182,13 +169,7 @@ def test_a_recycled_shell_brings_nothing_of_its_last_fork(pvh_guest, machines) -
     fork.vm.get_pit2(mode)
     assert mode.channels[0].mode == quiet.capture_platform().pit.channels[0].mode
     full = full_restore_fork(quiet)
-    for seed in (1, 2):
-        run_loop(fork, addr, 16, seed)
-        run_loop(full, addr, 16, seed)
-        assert bytes(fork.vcpus[0].get_regs()) == bytes(full.vcpus[0].get_regs())
-        assert fork.memory.read(SCRATCH, 16 * 4096) == full.memory.read(SCRATCH, 16 * 4096)
-        fork.reset()
-        full.reset()
+    assert_same_runs(fork, full, addr, (1, 2))
 
 
 def test_a_machine_built_for_a_state_the_parent_left_is_not_used(pvh_guest, machines) -> None:

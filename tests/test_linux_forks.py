@@ -23,20 +23,26 @@ COMMAND = b"head -c 16 /dev/urandom | od -An -tx1\n"
 RESEEDED = b"crng reseeded due to virtual machine fork"
 
 
-def _ask(vm: VM, command: bytes, timeout: float = 300) -> bytes:
-    serial = vm.device("serial0")
-    since = len(serial.output())
+def _ask(vm: VM | ProcessFork, command: bytes, timeout: float = 300) -> bytes:
+    """Type `command` at the fork's prompt and return what it printed up to its next prompt (a process fork's
+    console is read over its control channel, so it is polled less often)."""
+    if isinstance(vm, ProcessFork):
+        output, poll = vm.console, 0.5
+    else:
+        serial = vm.device("serial0")
+        output, poll = (lambda: bytes(serial.output())), 0.2
+    since = len(output())
     vm.feed_console(command)
     vm.start()
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and vm.wait(0.2).reason == "timeout":
-            if bytes(serial.output())[since:].count(PROMPT) >= 1:
+        while time.monotonic() < deadline and vm.wait(poll).reason == "timeout":
+            if output()[since:].count(PROMPT) >= 1:
                 break
     finally:
         if vm.state == "running":
             vm.pause()
-    return bytes(serial.output())[since:]
+    return output()[since:]
 
 
 def _random_bytes(answer: bytes) -> str:
@@ -120,21 +126,6 @@ def test_console_input_while_paused_is_delivered_on_unpause(linux_at_prompt: Boo
         child.destroy()
 
 
-def _ask_process(f: ProcessFork, command: bytes, timeout: float = 300) -> bytes:
-    since = len(f.console())
-    f.feed_console(command)
-    f.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and f.wait(0.5).reason == "timeout":
-            if f.console()[since:].count(PROMPT) >= 1:
-                break
-    finally:
-        if f.state == "running":
-            f.pause()
-    return f.console()[since:]
-
-
 def test_process_forks_of_linux_survive_a_killed_sibling(linux_at_prompt: Booted) -> None:
     """Process forks of the Linux at its prompt, with strings of their own: SIGKILL of one leaves its siblings and
     the parent working; a process fork is reset back to its prompt (its reset drops KVM's translations, as an
@@ -152,20 +143,20 @@ def test_process_forks_of_linux_survive_a_killed_sibling(linux_at_prompt: Booted
         assert all(f.flush_translations_on_reset is kernel_mode_emulated() for f in forks)
         os.kill(forks[1].pid, signal.SIGKILL)
         for i in (0, 2):
-            out = _ask_process(forks[i], b"eval \"$(vmfork-env)\"; echo host-$(hostname)\n")
+            out = _ask(forks[i], b"eval \"$(vmfork-env)\"; echo host-$(hostname)\n")
             assert f"host-p{i}".encode() in out, out
         assert not forks[1].alive()
         # reset: the shell variable set after the fork point is gone, and the shell answers again
         # (processes run before and after it: a reset that kept KVM's stale translations crashed those after)
-        _ask_process(forks[0], b"MARK=set-in-p0; cat /proc/uptime; ls / | wc -l\n")
+        _ask(forks[0], b"MARK=set-in-p0; cat /proc/uptime; ls / | wc -l\n")
         assert forks[0].reset() > 0
-        out = _ask_process(forks[0], b"echo [$MARK] $(ls / | wc -l) after-$(echo 42 | cat)\n")
+        out = _ask(forks[0], b"echo [$MARK] $(ls / | wc -l) after-$(echo 42 | cat)\n")
         assert re.search(rb"\[\] \d+ after-42", out), out
         # a fork of a process fork (its worker freezes the RAM): same mode, and it answers
         grandchild = forks[2].fork()
         try:
             assert grandchild.dirty_ring is forks[2].dirty_ring
-            assert b"p2 again" in _ask_process(grandchild, b"echo $(hostname) again\n")
+            assert b"p2 again" in _ask(grandchild, b"echo $(hostname) again\n")
         finally:
             grandchild.destroy()
         # the parent still forks (in-process, and a process fork from a worker prepared ahead) and answers
@@ -173,7 +164,7 @@ def test_process_forks_of_linux_survive_a_killed_sibling(linux_at_prompt: Booted
         plain = parent.fork(isolation="process")
         try:
             assert b"still-42" in _ask(again, b"echo still-$((40+2))\n")
-            assert b"plain-43" in _ask_process(plain, b"echo plain-$((40+3))\n")
+            assert b"plain-43" in _ask(plain, b"echo plain-$((40+3))\n")
         finally:
             again.destroy()
             plain.destroy()
