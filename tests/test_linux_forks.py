@@ -11,6 +11,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -174,6 +175,19 @@ def test_process_forks_of_linux_survive_a_killed_sibling(linux_at_prompt: Booted
 
 
 @contextlib.contextmanager
+def _restored_domain(booted: Booted, tmp_path: Path) -> Iterator[tuple[CliHarness, str]]:
+    """The toolstack (CliHarness) with the Linux at its prompt restored paused from the fixture's save file as a
+    domain, and that domain's name."""
+    from linux_guest import CACHE
+    _parent(booted)
+    saved = sorted(CACHE.glob("*.save"))
+    assert saved, "the fixture saves the machine at the prompt"
+    with CliHarness(tmp_path, saved[0]) as ts:
+        ts.ok("restore", "-p", str(saved[0]))
+        yield ts, ts.list_json()[0]["name"]
+
+
+@contextlib.contextmanager
 def _console(ts: CliHarness, name: str) -> Iterator[Callable[[bytes], None]]:
     """`vmfork console NAME` running; yields a function that types a line into it."""
     con = subprocess.Popen(ts.argv("console", name), env=ts.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -204,14 +218,7 @@ def test_domain_forks_of_linux_take_console_input_and_strings(linux_at_prompt: B
     import os
     import signal
 
-    from linux_guest import CACHE
-    _parent(linux_at_prompt)
-    saved = sorted(CACHE.glob("*.save"))
-    assert saved, "the fixture saves the machine at the prompt"
-    with CliHarness(tmp_path, saved[0]) as ts:
-        ts.ok("restore", "-p", str(saved[0]))
-        parent = ts.list_json()[0]["name"]
-        forks = []
+    with _restored_domain(linux_at_prompt, tmp_path) as (ts, parent):
         for i in range(2):
             ts.ok("fork-vm", "-p", "--set", f"hostname=dom{i}", parent)
         forks = [e for e in ts.list_json() if e["parent"] is not None]
@@ -242,13 +249,7 @@ def test_domain_fork_of_linux_gets_its_strings_with_a_late_device_model(linux_at
                                                                          tmp_path) -> None:  # type: ignore[no-untyped-def]
     """fork-vm --launch-dm no --set: the strings wait for the fork's device model; --launch-dm late --set adds one;
     the Linux shell of the fork then reads both through vmfork-env."""
-    from linux_guest import CACHE
-    _parent(linux_at_prompt)
-    saved = sorted(CACHE.glob("*.save"))
-    assert saved, "the fixture saves the machine at the prompt"
-    with CliHarness(tmp_path, saved[0]) as ts:
-        ts.ok("restore", "-p", str(saved[0]))
-        parent = ts.list_json()[0]["name"]
+    with _restored_domain(linux_at_prompt, tmp_path) as (ts, parent):
         fork = ts.ok("fork-vm", "-p", "--launch-dm", "no", "--set", "hostname=late0", parent).strip()
         assert ts.listed(f"{parent}-fork-1")["launch_dm"] == "no"
         ts.ok("fork-vm", "--launch-dm", "late", "--set", "ROLE=r1", fork)
