@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # VMFORK_BENCH_SRC: another tree's src/ to measure (--against runs this script on one)
 sys.path.insert(0, os.environ.get("VMFORK_BENCH_SRC") or str(ROOT / "src"))
 
+from rows import REFERENCE_SECTION, documented_medians, parse_duration  # noqa: E402
+
 from vmfork.demo import pss_kib, sustained_forks  # noqa: E402
 from vmfork.fork import VM, shell_pool  # noqa: E402
 from vmfork.vm import Shell  # noqa: E402
@@ -408,27 +410,11 @@ def main() -> int:
     return 0
 
 
-def parse_duration(text: str) -> float | None:
-    """'396 µs' / '7.9 ms' / '1,234 µs' -> seconds; None for anything else."""
-    parts = text.replace(",", "").split()
-    if len(parts) != 2:
-        return None
-    try:
-        value = float(parts[0])
-    except ValueError:
-        return None
-    return {"µs": 1e-6, "ms": 1e-3, "s": 1.0}.get(parts[1], 0.0) * value or None
-
-
 def check_against_docs(rows: list[tuple[str, str, str, str]]) -> None:
-    """Print now/docs per row of the "Fork and reset" table in docs/benchmarks.md (> 1: slower than documented)."""
+    """Print now/docs per row: the reference medians of docs/benchmarks.md first (the current numbers), else the
+    first round's "Fork and reset" table (> 1: slower than documented)."""
     text = (ROOT / "docs" / "benchmarks.md").read_text()
-    section = text.split("## Fork and reset", 1)[-1].split("\n## ", 1)[0]
-    documented: dict[str, str] = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 2 and line.startswith("|"):
-            documented.setdefault(cells[0], cells[1])
+    documented = documented_medians(text, REFERENCE_SECTION, "## Fork and reset")
     print()
     print("  check against docs/benchmarks.md (now / documented median; > 1 is slower):")
     for name, median, _, _ in rows:

@@ -17,6 +17,8 @@ import struct
 import time
 from pathlib import Path
 
+from rows import REFERENCE_SECTION, documented_medians, parse_duration
+
 from vmfork.fork import VM
 from vmfork.procfork import ProcessFork, fork_process, worker_pool
 
@@ -220,25 +222,15 @@ def linux(n: int) -> None:
 
 
 def check(now: list[tuple[str, float]]) -> None:
-    """Print now/documented for each row of docs/benchmarks.md's "Process-isolated forks" table."""
-    section = (ROOT / "docs" / "benchmarks.md").read_text().split("## Process-isolated forks", 1)[-1]
-    documented: dict[str, float] = {}
-    for line in section.split("\n## ", 1)[0].splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) >= 2 and len(cells[1].split()) == 2:
-            value, unit = cells[1].split()
-            scale = {"µs": 1e-6, "ms": 1e-3, "s": 1.0}.get(unit)
-            try:
-                if scale:
-                    documented[cells[0]] = float(value.replace(",", "")) * scale
-            except ValueError:
-                pass
+    """Print now/documented per row: the reference medians of docs/benchmarks.md first, else its "Process-isolated
+    forks" table (> 1: slower than documented)."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    documented = documented_medians(text, REFERENCE_SECTION, "## Process-isolated forks")
     print("check against docs/benchmarks.md (now / documented median; > 1 is slower):")
     for name, seconds in now:
-        doc = documented.get(name)
+        doc = parse_duration(documented.get(name, ""))
         ratio = f"{seconds / doc:5.2f}x" if doc else "(not documented)"
         print(f"  {name:<70} {ratio}")
-
 
 if __name__ == "__main__":
     main()

@@ -15,9 +15,10 @@ Outcomes: "ok" (an end marker or end breakpoint, or an exit status below 0x80), 
 caught at the guest's own handler by a hardware breakpoint (faults.py), kind "vector", signed by the faulting RIP;
 an exit status >= 0x80, the test guests' convention for "exception vector = status & 0x7f"; a triple fault, kind
 "triple-fault" (KVM_EXIT_SHUTDOWN); a guest reset, a KVM internal error or another fatal stop), "hang" (the time
-budget ran out, kind "timeout"; the instruction budget did, kind "instructions"), "rejected" (an input larger than
-the buffer with `oversize="reject"`). Crashes carry the vCPU's general registers and (`system`) its control
-registers, EFER and descriptor tables at the stop.
+budget ran out, kind "timeout", in a run that reached no new coverage block and was not a new fork's first: those
+are run again, since their time went partly to vmfork; the instruction budget ran out, kind "instructions"),
+"rejected" (an input larger than the buffer with `oversize="reject"`). Crashes carry the vCPU's general registers
+and (`system`) its control registers, EFER and descriptor tables at the stop.
 """
 
 from __future__ import annotations
@@ -234,6 +235,9 @@ class Fuzzer:
         self._sink_hit: tuple[int, s.Regs] | None = None      # (sink address, the interrupted code's registers)
         self._end_hit = False
         self._stale = False
+        # the fuzz fork has not run yet: its first run also makes the sink's pages present in KVM and copies those it
+        # writes (page faults, tens of µs each where an exit from guest user mode costs 45 µs), which is vmfork's time
+        self._fresh = False
         self._ahead: Any = None                 # the fork reset_ahead() reset for the next input
         # how the fuzz forks log their writes (VM.fork's dirty_log): "bitmap" after a run overflowed a dirty ring
         self.dirty_log = "auto"
@@ -351,6 +355,7 @@ class Fuzzer:
         self.fork = self.sink.fork(name=f"{self.parent.name}-fuzz", dirty_log=self.dirty_log)
         self._run = self._runner(self.fork)
         self._stale = False
+        self._fresh = True
 
     def _on_block(self, hit: Hit) -> bool:
         hook = self.block_hook
@@ -439,20 +444,23 @@ class Fuzzer:
             self.dirty_log = "bitmap"
             self._stale = True
             return self._exec(data)
+        fresh, self._fresh = self._fresh, False
         reason = ev.reason
         if reason == "breakpoint" and self._end_hit:
             self._end_hit = False
             reason = "harness-end"
         if reason == "harness-end" and not self._new:
             return None
-        if reason == "timeout" and self._new and self.block_hook is None:
-            return self._rerun_without_new_blocks(data, self._classify(ev, reason))
+        if reason == "timeout" and (self._new or fresh) and self.block_hook is None:
+            return self._run_again(data, self._classify(ev, reason))
         return self._classify(ev, reason)
 
-    def _rerun_without_new_blocks(self, data: bytes, first: Result) -> Result:
-        """A run that reached new coverage blocks spent part of its time budget in vmfork (an exit per first hit,
-        about 50 µs here), not in the guest: run the input again, now without those breakpoints, and let that run
-        decide whether it is a hang. Each pass removes the blocks it hit, so this ends."""
+    def _run_again(self, data: bytes, first: Result) -> Result:
+        """A run that timed out after it reached new coverage blocks, or in a fork's first run, spent part of its
+        time budget in vmfork, not in the guest: an exit per first hit (about 50 µs here), or the faults that make a
+        new fork's pages present. Run the input again, without those breakpoints or in the now warm fork, and let
+        that run decide whether it is a hang. Each pass removes the blocks it hit, and a fork is fresh for one run
+        only, so this ends."""
         again = self._exec(data)
         if again is None:
             return Result("ok", "end", 2, new_blocks=first.new_blocks)
@@ -534,6 +542,7 @@ class Fuzzer:
         self.fork = self.sink.fork(name=f"{self.parent.name}-fuzz-{len(self.kept)}")
         self._run = self._runner(self.fork)
         self._stale = False
+        self._fresh = True
         return kept
 
     # --- a campaign -------------------------------------------------------------------------------------------
