@@ -28,7 +28,6 @@ from rows import print_rows  # noqa: E402
 
 from vmfork.fork import VM, kernel_mode_emulated  # noqa: E402
 from vmfork.kvm.stats import StatsCounter  # noqa: E402
-from vmfork.memory import GuestMemory  # noqa: E402
 from vmfork.snapshot import restore  # noqa: E402
 
 PROMPT = b"vmfork# "
@@ -99,7 +98,7 @@ def main() -> None:
     previous: str | None = None                 # the way the last reset flushed
     try:
         order = [WAYS[(i // 2 + i) % 2] for i in range(2 * args.resets)]     # A B B A A B B A ...
-        for i, way in enumerate(order + [None]):
+        for i, way in enumerate([*order, None]):
             command, answer = _command(i)
             out = _ask(fork, command, args.limit)
             ok = answer in out and PROMPT in out
