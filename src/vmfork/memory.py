@@ -457,7 +457,7 @@ class GuestMemory:
 
     def reregister_slots(self) -> None:
         """Remove and register again this RAM's slots in its VM, which makes KVM drop every translation it derived
-        from guest memory (drop_translations' fallback: about three times its cost, docs/benchmarks.md)."""
+        from guest memory (drop_translations' fallback; its flush costs about 1.7 times as much, docs/benchmarks.md)."""
         if self._vm is None:
             return
         flags = KVM_MEM_LOG_DIRTY_PAGES if self._dirty_logging else 0
