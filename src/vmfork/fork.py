@@ -234,7 +234,7 @@ class VM(Machine):
         self.pause_on_device_access = False             # stop at the first access to each port no device answers
         self._dm_pending: _DeviceAccess | None = None   # the access that stopped it, for a device model attached late
         self.bus.on_unknown = self._on_device_access
-        # Reset drops KVM's derived translations (memory.reregister_slots) after restoring pages: set for forks of
+        # Reset drops KVM's derived translations (memory.drop_translations) after restoring pages: set for forks of
         # guests that rewrite their page tables (Linux: processes come and go) on hosts that shadow them.
         self.flush_translations_on_reset = False
         self._vmgenid_id: bytes | None = None           # this fork's VM generation ID (vmgenid.py), if it has one
@@ -455,7 +455,7 @@ class VM(Machine):
         else:
             pages = self.memory.reset_to_base() if memory else 0
             if pages and self.flush_translations_on_reset:
-                self.memory.reregister_slots()
+                self.memory.drop_translations()
             if state:
                 plan.restore()
         if state:
