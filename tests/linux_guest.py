@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from vmfork.fork import VM
+from vmfork.procfork import ProcessFork
 from vmfork.snapshot import savefile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,29 @@ def _run_until(vm: VM, marker: bytes, timeout: float, *, since: int = 0) -> byte
         if vm.state == "running":
             vm.pause()
     return bytes(serial.output())
+
+
+def ask(vm: VM | ProcessFork, command: bytes, timeout: float = 300) -> bytes:
+    """Type `command` at the fork's prompt and return what it printed up to its next prompt or a kernel panic (a
+    process fork's console is read over its control channel, so it is polled less often)."""
+    if isinstance(vm, ProcessFork):
+        output, poll = vm.console, 0.5
+    else:
+        serial = vm.device("serial0")
+        output, poll = (lambda: bytes(serial.output())), 0.2
+    since = len(output())
+    vm.feed_console(command)
+    vm.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and vm.wait(poll).reason == "timeout":
+            out = output()[since:]
+            if PROMPT in out or PANIC in out:
+                break
+    finally:
+        if vm.state == "running":
+            vm.pause()
+    return output()[since:]
 
 
 def _boot(kernel: Path, initrd: Path, vcpus: int = VCPUS) -> Booted:

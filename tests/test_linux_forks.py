@@ -16,34 +16,11 @@ from pathlib import Path
 import pytest
 
 from cli_harness import CliHarness
-from linux_guest import PROMPT, Booted
+from linux_guest import Booted, ask
 from vmfork.fork import VM
-from vmfork.procfork import ProcessFork
 
 COMMAND = b"head -c 16 /dev/urandom | od -An -tx1\n"
 RESEEDED = b"crng reseeded due to virtual machine fork"
-
-
-def _ask(vm: VM | ProcessFork, command: bytes, timeout: float = 300) -> bytes:
-    """Type `command` at the fork's prompt and return what it printed up to its next prompt (a process fork's
-    console is read over its control channel, so it is polled less often)."""
-    if isinstance(vm, ProcessFork):
-        output, poll = vm.console, 0.5
-    else:
-        serial = vm.device("serial0")
-        output, poll = (lambda: bytes(serial.output())), 0.2
-    since = len(output())
-    vm.feed_console(command)
-    vm.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and vm.wait(poll).reason == "timeout":
-            if output()[since:].count(PROMPT) >= 1:
-                break
-    finally:
-        if vm.state == "running":
-            vm.pause()
-    return output()[since:]
 
 
 def _random_bytes(answer: bytes) -> str:
@@ -58,17 +35,17 @@ def test_forks_of_a_linux_shell_answer_with_different_random_bytes(linux_at_prom
     # Linux reseeds on a VM fork only once its RNG is ready ("crng init done", about two minutes of guest time into
     # this kernel's boot here): a fork of the prompt waits for it (/dev/random blocks until then), and is forked.
     base = linux_at_prompt.vm.fork()
-    assert b"ready" in _ask(base, b"head -c 1 /dev/random >/dev/null; echo ready\n", timeout=600)
+    assert b"ready" in ask(base, b"head -c 1 /dev/random >/dev/null; echo ready\n", timeout=600)
     parent = base
     fresh = [parent.fork() for _ in range(3)]
     same = [parent.fork(new_generation=False) for _ in range(2)]
     try:
-        answers = [_ask(f, COMMAND) for f in fresh]
+        answers = [ask(f, COMMAND) for f in fresh]
         got = [_random_bytes(a) for a in answers]
         assert len(set(got)) == len(got), got
         assert all(RESEEDED in a for a in answers), answers
         for f in same:
-            assert RESEEDED not in _ask(f, COMMAND)
+            assert RESEEDED not in ask(f, COMMAND)
     finally:
         base.destroy(tree=True)
 
@@ -90,25 +67,25 @@ def test_a_fork_answers_keeps_time_and_forks_again(linux_at_prompt: Booted) -> N
         # the clock: a 1 s timeout takes about 1 s of guest time, and the fork's time never goes back. Only shell
         # builtins between the two readings (`read -t 1` waits in poll() on the console): a new process costs seconds
         # where kernel mode is emulated, and more on a loaded host, which would measure process creation, not time.
-        out = _ask(child, b"read a r </proc/uptime; read -t 1 x; read b r </proc/uptime; echo UP:$a; echo UP:$b\n")
+        out = ask(child, b"read a r </proc/uptime; read -t 1 x; read b r </proc/uptime; echo UP:$a; echo UP:$b\n")
         before, after = _uptime(out)
         assert 0.9 <= after - before <= 2.5, out
-        assert b"slept-1" in _ask(child, b"sleep 1; echo slept-$((2-1))\n")    # sleep, an external program, returns
+        assert b"slept-1" in ask(child, b"sleep 1; echo slept-$((2-1))\n")    # sleep, an external program, returns
         assert b"soft lockup" not in out and b"BUG" not in out, out
-        assert b"answer-42" in _ask(child, b"echo answer-$((6*7))\n")
+        assert b"answer-42" in ask(child, b"echo answer-$((6*7))\n")
         # forks of forks: the grandchild starts where the child stopped (a shell variable set in the child)
-        _ask(child, b"MARK=child-was-here\n")
+        ask(child, b"MARK=child-was-here\n")
         grandchild = child.fork()
         try:
-            assert b"child-was-here" in _ask(grandchild, b"echo $MARK\n")
-            (later,) = _uptime(_ask(grandchild, b"echo UP:$(cut -d' ' -f1 /proc/uptime)\n"))
+            assert b"child-was-here" in ask(grandchild, b"echo $MARK\n")
+            (later,) = _uptime(ask(grandchild, b"echo UP:$(cut -d' ' -f1 /proc/uptime)\n"))
             assert later >= after
         finally:
             grandchild.destroy()
         # reset: back to the prompt at the fork point (the variable is gone), and it answers again
         child.reset()
-        assert b"[]" in _ask(child, b"echo [$MARK]\n")
-        assert b"answer-43" in _ask(child, b"echo answer-$((6*7+1))\n")
+        assert b"[]" in ask(child, b"echo [$MARK]\n")
+        assert b"answer-43" in ask(child, b"echo answer-$((6*7+1))\n")
     finally:
         child.destroy(tree=True)
 
@@ -121,7 +98,7 @@ def test_console_input_while_paused_is_delivered_on_unpause(linux_at_prompt: Boo
         child.feed_console(line)
         time.sleep(0.5)
         assert child.state == "paused"
-        out = _ask(child, b"\n")
+        out = ask(child, b"\n")
         assert b"typed-while-paused-" + b"x" * 40 in out.replace(b"\r", b""), out
     finally:
         child.destroy()
@@ -144,28 +121,28 @@ def test_process_forks_of_linux_survive_a_killed_sibling(linux_at_prompt: Booted
         assert all(f.flush_translations_on_reset is kernel_mode_emulated() for f in forks)
         os.kill(forks[1].pid, signal.SIGKILL)
         for i in (0, 2):
-            out = _ask(forks[i], b"eval \"$(vmfork-env)\"; echo host-$(hostname)\n")
+            out = ask(forks[i], b"eval \"$(vmfork-env)\"; echo host-$(hostname)\n")
             assert f"host-p{i}".encode() in out, out
         assert not forks[1].alive()
         # reset: the shell variable set after the fork point is gone, and the shell answers again
         # (processes run before and after it: a reset that kept KVM's stale translations crashed those after)
-        _ask(forks[0], b"MARK=set-in-p0; cat /proc/uptime; ls / | wc -l\n")
+        ask(forks[0], b"MARK=set-in-p0; cat /proc/uptime; ls / | wc -l\n")
         assert forks[0].reset() > 0
-        out = _ask(forks[0], b"echo [$MARK] $(ls / | wc -l) after-$(echo 42 | cat)\n")
+        out = ask(forks[0], b"echo [$MARK] $(ls / | wc -l) after-$(echo 42 | cat)\n")
         assert re.search(rb"\[\] \d+ after-42", out), out
         # a fork of a process fork (its worker freezes the RAM): same mode, and it answers
         grandchild = forks[2].fork()
         try:
             assert grandchild.dirty_ring is forks[2].dirty_ring
-            assert b"p2 again" in _ask(grandchild, b"echo $(hostname) again\n")
+            assert b"p2 again" in ask(grandchild, b"echo $(hostname) again\n")
         finally:
             grandchild.destroy()
         # the parent still forks (in-process, and a process fork from a worker prepared ahead) and answers
         again = parent.fork()
         plain = parent.fork(isolation="process")
         try:
-            assert b"still-42" in _ask(again, b"echo still-$((40+2))\n")
-            assert b"plain-43" in _ask(plain, b"echo plain-$((40+3))\n")
+            assert b"still-42" in ask(again, b"echo still-$((40+2))\n")
+            assert b"plain-43" in ask(plain, b"echo plain-$((40+3))\n")
         finally:
             again.destroy()
             plain.destroy()

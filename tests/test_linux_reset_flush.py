@@ -10,11 +10,9 @@ re-registering the RAM slots, which stays as the fallback where KVM refuses the 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from linux_guest import PANIC, PROMPT, Booted
+from linux_guest import PROMPT, Booted, ask
 from vmfork import shadow_flush
 from vmfork.fork import VM, kernel_mode_emulated
 from vmfork.kvm.stats import StatsCounter
@@ -27,24 +25,6 @@ pytestmark = pytest.mark.skipif(not kernel_mode_emulated(),
 def _command(i: int) -> tuple[bytes, bytes]:
     """A command that starts new processes, and the answer it must print."""
     return (f"echo r{i}-$(({i}*7+3)) $(echo x{i} | cat)\n".encode(), f"r{i}-{i * 7 + 3} x{i}".encode())
-
-
-def _ask(vm: VM, command: bytes, timeout: float = 300) -> bytes:
-    """Type `command` and return what the console printed until the next prompt (or a kernel panic)."""
-    serial = vm.device("serial0")
-    since = len(serial.output())
-    vm.feed_console(command)
-    vm.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and vm.wait(0.2).reason == "timeout":
-            out = bytes(serial.output())[since:]
-            if PROMPT in out or PANIC in out:
-                break
-    finally:
-        if vm.state == "running":
-            vm.pause()
-    return bytes(serial.output())[since:]
 
 
 def _parent(booted: Booted) -> VM:
@@ -91,7 +71,7 @@ def test_resets_answer_every_command_and_leave_no_translation(linux_at_prompt: B
         assert fork.flush_translations_on_reset
         for i in range(4):
             command, answer = _command(i)
-            out = _ask(fork, command)
+            out = ask(fork, command)
             assert answer in out and PROMPT in out, (i, out[-600:])
             assert fork.reset() > 0
         assert len(after) == 4 and moves == [True] * 4
@@ -109,10 +89,10 @@ def test_without_a_flush_the_shell_dies_after_a_reset(linux_at_prompt: Booted) -
     try:
         fork.flush_translations_on_reset = False
         command, answer = _command(0)
-        assert answer in _ask(fork, command)
+        assert answer in ask(fork, command)
         fork.reset()
         command, answer = _command(1)
-        out = _ask(fork, command, timeout=120)
+        out = ask(fork, command, timeout=120)
         assert answer not in out, out
     finally:
         fork.destroy()
@@ -133,7 +113,7 @@ def test_where_kvm_refuses_the_flush_slot_the_ram_slots_are_registered_again(lin
     try:
         for i in range(2):
             command, answer = _command(10 + i)
-            out = _ask(fork, command)
+            out = ask(fork, command)
             assert answer in out and PROMPT in out, (i, out[-600:])
             fork.reset()
             assert leaves.count() == 0
