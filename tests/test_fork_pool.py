@@ -227,7 +227,7 @@ def test_dropping_a_pooled_machine_keeps_its_shell(pvh_guest, machines) -> None:
 def test_pooled_forks_of_linux_answer(linux_at_prompt: Booted) -> None:
     """Linux (a guest following only public conventions): pooled forks of its shell prompt (bitmap dirty logging,
     the translation flush) answer a command, each with a new VM generation."""
-    from test_linux_forks import _ask
+    from linux_guest import ask
     parent = linux_at_prompt.vm
     if parent is None:
         pytest.skip(f"Linux did not reach its shell here: {linux_at_prompt.reason}")
@@ -240,7 +240,7 @@ def test_pooled_forks_of_linux_answer(linux_at_prompt: Booted) -> None:
         assert kids == built[:2]
         assert len({vmgenid.current(k) for k in (parent, *kids)}) == 3, "each fork gets a new VM generation"
         for i, k in enumerate(kids):
-            assert f"answer-{42 + i}".encode() in _ask(k, f"echo answer-$((6*7+{i}))\n".encode())
+            assert f"answer-{42 + i}".encode() in ask(k, f"echo answer-$((6*7+{i}))\n".encode())
     finally:
         for k in kids:
             k.destroy()

@@ -3,8 +3,9 @@
 Where KVM shadows the guest's page tables (kvm_pvm: guest kernel mode emulated), a reset that copies the parent's
 page tables back into pages the fork owns leaves KVM's shadow pages built from the fork's own page tables in use.
 The guest here is Linux at its busybox prompt, and every command starts new processes (a command substitution and
-a pipe), so a reset rewrites page tables the fork used: without any flush the shell (init) dies at its first command
-after a reset ("Attempted to kill init! exitcode=0x0000000b"); with the flush each command gets its answer. KVM's
+a pipe), so a reset rewrites page tables the fork used: without any flush the shell (init) died at its first command
+after a reset in nearly every run ("Attempted to kill init! exitcode=0x0000000b"); with the flush each command gets
+its answer. KVM's
 own statistics show the flush is complete: no leaf translation is left right after it (pages_4k/2m/1g), as after
 re-registering the RAM slots, which stays as the fallback where KVM refuses the flush slot."""
 
@@ -82,19 +83,23 @@ def test_resets_answer_every_command_and_leave_no_translation(linux_at_prompt: B
         fork.destroy()
 
 
-def test_without_a_flush_the_shell_dies_after_a_reset(linux_at_prompt: Booted) -> None:
-    """The control: the same fork, its flush turned off, loses its shell at the first command after a reset. (If
-    this ever passes, the host no longer keeps stale translations, and the flush may be unnecessary there.)"""
+def test_without_a_flush_kvm_keeps_the_translations_a_reset_made_stale(linux_at_prompt: Booted) -> None:
+    """The control: the same fork, its flush turned off, keeps KVM's leaf translations across the reset, built from
+    page tables the reset rewrote (what the flush removes; if this ever fails, the host no longer keeps them and the
+    flush may be unnecessary there). Whether the shell then dies depends on which stale ones it meets: it died at the
+    first command after the reset in every run on the helper's and the lead's machines, and once, on a freshly booted
+    kernel, answered; so that is not asserted."""
     fork = _parent(linux_at_prompt).fork()
+    leaves = _Leaves(fork)
     try:
         fork.flush_translations_on_reset = False
         command, answer = _command(0)
         assert answer in ask(fork, command)
-        fork.reset()
-        command, answer = _command(1)
-        out = ask(fork, command, timeout=120)
-        assert answer not in out, out
+        before = leaves.count()
+        assert fork.reset() > 0
+        assert before > 0 and leaves.count() > 0, (before, leaves.count())
     finally:
+        leaves.close()
         fork.destroy()
 
 
