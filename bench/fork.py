@@ -3,8 +3,9 @@
     .venv/bin/python bench/fork.py [--samples 200] [--markdown] [--check]
     .venv/bin/python bench/fork.py --floor-runs 9 --samples 100 [--against main]
 
-`--check` compares this run's medians with the "Fork and reset" table of docs/benchmarks.md, row by row (a ratio per
-metric; timings here drift by ±30%, so it is a guard to read before landing hot-path changes, not a test).
+`--check` compares this run's medians with docs/benchmarks.md, row by row: its "Reference medians for `--check`"
+(today's numbers), else the first round's "Fork and reset" table (a ratio per metric; timings here drift by ±30%, so it
+is a guard to read before landing hot-path changes, not a test).
 `--against REV` (with `--floor-runs R`): the floor runs alternate between this tree and git revision REV's src/
 (extracted to a temporary directory), one process per run, and the ratio of the medians is printed.
 

@@ -4,7 +4,8 @@
     .venv/bin/python bench/procfork.py --linux [--forks 5]
 
 Prints medians (and p90) in milliseconds / microseconds. Not a test. `--check` also prints each median's ratio to
-the "Process-isolated forks" table of docs/benchmarks.md (> 1: slower than documented). `--linux`: process forks of
+docs/benchmarks.md's "Reference medians for `--check`", else its "Process-isolated forks" table (> 1: slower than
+documented). `--linux`: process forks of
 the Linux at its shell prompt (the save file tests/linux_guest.py caches in build/linux-test/), side by side with
 in-process forks of it: fork, one command's answer, reset after it.
 """
