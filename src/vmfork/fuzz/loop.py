@@ -352,7 +352,11 @@ class Fuzzer:
                 if bp is not None and bp.owner == "coverage":
                     dbg.remove_breakpoint(bp)
         self._covered.clear()
-        self.fork = self.sink.fork(name=f"{self.parent.name}-fuzz", dirty_log=self.dirty_log)
+        self._next_fork(f"{self.parent.name}-fuzz")
+
+    def _next_fork(self, name: str) -> None:
+        """A new fuzz fork of the sink, logging its writes as the fuzz forks now do (self.dirty_log)."""
+        self.fork = self.sink.fork(name=name, dirty_log=self.dirty_log)
         self._run = self._runner(self.fork)
         self._stale = False
         self._fresh = True
@@ -539,10 +543,7 @@ class Fuzzer:
         self.fork = None
         self.fork_dbg = None
         self._covered.clear()
-        self.fork = self.sink.fork(name=f"{self.parent.name}-fuzz-{len(self.kept)}")
-        self._run = self._runner(self.fork)
-        self._stale = False
-        self._fresh = True
+        self._next_fork(f"{self.parent.name}-fuzz-{len(self.kept)}")
         return kept
 
     # --- a campaign -------------------------------------------------------------------------------------------
