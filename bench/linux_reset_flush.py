@@ -23,37 +23,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from rows import print_rows  # noqa: E402
 
-from vmfork.fork import VM, kernel_mode_emulated  # noqa: E402
+from linux_guest import PANIC, PROMPT, ask, spawning_command  # noqa: E402
+from vmfork.fork import kernel_mode_emulated  # noqa: E402
 from vmfork.kvm.stats import StatsCounter  # noqa: E402
 from vmfork.snapshot import restore  # noqa: E402
 
-PROMPT = b"vmfork# "
-PANIC = b"Kernel panic - not syncing"
 WAYS = ("re-registering the RAM slots", "moving the flush slot")
-
-
-def _ask(vm: VM, command: bytes, limit: float) -> bytes:
-    serial = vm.device("serial0")
-    since = len(serial.output())
-    vm.feed_console(command)
-    vm.start()
-    deadline = time.monotonic() + limit
-    try:
-        while time.monotonic() < deadline and vm.wait(0.1).reason == "timeout":
-            out = bytes(serial.output())[since:]
-            if PROMPT in out or PANIC in out:
-                break
-    finally:
-        if vm.state == "running":
-            vm.pause()
-    return bytes(serial.output())[since:]
-
-
-def _command(i: int) -> tuple[bytes, bytes]:
-    return f"echo r{i}-$(({i}*7+3)) $(echo x{i} | cat)\n".encode(), f"r{i}-{i * 7 + 3} x{i}".encode()
 
 
 def _ms(xs: list[float]) -> str:
@@ -99,8 +78,8 @@ def main() -> None:
     try:
         order = [WAYS[(i // 2 + i) % 2] for i in range(2 * args.resets)]     # A B B A A B B A ...
         for i, way in enumerate([*order, None]):
-            command, answer = _command(i)
-            out = _ask(fork, command, args.limit)
+            command, answer = spawning_command(i)
+            out = ask(fork, command, args.limit)
             ok = answer in out and PROMPT in out
             if previous is not None:
                 right[previous] += ok
@@ -124,15 +103,15 @@ def main() -> None:
     control = parent.fork()
     try:
         control.flush_translations_on_reset = False
-        first = _ask(control, _command(100)[0], args.limit)
+        first = ask(control, spawning_command(100)[0], args.limit)
         control.reset()
-        command, answer = _command(101)
-        out = _ask(control, command, args.limit)
+        command, answer = spawning_command(101)
+        out = ask(control, command, args.limit)
         died = PANIC in out
         verdict = ("answered" if answer in out else
                    "the shell (init) died: " + out[out.index(PANIC):].split(b"\n")[0].decode(errors="replace").strip()
                    if died else "no answer")
-        if _command(100)[1] not in first:
+        if spawning_command(100)[1] not in first:
             verdict = "its first command failed already"
     finally:
         control.destroy()

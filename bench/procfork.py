@@ -233,5 +233,6 @@ def check(now: list[tuple[str, float]]) -> None:
         ratio = f"{seconds / doc:5.2f}x" if doc else "(not documented)"
         print(f"  {name:<70} {ratio}")
 
+
 if __name__ == "__main__":
     main()

@@ -79,6 +79,12 @@ def _run_until(vm: VM, marker: bytes, timeout: float, *, since: int = 0) -> byte
     return bytes(serial.output())
 
 
+def spawning_command(i: int) -> tuple[bytes, bytes]:
+    """A shell command that starts new processes (a command substitution and a pipe), so that the fork's page
+    tables change, and the answer it must print; a different one for each `i`."""
+    return (f"echo r{i}-$(({i}*7+3)) $(echo x{i} | cat)\n".encode(), f"r{i}-{i * 7 + 3} x{i}".encode())
+
+
 def ask(vm: VM | ProcessFork, command: bytes, timeout: float = 300) -> bytes:
     """Type `command` at the fork's prompt and return what it printed up to its next prompt or a kernel panic (a
     process fork's console is read over its control channel, so it is polled less often)."""

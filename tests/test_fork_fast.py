@@ -21,7 +21,6 @@ SCRATCH = LOOP_SCRATCH
 LAPIC_TIMER_CURRENT = 0x390
 
 
-
 def applied_state(vm: VM) -> VcpuState:
     """vCPU 0's state as KVM holds it (pending sync-area writes pushed in first)."""
     v = vm.vcpus[0]

@@ -27,7 +27,6 @@ KVM_REINJECT_CONTROL = c._io(0x71)      # struct kvm_reinject_control {u8 pit_re
 PIC_IRR = 9                             # struct kvm_irqchip: chip_id, pad, then kvm_pic_state {last_irr, irr, ...}
 
 
-
 def pooled(parent: VM) -> list[Any]:
     """The machines the pool built for forks of `parent`, in the order forks take them."""
     pool = shell_pool(parent.shape)

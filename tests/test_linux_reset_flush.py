@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from linux_guest import PROMPT, Booted, ask
+from linux_guest import PROMPT, Booted, ask, spawning_command
 from vmfork import shadow_flush
 from vmfork.fork import VM, kernel_mode_emulated
 from vmfork.kvm.stats import StatsCounter
@@ -21,11 +21,6 @@ from vmfork.memory import GuestMemory
 
 pytestmark = pytest.mark.skipif(not kernel_mode_emulated(),
                                 reason="KVM shadows guest page tables only where kernel mode is emulated (kvm_pvm)")
-
-
-def _command(i: int) -> tuple[bytes, bytes]:
-    """A command that starts new processes, and the answer it must print."""
-    return (f"echo r{i}-$(({i}*7+3)) $(echo x{i} | cat)\n".encode(), f"r{i}-{i * 7 + 3} x{i}".encode())
 
 
 def _parent(booted: Booted) -> VM:
@@ -71,7 +66,7 @@ def test_resets_answer_every_command_and_leave_no_translation(linux_at_prompt: B
     try:
         assert fork.flush_translations_on_reset
         for i in range(4):
-            command, answer = _command(i)
+            command, answer = spawning_command(i)
             out = ask(fork, command)
             assert answer in out and PROMPT in out, (i, out[-600:])
             assert fork.reset() > 0
@@ -93,7 +88,7 @@ def test_without_a_flush_kvm_keeps_the_translations_a_reset_made_stale(linux_at_
     leaves = _Leaves(fork)
     try:
         fork.flush_translations_on_reset = False
-        command, answer = _command(0)
+        command, answer = spawning_command(0)
         assert answer in ask(fork, command)
         before = leaves.count()
         assert fork.reset() > 0
@@ -117,7 +112,7 @@ def test_where_kvm_refuses_the_flush_slot_the_ram_slots_are_registered_again(lin
     leaves = _Leaves(fork)
     try:
         for i in range(2):
-            command, answer = _command(10 + i)
+            command, answer = spawning_command(10 + i)
             out = ask(fork, command)
             assert answer in out and PROMPT in out, (i, out[-600:])
             fork.reset()
