@@ -84,4 +84,3 @@ def assert_same_runs(a: VM, b: VM, addr: int, seeds: tuple[int, ...], *, console
             assert console(a) == console(b)
         a.reset()
         b.reset()
-
